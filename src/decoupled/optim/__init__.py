@@ -1,0 +1,11 @@
+"""Optimizers: Adam (L2) and AdamW (decoupled), SGD and SGDW, and the decay helpers."""
+
+from decoupled.optim.adam import Adam, AdamW, adam_update
+from decoupled.optim.decay import DECAY_SCALES, decay_rate
+from decoupled.optim.groups import GroupSummary, decay_mask, is_norm_layer, param_groups
+from decoupled.optim.sgd import SGD, SGDW, sgd_update
+
+__all__ = [
+    "Adam", "AdamW", "SGD", "SGDW", "adam_update", "sgd_update",
+    "DECAY_SCALES", "decay_rate", "param_groups", "decay_mask", "is_norm_layer", "GroupSummary",
+]

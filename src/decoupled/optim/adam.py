@@ -1,0 +1,241 @@
+r"""Adam with L2 regularization and AdamW with decoupled weight decay: one core, one switch.
+
+The functional core :func:`adam_update` is the readable reference: a loop over tensors whose
+operations are the same, in the same order, as torch.optim's single-tensor Adam
+(``torch/optim/adam.py``, ``_single_tensor_adam``), so that on the same inputs both produce
+bit-identical results. Faster paths (``_kernels.py``) are tested against this loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from decoupled.optim._base import (
+    DecayOptimizer,
+    as_float,
+    check_argument,
+    check_lr,
+    check_weight_decay,
+)
+from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, decay_rate
+
+__all__ = ["Adam", "AdamW", "adam_update"]
+
+
+def adam_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    decay: float | Tensor = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One Adam step over a list of tensors, in place (the algorithm box of :class:`Adam`).
+
+    Args:
+        lr: γ_t, the learning rate of this step.
+        weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
+        decoupled: False for Adam + L2, True for AdamW.
+        decay: the per-step decoupled shrink ``c`` (``θ ← θ·(1 − c)``, see ``decay.py``);
+            used only when ``decoupled`` is True.
+    """
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        step_t += 1
+
+        # ---- the only place Adam and AdamW differ -----------------------------------
+        if decoupled:
+            if decay != 0:
+                apply_decoupled_decay_(param, decay)  # AdamW:  θ ← θ·(1 − γλ)
+        elif weight_decay != 0:
+            grad = add_l2_penalty(grad, param, weight_decay)  # Adam:  g ← g + λθ
+        # ------------------------------------------------------------------------------
+
+        if torch.is_complex(param):
+            grad, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in (grad, exp_avg, exp_avg_sq))
+            if amsgrad:
+                max_exp_avg_sqs[i] = torch.view_as_real(max_exp_avg_sqs[i])
+            param = torch.view_as_real(param)
+
+        exp_avg.lerp_(grad, 1 - beta1)  # m ← β1·m + (1 − β1)·g
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v ← β2·v + (1 − β2)·g²
+
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
+            second_moment = max_exp_avg_sqs[i]
+        else:
+            second_moment = exp_avg_sq
+        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v̂) + ε
+        param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
+
+
+class Adam(DecayOptimizer):
+    r"""Adam with L2 regularization (``weight_decay`` is added to the gradient).
+
+    A drop-in for ``torch.optim.Adam``: same arguments, same state keys (``step``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), bit-identical results on the CPU.
+    :class:`AdamW` is this class with the decay moved out of the gradient; the boxed line is
+    the whole difference (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2):
+
+    .. math::
+       \begin{aligned}
+       &g_t \leftarrow \nabla f_t(\theta_{t-1})\quad(\text{negated if maximize})\\
+       &\boxed{\textbf{Adam: } g_t \leftarrow g_t + \lambda\,\theta_{t-1}}
+        \qquad\boxed{\textbf{AdamW: } \theta_{t-1} \leftarrow \theta_{t-1}\,(1 - \gamma_t\lambda)}\\
+       &m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1)\,g_t \qquad
+        v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\,g_t^2\\
+       &\hat m_t \leftarrow m_t/(1-\beta_1^t) \qquad
+        \hat v_t \leftarrow \max(v_1..v_t)/(1-\beta_2^t)\ \text{if amsgrad else}\ v_t/(1-\beta_2^t)\\
+       &\theta_t \leftarrow \theta_{t-1} - \gamma_t\,\hat m_t/(\sqrt{\hat v_t}+\epsilon)
+       \end{aligned}
+
+    Because Adam's L2 term passes through the division by ``sqrt(v̂) + ε``, each weight is
+    shrunk by about ``γλ / (sqrt(v̂) + ε)`` per step: weights with large gradients are hardly
+    regularized (the paper's Proposition 2: no L2 coefficient reproduces AdamW).
+
+    Args:
+        params: iterable of tensors or of dicts defining parameter groups.
+        lr: learning rate γ (float or 0-dim tensor), default 1e-3.
+        betas: (β1, β2), decay rates of the first and second moment, each in [0, 1).
+        eps: ε > 0 added to ``sqrt(v̂)``, in the units of the gradient.
+        weight_decay: λ, the L2 coefficient (Adam, default 0) or the decoupled decay rate
+            per unit of lr (AdamW, default 1e-2), both in units of 1/parameter-scale.
+        amsgrad: use the running maximum of ``v`` (Reddi et al. 2018).
+        maximize: ascend instead of descend.
+        skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
+    """
+
+    decoupled = False
+    state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_argument("eps", eps, eps > 0, "must be > 0")
+        for index, beta in enumerate(betas):
+            beta = as_float(beta)
+            check_argument(f"betas[{index}]", beta, 0.0 <= beta < 1.0, "must be in [0, 1)")
+        check_weight_decay(weight_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(as_float(b) for b in betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            # Kept so that our state dicts load into torch.optim.Adam/AdamW unchanged.
+            "decoupled_weight_decay": self.decoupled,
+        }
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            saved = group.setdefault("decoupled_weight_decay", self.decoupled)
+            if saved != self.decoupled:
+                expected = "AdamW" if saved else "Adam"
+                raise ValueError(
+                    f"Invalid decoupled_weight_decay value: {saved} in a loaded param group: it "
+                    f"was saved by {expected}; load it into decoupled.{expected}"
+                )
+            for p in group["params"]:
+                state_p = self.state.get(p)
+                if state_p and not torch.is_tensor(state_p["step"]):  # very old torch dicts
+                    state_p["step"] = torch.tensor(float(state_p["step"]), dtype=torch.float32)
+
+    def _init_state(self, group: dict, param: Tensor) -> dict:
+        state = self.state[param]
+        if len(state) == 0:
+            # float32 CPU step counter, exactly as torch.optim.Adam keeps it
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(
+                    param, memory_format=torch.preserve_format
+                )
+        return state
+
+    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self._init_state(group, p) for p in params]
+        beta1, beta2 = group["betas"]
+        adam_update(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=self.decoupled,
+            decay=decay_rate(group["weight_decay"], group["lr"]) if self.decoupled else 0.0,
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+        )
+
+
+class AdamW(Adam):
+    r"""AdamW: Adam with decoupled weight decay, ``θ ← θ·(1 − γλ)`` outside the scaling.
+
+    A drop-in for ``torch.optim.AdamW`` (same defaults, ``weight_decay=1e-2``; same state;
+    bit-identical on the CPU). The algorithm is :class:`Adam`'s box with the decoupled line.
+
+    Unlike the paper, whose decay is multiplied by the schedule multiplier η_t only, this
+    decay (like torch's, optax's and Keras') is multiplied by the current lr γ_t: changing
+    the learning rate changes the effective decay.
+    """
+
+    decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad,
+            maximize=maximize, skip_nonfinite=skip_nonfinite,
+        )

@@ -1,0 +1,164 @@
+r"""SGD with L2 regularization and SGDW with decoupled weight decay: one core, one switch.
+
+:func:`sgd_update` performs the same operations in the same order as torch.optim's
+single-tensor SGD (``torch/optim/sgd.py``, ``_single_tensor_sgd``), so results are
+bit-identical on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from decoupled.optim._base import DecayOptimizer, check_argument, check_lr, check_weight_decay
+from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, decay_rate
+
+__all__ = ["SGD", "SGDW", "sgd_update"]
+
+
+def sgd_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled: bool,
+    decay: float | Tensor = 0.0,
+    maximize: bool = False,
+) -> None:
+    """One SGD step over a list of tensors, in place; new momentum buffers are written back
+    into ``momentum_buffers`` (the algorithm box of :class:`SGD`).
+
+    Args:
+        weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
+        decay: the per-step decoupled shrink ``c`` (see ``decay.py``); used when ``decoupled``.
+    """
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+
+        # ---- the only place SGD and SGDW differ -------------------------------------
+        if decoupled:
+            if decay != 0:
+                apply_decoupled_decay_(param, decay)  # SGDW:  θ ← θ·(1 − γλ)
+        elif weight_decay != 0:
+            grad = add_l2_penalty(grad, param, weight_decay)  # SGD:  g ← g + λθ
+        # ------------------------------------------------------------------------------
+
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = grad.detach().clone()  # b_1 = g_1, as torch does
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+
+        param.add_(grad, alpha=-lr)
+
+
+class SGD(DecayOptimizer):
+    r"""Stochastic gradient descent with momentum and L2 regularization.
+
+    A drop-in for ``torch.optim.SGD`` (same arguments, state key ``momentum_buffer``,
+    bit-identical on the CPU). :class:`SGDW` differs only in the boxed line
+    (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 1):
+
+    .. math::
+       \begin{aligned}
+       &g_t \leftarrow \nabla f_t(\theta_{t-1})\quad(\text{negated if maximize})\\
+       &\boxed{\textbf{SGD: } g_t \leftarrow g_t + \lambda\,\theta_{t-1}}
+        \qquad\boxed{\textbf{SGDW: } \theta_{t-1} \leftarrow \theta_{t-1}\,(1 - \gamma_t\lambda)}\\
+       &b_t \leftarrow g_t\ (t = 1), \quad b_t \leftarrow \mu\,b_{t-1} + (1-\tau)\,g_t\ (t > 1)\\
+       &d_t \leftarrow g_t + \mu\,b_t\ \text{if nesterov else}\ b_t\ \text{(}d_t = g_t
+        \text{ when } \mu = 0\text{)}\\
+       &\theta_t \leftarrow \theta_{t-1} - \gamma_t\,d_t
+       \end{aligned}
+
+    For plain SGD, decoupled decay λ equals L2 with λ' = λ/γ (the paper's Proposition 1);
+    with momentum the two differ because L2's term also accumulates in the buffer.
+
+    Args:
+        params: iterable of tensors or of dicts defining parameter groups.
+        lr: learning rate γ (float or 0-dim tensor), default 1e-3.
+        momentum: μ ≥ 0. dampening: τ, the buffer's dampening.
+        weight_decay: λ ≥ 0 (L2 coefficient for SGD; decay per unit of lr for SGDW).
+        nesterov: Nesterov momentum (needs μ > 0 and τ = 0).
+        maximize: ascend instead of descend.
+        skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
+    """
+
+    decoupled = False
+    state_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_argument("momentum", momentum, momentum >= 0, "must be >= 0")
+        check_argument("dampening", dampening, 0 <= dampening <= 1, "must be in [0, 1]")
+        check_weight_decay(weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"Invalid nesterov value: True with momentum={momentum}, dampening={dampening} "
+                "(Nesterov momentum requires momentum > 0 and zero dampening)"
+            )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+        }
+        super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        sgd_update(
+            params,
+            grads,
+            buffers,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            decoupled=self.decoupled,
+            decay=decay_rate(group["weight_decay"], group["lr"]) if self.decoupled else 0.0,
+            maximize=group["maximize"],
+        )
+        for p, buf in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = buf
+
+
+class SGDW(SGD):
+    r"""SGDW: SGD with decoupled weight decay, ``θ ← θ·(1 − γλ)`` outside the momentum.
+
+    The paper's Algorithm 1 with the decay scaled by the current lr (the ``"lr"`` convention
+    of ``decay.py``). Momentum follows torch's convention, ``θ ← θ − γ·b`` with the lr
+    outside the buffer; the paper puts η_t·α inside it (the two agree while lr is constant).
+    Default ``weight_decay`` is 0 as in :class:`SGD`; the box is in :class:`SGD`'s docstring.
+    """
+
+    decoupled = True

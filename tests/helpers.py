@@ -1,0 +1,97 @@
+"""Shared test fixtures: small models, a deterministic training loop, state comparison."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OptimizerInput:
+    """One row of an optimizer table (PyTorch's ``OptimizerInput`` idea): kwargs + a label."""
+
+    kwargs: dict = field(default_factory=dict)
+    desc: str = ""
+
+    def __repr__(self) -> str:
+        return self.desc or repr(self.kwargs)
+
+
+class RMSNorm(nn.Module):
+    """A custom norm layer (its class name ends in 'Norm'), not torch's nn.RMSNorm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.scale * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def convnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+
+
+def normed_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), RMSNorm(12), nn.Linear(12, 3))
+
+
+MODEL_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp": (mlp, (8, 6)),
+    "convnet": (convnet, (8, 2, 4, 4)),
+    "normed_mlp": (normed_mlp, (8, 6)),
+}
+
+
+def make_model(name: str, dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    builder, input_shape = MODEL_BUILDERS[name]
+    torch.manual_seed(seed)
+    return builder().to(dtype), input_shape
+
+
+def train(model: nn.Module, optimizer, input_shape, steps: int, dtype, seed: int = 1, scheduler=None):
+    """Train on a fixed random regression stream; the same seed gives the same batches.
+
+    An optimizer with ``maximize=True`` is given the negated loss, so it still descends.
+    """
+    sign = -1.0 if optimizer.param_groups[0].get("maximize") else 1.0
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(input_shape, generator=generator, dtype=dtype)
+        target = torch.randn(input_shape[0], 3, generator=generator, dtype=dtype)
+        optimizer.zero_grad()
+        loss = sign * (model(x) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def twin_models(name: str, dtype: torch.dtype):
+    model, input_shape = make_model(name, dtype)
+    return model, copy.deepcopy(model), input_shape
+
+
+def assert_same_training_state(ours, theirs, model_ours, model_theirs, rtol=0.0, atol=0.0):
+    """Parameters and every state tensor of two optimizers agree (exactly by default)."""
+    for (name, p_ours), p_theirs in zip(model_ours.named_parameters(), model_theirs.parameters()):
+        torch.testing.assert_close(p_ours, p_theirs, rtol=rtol, atol=atol, msg=f"param {name}")
+        state_ours, state_theirs = ours.state[p_ours], theirs.state[p_theirs]
+        assert set(state_ours) == set(state_theirs), (name, set(state_ours), set(state_theirs))
+        for key, value in state_theirs.items():
+            if value is None:
+                assert state_ours[key] is None, (name, key)
+                continue
+            torch.testing.assert_close(
+                state_ours[key], value, rtol=rtol, atol=atol, msg=f"state {key} of {name}"
+            )
