@@ -1,0 +1,104 @@
+"""param_groups: what is decayed on a model with every kind of layer."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import decoupled
+from decoupled.optim.groups import decay_mask
+from tests.helpers import RMSNorm
+
+
+class Zoo(nn.Module):
+    """Linear, Conv, Embedding, LayerNorm, BatchNorm, torch RMSNorm, a custom RMSNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.ln = nn.LayerNorm(8)
+        self.torch_rms = nn.RMSNorm(8)
+        self.custom_rms = RMSNorm(8)
+        self.head = nn.Linear(8, 5)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens) + self.pos_embed
+        x = self.bn(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return self.head(self.custom_rms(self.torch_rms(self.ln(x)))).mean(1)
+
+
+def test_decay_mask_on_every_layer_kind():
+    mask = decay_mask(Zoo())
+    assert mask == {
+        "pos_embed": True,
+        "embed.weight": True,
+        "conv.weight": True,
+        "conv.bias": False,
+        "bn.weight": False,
+        "bn.bias": False,
+        "ln.weight": False,
+        "ln.bias": False,
+        "torch_rms.weight": False,
+        "custom_rms.scale": False,
+        "head.weight": True,
+        "head.bias": False,
+    }  # frozen.* is absent: it does not require grad
+
+
+def test_embeddings_and_patterns_can_be_excluded():
+    mask = decay_mask(Zoo(), exclude_embeddings=True, exclude=["pos_*"])
+    assert {n for n, d in mask.items() if d} == {"conv.weight", "head.weight"}
+
+
+def test_groups_summary_and_log(caplog):
+    model = Zoo()
+    with caplog.at_level(logging.INFO, logger="decoupled"):
+        groups, summary = decoupled.param_groups(model, 0.05, return_summary=True)
+    decayed = [model.embed.weight, model.pos_embed, model.conv.weight, model.head.weight]
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in decayed}
+    assert summary.decay_tensors == 4 and summary.no_decay_tensors == 8
+    assert summary.decay_params == sum(p.numel() for p in decayed)
+    text = str(summary)
+    assert text.startswith("decay: 4 tensors, ") and "; no decay: 8 tensors, " in text
+    assert text in caplog.text
+
+
+def test_groups_drive_an_optimizer_and_only_decay_the_decayed():
+    model = Zoo()
+    optimizer = decoupled.AdamW(decoupled.param_groups(model, 0.5, verbose=False), lr=0.1)
+    ln_before = model.ln.weight.detach().clone()
+    head_before = model.head.weight.detach().clone()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)  # zero gradient: only decay can move a weight
+    optimizer.step()
+    assert torch.equal(model.ln.weight, ln_before)
+    torch.testing.assert_close(model.head.weight, head_before * (1 - 0.1 * 0.5))
+
+
+def test_tied_weights_are_listed_once():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    groups = decoupled.param_groups(model, 0.1, verbose=False)
+    assert sum(len(g["params"]) for g in groups) == 1
+    decoupled.AdamW(groups)  # no "appears in more than one group" error
+
+
+def test_summary_formats_large_counts():
+    model = nn.Linear(2000, 1000)
+    summary = decoupled.param_groups(model, 0.1, verbose=False, return_summary=True)[1]
+    assert str(summary) == "decay: 1 tensors, 2.0M params; no decay: 1 tensors, 1.0k params"
+
+
+def test_bad_weight_decay():
+    with pytest.raises(ValueError, match="Invalid weight_decay value: -1"):
+        decoupled.param_groups(nn.Linear(2, 2), -1)

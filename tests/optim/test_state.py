@@ -1,0 +1,136 @@
+"""State: torch interop both ways, round-trips, copies, and skipped non-finite steps."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+
+import decoupled
+from tests.helpers import assert_same_training_state, train, twin_models
+
+PAIRS = [
+    (decoupled.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+    (decoupled.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}),
+    (decoupled.SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}),
+]
+IDS = [ours.__name__ for ours, _, _ in PAIRS]
+
+
+def save_and_load(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", PAIRS, ids=IDS)
+@pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
+def test_state_dict_interop_continues_identically(ours_cls, torch_cls, kwargs, direction):
+    """Train 20 steps with one library, save, load into the other, train 20 more: the result
+    equals 40 uninterrupted steps of torch.optim."""
+    first_cls, second_cls = (torch_cls, ours_cls) if direction == "torch->ours" else (ours_cls, torch_cls)
+    extra = lambda cls: {"foreach": False} if cls is torch_cls else {}  # noqa: E731
+    model, model_ref, shape = twin_models("convnet", torch.float64)
+
+    first = first_cls(model.parameters(), **kwargs, **extra(first_cls))
+    train(model, first, shape, 20, torch.float64, seed=1)
+    second = second_cls(model.parameters(), **kwargs, **extra(second_cls))
+    second.load_state_dict(save_and_load(first.state_dict()))
+    train(model, second, shape, 20, torch.float64, seed=2)
+
+    reference = torch_cls(model_ref.parameters(), foreach=False, **kwargs)
+    train(model_ref, reference, shape, 20, torch.float64, seed=1)
+    train(model_ref, reference, shape, 20, torch.float64, seed=2)
+    assert_same_training_state(second, reference, model, model_ref)
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", PAIRS, ids=IDS)
+def test_round_trip_deepcopy_and_pickle(ours_cls, torch_cls, kwargs):
+    model, _, shape = twin_models("mlp", torch.float64)
+    optimizer = ours_cls(model.parameters(), **kwargs)
+    train(model, optimizer, shape, 5, torch.float64)
+    saved = copy.deepcopy(optimizer.state_dict())
+
+    restored = ours_cls(model.parameters(), **kwargs)
+    restored.load_state_dict(save_and_load(saved))
+    assert restored.state_dict()["param_groups"] == saved["param_groups"]
+
+    model_copy = copy.deepcopy(model)
+    optimizer_copy = copy.deepcopy(optimizer)  # a deep copy refers to copied parameters…
+    unpickled = pickle.loads(pickle.dumps(optimizer))
+    for clone in (optimizer_copy, unpickled):
+        assert type(clone) is ours_cls and clone.skip_nonfinite is False
+        for p_orig, p_clone in zip(optimizer.param_groups[0]["params"], clone.param_groups[0]["params"]):
+            for key, value in optimizer.state[p_orig].items():
+                torch.testing.assert_close(clone.state[p_clone][key], value, rtol=0, atol=0)
+    # …and training the restored optimizer on a copy gives the same as the original
+    train(model, optimizer, shape, 5, torch.float64, seed=3)
+    rebuilt = ours_cls(model_copy.parameters(), **kwargs)
+    rebuilt.load_state_dict(saved)
+    train(model_copy, rebuilt, shape, 5, torch.float64, seed=3)
+    assert_same_training_state(rebuilt, optimizer, model_copy, model)
+
+
+def test_adam_state_refuses_to_load_into_adamw_and_back():
+    param = torch.nn.Parameter(torch.zeros(2))
+    saved = torch.optim.AdamW([param]).state_dict()
+    with pytest.raises(ValueError, match="decoupled_weight_decay value: True.*decoupled.AdamW"):
+        decoupled.Adam([param]).load_state_dict(saved)
+    decoupled.AdamW([param]).load_state_dict(saved)  # the right class loads it
+
+
+@pytest.mark.parametrize("cls", [decoupled.Adam, decoupled.AdamW, decoupled.SGD, decoupled.SGDW])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_skip_nonfinite_leaves_everything_untouched(cls, bad):
+    model, _, shape = twin_models("mlp", torch.float32)
+    kwargs = {"lr": 0.01, "weight_decay": 0.1}
+    if cls in (decoupled.SGD, decoupled.SGDW):
+        kwargs["momentum"] = 0.9
+    optimizer = cls(model.parameters(), skip_nonfinite=True, **kwargs)
+    train(model, optimizer, shape, 3, torch.float32)
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = copy.deepcopy(optimizer.state_dict()["state"])
+
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    next(iter(model.parameters())).grad[0, 0] = bad  # one bad element anywhere
+    optimizer.step()
+
+    assert optimizer.skipped_steps == 1
+    for p, before in zip(model.parameters(), before_params):
+        assert torch.equal(p, before)
+    after_state = optimizer.state_dict()["state"]
+    for index, state in before_state.items():
+        for key, value in state.items():
+            assert torch.equal(after_state[index][key], value), key
+
+    train(model, optimizer, shape, 1, torch.float32)  # finite again: steps resume
+    assert optimizer.skipped_steps == 1
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before_params))
+
+
+def test_without_skip_nonfinite_a_nan_gradient_behaves_as_in_torch():
+    for ours_cls, torch_cls in [(decoupled.AdamW, torch.optim.AdamW), (decoupled.SGD, torch.optim.SGD)]:
+        params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+        ours, theirs = ours_cls([params[0]], lr=0.1), torch_cls([params[1]], lr=0.1, foreach=False)
+        for p, opt in zip(params, (ours, theirs)):
+            p.grad = torch.tensor([1.0, math.nan, 2.0])
+            opt.step()
+        torch.testing.assert_close(params[0], params[1], equal_nan=True, rtol=0, atol=0)
+        assert ours.skipped_steps == 0
+
+
+def test_parameters_without_gradient_are_not_touched():
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    for cls in (decoupled.AdamW, decoupled.SGDW):
+        optimizer = cls([used, unused], lr=0.1, weight_decay=0.5)
+        used.sum().backward()
+        optimizer.step()
+        assert torch.equal(unused.detach(), torch.ones(2)) and unused not in optimizer.state
+        assert not torch.equal(used.detach(), torch.ones(2))
+        used.grad = None
