@@ -43,7 +43,9 @@ def convnet() -> nn.Module:
 
 
 def normed_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), RMSNorm(12), nn.Linear(12, 3))
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), RMSNorm(12), nn.Linear(12, 3)
+    )
 
 
 MODEL_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -59,7 +61,9 @@ def make_model(name: str, dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module,
     return builder().to(dtype), input_shape
 
 
-def train(model: nn.Module, optimizer, input_shape, steps: int, dtype, seed: int = 1, scheduler=None):
+def train(
+    model: nn.Module, optimizer, input_shape, steps: int, dtype, seed: int = 1, scheduler=None
+):
     """Train on a fixed random regression stream; the same seed gives the same batches.
 
     An optimizer with ``maximize=True`` is given the negated loss, so it still descends.

@@ -1,7 +1,7 @@
 """decoupled: Adam vs AdamW, SGD vs SGDW — exact torch.optim drop-ins, diagnostics and a lab.
 
-    >>> from decoupled import AdamW, param_groups
-    >>> optimizer = AdamW(param_groups(model, weight_decay=0.05), lr=1e-3)
+>>> from decoupled import AdamW, param_groups
+>>> optimizer = AdamW(param_groups(model, weight_decay=0.05), lr=1e-3)
 """
 
 from importlib.metadata import PackageNotFoundError, version

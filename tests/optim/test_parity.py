@@ -70,7 +70,9 @@ def run_pair(ours_cls, torch_cls, kwargs, model_name, dtype, steps, scheduler=No
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("ours_cls,torch_cls,inp", CASES)
 def test_matches_torch_exactly(ours_cls, torch_cls, inp, model_name, dtype):
-    ours, theirs, m_ours, m_torch = run_pair(ours_cls, torch_cls, inp.kwargs, model_name, dtype, 100)
+    ours, theirs, m_ours, m_torch = run_pair(
+        ours_cls, torch_cls, inp.kwargs, model_name, dtype, 100
+    )
     assert_same_training_state(ours, theirs, m_ours, m_torch)
 
 
@@ -112,17 +114,24 @@ def test_torch_lr_schedulers_drive_our_optimizers(ours_cls, torch_cls, kwargs, s
 
 
 def test_param_groups_with_different_hyperparameters_and_add_param_group():
-    for ours_cls, torch_cls in [(decoupled.AdamW, torch.optim.AdamW), (decoupled.SGD, torch.optim.SGD)]:
+    for ours_cls, torch_cls in [
+        (decoupled.AdamW, torch.optim.AdamW),
+        (decoupled.SGD, torch.optim.SGD),
+    ]:
         models = twin_models("normed_mlp", torch.float64)
         optimizers = []
-        for model, cls, extra in [(models[0], ours_cls, {}), (models[1], torch_cls, {"foreach": False})]:
+        for model, cls, extra in [
+            (models[0], ours_cls, {}),
+            (models[1], torch_cls, {"foreach": False}),
+        ]:
             layers = list(model)
             opt = cls(
                 [
                     {"params": layers[0].parameters(), "lr": 0.02, "weight_decay": 0.3},
                     {"params": layers[1].parameters(), "weight_decay": 0.0},
                 ],
-                lr=0.01, **extra,
+                lr=0.01,
+                **extra,
             )
             opt.add_param_group({"params": layers[3].parameters(), "lr": 0.005})
             opt.add_param_group({"params": layers[4].parameters(), "weight_decay": 0.5})
@@ -146,7 +155,9 @@ def test_property_adam_matches_torch_for_random_hyperparameters(
     lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled_decay
 ):
     ours_cls, torch_cls = (
-        (decoupled.AdamW, torch.optim.AdamW) if decoupled_decay else (decoupled.Adam, torch.optim.Adam)
+        (decoupled.AdamW, torch.optim.AdamW)
+        if decoupled_decay
+        else (decoupled.Adam, torch.optim.Adam)
     )
     kwargs = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
     ours, theirs, m_ours, m_torch = run_pair(ours_cls, torch_cls, kwargs, "mlp", torch.float32, 15)
@@ -169,13 +180,18 @@ def test_property_sgd_matches_torch_for_random_hyperparameters(
     kwargs = dict(
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
     )
-    ours, theirs, m_ours, m_torch = run_pair(decoupled.SGD, torch.optim.SGD, kwargs, "mlp", torch.float32, 15)
+    ours, theirs, m_ours, m_torch = run_pair(
+        decoupled.SGD, torch.optim.SGD, kwargs, "mlp", torch.float32, 15
+    )
     assert_same_training_state(ours, theirs, m_ours, m_torch)
 
 
 def test_complex_parameters_match_torch():
     torch.manual_seed(0)
-    for ours_cls, torch_cls in [(decoupled.Adam, torch.optim.Adam), (decoupled.AdamW, torch.optim.AdamW)]:
+    for ours_cls, torch_cls in [
+        (decoupled.Adam, torch.optim.Adam),
+        (decoupled.AdamW, torch.optim.AdamW),
+    ]:
         p_ours = torch.randn(5, dtype=torch.complex128, requires_grad=True)
         p_torch = p_ours.detach().clone().requires_grad_()
         ours = ours_cls([p_ours], lr=0.05, weight_decay=0.1, amsgrad=True)
@@ -187,4 +203,6 @@ def test_complex_parameters_match_torch():
                 opt.step()
         torch.testing.assert_close(p_ours, p_torch, rtol=0, atol=0)
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
-            torch.testing.assert_close(ours.state[p_ours][key], theirs.state[p_torch][key], rtol=0, atol=0)
+            torch.testing.assert_close(
+                ours.state[p_ours][key], theirs.state[p_torch][key], rtol=0, atol=0
+            )

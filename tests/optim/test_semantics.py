@@ -67,8 +67,17 @@ SGDW_INPUTS = [
 ]
 
 
-def sgdw_reference(theta0, grad_fn, steps, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                   nesterov=False, maximize=False):
+def sgdw_reference(
+    theta0,
+    grad_fn,
+    steps,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+):
     """SGDW in float64 NumPy, written from the paper's Algorithm 1 with torch's momentum."""
     theta, buf = theta0.astype(np.float64).copy(), None
     for _ in range(steps):
@@ -109,10 +118,15 @@ def test_sgdw_matches_float64_formula(inp):
 def test_sgdw_equals_sgd_l2_only_without_momentum():
     """Proposition 1: for plain SGD, decoupled λ equals L2 λ (lr-scaled decay); with momentum
     the L2 term accumulates in the buffer and the two differ."""
-    plain = [two_steps_on_half_square(cls, lr=0.1, weight_decay=0.5) for cls in (decoupled.SGD, decoupled.SGDW)]
+    plain = [
+        two_steps_on_half_square(cls, lr=0.1, weight_decay=0.5)
+        for cls in (decoupled.SGD, decoupled.SGDW)
+    ]
     assert plain[0] == pytest.approx(plain[1], rel=1e-14)
-    heavy = [two_steps_on_half_square(cls, lr=0.1, momentum=0.9, weight_decay=0.5)
-             for cls in (decoupled.SGD, decoupled.SGDW)]
+    heavy = [
+        two_steps_on_half_square(cls, lr=0.1, momentum=0.9, weight_decay=0.5)
+        for cls in (decoupled.SGD, decoupled.SGDW)
+    ]
     assert abs(heavy[0][1] - heavy[1][1]) > 1e-3
 
 

@@ -33,7 +33,9 @@ def save_and_load(state_dict):
 def test_state_dict_interop_continues_identically(ours_cls, torch_cls, kwargs, direction):
     """Train 20 steps with one library, save, load into the other, train 20 more: the result
     equals 40 uninterrupted steps of torch.optim."""
-    first_cls, second_cls = (torch_cls, ours_cls) if direction == "torch->ours" else (ours_cls, torch_cls)
+    first_cls, second_cls = (
+        (torch_cls, ours_cls) if direction == "torch->ours" else (ours_cls, torch_cls)
+    )
     extra = lambda cls: {"foreach": False} if cls is torch_cls else {}  # noqa: E731
     model, model_ref, shape = twin_models("convnet", torch.float64)
 
@@ -65,7 +67,9 @@ def test_round_trip_deepcopy_and_pickle(ours_cls, torch_cls, kwargs):
     unpickled = pickle.loads(pickle.dumps(optimizer))
     for clone in (optimizer_copy, unpickled):
         assert type(clone) is ours_cls and clone.skip_nonfinite is False
-        for p_orig, p_clone in zip(optimizer.param_groups[0]["params"], clone.param_groups[0]["params"]):
+        for p_orig, p_clone in zip(
+            optimizer.param_groups[0]["params"], clone.param_groups[0]["params"]
+        ):
             for key, value in optimizer.state[p_orig].items():
                 torch.testing.assert_close(clone.state[p_clone][key], value, rtol=0, atol=0)
     # …and training the restored optimizer on a copy gives the same as the original
@@ -115,7 +119,10 @@ def test_skip_nonfinite_leaves_everything_untouched(cls, bad):
 
 
 def test_without_skip_nonfinite_a_nan_gradient_behaves_as_in_torch():
-    for ours_cls, torch_cls in [(decoupled.AdamW, torch.optim.AdamW), (decoupled.SGD, torch.optim.SGD)]:
+    for ours_cls, torch_cls in [
+        (decoupled.AdamW, torch.optim.AdamW),
+        (decoupled.SGD, torch.optim.SGD),
+    ]:
         params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
         ours, theirs = ours_cls([params[0]], lr=0.1), torch_cls([params[1]], lr=0.1, foreach=False)
         for p, opt in zip(params, (ours, theirs)):

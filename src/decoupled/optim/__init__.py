@@ -6,6 +6,16 @@ from decoupled.optim.groups import GroupSummary, decay_mask, is_norm_layer, para
 from decoupled.optim.sgd import SGD, SGDW, sgd_update
 
 __all__ = [
-    "Adam", "AdamW", "SGD", "SGDW", "adam_update", "sgd_update",
-    "DECAY_SCALES", "decay_rate", "param_groups", "decay_mask", "is_norm_layer", "GroupSummary",
+    "Adam",
+    "AdamW",
+    "SGD",
+    "SGDW",
+    "adam_update",
+    "sgd_update",
+    "DECAY_SCALES",
+    "decay_rate",
+    "param_groups",
+    "decay_mask",
+    "is_norm_layer",
+    "GroupSummary",
 ]

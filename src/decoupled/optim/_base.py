@@ -44,7 +44,9 @@ def check_lr(lr: float | Tensor) -> None:
 def check_weight_decay(weight_decay: float) -> None:
     value = as_float(weight_decay)
     check_argument(
-        "weight_decay", weight_decay, math.isfinite(value) and value >= 0,
+        "weight_decay",
+        weight_decay,
+        math.isfinite(value) and value >= 0,
         "must be finite and >= 0",
     )
 

@@ -89,13 +89,8 @@ def adam_update(
         param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
 
 
-class Adam(DecayOptimizer):
-    r"""Adam with L2 regularization (``weight_decay`` is added to the gradient).
-
-    A drop-in for ``torch.optim.Adam``: same arguments, same state keys (``step``,
-    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), bit-identical results on the CPU.
-    :class:`AdamW` is this class with the decay moved out of the gradient; the boxed line is
-    the whole difference (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2):
+_ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
+    (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2, with torch's lr-scaled decay):
 
     .. math::
        \begin{aligned}
@@ -105,9 +100,21 @@ class Adam(DecayOptimizer):
        &m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1)\,g_t \qquad
         v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\,g_t^2\\
        &\hat m_t \leftarrow m_t/(1-\beta_1^t) \qquad
-        \hat v_t \leftarrow \max(v_1..v_t)/(1-\beta_2^t)\ \text{if amsgrad else}\ v_t/(1-\beta_2^t)\\
+        \hat v_t \leftarrow v^{\max}_t/(1-\beta_2^t)\ \text{if amsgrad else}\ v_t/(1-\beta_2^t)\\
        &\theta_t \leftarrow \theta_{t-1} - \gamma_t\,\hat m_t/(\sqrt{\hat v_t}+\epsilon)
        \end{aligned}
+
+    where :math:`v^{\max}_t = \max(v^{\max}_{t-1}, v_t)`."""
+
+
+class Adam(DecayOptimizer):
+    r"""Adam with L2 regularization (``weight_decay`` is added to the gradient).
+
+    A drop-in for ``torch.optim.Adam``: same arguments, same state keys (``step``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), bit-identical results on the CPU.
+    :class:`AdamW` is this class with the decay moved out of the gradient.
+
+    {algorithm}
 
     Because Adam's L2 term passes through the division by ``sqrt(v̂) + ε``, each weight is
     shrunk by about ``γλ / (sqrt(v̂) + ε)`` per step: weights with large gradients are hardly
@@ -214,7 +221,9 @@ class AdamW(Adam):
     r"""AdamW: Adam with decoupled weight decay, ``θ ← θ·(1 − γλ)`` outside the scaling.
 
     A drop-in for ``torch.optim.AdamW`` (same defaults, ``weight_decay=1e-2``; same state;
-    bit-identical on the CPU). The algorithm is :class:`Adam`'s box with the decoupled line.
+    bit-identical on the CPU).
+
+    {algorithm}
 
     Unlike the paper, whose decay is multiplied by the schedule multiplier η_t only, this
     decay (like torch's, optax's and Keras') is multiplied by the current lr γ_t: changing
@@ -236,6 +245,16 @@ class AdamW(Adam):
         skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad,
-            maximize=maximize, skip_nonfinite=skip_nonfinite,
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            skip_nonfinite=skip_nonfinite,
         )
+
+
+for _cls in (Adam, AdamW):
+    _cls.__doc__ = _cls.__doc__.replace("{algorithm}", _ALGORITHM)

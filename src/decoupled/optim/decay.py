@@ -34,7 +34,11 @@ DECAY_SCALES = ("lr", "schedule", "constant", "corrected")
 
 
 def decay_rate(
-    weight_decay: float, lr: float | Tensor, *, decay_scale: str = "lr", peak_lr: float | None = None
+    weight_decay: float,
+    lr: float | Tensor,
+    *,
+    decay_scale: str = "lr",
+    peak_lr: float | None = None,
 ) -> float | Tensor:
     """The per-step shrink ``c`` of decoupled decay, ``θ ← θ·(1 − c)``, for a convention.
 
