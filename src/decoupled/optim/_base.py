@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from decoupled.optim.decay import DECAY_SCALES, DECAY_TARGETS, decay_rate, weight_decay_at
+
 
 def check_argument(name: str, value: Any, valid: bool, rule: str = "") -> None:
     """Raise ``ValueError("Invalid {name} value: {value}")`` (torch's pattern) unless ``valid``.
@@ -41,7 +43,9 @@ def check_lr(lr: float | Tensor) -> None:
     check_argument("lr", lr, math.isfinite(lr_value) and lr_value >= 0, "must be finite and >= 0")
 
 
-def check_weight_decay(weight_decay: float) -> None:
+def check_weight_decay(weight_decay: float | Callable[[int], float]) -> None:
+    if callable(weight_decay):  # a schedule step -> λ, checked each time it is called
+        return
     value = as_float(weight_decay)
     check_argument(
         "weight_decay",
@@ -60,13 +64,57 @@ def check_params_argument(params: Any) -> None:
         )
 
 
+def decay_defaults(*, decoupled: bool, decay_to: str = "zero", **decoupled_options) -> dict:
+    """The weight-decay options of a param group (see ``decay.py``).
+
+    L2 optimizers (Adam, SGD) take only ``decay_to``; ``decay_scale``, ``max_lr``,
+    ``lambda_norm`` and ``decay_period`` scale a decoupled decay (AdamW, SGDW).
+    """
+    if not decoupled and decoupled_options:
+        names = ", ".join(sorted(decoupled_options))
+        raise TypeError(f"{names}: only for decoupled weight decay (AdamW, SGDW), not L2")
+    return {"decay_to": decay_to, **decoupled_options}
+
+
+def check_group(group: dict) -> None:
+    """Validate one param group's hyperparameters (every group, not only the defaults)."""
+    check_lr(group["lr"])
+    check_weight_decay(group["weight_decay"])
+    decay_to = group.get("decay_to", "zero")
+    check_argument(
+        "decay_to", repr(decay_to), decay_to in DECAY_TARGETS, f"choose from {DECAY_TARGETS}"
+    )
+    decay_scale = group.get("decay_scale", "lr")
+    check_argument(
+        "decay_scale", repr(decay_scale), decay_scale in DECAY_SCALES, f"choose from {DECAY_SCALES}"
+    )
+    for name in ("lambda_norm", "max_lr"):
+        value = group.get(name)
+        if value is not None:
+            valid = math.isfinite(value) and value >= 0
+            check_argument(name, value, valid, "must be finite and >= 0")
+    period = group.get("decay_period")
+    if period is not None:
+        check_argument("decay_period", period, period > 0, "must be > 0 steps")
+    if group.get("lambda_norm") is not None and callable(group["weight_decay"]):
+        raise ValueError(
+            "Invalid lambda_norm value: give either lambda_norm or a weight_decay schedule"
+        )
+
+
 class DecayOptimizer(torch.optim.Optimizer):
-    """Base class: a torch Optimizer whose ``step`` may skip non-finite gradients.
+    """Base class: decay options shared by all four optimizers, and the step template.
 
     Args:
         skip_nonfinite: when True, a step in which any gradient holds NaN or Inf changes
             nothing (parameters, moments, step counts) and increments ``skipped_steps``.
             When False (default) the step behaves exactly as torch.optim's does.
+
+    Every param group also records ``construction_lr`` (the lr when it was added: the peak
+    lr of last resort for ``decay_scale="schedule"``/``"corrected"``) and ``decay_steps``
+    (the steps it has taken: the argument of a ``weight_decay`` schedule). With
+    ``decay_to="init"`` each parameter's value at that moment is kept in its state as
+    ``init_param`` (θ₀; saved in the state dict).
     """
 
     #: State keys this optimizer creates lazily, in torch's names (documentation and tests).
@@ -77,6 +125,50 @@ class DecayOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.skipped_steps = 0
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_group(group)
+        lr = group["lr"]
+        group.setdefault("construction_lr", as_float(lr))
+        group.setdefault("decay_steps", 0)
+        if group.get("decay_to") == "init":
+            for p in group["params"]:
+                self.state[p].setdefault("init_param", p.detach().clone())
+
+    @torch.no_grad()
+    def reset_decay_reference(self) -> None:
+        """Take the parameters' current values as θ₀ for ``decay_to="init"`` (e.g. after
+        loading pretrained weights into a model whose optimizer already exists)."""
+        for group in self.param_groups:
+            if group.get("decay_to") == "init":
+                for p in group["params"]:
+                    self.state[p]["init_param"] = p.detach().clone()
+
+    def _decay_terms(self, group: dict, params: list[Tensor]) -> tuple[float, list[Tensor | None]]:
+        """Advance the group's step count; return this step's λ and each parameter's θ₀."""
+        group["decay_steps"] += 1
+        weight_decay = weight_decay_at(group, group["decay_steps"])
+        if group.get("decay_to") == "init":
+            references = [self.state[p]["init_param"] for p in params]
+        else:
+            references = [None] * len(params)
+        return weight_decay, references
+
+    def _decoupled_rate(self, group: dict, weight_decay: float) -> float | Tensor:
+        """This step's decoupled rate c for the group's ``decay_scale`` (``decay.py``)."""
+        scale = group["decay_scale"]
+        peak_lr = self._peak_lr(group) if scale in ("schedule", "corrected") else None
+        return decay_rate(weight_decay, group["lr"], decay_scale=scale, peak_lr=peak_lr)
+
+    def _peak_lr(self, group: dict) -> float:
+        """α: the group's ``max_lr`` if set, else torch schedulers' ``initial_lr``, else the lr
+        at construction."""
+        for key in ("max_lr", "initial_lr", "construction_lr"):
+            if group.get(key) is not None:
+                return as_float(group[key])
+        return as_float(group["lr"])
 
     # -- hooks for subclasses ------------------------------------------------------------
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -130,3 +222,21 @@ class DecayOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("skipped_steps", 0)
+        for group in self.param_groups:
+            group.setdefault("decay_to", "zero")
+            if getattr(self, "decoupled", False):
+                for key, default in (
+                    ("decay_scale", "lr"),
+                    ("lambda_norm", None),
+                    ("decay_period", None),
+                    ("max_lr", None),
+                ):
+                    group.setdefault(key, default)
+            group.setdefault("construction_lr", as_float(group["lr"]))
+            if "decay_steps" not in group:  # a torch.optim state dict: count from Adam's steps
+                steps = [
+                    float(self.state[p]["step"])
+                    for p in group["params"]
+                    if "step" in self.state.get(p, {})
+                ]
+                group["decay_steps"] = int(max(steps, default=0))

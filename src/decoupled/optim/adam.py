@@ -8,7 +8,7 @@ bit-identical results. Faster paths (``_kernels.py``) are tested against this lo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -17,10 +17,9 @@ from decoupled.optim._base import (
     DecayOptimizer,
     as_float,
     check_argument,
-    check_lr,
-    check_weight_decay,
+    decay_defaults,
 )
-from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, decay_rate
+from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["Adam", "AdamW", "adam_update"]
 
@@ -34,6 +33,7 @@ def adam_update(
     state_steps: list[Tensor],
     *,
     lr: float | Tensor,
+    references: list[Tensor | None] | None = None,
     beta1: float,
     beta2: float,
     eps: float,
@@ -49,9 +49,11 @@ def adam_update(
         lr: γ_t, the learning rate of this step.
         weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
         decoupled: False for Adam + L2, True for AdamW.
-        decay: the per-step decoupled shrink ``c`` (``θ ← θ·(1 − c)``, see ``decay.py``);
+        decay: the per-step decoupled rate ``c`` (``θ ← θ − c·(θ − θ₀)``, see ``decay.py``);
             used only when ``decoupled`` is True.
+        references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
     """
+    references = references or [None] * len(params)
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -60,9 +62,9 @@ def adam_update(
         # ---- the only place Adam and AdamW differ -----------------------------------
         if decoupled:
             if decay != 0:
-                apply_decoupled_decay_(param, decay)  # AdamW:  θ ← θ·(1 − γλ)
+                apply_decoupled_decay_(param, decay, references[i])  # AdamW:  θ ← θ·(1 − γλ)
         elif weight_decay != 0:
-            grad = add_l2_penalty(grad, param, weight_decay)  # Adam:  g ← g + λθ
+            grad = add_l2_penalty(grad, param, weight_decay, references[i])  # Adam:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
         if torch.is_complex(param):
@@ -127,7 +129,10 @@ class Adam(DecayOptimizer):
         eps: ε > 0 added to ``sqrt(v̂)``, in the units of the gradient.
         weight_decay: λ, the L2 coefficient (Adam, default 0) or the decoupled decay rate
             per unit of lr (AdamW, default 1e-2), both in units of 1/parameter-scale.
+            A callable ``step -> λ`` (step counted from 1) schedules it.
         amsgrad: use the running maximum of ``v`` (Reddi et al. 2018).
+        decay_to: ``"zero"`` (ordinary decay) or ``"init"``: decay toward the parameters'
+            values at construction, θ₀ (L2-SP, arXiv 1802.01483), kept in the state dict.
         maximize: ascend instead of descend.
         skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
     """
@@ -141,18 +146,18 @@ class Adam(DecayOptimizer):
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float | Callable[[int], float] = 0.0,
         amsgrad: bool = False,
         *,
+        decay_to: str = "zero",
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
-        check_lr(lr)
         check_argument("eps", eps, eps > 0, "must be > 0")
         for index, beta in enumerate(betas):
             beta = as_float(beta)
             check_argument(f"betas[{index}]", beta, 0.0 <= beta < 1.0, "must be in [0, 1)")
-        check_weight_decay(weight_decay)
         defaults = {
             "lr": lr,
             "betas": tuple(as_float(b) for b in betas),
@@ -162,6 +167,7 @@ class Adam(DecayOptimizer):
             "maximize": maximize,
             # Kept so that our state dicts load into torch.optim.Adam/AdamW unchanged.
             "decoupled_weight_decay": self.decoupled,
+            **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
@@ -184,7 +190,7 @@ class Adam(DecayOptimizer):
 
     def _init_state(self, group: dict, param: Tensor) -> dict:
         state = self.state[param]
-        if len(state) == 0:
+        if "step" not in state:  # (state may already hold init_param)
             # float32 CPU step counter, exactly as torch.optim.Adam keeps it
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -197,6 +203,7 @@ class Adam(DecayOptimizer):
 
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self._init_state(group, p) for p in params]
+        weight_decay, references = self._decay_terms(group, params)
         beta1, beta2 = group["betas"]
         adam_update(
             params,
@@ -206,12 +213,13 @@ class Adam(DecayOptimizer):
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
             [s["step"] for s in states],
             lr=group["lr"],
+            references=references,
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            weight_decay=weight_decay,
             decoupled=self.decoupled,
-            decay=decay_rate(group["weight_decay"], group["lr"]) if self.decoupled else 0.0,
+            decay=self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0,
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
         )
@@ -225,9 +233,20 @@ class AdamW(Adam):
 
     {algorithm}
 
-    Unlike the paper, whose decay is multiplied by the schedule multiplier η_t only, this
-    decay (like torch's, optax's and Keras') is multiplied by the current lr γ_t: changing
-    the learning rate changes the effective decay.
+    By default (``decay_scale="lr"``), like torch, optax and Keras, the decay is multiplied by
+    the current lr γ_t — unlike the paper, which multiplies it by the schedule multiplier
+    η_t = γ_t/α only: changing the learning rate then changes the effective decay.
+
+    Args (besides :class:`Adam`'s):
+        decay_scale: how λ becomes the per-step rate c — ``"lr"`` (γ_t·λ, torch),
+            ``"schedule"`` ((γ_t/α)·λ, the paper), ``"constant"`` (λ), ``"corrected"``
+            ((γ_t²/α)·λ, AdamC). See ``decoupled.optim.decay``.
+        max_lr: α for ``"schedule"``/``"corrected"``; default: the ``initial_lr`` that torch's
+            lr schedulers record, else the lr at construction.
+        lambda_norm: the paper's normalized weight decay; λ = λ_norm/sqrt(decay_period)
+            replaces ``weight_decay`` (Appendix B.1; :func:`decoupled.normalized_weight_decay`).
+        decay_period: steps in the run (or in the current warm-restart period, which
+            ``decoupled.schedules.CosineWarmRestarts`` sets by itself), for ``lambda_norm``.
     """
 
     decoupled = True
@@ -238,9 +257,14 @@ class AdamW(Adam):
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        weight_decay: float | Callable[[int], float] = 1e-2,
         amsgrad: bool = False,
         *,
+        decay_scale: str = "lr",
+        decay_to: str = "zero",
+        max_lr: float | None = None,
+        lambda_norm: float | None = None,
+        decay_period: int | None = None,
         maximize: bool = False,
         skip_nonfinite: bool = False,
     ) -> None:
@@ -251,8 +275,13 @@ class AdamW(Adam):
             eps,
             weight_decay,
             amsgrad,
+            decay_to=decay_to,
             maximize=maximize,
             skip_nonfinite=skip_nonfinite,
+            decay_scale=decay_scale,
+            max_lr=max_lr,
+            lambda_norm=lambda_norm,
+            decay_period=decay_period,
         )
 
 

@@ -3,12 +3,15 @@
 There are exactly two ways to apply a weight-decay coefficient λ (Loshchilov & Hutter,
 "Decoupled Weight Decay Regularization", ICLR 2019, arXiv 1711.05101):
 
-* **L2 (coupled)** — add λ·θ to the gradient, ``g ← g + λ·θ``, *before* the optimizer's
-  preconditioning. Adam then divides it by ``sqrt(v̂) + ε`` like any gradient. (optax's
-  ``add_decayed_weights`` placed before ``scale_by_adam`` is the same thing.)
-* **Decoupled** — shrink the weights directly, ``θ ← θ − c·θ = θ·(1 − c)``, *outside* the
+* **L2 (coupled)** — add λ·(θ − θ₀) to the gradient *before* the optimizer's preconditioning;
+  Adam then divides it by ``sqrt(v̂) + ε`` like any gradient. (optax: ``add_decayed_weights``
+  placed before ``scale_by_adam``.)
+* **Decoupled** — move the weights directly, ``θ ← θ − c·(θ − θ₀)``, *outside* the
   preconditioning, with a per-step rate ``c``. (optax's ``adamw`` is ``scale_by_adam``
   followed by ``add_decayed_weights``: the whole difference is the order of two steps.)
+
+θ₀ is 0 (``decay_to="zero"``, ordinary decay) or the parameters when the optimizer was built
+(``decay_to="init"``, L2-SP-style fine-tuning: Li, Grandvalet & Davoine 2018, arXiv 1802.01483).
 
 The per-step rate ``c`` depends on a convention, the ``decay_scale`` switch
 (``SCIENCE.md`` §2). γ_t is the current lr, α the peak lr:
@@ -22,15 +25,20 @@ decay_scale     c (per step)            used by
 ``"corrected"`` (γ_t² / α) · λ          AdamC (Defazio et al. 2025, arXiv 2506.02285)
 ==============  ======================  =================================================
 
-Note the trap in the default ``"lr"`` convention (pytorch issue 38853, optax issue 292):
-changing the learning rate silently changes how strongly the weights decay.
+The trap in the default ``"lr"`` convention (pytorch issue 38853, optax issue 292): changing
+the learning rate silently changes how strongly the weights decay. With ``"schedule"`` it
+does not: α and γ_t scale together, and ``c = η_t·λ`` depends on the schedule's shape only.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from torch import Tensor
 
 DECAY_SCALES = ("lr", "schedule", "constant", "corrected")
+DECAY_TARGETS = ("zero", "init")
 
 
 def decay_rate(
@@ -40,7 +48,7 @@ def decay_rate(
     decay_scale: str = "lr",
     peak_lr: float | None = None,
 ) -> float | Tensor:
-    """The per-step shrink ``c`` of decoupled decay, ``θ ← θ·(1 − c)``, for a convention.
+    """The per-step rate ``c`` of decoupled decay, ``θ ← θ − c·(θ − θ₀)``.
 
     Args:
         weight_decay: λ, in the units of ``decay_scale``.
@@ -52,20 +60,117 @@ def decay_rate(
         return lr * weight_decay  # the same float product torch.optim.AdamW computes
     if decay_scale == "constant":
         return weight_decay
-    if peak_lr is None or peak_lr <= 0:
+    if decay_scale not in DECAY_SCALES:
+        raise ValueError(f"Invalid decay_scale value: {decay_scale!r} (choose from {DECAY_SCALES})")
+    if peak_lr is None or not peak_lr > 0:
         raise ValueError(f"decay_scale={decay_scale!r} needs a positive peak lr, got {peak_lr}")
     if decay_scale == "schedule":
         return (lr / peak_lr) * weight_decay
-    if decay_scale == "corrected":
-        return (lr * lr / peak_lr) * weight_decay
-    raise ValueError(f"Invalid decay_scale value: {decay_scale!r} (choose from {DECAY_SCALES})")
+    return (lr * lr / peak_lr) * weight_decay  # "corrected"
 
 
-def apply_decoupled_decay_(param: Tensor, rate: float | Tensor) -> None:
-    """Decoupled weight decay, in place: ``θ ← θ·(1 − c)`` (the paper's Algorithms 1 and 2)."""
-    param.mul_(1 - rate)
+def _rate_per_unit(decay_scale: str, lr: float, peak_lr: float) -> float:
+    """``c / λ`` for a convention: what one unit of λ is worth per step at this lr."""
+    return float(decay_rate(1.0, lr, decay_scale=decay_scale, peak_lr=peak_lr))
 
 
-def add_l2_penalty(grad: Tensor, param: Tensor, weight_decay: float) -> Tensor:
-    """L2 regularization: the gradient of ``f + (λ/2)‖θ‖²``, i.e. ``g + λ·θ`` (a new tensor)."""
-    return grad.add(param, alpha=weight_decay)
+_L2_REFUSAL = (
+    "L2 regularization cannot be converted to decoupled weight decay for Adam: Adam divides the "
+    "L2 term λθ by sqrt(v̂)+ε element by element, so the equivalent decoupled rate differs per "
+    "weight and changes every step; no single λ reproduces it (Loshchilov & Hutter 2019, "
+    "Proposition 2). For plain SGD without momentum, L2 λ equals decoupled λ in the 'lr' "
+    "convention (Proposition 1)."
+)
+
+
+def convert_weight_decay(
+    value: float, src: str, dst: str, lr: float, max_lr: float | None = None
+) -> float:
+    """The λ in convention ``dst`` that decays as much per step, at lr γ, as ``value`` in ``src``.
+
+    ``c = value · u(src) = λ_dst · u(dst)``, with ``u`` the per-unit rate of each convention
+    (module table): e.g. ``λ_lr = λ_schedule / α`` and ``λ_constant = α·λ_lr`` at γ = α.
+
+    Args:
+        value: λ in convention ``src``.
+        src, dst: conventions from ``DECAY_SCALES``; ``"l2"`` (Adam's coupled decay) is refused
+            with the reason.
+        lr: γ, the learning rate at which both must agree.
+        max_lr: α, the peak lr of the schedule (default: ``lr``, i.e. converting at the peak).
+    """
+    for name, convention in (("src", src), ("dst", dst)):
+        if convention == "l2" and src != dst:
+            raise ValueError(_L2_REFUSAL)
+        if convention not in DECAY_SCALES and convention != "l2":
+            raise ValueError(f"Invalid {name} value: {convention!r} (choose from {DECAY_SCALES})")
+    if src == dst:
+        return float(value)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"Invalid lr value: {lr} (must be finite and > 0)")
+    peak_lr = lr if max_lr is None else max_lr
+    if not (math.isfinite(peak_lr) and peak_lr > 0):
+        raise ValueError(f"Invalid max_lr value: {max_lr} (must be finite and > 0)")
+    return value * _rate_per_unit(src, lr, peak_lr) / _rate_per_unit(dst, lr, peak_lr)
+
+
+def normalized_weight_decay(
+    lambda_norm: float, batch_size: int, dataset_size: int, epochs: float
+) -> float:
+    """The paper's normalized weight decay, ``λ = λ_norm · sqrt(b / (N·T))``.
+
+    Loshchilov & Hutter 2019, Appendix B.1: b the batch size, N the number of training
+    examples, T the epochs of the run (of the current period, with warm restarts). Note that
+    ``N·T/b`` is the number of optimizer steps, so ``λ = λ_norm / sqrt(steps)``. The paper
+    found λ_norm ≈ 0.025–0.05 good for both SGDW and AdamW, with the decay scaled by the
+    schedule multiplier (``decay_scale="schedule"``).
+    """
+    sizes = (("batch_size", batch_size), ("dataset_size", dataset_size), ("epochs", epochs))
+    for name, value in sizes:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"Invalid {name} value: {value} (must be > 0)")
+    if not (math.isfinite(lambda_norm) and lambda_norm >= 0):
+        raise ValueError(f"Invalid lambda_norm value: {lambda_norm} (must be finite and >= 0)")
+    return lambda_norm * math.sqrt(batch_size / (dataset_size * epochs))
+
+
+def weight_decay_at(group: dict, step: int) -> float:
+    """λ for this step of a parameter group: a number, a schedule ``step -> λ``, or λ_norm.
+
+    With ``lambda_norm`` set, λ = λ_norm / sqrt(decay_period), decay_period being the number
+    of steps in the current run or warm-restart period (:func:`normalized_weight_decay`).
+    """
+    lambda_norm = group.get("lambda_norm")
+    if lambda_norm is not None:
+        period = group.get("decay_period")
+        if not period:
+            raise ValueError(
+                "lambda_norm needs the length of the run in steps: pass decay_period=... or "
+                "drive the optimizer with decoupled.schedules.CosineWarmRestarts, which sets it"
+            )
+        return lambda_norm / math.sqrt(period)
+    weight_decay: float | Callable[[int], float] = group["weight_decay"]
+    if callable(weight_decay):
+        value = float(weight_decay(step))
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"Invalid weight_decay value: {value} returned by the schedule at step {step}"
+            )
+        return value
+    return weight_decay
+
+
+def apply_decoupled_decay_(param: Tensor, rate: float | Tensor, reference: Tensor | None) -> None:
+    """Decoupled decay in place: ``θ ← θ·(1 − c)``, or ``θ ← θ − c·(θ − θ₀)`` toward a reference."""
+    if reference is None:
+        param.mul_(1 - rate)
+    else:
+        param.lerp_(reference, rate)  # θ + c·(θ₀ − θ)
+
+
+def add_l2_penalty(
+    grad: Tensor, param: Tensor, weight_decay: float, reference: Tensor | None
+) -> Tensor:
+    """L2 regularization, the gradient of ``f + (λ/2)‖θ − θ₀‖²``: ``g + λ·(θ − θ₀)`` (new)."""
+    if reference is None:
+        return grad.add(param, alpha=weight_decay)
+    return grad.add(param - reference, alpha=weight_decay)

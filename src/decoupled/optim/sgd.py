@@ -7,12 +7,12 @@ bit-identical on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
-from decoupled.optim._base import DecayOptimizer, check_argument, check_lr, check_weight_decay
-from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, decay_rate
+from decoupled.optim._base import DecayOptimizer, check_argument, decay_defaults
+from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
 
@@ -23,6 +23,7 @@ def sgd_update(
     momentum_buffers: list[Tensor | None],
     *,
     lr: float | Tensor,
+    references: list[Tensor | None] | None = None,
     momentum: float,
     dampening: float,
     nesterov: bool,
@@ -36,17 +37,19 @@ def sgd_update(
 
     Args:
         weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
-        decay: the per-step decoupled shrink ``c`` (see ``decay.py``); used when ``decoupled``.
+        decay: the per-step decoupled rate ``c`` (see ``decay.py``); used when ``decoupled``.
+        references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
     """
+    references = references or [None] * len(params)
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
 
         # ---- the only place SGD and SGDW differ -------------------------------------
         if decoupled:
             if decay != 0:
-                apply_decoupled_decay_(param, decay)  # SGDW:  θ ← θ·(1 − γλ)
+                apply_decoupled_decay_(param, decay, references[i])  # SGDW:  θ ← θ·(1 − γλ)
         elif weight_decay != 0:
-            grad = add_l2_penalty(grad, param, weight_decay)  # SGD:  g ← g + λθ
+            grad = add_l2_penalty(grad, param, weight_decay, references[i])  # SGD:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
         if momentum != 0:
@@ -86,8 +89,10 @@ class SGD(DecayOptimizer):
         params: iterable of tensors or of dicts defining parameter groups.
         lr: learning rate γ (float or 0-dim tensor), default 1e-3.
         momentum: μ ≥ 0. dampening: τ, the buffer's dampening.
-        weight_decay: λ ≥ 0 (L2 coefficient for SGD; decay per unit of lr for SGDW).
+        weight_decay: λ ≥ 0 (L2 coefficient for SGD; decay per unit of lr for SGDW), or a
+            callable ``step -> λ`` (step counted from 1).
         nesterov: Nesterov momentum (needs μ > 0 and τ = 0).
+        decay_to: ``"zero"`` or ``"init"`` (decay toward θ₀, the values at construction).
         maximize: ascend instead of descend.
         skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
     """
@@ -101,16 +106,16 @@ class SGD(DecayOptimizer):
         lr: float | Tensor = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
-        weight_decay: float = 0.0,
+        weight_decay: float | Callable[[int], float] = 0.0,
         nesterov: bool = False,
         *,
+        decay_to: str = "zero",
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        **decoupled_options,  # SGDW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
-        check_lr(lr)
         check_argument("momentum", momentum, momentum >= 0, "must be >= 0")
         check_argument("dampening", dampening, 0 <= dampening <= 1, "must be in [0, 1]")
-        check_weight_decay(weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 f"Invalid nesterov value: True with momentum={momentum}, dampening={dampening} "
@@ -123,6 +128,7 @@ class SGD(DecayOptimizer):
             "weight_decay": weight_decay,
             "nesterov": nesterov,
             "maximize": maximize,
+            **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
@@ -135,17 +141,19 @@ class SGD(DecayOptimizer):
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        weight_decay, references = self._decay_terms(group, params)
         sgd_update(
             params,
             grads,
             buffers,
             lr=group["lr"],
+            references=references,
             momentum=momentum,
             dampening=group["dampening"],
             nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
+            weight_decay=weight_decay,
             decoupled=self.decoupled,
-            decay=decay_rate(group["weight_decay"], group["lr"]) if self.decoupled else 0.0,
+            decay=self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0,
             maximize=group["maximize"],
         )
         for p, buf in zip(params, buffers):
@@ -155,10 +163,47 @@ class SGD(DecayOptimizer):
 class SGDW(SGD):
     r"""SGDW: SGD with decoupled weight decay, ``θ ← θ·(1 − γλ)`` outside the momentum.
 
-    The paper's Algorithm 1 with the decay scaled by the current lr (the ``"lr"`` convention
-    of ``decay.py``). Momentum follows torch's convention, ``θ ← θ − γ·b`` with the lr
+    The paper's Algorithm 1. Momentum follows torch's convention, ``θ ← θ − γ·b`` with the lr
     outside the buffer; the paper puts η_t·α inside it (the two agree while lr is constant).
     Default ``weight_decay`` is 0 as in :class:`SGD`; the box is in :class:`SGD`'s docstring.
+    By default (``decay_scale="lr"``) the decay is multiplied by the current lr γ_t; the
+    paper multiplies it by the schedule multiplier η_t (``decay_scale="schedule"``).
+
+    Args (besides :class:`SGD`'s): ``decay_scale``, ``max_lr``, ``lambda_norm``,
+    ``decay_period``, as in :class:`decoupled.AdamW`.
     """
 
     decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float | Callable[[int], float] = 0.0,
+        nesterov: bool = False,
+        *,
+        decay_scale: str = "lr",
+        decay_to: str = "zero",
+        max_lr: float | None = None,
+        lambda_norm: float | None = None,
+        decay_period: int | None = None,
+        maximize: bool = False,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+            decay_to=decay_to,
+            maximize=maximize,
+            skip_nonfinite=skip_nonfinite,
+            decay_scale=decay_scale,
+            max_lr=max_lr,
+            lambda_norm=lambda_norm,
+            decay_period=decay_period,
+        )
