@@ -7,10 +7,24 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from decoupled.optim import SGD, SGDW, Adam, AdamW, param_groups
+from decoupled.optim.decay import DECAY_SCALES, convert_weight_decay
+from decoupled.rules import normalized_weight_decay, timescale, weight_decay_for_timescale
 
 try:
     __version__ = version("decoupled")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Adam", "AdamW", "SGD", "SGDW", "param_groups", "__version__"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "SGD",
+    "SGDW",
+    "param_groups",
+    "DECAY_SCALES",
+    "convert_weight_decay",
+    "normalized_weight_decay",
+    "weight_decay_for_timescale",
+    "timescale",
+    "__version__",
+]

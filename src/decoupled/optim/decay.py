@@ -113,31 +113,12 @@ def convert_weight_decay(
     return value * _rate_per_unit(src, lr, peak_lr) / _rate_per_unit(dst, lr, peak_lr)
 
 
-def normalized_weight_decay(
-    lambda_norm: float, batch_size: int, dataset_size: int, epochs: float
-) -> float:
-    """The paper's normalized weight decay, ``λ = λ_norm · sqrt(b / (N·T))``.
-
-    Loshchilov & Hutter 2019, Appendix B.1: b the batch size, N the number of training
-    examples, T the epochs of the run (of the current period, with warm restarts). Note that
-    ``N·T/b`` is the number of optimizer steps, so ``λ = λ_norm / sqrt(steps)``. The paper
-    found λ_norm ≈ 0.025–0.05 good for both SGDW and AdamW, with the decay scaled by the
-    schedule multiplier (``decay_scale="schedule"``).
-    """
-    sizes = (("batch_size", batch_size), ("dataset_size", dataset_size), ("epochs", epochs))
-    for name, value in sizes:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"Invalid {name} value: {value} (must be > 0)")
-    if not (math.isfinite(lambda_norm) and lambda_norm >= 0):
-        raise ValueError(f"Invalid lambda_norm value: {lambda_norm} (must be finite and >= 0)")
-    return lambda_norm * math.sqrt(batch_size / (dataset_size * epochs))
-
-
 def weight_decay_at(group: dict, step: int) -> float:
     """λ for this step of a parameter group: a number, a schedule ``step -> λ``, or λ_norm.
 
     With ``lambda_norm`` set, λ = λ_norm / sqrt(decay_period), decay_period being the number
-    of steps in the current run or warm-restart period (:func:`normalized_weight_decay`).
+    of steps in the current run or warm-restart period: the paper's λ_norm·sqrt(b/(N·T)),
+    since N·T/b is that number of steps (``decoupled.rules.normalized_weight_decay``).
     """
     lambda_norm = group.get("lambda_norm")
     if lambda_norm is not None:
