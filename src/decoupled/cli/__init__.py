@@ -15,6 +15,8 @@ from decoupled import __version__
 # subcommand -> module in this package; imported when used so that `decoupled --help`
 # and `decoupled suggest` do not load the lab's heavier dependencies.
 SUBCOMMANDS = {
+    "compare": "Train Adam vs AdamW (or SGD vs SGDW) over seeds and report the difference.",
+    "report": "Rebuild the reports from the results store, without training.",
     "suggest": "Suggest a weight decay λ for each rule and convention.",
 }
 

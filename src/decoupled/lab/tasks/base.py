@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class TaskData:
 
     def __getitem__(self, key: str) -> Tensor:
         return self.tensors[key]
+
+    def to(self, device: torch.device | str) -> TaskData:
+        """A copy with every tensor on ``device`` (the runner moves data to CUDA once)."""
+        tensors = {name: tensor.to(device) for name, tensor in self.tensors.items()}
+        return TaskData(tensors, self.train_size, dict(self.info))
 
 
 class Task:
@@ -90,7 +96,9 @@ def shuffled_batches(
 
 
 @torch.no_grad()
-def classification_error(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 1024) -> float:
+def classification_error(
+    model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 1024
+) -> float:
     """Share of misclassified examples (the paper's "test error"), evaluated in eval mode."""
     was_training = model.training
     model.eval()
@@ -100,3 +108,19 @@ def classification_error(model: nn.Module, inputs: Tensor, targets: Tensor, batc
         wrong += (logits.argmax(-1) != targets[start : start + batch_size]).sum().item()
     model.train(was_training)
     return wrong / inputs.shape[0]
+
+
+class ClassificationTask(Task):
+    """A task whose data are ``x_train, y_train, x_test, y_test`` tensors: shuffled batches,
+    cross-entropy loss, test error. Image tasks set the class attributes and the model."""
+
+    def batches(self, data: TaskData, generator: torch.Generator) -> Iterator[Any]:
+        return shuffled_batches(data["x_train"], data["y_train"], self.batch_size, generator)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        return F.cross_entropy(model(inputs), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TaskData) -> float:
+        return classification_error(model, data["x_test"], data["y_test"])

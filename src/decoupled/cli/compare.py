@@ -1,0 +1,165 @@
+"""Train Adam (L2) and AdamW (decoupled) — or SGD and SGDW — on a task over several seeds,
+paired by seed, and report the difference with confidence intervals and a paired test.
+
+Runs already in the store (same complete configuration) are not trained again, so an
+interrupted compare continues where it stopped. Writes results.db, report.md, report.html
+and plots/ into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from decoupled.cli import CommandError, positive_float, positive_int
+from decoupled.lab.train import OPTIMIZERS, SCHEDULES
+from decoupled.optim.decay import DECAY_SCALES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from decoupled.lab.tasks import DEFAULT_TASK, task_names
+
+    parser.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help=f"one of {', '.join(task_names())} (default: {DEFAULT_TASK})",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=5,
+        help="seeds per optimizer, paired across optimizers (default 5)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=positive_int,
+        default=None,
+        help="optimizer steps per run (default: the task's budget)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the task's smoke-test budget (about a minute in all)"
+    )
+    parser.add_argument(
+        "--optimizers",
+        default="adam,adamw",
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default adam,adamw)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="learning rate for every optimizer (default: each one's tuned lr)",
+    )
+    for name in OPTIMIZERS:
+        parser.add_argument(
+            f"--wd-{name}",
+            type=_nonnegative,
+            default=None,
+            metavar="λ",
+            help=f"weight decay of {name} (default: the task's)",
+        )
+    parser.add_argument(
+        "--decay-scale",
+        choices=DECAY_SCALES,
+        default="lr",
+        help="convention of AdamW/SGDW's decay (default lr, as torch)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="lr schedule (default cosine decay to 0)",
+    )
+    parser.add_argument("--warmup", type=_nonnegative_int, default=0, help="warm-up steps")
+    parser.add_argument("--data-dir", default=None, help="data folder (cifar10)")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="parallel processes (default: one per core)",
+    )
+    parser.add_argument(
+        "--out",
+        default="./decoupled-runs",
+        help="output folder: results.db and reports (default ./decoupled-runs)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _nonnegative(text: str) -> float:
+    from decoupled.cli import nonnegative_float
+
+    return nonnegative_float(text)
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a valid int: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from decoupled.lab.comparison import format_table
+    from decoupled.lab.tasks import get_task
+    from decoupled.lab.workflow import compare_task, prepare_out_dir
+
+    # Everything is checked before anything is written.
+    try:
+        task = get_task(args.task)
+    except ValueError as error:
+        raise CommandError(f"argument --task: {error}") from None
+    optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    unknown = [name for name in optimizers if name not in OPTIMIZERS]
+    if unknown or not optimizers:
+        raise CommandError(
+            f"argument --optimizers: unknown {unknown or 'empty list'} "
+            f"(choose from {', '.join(OPTIMIZERS)})"
+        )
+    if len(set(optimizers)) != len(optimizers):
+        raise CommandError(f"argument --optimizers: repeated name in {args.optimizers!r}")
+    steps = args.budget or (task.quick_steps if args.quick else task.steps)
+    if args.warmup >= steps:
+        raise CommandError(f"argument --warmup: {args.warmup} must be below the budget ({steps})")
+    if task.needs_data_dir:
+        try:
+            task.load(args.data_dir)
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(f"argument --data-dir: {error}") from None
+    overrides = {}
+    for name in optimizers:
+        settings = {}
+        if args.lr is not None:
+            settings["lr"] = args.lr
+        if getattr(args, f"wd_{name}") is not None:
+            settings["weight_decay"] = getattr(args, f"wd_{name}")
+        overrides[name] = settings
+    try:
+        out = prepare_out_dir(args.out)
+    except OSError as error:
+        raise CommandError(f"argument --out: {error}") from None
+
+    print(
+        f"decoupled compare: task {task.name} ({task.metric}), {', '.join(optimizers)}, "
+        f"{args.seeds} seeds x {steps} steps -> {out}"
+    )
+    comparison = compare_task(
+        task,
+        optimizers=optimizers,
+        seeds=args.seeds,
+        steps=steps,
+        out=out,
+        overrides=overrides,
+        workers=args.workers,
+        progress=not args.no_progress,
+        decay_scale=args.decay_scale,
+        schedule=args.schedule,
+        warmup_steps=args.warmup,
+        data_dir=args.data_dir,
+    )
+    print()
+    print(format_table(comparison))
+    print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
+    return 0

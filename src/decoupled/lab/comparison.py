@@ -1,0 +1,188 @@
+"""The compare protocol: several optimizers, the same seeds, the same data order; statistics.
+
+Each optimizer ("arm") is trained over seeds 0..K-1 at the task's documented defaults or
+the given settings. Because a seed fixes both the initial weights and the batch order, arms
+are paired by seed and compared with a paired test (``stats.paired_difference``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from decoupled.lab.stats import Interval, PairedComparison, mean_ci, paired_difference, verdict
+from decoupled.lab.store import RunRecord
+from decoupled.lab.tasks import Task
+from decoupled.lab.train import DECAY_KIND, OPTIMIZERS, RunSpec
+
+NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "sgdw": "SGDW"}
+# The pairs a comparison reports: each L2 optimizer against its decoupled twin.
+PAIRS = (("adam", "adamw"), ("sgd", "sgdw"))
+
+
+def plan(
+    task: Task,
+    optimizers: Sequence[str],
+    seeds: int,
+    steps: int,
+    overrides: dict[str, dict[str, float]] | None = None,
+    **common: Any,
+) -> list[RunSpec]:
+    """The runs of a comparison: for each optimizer (task defaults updated by ``overrides``,
+    e.g. ``{"adamw": {"weight_decay": 0.05}}``) one run per seed."""
+    overrides = overrides or {}
+    specs = []
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            raise ValueError(
+                f"Invalid optimizer value: {name!r} (choose from {', '.join(OPTIMIZERS)})"
+            )
+        defaults = task.defaults[name]
+        settings = {
+            "lr": defaults.lr,
+            "weight_decay": defaults.weight_decay,
+            "momentum": defaults.momentum,
+            **overrides.get(name, {}),
+        }
+        for seed in range(seeds):
+            spec = RunSpec(
+                task=task.name, optimizer=name, seed=seed, steps=steps, **settings, **common
+            )
+            spec.validate()
+            specs.append(spec)
+    return specs
+
+
+@dataclass
+class Arm:
+    """One optimizer's runs in a comparison, by seed."""
+
+    optimizer: str
+    spec: RunSpec  # the seed-0 spec (its settings are the arm's)
+    records: dict[int, RunRecord] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.optimizer, self.optimizer)
+
+    def metrics_by_seed(self) -> dict[int, float]:
+        """Final metric per seed for runs that finished (diverged runs: NaN)."""
+        values = {}
+        for seed, record in sorted(self.records.items()):
+            if record.status == "done":
+                values[seed] = float(record.metrics["metric"])
+            elif record.status == "diverged":
+                values[seed] = math.nan
+        return values
+
+    def interval(self) -> Interval | None:
+        finite = [v for v in self.metrics_by_seed().values() if math.isfinite(v)]
+        return mean_ci(finite) if finite else None
+
+    def diverged(self) -> int:
+        return sum(r.status == "diverged" for r in self.records.values())
+
+    def mean_decay_summary(self) -> dict[str, float]:
+        summaries = [
+            r.metrics.get("decay_summary") or {}
+            for r in self.records.values()
+            if r.status == "done"
+        ]
+        keys = set.intersection(*(set(s) for s in summaries)) if summaries else set()
+        return {k: sum(s[k] for s in summaries) / len(summaries) for k in sorted(keys)}
+
+
+@dataclass
+class Comparison:
+    """The outcome of a compare: arms, paired comparisons and their verdicts."""
+
+    task: Task
+    arms: list[Arm]
+    paired: list[tuple[Arm, Arm, PairedComparison | None, str]]
+
+    @property
+    def as_percent(self) -> bool:
+        return self.task.metric.endswith("error")
+
+
+def summarize(
+    task: Task,
+    specs: Sequence[RunSpec],
+    records: Iterable[RunRecord],
+    key_of: Callable[[RunSpec], str],
+) -> Comparison:
+    """Group the store's records into arms, pair them by seed, and test each pair."""
+    by_key = {r.key: r for r in records}
+    arms: dict[str, Arm] = {}
+    for spec in specs:
+        arm = arms.setdefault(spec.optimizer, Arm(spec.optimizer, replace(spec, seed=0)))
+        record = by_key.get(key_of(spec))
+        if record is not None and record.status in ("done", "diverged"):
+            arm.records[spec.seed] = record
+    paired = []
+    for first, second in PAIRS:
+        if first in arms and second in arms:
+            paired.append(_pair(task, arms[first], arms[second]))
+    if not paired and len(arms) >= 2:  # e.g. adam vs sgdw: compare the first two given
+        first, second = list(arms.values())[:2]
+        paired.append(_pair(task, first, second))
+    return Comparison(task, list(arms.values()), paired)
+
+
+def _pair(task: Task, first: Arm, second: Arm):
+    a, b = first.metrics_by_seed(), second.metrics_by_seed()
+    seeds = [s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
+    metric = task.metric.replace("_", " ")
+    if len(seeds) < 2:
+        line = (
+            f"Cannot compare {first.name} and {second.name}: need at least 2 seeds where "
+            f"both finished (have {len(seeds)})"
+        )
+        return first, second, None, line
+    comparison = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
+    line = verdict(
+        comparison,
+        names=(first.name, second.name),
+        metric=metric,
+        lower_is_better=not task.higher_is_better,
+        as_percent=task.metric.endswith("error"),
+    )
+    return first, second, comparison, line
+
+
+def format_table(comparison: Comparison) -> str:
+    """The plain-text table `decoupled compare` prints."""
+    task, percent = comparison.task, comparison.as_percent
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    metric = task.metric.replace("_", " ")
+    lines = [
+        f"{'optimizer':<10}{'decay':<11}{'lr':>9}{'weight_decay':>14}  "
+        f"{metric + ' (mean ± 95% CI)':<32}{'seeds':>6}{'diverged':>10}"
+    ]
+    for arm in comparison.arms:
+        interval = arm.interval()
+        if interval is None:
+            cell = "—"
+        elif interval.n < 2:
+            cell = f"{interval.mean * scale:.2f}{unit} (one seed)"
+        else:
+            cell = f"{interval.mean * scale:.2f}{unit} ± {interval.half_width * scale:.2f}"
+        lines.append(
+            f"{arm.optimizer:<10}{DECAY_KIND[arm.optimizer]:<11}{arm.spec.lr:>9.3g}"
+            f"{arm.spec.weight_decay:>14.3g}  {cell:<32}{len(arm.records):>6}"
+            f"{arm.diverged():>10}"
+        )
+    for first, second, paired, line in comparison.paired:
+        lines.append("")
+        if paired is not None:
+            points = " points" if percent else ""
+            lines.append(
+                f"paired difference ({second.name} − {first.name}, by seed): "
+                f"{paired.mean_diff * scale:+.2f}{points}, 95% CI [{paired.low * scale:+.2f}, "
+                f"{paired.high * scale:+.2f}], paired t-test p = {paired.p_value:.3g}, "
+                f"Wilcoxon p = {paired.wilcoxon_p:.3g}, n = {paired.n}"
+            )
+        lines.append(f"verdict: {line}")
+    return "\n".join(lines)

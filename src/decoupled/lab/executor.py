@@ -1,0 +1,156 @@
+"""Run many RunSpecs into the results store: only missing runs execute, each exactly once.
+
+Each run is claimed in the store before it starts, so several processes (or several
+invocations of `decoupled compare`) can share one store; a run left ``running`` by a dead
+process is claimed again. Ctrl-C keeps every finished run; the interrupted ones are marked
+and redone next time.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import torch
+
+from decoupled.lab.store import ResultStore, config_key
+from decoupled.lab.tasks import Task, TaskData, get_task
+from decoupled.lab.train import RunSpec, run
+
+# Per process: loaded tasks and data (keyed by task name and data dir), and open stores.
+_TASKS: dict[tuple[str, str | None], tuple[Task, TaskData]] = {}
+_STORES: dict[str, ResultStore] = {}
+
+
+def spec_key(spec: RunSpec) -> str:
+    return config_key(spec.config())
+
+
+def _task_and_data(spec: RunSpec) -> tuple[Task, TaskData]:
+    cache_key = (spec.task, spec.data_dir)
+    if cache_key not in _TASKS:
+        task = get_task(spec.task)
+        _TASKS[cache_key] = (task, task.load(spec.data_dir))
+    return _TASKS[cache_key]
+
+
+def _store(path: str) -> ResultStore:
+    if path not in _STORES:
+        _STORES[path] = ResultStore(path)
+    return _STORES[path]
+
+
+def run_into_store(spec: RunSpec, db_path: str) -> str:
+    """Claim, run and record one spec; returns its final status (or "skipped")."""
+    store, key = _store(db_path), spec_key(spec)
+    if not store.claim(key, spec.config()):
+        return "skipped"
+    try:
+        task, data = _task_and_data(spec)
+        result = run(spec, task=task, data=data)
+    except KeyboardInterrupt:
+        store.mark_interrupted(key)
+        raise
+    except Exception:  # recorded with its traceback; the other runs go on
+        store.fail(key, traceback.format_exc())
+        return "failed"
+    store.finish(key, result.status, result.metrics(), result.curves)
+    return result.status
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def execute(
+    specs: Sequence[RunSpec],
+    db_path: str | Path,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    description: str = "runs",
+) -> dict[str, int]:
+    """Run every spec whose result is not yet in the store; returns counts per status.
+
+    ``workers`` processes (default: one per core) each use ``cores // workers`` torch
+    threads so the machine is not oversubscribed; ``workers=1`` runs in this process.
+    """
+    db_path = str(db_path)
+    store = _store(db_path)
+    done = store.done_keys()
+    pending = [spec for spec in specs if spec_key(spec) not in done]
+    counts = {
+        "done": 0,
+        "diverged": 0,
+        "failed": 0,
+        "skipped": 0,
+        "cached": len(specs) - len(pending),
+    }
+    workers = max(1, min(workers or default_workers(), len(pending) or 1))
+    bar = _progress_bar(len(specs), counts["cached"], description, progress)
+    try:
+        if workers == 1:
+            for spec in pending:
+                counts[run_into_store(spec, db_path)] += 1
+                bar.update(1)
+        else:
+            _execute_in_pool(pending, db_path, workers, counts, bar)
+    finally:
+        bar.close()
+    return counts
+
+
+def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    )
+    futures: set[Future] = set()
+    try:
+        futures = {pool.submit(run_into_store, spec, db_path) for spec in pending}
+        while futures:
+            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for future in finished:
+                counts[future.result()] += 1
+                bar.update(1)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, description: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=description,
+        unit="run",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )

@@ -1,0 +1,244 @@
+"""Reports: report.md and report.html with plots, rebuilt from the store at any time.
+
+A report is a list of blocks (heading, paragraph, preformatted text, table, image) rendered
+twice, to Markdown and to HTML, so both always say the same. This is the only module that
+imports matplotlib.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from decoupled.lab.comparison import Arm, Comparison, format_table
+from decoupled.lab.train import DECAY_KIND
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str  # h1 | h2 | p | pre | table | img
+    content: object
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+COLORS = {"adam": "#d62728", "adamw": "#1f77b4", "sgd": "#ff7f0e", "sgdw": "#2ca02c"}
+
+
+def _curve_matrix(arm: Arm, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Steps and a (seeds × evaluations) matrix of one curve, over the seeds that finished."""
+    curves = [r.curves for r in arm.records.values() if r.status == "done" and r.curves]
+    if not curves:
+        return None
+    length = min(len(c[key]) for c in curves)
+    steps = np.asarray(curves[0]["step"][:length])
+    return steps, np.asarray([c[key][:length] for c in curves], dtype=float)
+
+
+def plot_curves(comparison: Comparison, path: Path) -> Path:
+    """Learning curves: mean over seeds, band = min..max over seeds."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    metric = comparison.task.metric.replace("_", " ")
+    for axis, key, label in ((axes[0], "train_loss", "train loss"), (axes[1], "metric", metric)):
+        for arm in comparison.arms:
+            curve = _curve_matrix(arm, key)
+            if curve is None:
+                continue
+            steps, values = curve
+            color = COLORS.get(arm.optimizer)
+            axis.plot(
+                steps,
+                values.mean(0),
+                color=color,
+                label=f"{arm.name} ({DECAY_KIND[arm.optimizer]}, n={len(values)})",
+            )
+            axis.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2)
+        axis.set_xlabel("step")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        if key == "train_loss":
+            axis.set_yscale("log")
+    axes[1].legend()
+    figure.suptitle(f"{comparison.task.name}: mean over seeds, band = min–max")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_per_seed(comparison: Comparison, path: Path) -> Path:
+    """Final metric per seed, one column per optimizer, lines joining the same seed."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    scale = 100.0 if comparison.as_percent else 1.0
+    values = [arm.metrics_by_seed() for arm in comparison.arms]
+    seeds = sorted(set().union(*values)) if values else []
+    for seed in seeds:
+        ys = [v.get(seed, math.nan) * scale for v in values]
+        axis.plot(range(len(values)), ys, color="grey", alpha=0.5, linewidth=1)
+    for index, (arm, by_seed) in enumerate(zip(comparison.arms, values)):
+        ys = [y * scale for y in by_seed.values()]
+        axis.scatter([index] * len(ys), ys, color=COLORS.get(arm.optimizer), zorder=3)
+    axis.set_xticks(range(len(values)), [arm.name for arm in comparison.arms])
+    unit = " (%)" if comparison.as_percent else ""
+    axis.set_ylabel(comparison.task.metric.replace("_", " ") + unit)
+    axis.set_title("final metric per seed (lines pair seeds)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def decay_table(comparison: Comparison) -> list[list[str]]:
+    """The Adam vs AdamW table of the README, filled with this comparison's measurements."""
+    scale, unit = (100.0, "%") if comparison.as_percent else (1.0, "")
+    header = ["", *(f"{a.name} ({DECAY_KIND[a.optimizer]})" for a in comparison.arms)]
+    applied, per_element, metric, norms = ["how the decay is applied"], [], [], []
+    per_element = ["decay per step per weight, at peak lr"]
+    metric = [f"generalization: {comparison.task.metric.replace('_', ' ')}"]
+    norms = ["final weight norm (all parameters)"]
+    for arm in comparison.arms:
+        lam = _fmt(arm.spec.weight_decay)
+        if DECAY_KIND[arm.optimizer] == "L2":
+            applied.append(
+                f"g ← g + λθ (λ = {lam}); then divided by √v̂+ε"
+                if "adam" in arm.optimizer
+                else f"g ← g + λθ (λ = {lam})"
+            )
+        else:
+            applied.append(f"θ ← θ(1 − γλ) (λ = {lam}), outside the scaling")
+        summary = arm.mean_decay_summary()
+        if not summary:
+            per_element.append("—")
+        elif summary.get("cv", 0) < 1e-9:
+            per_element.append(f"{_fmt(summary['median'])} for every decayed weight")
+        else:
+            per_element.append(
+                f"median {_fmt(summary['median'])}, 5–95%: {_fmt(summary['p5'])}–"
+                f"{_fmt(summary['p95'])} (×{summary['spread_p95_p5']:.1f} spread, "
+                f"CV {summary['cv']:.2f})"
+            )
+        interval = arm.interval()
+        metric.append(
+            "—"
+            if interval is None
+            else f"{interval.mean * scale:.2f}{unit} ± {interval.half_width * scale:.2f}"
+            if interval.n > 1
+            else f"{interval.mean * scale:.2f}{unit}"
+        )
+        totals = [
+            r.metrics["weight_norms"]["total"] for r in arm.records.values() if r.status == "done"
+        ]
+        norms.append(_fmt(sum(totals) / len(totals)) if totals else "—")
+    return [header, applied, per_element, metric, norms]
+
+
+def compare_blocks(name: str, comparison: Comparison, plot_dir: Path, rel: str) -> list[Block]:
+    spec = comparison.arms[0].spec if comparison.arms else None
+    seeds = max((len(a.records) for a in comparison.arms), default=0)
+    blocks = [Block("h2", f"{name}: {comparison.task.name}")]
+    if spec is not None:
+        description = comparison.task.description.rstrip(".")
+        protocol = (
+            f"{description}. Protocol: {spec.steps} steps per run, {spec.schedule} lr schedule "
+            f"(warm-up {spec.warmup_steps}), up to {seeds} seeds; every optimizer sees the same "
+            "initial weights and batches for a given seed, and biases and normalization layers "
+            "are not decayed."
+        )
+        blocks.append(Block("p", protocol))
+    blocks.append(Block("pre", format_table(comparison)))
+    blocks.append(Block("p", "What the decay does, measured (means over seeds):"))
+    blocks.append(Block("table", decay_table(comparison)))
+    if any(a.records for a in comparison.arms):
+        curves = plot_curves(comparison, plot_dir / f"{name}-curves.png")
+        per_seed = plot_per_seed(comparison, plot_dir / f"{name}-per-seed.png")
+        blocks.append(Block("img", f"{rel}/{curves.name}"))
+        blocks.append(Block("img", f"{rel}/{per_seed.name}"))
+    return blocks
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    out = []
+    for block in blocks:
+        if block.kind == "h1":
+            out.append(f"# {block.content}\n")
+        elif block.kind == "h2":
+            out.append(f"## {block.content}\n")
+        elif block.kind == "p":
+            out.append(f"{block.content}\n")
+        elif block.kind == "pre":
+            out.append(f"```\n{block.content}\n```\n")
+        elif block.kind == "table":
+            rows = block.content
+            out.append("| " + " | ".join(rows[0]) + " |")
+            out.append("|" + " --- |" * len(rows[0]))
+            out.extend("| " + " | ".join(row) + " |" for row in rows[1:])
+            out.append("")
+        elif block.kind == "img":
+            out.append(f"![{Path(str(block.content)).stem}]({block.content})\n")
+    return "\n".join(out)
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    body = []
+    for block in blocks:
+        text = block.content
+        if block.kind in ("h1", "h2", "p"):
+            body.append(f"<{block.kind}>{html.escape(str(text))}</{block.kind}>")
+        elif block.kind == "pre":
+            body.append(f"<pre>{html.escape(str(text))}</pre>")
+        elif block.kind == "table":
+            rows = "".join(
+                "<tr>"
+                + "".join(
+                    f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>"
+                    for c in row
+                )
+                + "</tr>"
+                for i, row in enumerate(text)
+            )
+            body.append(f"<table>{rows}</table>")
+        elif block.kind == "img":
+            body.append(f'<img src="{html.escape(str(text))}" alt="{html.escape(str(text))}">')
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def write_report(out_dir: Path, blocks: list[Block], title: str = "decoupled report") -> list[Path]:
+    """Write report.md and report.html into ``out_dir`` (each via a temporary file and an
+    atomic rename, so an interrupted write never leaves half a report)."""
+    paths = []
+    for name, text in (
+        ("report.md", render_markdown(blocks)),
+        ("report.html", render_html(blocks, title)),
+    ):
+        path = out_dir / name
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(path)
+        paths.append(path)
+    return paths

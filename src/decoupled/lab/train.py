@@ -1,0 +1,238 @@
+"""Run one training job: a task, an optimizer spec, a budget and a seed -> a RunResult.
+
+The same spec gives the same result: the model is built after ``torch.manual_seed(seed)``
+and the data order comes from its own generator seeded by ``seed``, so two optimizers run
+with the same seed see the same initial weights and the same batches. A non-finite loss
+ends the run early with status ``"diverged"`` (a result, not a crash).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import decoupled
+from decoupled.lab.tasks import Task, TaskData, get_task
+from decoupled.optim.decay import decay_rate
+from decoupled.schedules import WarmupCosine
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": decoupled.Adam,
+    "adamw": decoupled.AdamW,
+    "sgd": decoupled.SGD,
+    "sgdw": decoupled.SGDW,
+}
+#: how each optimizer applies weight decay, for tables and reports
+DECAY_KIND = {"adam": "L2", "adamw": "decoupled", "sgd": "L2", "sgdw": "decoupled"}
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run (its store key is a hash of :meth:`config`)."""
+
+    task: str
+    optimizer: str  # adam | adamw | sgd | sgdw
+    lr: float
+    weight_decay: float
+    seed: int
+    steps: int
+    momentum: float = 0.0  # SGD/SGDW only
+    decay_scale: str = "lr"  # AdamW/SGDW only (decoupled.optim.decay)
+    schedule: str = "cosine"  # cosine decay to 0 after warm-up, or constant
+    warmup_steps: int = 0
+    eval_every: int = 0  # 0: the task's default
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"Invalid optimizer value: {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule value: {self.schedule!r} (choose from {SCHEDULES})")
+        for name in ("steps", "seed", "warmup_steps", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0 or (name == "steps" and value == 0):
+                raise ValueError(f"Invalid {name} value: {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Invalid lr value: {self.lr} (must be finite and > 0)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+
+    def config(self) -> dict[str, Any]:
+        """The complete configuration, including the package version (results of another
+        version are kept apart)."""
+        return {**asdict(self), "version": decoupled.__version__}
+
+
+@dataclass
+class RunResult:
+    """What one run produced. ``curves`` are lists aligned on ``curves["step"]``."""
+
+    spec: RunSpec
+    status: str  # done | diverged
+    metric: float  # the task's metric at the end (NaN if it diverged before any evaluation)
+    metric_name: str
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    weight_norms: dict[str, float] = field(default_factory=dict)
+    decay_summary: dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "metric_name": self.metric_name,
+            "weight_norms": self.weight_norms,
+            "decay_summary": self.decay_summary,
+            "wall_time": self.wall_time,
+            "final_train_loss": (self.curves["train_loss"] or [None])[-1],
+        }
+
+
+def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of a spec; biases and normalization layers are never decayed."""
+    groups = decoupled.param_groups(model, spec.weight_decay, verbose=False)
+    kwargs: dict[str, Any] = {"lr": spec.lr}
+    if spec.optimizer in ("sgd", "sgdw"):
+        kwargs["momentum"] = spec.momentum
+    if spec.optimizer in ("adamw", "sgdw"):
+        kwargs["decay_scale"] = spec.decay_scale
+    return OPTIMIZERS[spec.optimizer](groups, **kwargs)
+
+
+def build_scheduler(spec: RunSpec, optimizer: torch.optim.Optimizer):
+    if spec.schedule == "constant" and spec.warmup_steps == 0:
+        return None
+    if spec.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: min(1.0, t / spec.warmup_steps)
+        )
+    return WarmupCosine(optimizer, spec.warmup_steps, spec.steps)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(item, device) for item in batch)
+    return batch
+
+
+def weight_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of every parameter, and of all of them together (``"total"``)."""
+    norms = {name: p.detach().norm().item() for name, p in model.named_parameters()}
+    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
+
+
+def decay_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """How strongly the decay acts per element at the end of training, at the peak lr.
+
+    Decoupled decay shrinks every decayed weight by the same c = γλ per step. Adam + L2
+    shrinks element i by about γλ/(sqrt(v̂_i)+ε) (SCIENCE.md §8, prediction 1): its spread
+    across elements measures how uneven L2 becomes under Adam's scaling. Reported: the median
+    rate, the 5th/95th percentiles, their ratio, and the coefficient of variation. Evaluated at
+    the peak lr α so that a schedule that ends at lr 0 still shows the shape.
+    """
+    rates = []
+    for group in optimizer.param_groups:
+        weight_decay = group["weight_decay"]
+        if not weight_decay:
+            continue
+        peak_lr = optimizer._peak_lr(group)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if getattr(optimizer, "decoupled", False) or not isinstance(optimizer, decoupled.Adam):
+                scale = group.get("decay_scale", "lr")
+                rate = decay_rate(weight_decay, peak_lr, decay_scale=scale, peak_lr=peak_lr)
+                rates.append(torch.full((p.numel(),), float(rate), dtype=torch.float64))
+            elif "exp_avg_sq" in state:  # Adam + L2
+                bias_correction2 = 1 - group["betas"][1] ** float(state["step"])
+                v_hat = state["exp_avg_sq"].flatten().double() / bias_correction2
+                rates.append(peak_lr * weight_decay / (v_hat.sqrt() + group["eps"]))
+    if not rates:
+        return {}
+    values = torch.cat(rates)
+    sample = values[torch.linspace(0, values.numel() - 1, min(values.numel(), 1 << 20)).long()]
+    p5, p50, p95 = torch.quantile(sample, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    mean = values.mean().item()
+    return {
+        "median": p50.item(),
+        "p5": p5.item(),
+        "p95": p95.item(),
+        "spread_p95_p5": (p95 / p5).item() if p5 > 0 else math.inf,
+        "cv": values.std().item() / mean if mean > 0 and values.numel() > 1 else 0.0,
+    }
+
+
+def run(
+    spec: RunSpec,
+    *,
+    task: Task | None = None,
+    data: TaskData | None = None,
+    device: str | torch.device | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Train one run. ``task``/``data`` may be passed in to reuse loaded data across runs.
+
+    ``device`` defaults to CUDA when present, else the CPU. ``on_progress(step, steps)`` is
+    called after every evaluation.
+    """
+    spec.validate()
+    task = task or get_task(spec.task)
+    data = data if data is not None else task.load(spec.data_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # the task's interval, but at least ~10 points on a short (e.g. --quick) run
+    eval_every = spec.eval_every or min(task.eval_every, max(1, spec.steps // 10))
+    started = time.perf_counter()
+
+    torch.manual_seed(spec.seed)
+    model = task.build_model().to(device)
+    data = data.to(device) if device.type != "cpu" else data
+    optimizer = build_optimizer(spec, model)
+    scheduler = build_scheduler(spec, optimizer)
+    batches = task.batches(data, torch.Generator().manual_seed(spec.seed))
+
+    curves: dict[str, list[float]] = {"step": [], "train_loss": [], "metric": [], "lr": []}
+    loss_sum, loss_count, status = 0.0, 0, "done"
+    model.train()
+    for step in range(1, spec.steps + 1):
+        loss = task.loss(model, _to_device(next(batches), device))
+        if not torch.isfinite(loss):
+            status = "diverged"
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        curves_lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        if step % eval_every == 0 or step == spec.steps:
+            curves["step"].append(step)
+            curves["train_loss"].append(loss_sum / loss_count)
+            curves["metric"].append(task.evaluate(model, data))
+            curves["lr"].append(curves_lr)
+            model.train()
+            loss_sum, loss_count = 0.0, 0
+            if on_progress:
+                on_progress(step, spec.steps)
+
+    metric = curves["metric"][-1] if status == "done" else math.nan
+    return RunResult(
+        spec=spec,
+        status=status,
+        metric=metric,
+        metric_name=task.metric,
+        curves=curves,
+        weight_norms=weight_norms(model),
+        decay_summary=decay_summary(optimizer) if status == "done" else {},
+        wall_time=time.perf_counter() - started,
+    )

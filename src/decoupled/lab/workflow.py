@@ -1,0 +1,85 @@
+"""What `decoupled compare` and `decoupled report` do, as functions (the CLI is a thin shell).
+
+Everything lands in one output folder: ``results.db`` (runs and experiments), ``report.md``,
+``report.html`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from decoupled.lab.comparison import Comparison, plan, summarize
+from decoupled.lab.executor import execute, spec_key
+from decoupled.lab.experiments import load_experiments, save_experiment
+from decoupled.lab.report import Block, compare_blocks, write_report
+from decoupled.lab.store import ResultStore
+from decoupled.lab.tasks import Task, get_task
+
+DB_NAME = "results.db"
+
+
+def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
+    """Create ``out`` if needed and check it is writable; OSError naming it otherwise."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the output folder {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"the output folder {path} is not writable")
+    return path
+
+
+def compare_task(
+    task: Task,
+    *,
+    optimizers: list[str],
+    seeds: int,
+    steps: int,
+    out: Path,
+    overrides: dict[str, dict[str, float]] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    name: str | None = None,
+    **common: Any,
+) -> Comparison:
+    """Plan, run (skipping runs already stored), summarize and report one comparison."""
+    specs = plan(task, optimizers, seeds, steps, overrides, **common)
+    db_path = out / DB_NAME
+    store = ResultStore(db_path)
+    experiment = name or f"compare-{task.name}"
+    save_experiment(db_path, experiment, "compare", specs)
+    execute(
+        specs,
+        db_path,
+        workers=workers,
+        progress=progress,
+        description=f"{task.name}: {' vs '.join(optimizers)}",
+    )
+    comparison = summarize(task, specs, store.records(), spec_key)
+    rebuild_reports(out, tasks={task.name: task})
+    return comparison
+
+
+def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Path]:
+    """Rebuild report.md/report.html from the store alone (no training)."""
+    db_path = out / DB_NAME
+    if not db_path.exists():
+        raise FileNotFoundError(f"no results store in {out} (expected {db_path})")
+    store = ResultStore(db_path)
+    records = store.records()
+    plot_dir = out / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    blocks = [Block("h1", "decoupled: Adam (L2) vs AdamW (decoupled weight decay)")]
+    tasks = dict(tasks or {})
+    for experiment in load_experiments(db_path, kind="compare"):
+        task_name = experiment.specs[0].task
+        if task_name not in tasks:
+            tasks[task_name] = get_task(task_name)
+        comparison = summarize(tasks[task_name], experiment.specs, records, spec_key)
+        blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
+    return write_report(out, blocks)
