@@ -80,6 +80,7 @@ class RunResult:
     status: str  # done | diverged
     metric: float  # the task's metric at the end (NaN if it diverged before any evaluation)
     metric_name: str
+    higher_is_better: bool = False
     curves: dict[str, list[float]] = field(default_factory=dict)
     weight_norms: dict[str, float] = field(default_factory=dict)
     decay_summary: dict[str, float] = field(default_factory=dict)
@@ -89,6 +90,7 @@ class RunResult:
         return {
             "metric": self.metric,
             "metric_name": self.metric_name,
+            "higher_is_better": self.higher_is_better,
             "weight_norms": self.weight_norms,
             "decay_summary": self.decay_summary,
             "wall_time": self.wall_time,
@@ -231,6 +233,7 @@ def run(
         status=status,
         metric=metric,
         metric_name=task.metric,
+        higher_is_better=task.higher_is_better,
         curves=curves,
         weight_norms=weight_norms(model),
         decay_summary=decay_summary(optimizer) if status == "done" else {},

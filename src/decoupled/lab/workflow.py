@@ -65,6 +65,27 @@ def compare_task(
     return comparison
 
 
+class StoredTask(Task):
+    """A task known only through its stored runs (e.g. a custom task from another session):
+    enough to report it, not to train it."""
+
+    def __init__(self, name: str, metric: str, higher_is_better: bool) -> None:
+        self.name, self.metric, self.higher_is_better = name, metric, higher_is_better
+        self.description = f"Task {name!r} (rebuilt from stored runs)"
+
+
+def _task_for(name: str, records) -> Task:
+    try:
+        return get_task(name)
+    except ValueError:
+        metrics = next(
+            (r.metrics for r in records if r.config.get("task") == name and r.metrics), {}
+        )
+        return StoredTask(
+            name, metrics.get("metric_name", "metric"), bool(metrics.get("higher_is_better", False))
+        )
+
+
 def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Path]:
     """Rebuild report.md/report.html from the store alone (no training)."""
     db_path = out / DB_NAME
@@ -79,7 +100,7 @@ def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Pat
     for experiment in load_experiments(db_path, kind="compare"):
         task_name = experiment.specs[0].task
         if task_name not in tasks:
-            tasks[task_name] = get_task(task_name)
+            tasks[task_name] = _task_for(task_name, records)
         comparison = summarize(tasks[task_name], experiment.specs, records, spec_key)
         blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
     return write_report(out, blocks)

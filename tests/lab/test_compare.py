@@ -1,0 +1,161 @@
+"""`decoupled compare` and `decoupled report`: resume, bad input, reports, user models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from decoupled.cli import main
+from decoupled.lab import compare
+from decoupled.lab.comparison import format_table
+from decoupled.lab.store import ResultStore
+
+SMALL = ["compare", "--budget", "40", "--seeds", "2", "--no-progress"]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "decoupled", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_compare_end_to_end_and_report_rebuild(tmp_path):
+    out = tmp_path / "runs"
+    assert main([*SMALL, "--workers", "1", "--out", str(out)]) == 0
+    store = ResultStore(out / "results.db")
+    records = store.records()
+    assert len(records) == 4 and {r.status for r in records} == {"done"}
+    report = (out / "report.md").read_text()
+    assert "| how the decay is applied |" in report and "verdict:" in report
+    assert (out / "plots" / "compare-mnist1d-curves.png").stat().st_size > 1000
+    assert "<table>" in (out / "report.html").read_text()
+
+    # running again trains nothing: the runs are in the store
+    finished = {r.key: r.finished for r in records}
+    assert main([*SMALL, "--workers", "1", "--out", str(out)]) == 0
+    assert {r.key: r.finished for r in store.records()} == finished
+
+    # the report is rebuilt from the store alone
+    (out / "report.md").unlink()
+    assert main(["report", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
+
+
+def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
+    out = tmp_path / "runs"
+    args = [
+        sys.executable,
+        "-m",
+        "decoupled",
+        "compare",
+        "--budget",
+        "150",
+        "--seeds",
+        "3",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    db = out / "results.db"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first finished run
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=5) as connection:
+                    done = connection.execute(
+                        "SELECT count(*) FROM runs WHERE status = 'done'"
+                    ).fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if done >= 1:
+                break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    store = ResultStore(db)
+    kept = {r.key: r.finished for r in store.records() if r.status == "done"}
+    assert 1 <= len(kept) < 6
+    assert not [r for r in store.records() if r.status == "running"]  # marked, not left running
+
+    finished = cli(*args[3:])
+    assert finished.returncode == 0, finished.stderr
+    records = store.records()
+    assert len(records) == 6 and all(r.status == "done" for r in records)
+    assert all(next(r for r in records if r.key == k).finished == t for k, t in kept.items())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--task", "imagenet"], "argument --task: Invalid task value: 'imagenet'"),
+        (["--optimizers", "adam,lion"], "argument --optimizers: unknown ['lion']"),
+        (["--budget", "-5"], "argument --budget: must be a positive integer, got -5"),
+        (["--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),
+        (["--task", "cifar10", "--data-dir", "EMPTY"], "argument --data-dir:"),
+        (["--out", "FILE/sub"], "argument --out:"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [
+        a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("FILE", str(tmp_path / "FILE"))
+        for a in args
+    ]
+    out = tmp_path / "out"
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    result = cli("compare", *args, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path / "EMPTY")) == []
+
+
+def test_report_without_a_store_is_a_clear_error(tmp_path):
+    result = cli("report", "--out", str(tmp_path), timeout=60)
+    assert result.returncode == 2 and "no results store" in result.stderr
+
+
+def test_bring_your_own_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(256, 5)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+
+    def train_batches(seed):
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            index = torch.randint(0, 200, (32,), generator=generator)
+            yield x[index], y[index]
+
+    def evaluate(model):
+        return (model(x[200:]).argmax(1) != y[200:]).float().mean().item()
+
+    result = compare(
+        lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2)),
+        train_batches,
+        evaluate,
+        steps=60,
+        seeds=3,
+        metric="test_error",
+        out=tmp_path,
+        progress=False,
+        name="toy",
+    )
+    assert [arm.optimizer for arm in result.arms] == ["adam", "adamw"]
+    assert all(len(arm.records) == 3 for arm in result.arms)
+    assert "verdict:" in format_table(result)
+    assert "compare-toy" in Path(tmp_path / "report.md").read_text()

@@ -1,0 +1,137 @@
+"""The runner: determinism, pairing by seed, divergence, and what a result holds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from decoupled.lab.custom import CustomTask
+from decoupled.lab.tasks import get_task
+from decoupled.lab.tasks.base import Hyperparameters
+from decoupled.lab.train import RunSpec, build_optimizer, decay_summary, run
+
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    task = get_task("mnist1d")
+    return task, task.load()
+
+
+def spec(optimizer="adamw", seed=0, steps=20, **kwargs):
+    defaults = {"lr": 3e-3, "weight_decay": 0.1 if optimizer == "adamw" else 1e-4}
+    return RunSpec(
+        task="mnist1d", optimizer=optimizer, seed=seed, steps=steps, **{**defaults, **kwargs}
+    )
+
+
+def test_same_spec_same_result(mnist1d):
+    task, data = mnist1d
+    first, second = (run(spec(), task=task, data=data) for _ in range(2))
+    assert first.status == second.status == "done"
+    assert first.curves == second.curves and first.metric == second.metric
+    assert first.weight_norms == second.weight_norms
+
+
+def test_seed_changes_the_result(mnist1d):
+    task, data = mnist1d
+    assert (
+        run(spec(seed=0), task=task, data=data).curves
+        != run(spec(seed=1), task=task, data=data).curves
+    )
+
+
+def test_optimizers_with_the_same_seed_start_from_the_same_weights_and_batches(mnist1d):
+    """With lr so small that the weights barely move, Adam and AdamW see the same losses."""
+    task, data = mnist1d
+    kwargs = dict(lr=1e-9, weight_decay=0.0, schedule="constant", eval_every=1, steps=5)
+    adam, adamw = (run(spec(name, **kwargs), task=task, data=data) for name in ("adam", "adamw"))
+    assert adam.curves["train_loss"] == pytest.approx(adamw.curves["train_loss"], rel=1e-6)
+
+
+def test_result_contents(mnist1d):
+    task, data = mnist1d
+    result = run(spec(steps=30, eval_every=10, warmup_steps=5), task=task, data=data)
+    assert result.curves["step"] == [10, 20, 30]
+    assert len(result.curves["train_loss"]) == len(result.curves["metric"]) == 3
+    assert result.curves["lr"][0] < 3e-3  # warm-up, then cosine
+    assert 0.0 <= result.metric <= 1.0 and result.metric_name == "test_error"
+    assert result.weight_norms["total"] > 0 and result.wall_time > 0
+    assert result.decay_summary["cv"] < 1e-9  # decoupled: the same rate for every weight
+    metrics = result.metrics()
+    assert metrics["metric"] == result.metric and metrics["final_train_loss"] is not None
+
+
+def test_adam_l2_decay_summary_is_uneven(mnist1d):
+    task, data = mnist1d
+    result = run(spec("adam", steps=30), task=task, data=data)
+    summary = result.decay_summary
+    assert summary["spread_p95_p5"] > 1.5 and summary["cv"] > 0.1
+
+
+def nan_task(nan_at_step: int) -> CustomTask:
+    """A linear regression whose loss turns NaN at a given step."""
+    counter = {"step": 0}
+
+    def loss_fn(model, batch):
+        counter["step"] += 1
+        x, y = batch
+        loss = (model(x) - y).pow(2).mean()
+        return loss * math.nan if counter["step"] >= nan_at_step else loss
+
+    def batches(seed):
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            x = torch.randn(8, 3, generator=generator)
+            yield x, x.sum(1, keepdim=True)
+
+    return CustomTask(
+        "custom:nan",
+        lambda: nn.Linear(3, 1),
+        batches,
+        lambda m: 0.5,
+        loss_fn,
+        "metric",
+        False,
+        50,
+        5,
+        {"adamw": Hyperparameters(0.01, 0.01)},
+    )
+
+
+def test_divergence_ends_the_run_as_diverged_not_a_crash():
+    task = nan_task(nan_at_step=12)
+    result = run(
+        RunSpec("custom:nan", "adamw", 0.01, 0.01, seed=0, steps=50), task=task, data=task.load()
+    )
+    assert result.status == "diverged" and math.isnan(result.metric)
+    assert result.curves["step"] == [5, 10]  # stopped at step 12, before any update with NaN
+
+
+@pytest.mark.parametrize(
+    "changes,regex",
+    [
+        ({"optimizer": "lion"}, "Invalid optimizer value: 'lion'"),
+        ({"steps": 0}, "Invalid steps value: 0"),
+        ({"seed": -1}, "Invalid seed value: -1"),
+        ({"lr": 0.0}, "Invalid lr value: 0.0"),
+        ({"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
+        ({"schedule": "step"}, "Invalid schedule value: 'step'"),
+    ],
+)
+def test_bad_specs(changes, regex):
+    args = dict(task="mnist1d", optimizer="adam", lr=1e-3, weight_decay=0.0, seed=0, steps=1)
+    with pytest.raises(ValueError, match=regex):
+        RunSpec(**{**args, **changes}).validate()
+
+
+def test_biases_and_norms_are_not_decayed_by_the_runner(mnist1d):
+    task, _ = mnist1d
+    model = task.build_model()
+    optimizer = build_optimizer(spec(), model)
+    no_decay = [g for g in optimizer.param_groups if g["weight_decay"] == 0.0][0]
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)][0]
+    assert any(p is bn.weight for p in no_decay["params"])
+    assert decay_summary(optimizer) != {}
