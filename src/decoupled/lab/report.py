@@ -242,3 +242,131 @@ def write_report(out_dir: Path, blocks: list[Block], title: str = "decoupled rep
         temporary.replace(path)
         paths.append(path)
     return paths
+
+
+def plot_heatmaps(items, metric: str, percent: bool, path: Path) -> Path:
+    """The paper's Figure 2: the final metric over lr × λ, one panel per optimizer, the best
+    cell starred, every cell labelled with its value (grid axes are log-spaced values)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(items), figsize=(5.8 * len(items), 4.6), squeeze=False)
+    scale = 100.0 if percent else 1.0
+    finite = [land.values[np.isfinite(land.values)] * scale for land in items]
+    finite = np.concatenate(finite) if finite else np.array([])
+    vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    colormap = plt.get_cmap("viridis" if items and items[0].higher_is_better else "viridis_r")
+    image = None
+    for axis, land in zip(axes[0], items):
+        image = axis.imshow(
+            land.values.T * scale,
+            origin="lower",
+            cmap=colormap,
+            vmin=vmin,
+            vmax=vmax,
+            aspect="auto",
+        )
+        axis.set_xticks(range(len(land.lrs)), [f"{v:.2g}" for v in land.lrs], rotation=45)
+        axis.set_yticks(range(len(land.wds)), [f"{v:.2g}" for v in land.wds])
+        axis.set_xlabel("learning rate γ")
+        axis.set_ylabel("weight decay λ")
+        for i in range(len(land.lrs)):
+            for j in range(len(land.wds)):
+                value = land.values[i, j] * scale
+                if not np.isfinite(value):
+                    axis.text(i, j, "diverged", ha="center", va="center", fontsize=7)
+                    continue
+                shade = colormap((value - vmin) / (vmax - vmin) if vmax > vmin else 0.5)
+                luminance = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2]
+                axis.text(
+                    i,
+                    j,
+                    f"{value:.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if luminance > 0.5 else "white",
+                )
+        best = land.best()
+        if best is not None:
+            axis.scatter(
+                [best[0]],
+                [best[1]],
+                marker="*",
+                s=420,
+                facecolor="none",
+                edgecolor="red",
+                linewidth=1.6,
+            )
+        slope = land.diagonal_slope() + 0.0  # + 0.0 turns -0.0 into 0.0
+        axis.set_title(f"{land.optimizer} (★ best): slope log λ* / log γ = {slope:.2f}")
+    unit = " (%)" if percent else ""
+    if image is not None:
+        figure.colorbar(image, ax=axes[0].tolist(), label=f"{metric}{unit}, mean over seeds")
+    better = "higher" if items and items[0].higher_is_better else "lower"
+    figure.suptitle(
+        f"final {metric} over the lr × weight-decay grid ({better} is better; yellow = best)"
+    )
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def plot_axes(items, metric: str, percent: bool, path: Path) -> Path:
+    """Metric against lr at each optimizer's best λ, and against λ at its best lr."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    scale = 100.0 if percent else 1.0
+    for land in items:
+        best = land.best()
+        if best is None:
+            continue
+        i, j = best
+        color = COLORS.get(land.optimizer)
+        left.plot(
+            land.lrs,
+            land.values[:, j] * scale,
+            "o-",
+            color=color,
+            label=f"{land.optimizer} at λ = {land.wds[j]:.2g}",
+        )
+        wds = [w if w > 0 else np.nan for w in land.wds]
+        right.plot(
+            wds,
+            land.values[i, :] * scale,
+            "o-",
+            color=color,
+            label=f"{land.optimizer} at γ = {land.lrs[i]:.2g}",
+        )
+    unit = " (%)" if percent else ""
+    for axis, label in ((left, "learning rate γ"), (right, "weight decay λ")):
+        axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.set_ylabel(metric + unit)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    left.set_title("metric vs lr at the best λ")
+    zero = any(0.0 in land.wds for land in items)
+    right.set_title("metric vs λ at the best lr" + (" (λ = 0 is off the log axis)" if zero else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def sweep_blocks(name: str, task, items, plot_dir: Path, rel: str, spec) -> list[Block]:
+    from decoupled.lab.sweep import format_landscapes
+
+    metric = task.metric.replace("_", " ")
+    percent = task.metric.endswith("error")
+    explanation = (
+        f"{spec.steps} steps per run, {spec.schedule} schedule, decay_scale "
+        f"{spec.decay_scale}. The slope of log(best λ) against log(lr) across the grid's rows "
+        "is about −1 when the good region is a diagonal (lr and λ must be tuned together) and "
+        "about 0 when it is separable (Loshchilov & Hutter 2019, Figure 2)."
+    )
+    blocks = [Block("h2", f"{name}: {task.name}, lr × weight decay"), Block("p", explanation)]
+    blocks.append(Block("pre", format_landscapes(items, task.metric)))
+    if any(land.best() is not None for land in items):
+        heatmap = plot_heatmaps(items, metric, percent, plot_dir / f"{name}-heatmap.png")
+        axes = plot_axes(items, metric, percent, plot_dir / f"{name}-axes.png")
+        blocks += [Block("img", f"{rel}/{heatmap.name}"), Block("img", f"{rel}/{axes.name}")]
+    return blocks

@@ -13,8 +13,9 @@ from typing import Any
 from decoupled.lab.comparison import Comparison, plan, summarize
 from decoupled.lab.executor import execute, spec_key
 from decoupled.lab.experiments import load_experiments, save_experiment
-from decoupled.lab.report import Block, compare_blocks, write_report
+from decoupled.lab.report import Block, compare_blocks, sweep_blocks, write_report
 from decoupled.lab.store import ResultStore
+from decoupled.lab.sweep import Landscape, landscapes, plan_sweep
 from decoupled.lab.tasks import Task, get_task
 
 DB_NAME = "results.db"
@@ -86,6 +87,38 @@ def _task_for(name: str, records) -> Task:
         )
 
 
+def sweep_task(
+    task: Task,
+    *,
+    optimizers: list[str],
+    lrs: dict[str, list[float]],
+    wds: dict[str, list[float]],
+    seeds: int,
+    steps: int,
+    out: Path,
+    executor: str = "local",
+    workers: int | None = None,
+    progress: bool = True,
+    ray_address: str | None = None,
+    **common: Any,
+) -> list[Landscape]:
+    """Plan, run (only missing cells), and report an lr × λ sweep."""
+    specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
+    db_path = out / DB_NAME
+    store = ResultStore(db_path)
+    save_experiment(db_path, f"sweep-{task.name}", "sweep", specs)
+    description = f"{task.name} sweep"
+    if executor == "ray":
+        from decoupled.lab.ray_executor import execute_on_ray
+
+        execute_on_ray(specs, db_path, address=ray_address, progress=progress)
+    else:
+        execute(specs, db_path, workers=workers, progress=progress, description=description)
+    grid = landscapes(task, specs, store.records(), spec_key)
+    rebuild_reports(out, tasks={task.name: task})
+    return grid
+
+
 def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Path]:
     """Rebuild report.md/report.html from the store alone (no training)."""
     db_path = out / DB_NAME
@@ -97,10 +130,17 @@ def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Pat
     plot_dir.mkdir(exist_ok=True)
     blocks = [Block("h1", "decoupled: Adam (L2) vs AdamW (decoupled weight decay)")]
     tasks = dict(tasks or {})
-    for experiment in load_experiments(db_path, kind="compare"):
+    for experiment in load_experiments(db_path):
         task_name = experiment.specs[0].task
         if task_name not in tasks:
             tasks[task_name] = _task_for(task_name, records)
-        comparison = summarize(tasks[task_name], experiment.specs, records, spec_key)
-        blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
+        task = tasks[task_name]
+        if experiment.kind == "compare":
+            comparison = summarize(task, experiment.specs, records, spec_key)
+            blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
+        else:
+            grid = landscapes(task, experiment.specs, records, spec_key)
+            blocks.extend(
+                sweep_blocks(experiment.name, task, grid, plot_dir, "plots", experiment.specs[0])
+            )
     return write_report(out, blocks)

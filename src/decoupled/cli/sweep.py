@@ -1,0 +1,183 @@
+"""Sweep learning rate × weight decay for each optimizer (the paper's Figure 2) and report
+heatmaps and how separable each landscape is.
+
+Ranges are lo:hi:n (n log-spaced values, both ends included) or comma lists (which may hold
+0), e.g. --lr 1e-4:1e-2:7 --wd-adamw 0,1e-3:1 is invalid but --wd-adamw 0,1e-3,1e-2 works.
+--space FILE takes a JSON search space instead: {"lr": {"min": 1e-4, "max": 1e-2, "num": 7,
+"scaling": "log"}, "wd_adamw": {"values": [0, 0.01, 0.1]}}. Every cell is a run in the store:
+a sweep that is stopped (Ctrl-C or kill -9) and started again runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from decoupled.cli import CommandError, positive_int
+from decoupled.lab.train import OPTIMIZERS, SCHEDULES
+from decoupled.optim.decay import DECAY_SCALES
+
+EXECUTORS = ("local", "ray")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from decoupled.lab.tasks import DEFAULT_TASK, task_names
+
+    parser.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help=f"one of {', '.join(task_names())} (default: {DEFAULT_TASK})",
+    )
+    parser.add_argument(
+        "--optimizers",
+        default="adam,adamw",
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default adam,adamw)",
+    )
+    parser.add_argument(
+        "--lr",
+        default=None,
+        help="lr grid for every optimizer (default: the tuned lr ×1/10..×10, 5 values)",
+    )
+    for name in OPTIMIZERS:
+        parser.add_argument(
+            f"--wd-{name}",
+            default=None,
+            metavar="RANGE",
+            help=f"λ grid of {name} (default: the tuned λ ×1/30..×30, 5 values)",
+        )
+    parser.add_argument(
+        "--space", default=None, metavar="FILE", help="JSON search space (overrides --lr/--wd-*)"
+    )
+    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per cell (default 1)")
+    parser.add_argument(
+        "--budget",
+        type=positive_int,
+        default=None,
+        help="steps per run (default: the task's budget)",
+    )
+    parser.add_argument("--quick", action="store_true", help="the task's smoke-test budget")
+    parser.add_argument(
+        "--decay-scale",
+        choices=DECAY_SCALES,
+        default="lr",
+        help="convention of AdamW/SGDW's decay (default lr)",
+    )
+    parser.add_argument(
+        "--schedule", choices=SCHEDULES, default="cosine", help="lr schedule (default cosine)"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local processes (default) or ray (a Ray cluster; pip install 'decoupled[ray]')",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster address: auto, ray://host:port (default: start a local Ray instance)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="processes for --executor local (default: one per core)",
+    )
+    parser.add_argument("--data-dir", default=None, help="data folder (cifar10)")
+    parser.add_argument("--out", default="./decoupled-runs", help="output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _grids(args, task, optimizers):
+    from decoupled.lab.sweep import (
+        RangeError,
+        default_lrs,
+        default_wds,
+        parse_range,
+        space_from_json,
+    )
+
+    try:
+        space = space_from_json(args.space) if args.space else {}
+        lrs, wds = {}, {}
+        for name in optimizers:
+            if "lr" in space:
+                lrs[name] = space["lr"]
+            elif args.lr is not None:
+                lrs[name] = parse_range(args.lr, "argument --lr")
+            else:
+                lrs[name] = default_lrs(task, name)
+            text = getattr(args, f"wd_{name}")
+            if f"wd_{name}" in space:
+                wds[name] = space[f"wd_{name}"]
+            elif "weight_decay" in space:
+                wds[name] = space["weight_decay"]
+            elif text is not None:
+                wds[name] = parse_range(text, f"argument --wd-{name}")
+            else:
+                wds[name] = default_wds(task, name)
+            if any(v <= 0 for v in lrs[name]):
+                raise RangeError("argument --lr: learning rates must be > 0")
+    except RangeError as error:
+        raise CommandError(str(error)) from None
+    return lrs, wds
+
+
+def run(args: argparse.Namespace) -> int:
+    from decoupled.lab.sweep import format_landscapes
+    from decoupled.lab.tasks import get_task
+    from decoupled.lab.workflow import prepare_out_dir, sweep_task
+
+    try:
+        task = get_task(args.task)
+    except ValueError as error:
+        raise CommandError(f"argument --task: {error}") from None
+    optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    unknown = [name for name in optimizers if name not in OPTIMIZERS]
+    if unknown or not optimizers or len(set(optimizers)) != len(optimizers):
+        raise CommandError(
+            f"argument --optimizers: invalid list {args.optimizers!r} "
+            f"(choose distinct names from {', '.join(OPTIMIZERS)})"
+        )
+    lrs, wds = _grids(args, task, optimizers)
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise CommandError(
+                "argument --executor: ray is not installed (pip install 'decoupled[ray]')"
+            ) from None
+    if task.needs_data_dir:
+        try:
+            task.load(args.data_dir)
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(f"argument --data-dir: {error}") from None
+    steps = args.budget or (task.quick_steps if args.quick else task.steps)
+    try:
+        out = prepare_out_dir(args.out)
+    except OSError as error:
+        raise CommandError(f"argument --out: {error}") from None
+
+    cells = sum(len(lrs[n]) * len(wds[n]) for n in optimizers)
+    print(
+        f"decoupled sweep: task {task.name}, {', '.join(optimizers)}: {cells} cells x "
+        f"{args.seeds} seeds x {steps} steps, executor {args.executor} -> {out}"
+    )
+    grid = sweep_task(
+        task,
+        optimizers=optimizers,
+        lrs=lrs,
+        wds=wds,
+        seeds=args.seeds,
+        steps=steps,
+        out=out,
+        executor=args.executor,
+        workers=args.workers,
+        progress=not args.no_progress,
+        ray_address=args.ray_address,
+        decay_scale=args.decay_scale,
+        schedule=args.schedule,
+        data_dir=args.data_dir,
+    )
+    print()
+    print(format_landscapes(grid, task.metric))
+    print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
+    return 0

@@ -1,0 +1,82 @@
+"""Run a sweep's cells as Ray tasks, for grids that outgrow one machine.
+
+Each cell is one Ray task running :func:`decoupled.lab.executor.run_into_store`: the same
+claim-run-record protocol as the local executor, so runs are done exactly once and a stopped
+sweep resumes. The results store is an SQLite file, so every node must see the same ``--out``
+path (a shared filesystem); on one machine that holds by itself. Ray is an optional extra:
+``pip install "decoupled[ray]"``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from decoupled.lab.executor import run_into_store, spec_key
+from decoupled.lab.store import ResultStore
+from decoupled.lab.train import RunSpec
+
+
+def execute_on_ray(
+    specs: Sequence[RunSpec],
+    db_path: str | Path,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    threads_per_task: int = 1,
+) -> dict[str, int]:
+    """Run the missing specs on Ray (``address``: ``"auto"``, ``"ray://host:port"``, or None
+    to start a local instance); returns counts per status."""
+    import ray
+
+    db_path = str(Path(db_path).resolve())
+    done = ResultStore(db_path).done_keys()
+    pending = [spec for spec in specs if spec_key(spec) not in done]
+    counts = {
+        "done": 0,
+        "diverged": 0,
+        "failed": 0,
+        "skipped": 0,
+        "cached": len(specs) - len(pending),
+    }
+    if not pending:
+        return counts
+    started_here = not ray.is_initialized()
+    if started_here:
+        # The package must be importable by the workers: ship this interpreter's path.
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+        ray.init(
+            address=address,
+            runtime_env=env,
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
+    remote = ray.remote(num_cpus=threads_per_task)(_run_cell)
+    try:
+        refs = [remote.remote(spec, db_path, threads_per_task) for spec in pending]
+        bar = _bar(len(specs), counts["cached"], progress)
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            counts[ray.get(ready[0])] += 1
+            bar.update(1)
+        bar.close()
+    finally:
+        if started_here:
+            ray.shutdown()
+    return counts
+
+
+def _run_cell(spec: RunSpec, db_path: str, threads: int) -> str:
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_into_store(spec, db_path)
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    from decoupled.lab.executor import _progress_bar
+
+    return _progress_bar(total, initial, "ray sweep", enabled)
