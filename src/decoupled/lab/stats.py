@@ -149,8 +149,14 @@ def paired_difference(
             p_value = float(2.0 * stats.t.sf(abs(t_stat), n - 1))
         wilcoxon_p = _wilcoxon_p(differences)
     return PairedComparison(
-        mean_diff=mean_diff, low=low, high=high, n=n, t_stat=t_stat, p_value=p_value,
-        wilcoxon_p=wilcoxon_p, confidence=confidence,
+        mean_diff=mean_diff,
+        low=low,
+        high=high,
+        n=n,
+        t_stat=t_stat,
+        p_value=p_value,
+        wilcoxon_p=wilcoxon_p,
+        confidence=confidence,
     )
 
 

@@ -97,9 +97,7 @@ def config_key(config: Mapping[str, Any]) -> str:
     The caller puts everything that affects the result in ``config``, the package version
     included, so an upgrade reruns rather than mixes results.
     """
-    text = json.dumps(
-        _canonical(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    text = json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -436,9 +434,16 @@ class ResultStore:
     def _record(row: tuple[Any, ...]) -> RunRecord:
         key, config, status, metrics, curves, error, started, finished, owner, heartbeat = row
         return RunRecord(
-            key=key, config=_from_json(config), status=status, metrics=_from_json(metrics),
-            curves=_from_json(curves), error=error, started=started, finished=finished,
-            owner=owner, heartbeat=heartbeat,
+            key=key,
+            config=_from_json(config),
+            status=status,
+            metrics=_from_json(metrics),
+            curves=_from_json(curves),
+            error=error,
+            started=started,
+            finished=finished,
+            owner=owner,
+            heartbeat=heartbeat,
         )
 
     def get(self, key: str) -> RunRecord | None:
@@ -472,7 +477,5 @@ class ResultStore:
 
     def done_keys(self) -> set[str]:
         """Keys of runs that are finished for good (``done`` or ``diverged``): skip these."""
-        rows = self._db.execute(
-            "SELECT key FROM runs WHERE status IN (?, ?)", FINISHED
-        ).fetchall()
+        rows = self._db.execute("SELECT key FROM runs WHERE status IN (?, ?)", FINISHED).fetchall()
         return {row[0] for row in rows}
