@@ -15,6 +15,7 @@ from decoupled import __version__
 # subcommand -> module in this package; imported when used so that `decoupled --help`
 # and `decoupled suggest` do not load the lab's heavier dependencies.
 SUBCOMMANDS = {
+    "bench": "Measure optimizer step throughput against torch.optim.",
     "compare": "Train Adam vs AdamW (or SGD vs SGDW) over seeds and report the difference.",
     "report": "Rebuild the reports from the results store, without training.",
     "sweep": "Sweep lr × weight decay per optimizer; heatmaps and separability.",
