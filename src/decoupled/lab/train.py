@@ -162,7 +162,9 @@ def decay_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     if not rates:
         return {}
     values = torch.cat(rates)
-    sample = values[torch.linspace(0, values.numel() - 1, min(values.numel(), 1 << 20)).long()]
+    count = min(values.numel(), 1 << 20)  # quantiles of an evenly spaced sample
+    index = torch.linspace(0, values.numel() - 1, count, dtype=torch.float64).long()
+    sample = values[index]
     p5, p50, p95 = torch.quantile(sample, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
     mean = values.mean().item()
     return {
@@ -191,8 +193,8 @@ def run(
     task = task or get_task(spec.task)
     data = data if data is not None else task.load(spec.data_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the task's interval, but at least ~10 points on a short (e.g. --quick) run
-    eval_every = spec.eval_every or min(task.eval_every, max(1, spec.steps // 10))
+    # the task's interval, but at least 5 points on a short (e.g. --quick) run
+    eval_every = spec.eval_every or min(task.eval_every, max(1, spec.steps // 5))
     started = time.perf_counter()
 
     torch.manual_seed(spec.seed)
