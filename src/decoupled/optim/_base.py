@@ -38,6 +38,22 @@ def as_float(value: float | Tensor) -> float:
     return float(value)
 
 
+def is_zero(value: float | Tensor) -> bool:
+    """True for a Python zero only. A tensor (a tensor lr times λ) counts as nonzero without
+    being read: ``tensor != 0`` in an ``if`` is a data-dependent branch that breaks a
+    ``torch.compile`` graph, and applying a zero rate (``θ·(1 − 0)``) leaves θ bit-identical."""
+    return not isinstance(value, Tensor) and value == 0
+
+
+def step_value(step: Tensor) -> float | Tensor:
+    """Adam's step count for the bias corrections, as torch's ``_get_value`` reads it: a Python
+    number in eager mode (faster, and bit-identical to torch), the tensor itself while
+    ``torch.compile`` traces (``.item()`` would break the graph)."""
+    if torch.compiler.is_compiling():
+        return step
+    return step.item()
+
+
 def check_lr(lr: float | Tensor) -> None:
     lr_value = as_float(lr)
     check_argument("lr", lr, math.isfinite(lr_value) and lr_value >= 0, "must be finite and >= 0")
@@ -158,6 +174,8 @@ class DecayOptimizer(torch.optim.Optimizer):
 
     def _decoupled_rate(self, group: dict, weight_decay: float) -> float | Tensor:
         """This step's decoupled rate c for the group's ``decay_scale`` (``decay.py``)."""
+        if weight_decay == 0:  # no decay op at all, as torch's `if weight_decay != 0`
+            return 0.0
         scale = group["decay_scale"]
         peak_lr = self._peak_lr(group) if scale in ("schedule", "corrected") else None
         return decay_rate(weight_decay, group["lr"], decay_scale=scale, peak_lr=peak_lr)
@@ -196,6 +214,10 @@ class DecayOptimizer(torch.optim.Optimizer):
             for p in group["params"]
             if p.grad is not None
         ]
+        # A sharded (DTensor, FSDP2) gradient's flag is a pending reduction over its mesh, and
+        # bool() of it would read this rank's shard only: ranks would then disagree on skipping
+        # and their replicas diverge. full_tensor() reduces it, so every rank decides alike.
+        flags = [f.full_tensor() if hasattr(f, "full_tensor") else f for f in flags]
         return bool(torch.stack(flags).all()) if flags else True
 
     @torch.no_grad()

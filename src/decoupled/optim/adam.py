@@ -18,6 +18,8 @@ from decoupled.optim._base import (
     as_float,
     check_argument,
     decay_defaults,
+    is_zero,
+    step_value,
 )
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
@@ -61,7 +63,7 @@ def adam_update(
 
         # ---- the only place Adam and AdamW differ -----------------------------------
         if decoupled:
-            if decay != 0:
+            if not is_zero(decay):
                 apply_decoupled_decay_(param, decay, references[i])  # AdamW:  θ ← θ·(1 − γλ)
         elif weight_decay != 0:
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # Adam:  g ← g + λθ
@@ -76,7 +78,7 @@ def adam_update(
         exp_avg.lerp_(grad, 1 - beta1)  # m ← β1·m + (1 − β1)·g
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v ← β2·v + (1 − β2)·g²
 
-        step = step_t.item()
+        step = step_value(step_t)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         step_size = lr / bias_correction1

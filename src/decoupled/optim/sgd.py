@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
-from decoupled.optim._base import DecayOptimizer, check_argument, decay_defaults
+from decoupled.optim._base import DecayOptimizer, check_argument, decay_defaults, is_zero
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
@@ -46,7 +46,7 @@ def sgd_update(
 
         # ---- the only place SGD and SGDW differ -------------------------------------
         if decoupled:
-            if decay != 0:
+            if not is_zero(decay):
                 apply_decoupled_decay_(param, decay, references[i])  # SGDW:  θ ← θ·(1 − γλ)
         elif weight_decay != 0:
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # SGD:  g ← g + λθ
