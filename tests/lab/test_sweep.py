@@ -183,3 +183,49 @@ def test_sweep_on_a_local_ray_instance(tmp_path):
     assert result.returncode == 0, result.stderr
     records = ResultStore(out / "results.db").records()
     assert len(records) == 8 and all(r.status == "done" for r in records)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "sgdw"])
+def test_batched_cells_equal_separate_runs(optimizer):
+    """Each cell of a batched run equals a separate run with the same seed (float tolerance)."""
+    from decoupled.lab.batched import run_batched
+    from decoupled.lab.tasks import get_task
+    from decoupled.lab.train import RunSpec, run
+
+    task = get_task("mnist1d")
+    data = task.load()
+    momentum = 0.9 if optimizer.startswith("sgd") else 0.0
+    specs = [
+        RunSpec(
+            "mnist1d",
+            optimizer,
+            lr=lr,
+            weight_decay=wd,
+            seed=3,
+            steps=30,
+            momentum=momentum,
+            eval_every=10,
+            warmup_steps=5,
+        )
+        for lr in (1e-3, 1e-2)
+        for wd in (0.0, 0.1)
+    ]
+    batched = run_batched(specs, task, data)
+    for cell, spec in zip(batched, specs):
+        separate = run(spec, task=task, data=data)
+        assert cell.status == separate.status == "done"
+        assert cell.curves["step"] == separate.curves["step"]
+        assert cell.curves["train_loss"] == pytest.approx(separate.curves["train_loss"], rel=2e-3)
+        assert cell.curves["metric"] == pytest.approx(
+            separate.curves["metric"], abs=5e-3
+        )  # a few borderline test examples
+        for name, norm in separate.weight_norms.items():
+            assert cell.weight_norms[name] == pytest.approx(norm, rel=2e-3), name
+
+
+def test_batched_executor_through_the_cli(tmp_path):
+    out = tmp_path / "batched"
+    result = cli(*SMALL_SWEEP, "--executor", "batched", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = ResultStore(out / "results.db").records()
+    assert len(records) == 8 and all(r.status == "done" for r in records)

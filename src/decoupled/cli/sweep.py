@@ -16,7 +16,7 @@ from decoupled.cli import CommandError, positive_int
 from decoupled.lab.train import OPTIMIZERS, SCHEDULES
 from decoupled.optim.decay import DECAY_SCALES
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "batched", "ray")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--executor",
         choices=EXECUTORS,
         default="local",
-        help="local processes (default) or ray (a Ray cluster; pip install 'decoupled[ray]')",
+        help="local processes (default); batched: the cells of each seed in one vmapped model "
+        "(for GPUs; slower than local on a CPU); ray: a Ray cluster (pip install 'decoupled[ray]')",
     )
     parser.add_argument(
         "--ray-address",

@@ -112,6 +112,10 @@ def sweep_task(
         from decoupled.lab.ray_executor import execute_on_ray
 
         execute_on_ray(specs, db_path, address=ray_address, progress=progress)
+    elif executor == "batched":
+        from decoupled.lab.batched import execute_batched
+
+        execute_batched(specs, db_path, progress=progress)
     else:
         execute(specs, db_path, workers=workers, progress=progress, description=description)
     grid = landscapes(task, specs, store.records(), spec_key)

@@ -65,7 +65,7 @@ def adam_update(
         if decoupled:
             if not is_zero(decay):
                 apply_decoupled_decay_(param, decay, references[i])  # AdamW:  θ ← θ·(1 − γλ)
-        elif weight_decay != 0:
+        elif not is_zero(weight_decay):
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # Adam:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
@@ -90,7 +90,10 @@ def adam_update(
         else:
             second_moment = exp_avg_sq
         denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v̂) + ε
-        param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
+        if isinstance(step_size, Tensor) and step_size.numel() > 1:  # one lr per stacked run
+            param.sub_(step_size * exp_avg / denom)
+        else:
+            param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
 
 
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW

@@ -62,7 +62,7 @@ def decay_rate(
         return weight_decay
     if decay_scale not in DECAY_SCALES:
         raise ValueError(f"Invalid decay_scale value: {decay_scale!r} (choose from {DECAY_SCALES})")
-    if peak_lr is None or not peak_lr > 0:
+    if peak_lr is None or (not isinstance(peak_lr, Tensor) and not peak_lr > 0):
         raise ValueError(f"decay_scale={decay_scale!r} needs a positive peak lr, got {peak_lr}")
     if decay_scale == "schedule":
         return (lr / peak_lr) * weight_decay
@@ -151,7 +151,10 @@ def apply_decoupled_decay_(param: Tensor, rate: float | Tensor, reference: Tenso
 def add_l2_penalty(
     grad: Tensor, param: Tensor, weight_decay: float, reference: Tensor | None
 ) -> Tensor:
-    """L2 regularization, the gradient of ``f + (λ/2)‖θ − θ₀‖²``: ``g + λ·(θ − θ₀)`` (new)."""
-    if reference is None:
-        return grad.add(param, alpha=weight_decay)
-    return grad.add(param - reference, alpha=weight_decay)
+    """L2 regularization, the gradient of ``f + (λ/2)‖θ − θ₀‖²``: ``g + λ·(θ − θ₀)`` (new).
+
+    ``weight_decay`` may be a tensor broadcasting against θ (one λ per stacked run)."""
+    offset = param if reference is None else param - reference
+    if isinstance(weight_decay, Tensor):
+        return grad.addcmul(offset, weight_decay)
+    return grad.add(offset, alpha=weight_decay)

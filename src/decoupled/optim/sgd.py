@@ -48,7 +48,7 @@ def sgd_update(
         if decoupled:
             if not is_zero(decay):
                 apply_decoupled_decay_(param, decay, references[i])  # SGDW:  θ ← θ·(1 − γλ)
-        elif weight_decay != 0:
+        elif not is_zero(weight_decay):
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # SGD:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
@@ -61,7 +61,10 @@ def sgd_update(
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
 
-        param.add_(grad, alpha=-lr)
+        if isinstance(lr, Tensor) and lr.numel() > 1:  # one lr per stacked run
+            param.addcmul_(grad, lr, value=-1)
+        else:
+            param.add_(grad, alpha=-lr)
 
 
 class SGD(DecayOptimizer):

@@ -1,0 +1,244 @@
+"""The batched executor: many sweep cells of one architecture trained at once, in one process.
+
+Cells that differ only in lr and λ share everything else — the seed, hence the initial
+weights and the batch order. Their parameters are stacked along a new first dimension
+(K cells), the forward and backward passes run once for all of them through
+``torch.func.vmap`` over ``grad_and_value``, and the optimizer's own functional core
+(``adam_update``/``sgd_update``) updates the stacked tensors with per-cell lr and λ as
+broadcast tensors. Each cell's result equals a separate run with the same seed up to float
+rounding (tested). Models with dropout are run one by one instead (their random masks
+could not match separate runs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+from torch.nn.utils.stateless import _reparametrize_module
+
+from decoupled.lab.executor import _progress_bar, _store, _task_and_data, run_into_store, spec_key
+from decoupled.lab.tasks import Task, TaskData
+from decoupled.lab.train import DECAY_KIND, RunResult, RunSpec, build_scheduler
+from decoupled.optim.adam import adam_update
+from decoupled.optim.decay import decay_rate
+from decoupled.optim.groups import decay_mask
+from decoupled.optim.sgd import sgd_update
+
+
+def batch_key(spec: RunSpec) -> tuple:
+    """Cells that can share one batched run: everything but lr and λ equal."""
+    return replace(spec, lr=1.0, weight_decay=0.0)
+
+
+def has_randomness(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def _schedule_factors(spec: RunSpec) -> list[float]:
+    """The lr multiplier of every step, read off the runner's own scheduler at base lr 1."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(replace(spec, lr=1.0), dummy)
+    factors = []
+    for _ in range(spec.steps):
+        factors.append(float(dummy.param_groups[0]["lr"]))
+        dummy.step()
+        if scheduler is not None:
+            scheduler.step()
+    return factors
+
+
+def _per_cell(values: Sequence[float], like: Tensor) -> Tensor:
+    """A (K, 1, 1, ...) tensor that broadcasts one value per cell against a stacked tensor."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(
+        -1, *[1] * (like.dim() - 1)
+    )
+
+
+def run_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[RunResult]:
+    """Train the cells ``specs`` (same :func:`batch_key`) together; one RunResult per cell."""
+    base, cells = specs[0], len(specs)
+    started = time.perf_counter()
+    torch.manual_seed(base.seed)
+    model = task.build_model()
+    model.train()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    stack = lambda t: t.unsqueeze(0).repeat(cells, *[1] * t.dim()).contiguous()  # noqa: E731
+    weights = {n: stack(p) for n, p in params.items()}
+    stats = {n: stack(b) for n, b in buffers.items()}
+    decayed = decay_mask(model)
+    exp_avgs = {n: torch.zeros_like(w) for n, w in weights.items()}
+    exp_avg_sqs = {n: torch.zeros_like(w) for n, w in weights.items()}
+    momentum_buffers: dict[str, Tensor | None] = {n: None for n in weights}
+    steps_t = {n: torch.tensor(0.0) for n in weights}
+    factors = _schedule_factors(base)
+    eval_every = base.eval_every or min(task.eval_every, max(1, base.steps // 5))
+
+    def loss_of(cell_weights, cell_stats, batch):
+        with _reparametrize_module(model, {**cell_weights, **cell_stats}):
+            return task.loss(model, batch)
+
+    grads_and_losses = vmap(grad_and_value(loss_of), in_dims=(0, 0, None))
+    batches = task.batches(data, torch.Generator().manual_seed(base.seed))
+    curves = [{"step": [], "train_loss": [], "metric": [], "lr": []} for _ in specs]
+    loss_sums, diverged_at = torch.zeros(cells, dtype=torch.float64), [None] * cells
+    since_eval = 0
+    for step in range(1, base.steps + 1):
+        grads, losses = grads_and_losses(weights, stats, next(batches))
+        for k in range(cells):
+            if diverged_at[k] is None and not math.isfinite(float(losses[k])):
+                diverged_at[k] = step  # as in a separate run: stop before using this loss
+        _optimizer_step(
+            specs,
+            weights,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            momentum_buffers,
+            steps_t,
+            decayed,
+            factors[step - 1],
+        )
+        loss_sums += losses.detach().double()
+        since_eval += 1
+        if step % eval_every == 0 or step == base.steps:
+            for k, spec in enumerate(specs):
+                if diverged_at[k] is not None:
+                    continue
+                curves[k]["step"].append(step)
+                curves[k]["train_loss"].append(float(loss_sums[k]) / since_eval)
+                curves[k]["metric"].append(_evaluate_cell(model, task, data, weights, stats, k))
+                curves[k]["lr"].append(spec.lr * factors[step - 1])
+            loss_sums.zero_()
+            since_eval = 0
+    wall = (time.perf_counter() - started) / cells
+    return [
+        RunResult(
+            spec=spec,
+            status="diverged" if diverged_at[k] else "done",
+            metric=curves[k]["metric"][-1]
+            if not diverged_at[k] and curves[k]["metric"]
+            else math.nan,
+            metric_name=task.metric,
+            higher_is_better=task.higher_is_better,
+            curves=curves[k],
+            weight_norms=_weight_norms(weights, k),
+            wall_time=wall,
+        )
+        for k, spec in enumerate(specs)
+    ]
+
+
+def _optimizer_step(
+    specs, weights, grads, exp_avgs, exp_avg_sqs, momentum_buffers, steps_t, decayed, factor
+) -> None:
+    """One step of the specs' optimizer on every stacked tensor, per-cell lr and λ."""
+    base = specs[0]
+    decoupled = DECAY_KIND[base.optimizer] == "decoupled"
+    for name, weight in weights.items():
+        lr = _per_cell([s.lr * factor for s in specs], weight)
+        peak = _per_cell([s.lr for s in specs], weight)
+        wd = _per_cell([s.weight_decay if decayed[name] else 0.0 for s in specs], weight)
+        rate = decay_rate(wd, lr, decay_scale=base.decay_scale, peak_lr=peak) if decoupled else 0.0
+        if base.optimizer in ("adam", "adamw"):
+            adam_update(
+                [weight],
+                [grads[name]],
+                [exp_avgs[name]],
+                [exp_avg_sqs[name]],
+                [],
+                [steps_t[name]],
+                lr=lr,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=wd,
+                decoupled=decoupled,
+                decay=rate,
+            )
+        else:
+            buffers = [momentum_buffers[name]] if base.momentum else []
+            sgd_update(
+                [weight],
+                [grads[name]],
+                buffers,
+                lr=lr,
+                momentum=base.momentum,
+                dampening=0.0,
+                nesterov=False,
+                weight_decay=wd,
+                decoupled=decoupled,
+                decay=rate,
+            )
+            if base.momentum:
+                momentum_buffers[name] = buffers[0]
+
+
+@torch.no_grad()
+def _evaluate_cell(model, task, data, weights, stats, k) -> float:
+    cell = {n: w[k] for n, w in weights.items()} | {n: b[k] for n, b in stats.items()}
+    with _reparametrize_module(model, cell):
+        return task.evaluate(model, data)
+
+
+def _weight_norms(weights, k) -> dict[str, float]:
+    norms = {n: w[k].norm().item() for n, w in weights.items()}
+    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
+
+
+def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True) -> dict[str, int]:
+    """Run the missing specs, grouping cells that can share a batched run."""
+    db_path = str(db_path)
+    store = _store(db_path)
+    done = store.done_keys()
+    pending = [s for s in specs if spec_key(s) not in done]
+    counts = {
+        "done": 0,
+        "diverged": 0,
+        "failed": 0,
+        "skipped": 0,
+        "cached": len(specs) - len(pending),
+    }
+    groups: dict[RunSpec, list[RunSpec]] = {}
+    for spec in pending:
+        groups.setdefault(batch_key(spec), []).append(spec)
+    bar = _progress_bar(len(specs), counts["cached"], "batched sweep", progress)
+    try:
+        for group in groups.values():
+            task, data = _task_and_data(group[0])
+            torch.manual_seed(group[0].seed)
+            if has_randomness(task.build_model()):
+                for spec in group:  # dropout: separate runs keep results reproducible
+                    counts[run_into_store(spec, db_path)] += 1
+                    bar.update(1)
+                continue
+            claimed = [s for s in group if store.claim(spec_key(s), s.config())]
+            counts["skipped"] += len(group) - len(claimed)
+            if not claimed:
+                continue
+            try:
+                results = run_batched(claimed, task, data)
+            except KeyboardInterrupt:
+                for spec in claimed:
+                    store.mark_interrupted(spec_key(spec))
+                raise
+            except Exception:
+                for spec in claimed:
+                    store.fail(spec_key(spec), traceback.format_exc())
+                counts["failed"] += len(claimed)
+                continue
+            for result in results:
+                store.finish(spec_key(result.spec), result.status, result.metrics(), result.curves)
+                counts[result.status] += 1
+            bar.update(len(claimed))
+    finally:
+        bar.close()
+    return counts
