@@ -17,6 +17,7 @@ from decoupled import __version__
 SUBCOMMANDS = {
     "bench": "Measure optimizer step throughput against torch.optim.",
     "compare": "Train Adam vs AdamW (or SGD vs SGDW) over seeds and report the difference.",
+    "inspect": "Measure what weight decay does per layer (Adam + L2 vs AdamW) against theory.",
     "report": "Rebuild the reports from the results store, without training.",
     "sweep": "Sweep lr × weight decay per optimizer; heatmaps and separability.",
     "suggest": "Suggest a weight decay λ for each rule and convention.",

@@ -1,0 +1,261 @@
+r"""The effective weight-decay rate of each element in one optimizer step.
+
+Definition: the *effective decay rate* r_i of element θ_i is the fraction of θ_i that the
+weight-decay term removes in this step, read off the update rule:
+
+* decoupled decay (AdamW, SGDW): ``θ ← θ − c·θ``, so r_i = c for every element, with c the
+  step's decoupled rate (γ_t·λ in torch's "lr" convention; ``decoupled.optim.decay``);
+* Adam + L2: λθ is added to the gradient, averaged into m and divided by sqrt(v̂)+ε, so
+  r_i = γ_t·λ / (sqrt(v̂_i) + ε) with v̂ = v_t/(1−β2^t) (v^max with amsgrad), the same
+  denominator the update uses. The first-moment bias correction 1/(1−β1^t) cancels the EMA's
+  weights, which sum to 1−β1^t (Loshchilov & Hutter 2019, arXiv 1711.05101, §2; SCIENCE.md
+  §8, prediction 1);
+* SGD + L2: λθ is added to the gradient and multiplied by γ_t: r_i = γ_t·λ.
+
+What this leaves out: with momentum, the L2 term reaches θ through the moving average, so the
+shrink applied at step t is a β1-weighted average of λθ over recent steps (for SGD + L2 with
+momentum μ it adds up to γλ/(1−μ) per step once θ changes slowly), not λθ_t; and under Adam the
+L2 term also enters v, so it feeds back on its own denominator. The definition measures the
+*rate* at which the optimizer is set to decay each element now, which is what differs
+between L2 and decoupled decay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from decoupled.optim import SGD, Adam
+from decoupled.optim.decay import weight_decay_at
+
+#: rank statistics and quantiles use at most this many elements per tensor (evenly spaced)
+MAX_SAMPLE = 1 << 16
+
+
+@dataclass(frozen=True)
+class DecayKind:
+    """How an optimizer applies weight decay: its family and whether decay is decoupled."""
+
+    family: str  # "adam" | "sgd"
+    decoupled: bool
+
+    @property
+    def label(self) -> str:
+        return "decoupled" if self.decoupled else "L2"
+
+
+def decay_kind(optimizer: torch.optim.Optimizer, group: dict | None = None) -> DecayKind:
+    """The :class:`DecayKind` of a ``decoupled`` or ``torch.optim`` Adam/AdamW/SGD/SGDW."""
+    group = group if group is not None else optimizer.param_groups[0]
+    if isinstance(optimizer, (Adam, torch.optim.Adam)):  # AdamW subclasses Adam in both
+        family = "adam"
+    elif isinstance(optimizer, (SGD, torch.optim.SGD)):
+        family = "sgd"
+    else:
+        raise TypeError(
+            f"weight-decay diagnostics support Adam, AdamW, SGD and SGDW (decoupled or "
+            f"torch.optim), not {type(optimizer).__name__}"
+        )
+    if hasattr(type(optimizer), "decoupled"):  # decoupled's optimizers say it themselves
+        is_decoupled = bool(type(optimizer).decoupled)
+    else:  # torch.optim.AdamW sets the flag in its groups; torch's SGD has only L2
+        is_decoupled = bool(group.get("decoupled_weight_decay", False))
+    return DecayKind(family, is_decoupled)
+
+
+def step_weight_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
+    """λ of the group's latest step (a scheduled λ or λ_norm resolved as the step did)."""
+    if "decay_steps" in group:  # decoupled's optimizers count steps per group
+        return float(weight_decay_at(group, max(int(group["decay_steps"]), 1)))
+    return float(group["weight_decay"])
+
+
+def step_decoupled_rate(optimizer: torch.optim.Optimizer, group: dict) -> float:
+    """c, the decoupled rate of the group's latest step (``θ ← θ − c·θ``)."""
+    weight_decay = step_weight_decay(optimizer, group)
+    if hasattr(optimizer, "_decoupled_rate"):  # honours decay_scale ("lr", "schedule", ...)
+        return float(optimizer._decoupled_rate(group, weight_decay))
+    return float(group["lr"]) * weight_decay  # torch.optim.AdamW: always γ·λ
+
+
+def _second_moment(optimizer, group: dict, param: Tensor) -> tuple[Tensor, float] | None:
+    """(v or v^max with amsgrad, 1 − β2^t): what Adam's denominator is made of."""
+    state = optimizer.state.get(param, {})
+    if "exp_avg_sq" not in state:
+        return None
+    bias_correction2 = 1 - group["betas"][1] ** float(state["step"])
+    second_moment = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    return second_moment.detach(), bias_correction2
+
+
+def grad_rms(optimizer: torch.optim.Optimizer, group: dict, param: Tensor) -> Tensor | None:
+    """sqrt(v̂) per element, Adam's estimate of the gradient's RMS (None if no Adam state)."""
+    moment = _second_moment(optimizer, group, param)
+    if moment is None:
+        return None
+    second_moment, bias_correction2 = moment
+    return (second_moment / bias_correction2).sqrt()
+
+
+def median_grad_rms(optimizer: torch.optim.Optimizer, group: dict, param: Tensor) -> float:
+    """The median of sqrt(v̂) over the tensor's elements (NaN without Adam state).
+
+    sqrt is monotone, so this is sqrt(median(v)/(1 − β2^t)): no square root per element.
+    """
+    moment = _second_moment(optimizer, group, param)
+    if moment is None:
+        return math.nan
+    second_moment, bias_correction2 = moment
+    return math.sqrt(float(second_moment.median()) / bias_correction2)
+
+
+def element_decay_rates(
+    optimizer: torch.optim.Optimizer,
+    param: Tensor,
+    group: dict | None = None,
+    *,
+    with_grad_rms: bool = True,
+) -> tuple[Tensor | float, Tensor | None]:
+    """(r, sqrt(v̂)) for one parameter after a step: r per element (module docstring).
+
+    ``r`` is a Python float when it is the same for every element (decoupled decay, SGD + L2,
+    no decay) and a tensor shaped like ``param`` under Adam + L2. ``sqrt(v̂)`` is None for SGD.
+    Call it between ``optimizer.step()`` and the scheduler's step, so that the group's lr is
+    the one the step used. ``with_grad_rms=False`` skips sqrt(v̂) (returned as None) where the
+    rate does not need it: decoupled decay.
+    """
+    group = group if group is not None else _group_of(optimizer, param)
+    kind = decay_kind(optimizer, group)
+    if kind.decoupled:
+        rms = grad_rms(optimizer, group, param) if with_grad_rms else None
+        return step_decoupled_rate(optimizer, group), rms
+    rms = grad_rms(optimizer, group, param) if kind.family == "adam" else None
+    weight_decay = step_weight_decay(optimizer, group)
+    lr = float(group["lr"])
+    if kind.family == "sgd" or weight_decay == 0 or rms is None:
+        return lr * weight_decay, rms
+    return lr * weight_decay / (rms + group["eps"]), rms
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> dict:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    raise ValueError("the parameter is not in this optimizer")
+
+
+def sample_index(numel: int, limit: int = MAX_SAMPLE) -> Tensor | None:
+    """None (take every element) or ``limit`` indices drawn at random, with replacement and a
+    fixed seed: the same draw every time. Random rather than evenly spaced: a stride can line
+    up with a dimension and pick one kernel tap or one column only."""
+    if numel <= limit:
+        return None
+    return torch.randint(numel, (limit,), generator=torch.Generator().manual_seed(0))
+
+
+def sample_elements(values: Tensor, limit: int = MAX_SAMPLE) -> Tensor:
+    """The flattened tensor, or the elements at :func:`sample_index`."""
+    flat = values.flatten()
+    index = sample_index(flat.numel(), limit)
+    return flat if index is None else flat[index.to(flat.device)]
+
+
+def _to_numpy(values: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.float64).ravel()
+
+
+def _ranks_of_sorted(order: np.ndarray, ordered: np.ndarray) -> np.ndarray:
+    """Average ranks (1..n, ties sharing their mean rank) from ``argsort`` and the sorted
+    values. Without ties (the usual case for real values) they are the inverse permutation."""
+    ranks = np.empty(len(ordered))
+    tied = ordered[1:] == ordered[:-1]
+    if not tied.any():
+        ranks[order] = np.arange(1, len(ordered) + 1)
+        return ranks
+    starts_run = np.r_[True, ~tied]
+    run_index = np.cumsum(starts_run) - 1
+    run_starts = np.flatnonzero(starts_run)
+    run_ends = np.r_[run_starts[1:], len(ordered)]
+    ranks[order] = ((run_starts + run_ends + 1) / 2)[run_index]  # 1-based ranks s+1 .. e
+    return ranks
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (as ``scipy.stats.rankdata``).
+
+    numpy, not torch: for the few thousand elements of a sample, numpy's single-threaded
+    sort is several times faster than torch's on a busy CPU.
+    """
+    order = np.argsort(values)
+    return _ranks_of_sorted(order, values[order])
+
+
+def _rank_correlation(rank_x: np.ndarray, rank_y: np.ndarray) -> float:
+    rank_x = rank_x - rank_x.mean()
+    rank_y = rank_y - rank_y.mean()
+    return float(rank_x @ rank_y / math.sqrt((rank_x @ rank_x) * (rank_y @ rank_y)))
+
+
+def spearman(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson's r of average ranks); NaN when either side is
+    constant, where it is undefined."""
+    x, y = _to_numpy(x), _to_numpy(y)
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan
+    return _rank_correlation(average_ranks(x), average_ranks(y))
+
+
+def _percentiles(ordered: np.ndarray, fractions) -> list[float]:
+    """Percentiles of sorted values by linear interpolation between order statistics
+    (numpy's and torch's default, "linear")."""
+    positions = np.asarray(fractions) * (len(ordered) - 1)
+    below = np.floor(positions).astype(int)
+    above = np.minimum(below + 1, len(ordered) - 1)
+    weight = positions - below
+    return (ordered[below] + (ordered[above] - ordered[below]) * weight).tolist()
+
+
+def summarize_rates(rates: Tensor | float, rms: Tensor | None) -> dict[str, float]:
+    """Mean, coefficient of variation, 5/50/95th percentiles of r across elements, and its
+    Spearman correlation with sqrt(v̂).
+
+    A uniform rate has CV exactly 0 (NaN if it is 0: no decay) and no rank correlation (NaN).
+    Percentiles and the correlation use at most ``MAX_SAMPLE`` elements
+    (:func:`sample_elements`); one sort serves both, as the monitor runs this every few steps.
+    """
+    if not isinstance(rates, Tensor):
+        rate = float(rates)
+        return {
+            "rate_mean": rate,
+            "rate_cv": 0.0 if rate > 0 else math.nan,
+            "rate_p5": rate,
+            "rate_p50": rate,
+            "rate_p95": rate,
+            "rate_grad_rms_spearman": math.nan,
+        }
+    flat = rates.detach().flatten()
+    # mean and spread over every element, accumulated in float64 without a float64 copy
+    mean = float(flat.sum(dtype=torch.float64)) / flat.numel()
+    std = float(torch.linalg.vector_norm(flat - mean, dtype=torch.float64)) / flat.numel() ** 0.5
+    sample = _to_numpy(sample_elements(flat))
+    rms_sample = None if rms is None else _to_numpy(sample_elements(rms))
+    order = np.argsort(sample)
+    ordered = sample[order]
+    p5, p50, p95 = _percentiles(ordered, (0.05, 0.5, 0.95))
+    correlation = math.nan
+    if rms_sample is not None and ordered[0] != ordered[-1] and np.any(rms_sample != rms_sample[0]):
+        correlation = _rank_correlation(_ranks_of_sorted(order, ordered), average_ranks(rms_sample))
+    return {
+        "rate_mean": mean,
+        "rate_cv": std / mean if mean > 0 else math.nan,
+        "rate_p5": p5,
+        "rate_p50": p50,
+        "rate_p95": p95,
+        "rate_grad_rms_spearman": correlation,
+    }

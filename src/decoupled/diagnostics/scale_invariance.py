@@ -1,0 +1,107 @@
+"""Which weight tensors are scale-invariant: the loss does not change when they are scaled.
+
+Such tensors — weights feeding a normalization layer — have gradients orthogonal to
+themselves, and weight decay sets their norm and so their effective learning rate (van
+Laarhoven 2017, arXiv 1706.05350); the equilibrium predictions of ``theory.py`` apply to them.
+
+Two ways to find them:
+
+* :func:`structurally_scale_invariant` reads the model: a Linear/Conv weight whose layer is
+  followed, in registration order and through positively homogeneous modules only (ReLU,
+  pooling, dropout, flatten), by a normalization layer. BatchNorm and InstanceNorm subtract a
+  per-channel mean, which also removes the layer's bias, so the weight is invariant with or
+  without a bias; LayerNorm, GroupNorm and RMSNorm keep a per-feature bias, so the layer must
+  have none. A heuristic: it assumes ``forward`` calls modules in the order they were
+  registered (as ``nn.Sequential`` does), and that BatchNorm uses batch statistics (training).
+* :func:`scale_invariant_tensors` checks numerically, on a batch, that scaling a tensor by 2
+  leaves the loss unchanged (up to the normalization's ε and rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from decoupled.optim.groups import is_norm_layer
+
+_WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+# Modules with f(a·x) = a·f(x) for a > 0: a normalization after them still sees scaled inputs.
+_HOMOGENEOUS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+# Normalizations whose per-channel mean subtraction also cancels the preceding layer's bias.
+_CHANNEL_MEAN_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def structurally_scale_invariant(model: nn.Module) -> set[str]:
+    """Names (``model.named_parameters()`` style) of weights that feed a normalization layer.
+
+    See the module docstring for the rule and its assumptions.
+    """
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    invariant = set()
+    for position, (name, module) in enumerate(leaves):
+        if not isinstance(module, _WEIGHT_LAYERS):
+            continue
+        following = (m for _, m in leaves[position + 1 :])
+        norm = next((m for m in following if not isinstance(m, _HOMOGENEOUS)), None)
+        if norm is None or not is_norm_layer(norm):
+            continue
+        if module.bias is None or isinstance(norm, _CHANNEL_MEAN_NORMS):
+            invariant.add(f"{name}.weight" if name else "weight")
+    return invariant
+
+
+@torch.no_grad()
+def scale_invariant_tensors(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    *,
+    factor: float = 2.0,
+    rtol: float = 1e-3,
+    seed: int = 0,
+) -> set[str]:
+    """Names of parameters θ for which ``loss(θ·factor) ≈ loss(θ)`` on ``batch``.
+
+    ``loss_fn(model, batch)`` returns a scalar (``task.loss`` has this form). Each forward
+    pass runs on a copy of the model with the same random seed (same dropout masks), so the
+    model itself — weights and BatchNorm running statistics — is left untouched. A tensor
+    counts as invariant when the loss changes by at most ``rtol`` relative (the
+    normalization's ε makes invariance inexact; float32 rounding adds ~1e-7). All-zero
+    tensors (e.g. freshly initialized biases) are left out: scaling them changes nothing.
+    """
+    probe = copy.deepcopy(model)
+    probe.train(model.training)
+    snapshot = copy.deepcopy(probe.state_dict())
+
+    def loss_now() -> float:
+        probe.load_state_dict(snapshot)  # undo running-statistics updates of earlier passes
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return float(loss_fn(probe, batch))
+
+    reference = loss_now()
+    invariant = set()
+    for name, _ in probe.named_parameters():
+        if not snapshot[name].any():
+            continue
+        original = snapshot[name].clone()
+        snapshot[name].mul_(factor)
+        changed = loss_now()
+        snapshot[name].copy_(original)
+        if abs(changed - reference) <= rtol * max(abs(reference), 1e-12):
+            invariant.add(name)
+    return invariant

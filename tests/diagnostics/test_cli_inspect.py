@@ -1,0 +1,90 @@
+"""`decoupled inspect` and `decoupled inspect fixed-points`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from decoupled.cli import main
+from decoupled.diagnostics import DecayTable, monitor_runs
+
+PLOTS = (
+    "decay_distribution.png",
+    "angular_update.png",
+    "weight_norms.png",
+    "decay_over_time.png",
+    "decay_vs_grad_rms.png",
+)
+
+
+def test_inspect_writes_plots_table_and_monitor_rows(tmp_path, capsys):
+    out = tmp_path / "inspect"
+    assert main(["inspect", "--task", "mnist1d", "--steps", "40", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("Adam + L2", "AdamW", "uniformity: CV across elements", "rank corr."):
+        assert expected in text
+    for name in PLOTS:
+        assert (out / name).stat().st_size > 10_000, name
+    assert sorted(monitor_runs(out / "results.db")) == [
+        "inspect-mnist1d-adam",
+        "inspect-mnist1d-adamw",
+    ]
+    adamw = DecayTable.read_sqlite(out / "results.db", "inspect-mnist1d-adamw")
+    assert {row.rate_cv for row in adamw.where(decayed=True)} == {0.0}
+    adam = DecayTable.read_sqlite(out / "results.db", "inspect-mnist1d-adam")
+    assert all(row.rate_grad_rms_spearman < -0.9 for row in adam.where(decayed=True))
+
+
+def test_inspect_fixed_points(tmp_path, capsys):
+    out = tmp_path / "fp"
+    assert main(["inspect", "fixed-points", "--steps", "2000", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "exact ℓ∞ optimum" in text and "AdamW" in text
+    assert (out / "fixed_points.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["--task", "nope"], "argument --task: Invalid task value: 'nope'"),
+        (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["--steps", "ten"], "argument --steps: not a valid int: 'ten'"),
+        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+        (["--steps", "10", "--every", "20"], "argument --every: 20 is more than --steps (10)"),
+        (["fixed-points", "--weight-decay", "-1"], "argument --weight-decay: must be > 0"),
+        (["fixed-points", "--every", "5"], "argument --every: only for `inspect train`"),
+        (["--weight-decay", "1"], "argument --weight-decay: only for `inspect fixed-points`"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", *args, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("decoupled inspect: error: "), lines
+    assert message in lines[0]
+    assert not (tmp_path / "x").exists()  # nothing written before the arguments are checked
+
+
+def test_an_out_folder_with_a_foreign_results_db_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "results.db").write_text("not a database")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--steps", "5", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("decoupled inspect: error: argument --out:") and "\n" not in error
+
+
+def test_help_as_a_subprocess():
+    result = subprocess.run(
+        [sys.executable, "-m", "decoupled", "inspect", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    for option in ("fixed-points", "--task", "--steps", "--every", "--out", "--weight-decay"):
+        assert option in result.stdout
