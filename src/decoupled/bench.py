@@ -111,6 +111,9 @@ def contenders(include_ours: bool = True) -> list[Contender]:
     ]
     if include_ours:
         items.append(Contender("decoupled.AdamW", lambda p: decoupled.AdamW(p, **kwargs)))
+        items.append(
+            Contender("decoupled.AdamW fused", lambda p: decoupled.AdamW(p, fused=True, **kwargs))
+        )
     return items
 
 

@@ -21,6 +21,7 @@ from decoupled.optim._base import (
     is_zero,
     step_value,
 )
+from decoupled.optim._kernels import can_fuse, fused_adam_update
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["Adam", "AdamW", "adam_update"]
@@ -140,6 +141,9 @@ class Adam(DecayOptimizer):
             values at construction, θ₀ (L2-SP, arXiv 1802.01483), kept in the state dict.
         maximize: ascend instead of descend.
         skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
+        fused: use torch's fused Adam/AdamW kernels where they compute the same update (CPU
+            parameters, not ``decay_to="init"``; see ``_kernels.py``): about 4-5x faster steps,
+            equal to the default path up to float rounding instead of bit for bit.
     """
 
     decoupled = False
@@ -157,6 +161,7 @@ class Adam(DecayOptimizer):
         decay_to: str = "zero",
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        fused: bool = False,
         **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         check_argument("eps", eps, eps > 0, "must be > 0")
@@ -172,6 +177,7 @@ class Adam(DecayOptimizer):
             "maximize": maximize,
             # Kept so that our state dicts load into torch.optim.Adam/AdamW unchanged.
             "decoupled_weight_decay": self.decoupled,
+            "fused": bool(fused),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
@@ -181,6 +187,8 @@ class Adam(DecayOptimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+            if group.get("fused") is None:  # torch's "auto"
+                group["fused"] = False
             saved = group.setdefault("decoupled_weight_decay", self.decoupled)
             if saved != self.decoupled:
                 expected = "AdamW" if saved else "Adam"
@@ -209,8 +217,12 @@ class Adam(DecayOptimizer):
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self._init_state(group, p) for p in params]
         weight_decay, references = self._decay_terms(group, params)
+        decay = self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0
+        update = adam_update
+        if group.get("fused") and can_fuse(params, group["lr"], decay, self.decoupled, references):
+            update = fused_adam_update
         beta1, beta2 = group["betas"]
-        adam_update(
+        update(
             params,
             grads,
             [s["exp_avg"] for s in states],
@@ -218,15 +230,15 @@ class Adam(DecayOptimizer):
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
             [s["step"] for s in states],
             lr=group["lr"],
-            references=references,
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             weight_decay=weight_decay,
             decoupled=self.decoupled,
-            decay=self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0,
+            decay=decay,
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
+            **({"references": references} if update is adam_update else {}),
         )
 
 
@@ -272,6 +284,7 @@ class AdamW(Adam):
         decay_period: int | None = None,
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        fused: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -283,6 +296,7 @@ class AdamW(Adam):
             decay_to=decay_to,
             maximize=maximize,
             skip_nonfinite=skip_nonfinite,
+            fused=fused,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,
