@@ -103,7 +103,7 @@ def cli(*args, timeout=300):
         (["--lr", "1e-2:1e-4:3"], "argument --lr: lo > hi"),
         (["--wd-adamw", "1e-4:1e-2:0"], "argument --wd-adamw: empty range"),
         (["--lr", "0,1e-3"], "argument --lr: learning rates must be > 0"),
-        (["--optimizers", "adam,adam"], "argument --optimizers: invalid list"),
+        (["--optimizers", "adam,adam"], "argument --optimizers: empty or repeated names"),
         (["--seeds", "-1"], "argument --seeds: must be a positive integer"),
         (["--executor", "slurm"], "argument --executor: invalid choice"),
     ],

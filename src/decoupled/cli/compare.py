@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from decoupled.cli import CommandError, positive_float, positive_int
+from decoupled.cli import CommandError, nonnegative_float, positive_float, positive_int
+from decoupled.cli._lab_args import nonnegative_int, output_folder, parse_optimizers, resolve_task
 from decoupled.lab.train import OPTIMIZERS, SCHEDULES
 from decoupled.optim.decay import DECAY_SCALES
 
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in OPTIMIZERS:
         parser.add_argument(
             f"--wd-{name}",
-            type=_nonnegative,
+            type=nonnegative_float,
             default=None,
             metavar="λ",
             help=f"weight decay of {name} (default: the task's)",
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cosine",
         help="lr schedule (default cosine decay to 0)",
     )
-    parser.add_argument("--warmup", type=_nonnegative_int, default=0, help="warm-up steps")
+    parser.add_argument("--warmup", type=nonnegative_int, default=0, help="warm-up steps")
     parser.add_argument("--data-dir", default=None, help="data folder (cifar10)")
     parser.add_argument(
         "--workers",
@@ -85,49 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _nonnegative(text: str) -> float:
-    from decoupled.cli import nonnegative_float
-
-    return nonnegative_float(text)
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a valid int: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     from decoupled.lab.comparison import format_table
-    from decoupled.lab.tasks import get_task
-    from decoupled.lab.workflow import compare_task, prepare_out_dir
+    from decoupled.lab.workflow import compare_task
 
     # Everything is checked before anything is written.
-    try:
-        task = get_task(args.task)
-    except ValueError as error:
-        raise CommandError(f"argument --task: {error}") from None
-    optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
-    unknown = [name for name in optimizers if name not in OPTIMIZERS]
-    if unknown or not optimizers:
-        raise CommandError(
-            f"argument --optimizers: unknown {unknown or 'empty list'} "
-            f"(choose from {', '.join(OPTIMIZERS)})"
-        )
-    if len(set(optimizers)) != len(optimizers):
-        raise CommandError(f"argument --optimizers: repeated name in {args.optimizers!r}")
+    task = resolve_task(args.task, args.data_dir)
+    optimizers = parse_optimizers(args.optimizers)
     steps = args.budget or (task.quick_steps if args.quick else task.steps)
     if args.warmup >= steps:
         raise CommandError(f"argument --warmup: {args.warmup} must be below the budget ({steps})")
-    if task.needs_data_dir:
-        try:
-            task.load(args.data_dir)
-        except (FileNotFoundError, ValueError) as error:
-            raise CommandError(f"argument --data-dir: {error}") from None
     overrides = {}
     for name in optimizers:
         settings = {}
@@ -136,10 +104,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, f"wd_{name}") is not None:
             settings["weight_decay"] = getattr(args, f"wd_{name}")
         overrides[name] = settings
-    try:
-        out = prepare_out_dir(args.out)
-    except OSError as error:
-        raise CommandError(f"argument --out: {error}") from None
+    out = output_folder(args.out)
 
     print(
         f"decoupled compare: task {task.name} ({task.metric}), {', '.join(optimizers)}, "

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from decoupled.cli import CommandError, positive_float, positive_int
+from decoupled.cli._lab_args import nonnegative_int, output_folder, resolve_task
 
 DEFAULT_STEPS = 3000
 DEFAULT_OUT = "./decoupled-runs/inspect"
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "about 20 s for mnist1d on 2 idle cores; fixed-points default: 20000)",
     )
     parser.add_argument(
-        "--seed", type=_nonnegative_int, default=0, help="train: seed of both runs (default 0)"
+        "--seed", type=nonnegative_int, default=0, help="train: seed of both runs (default 0)"
     )
     parser.add_argument(
         "--every",
@@ -69,27 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a valid int: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _prepare_out(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CommandError(f"argument --out: {error}") from None
-    if not out.is_dir():
-        raise CommandError(f"argument --out: not a folder: {out}")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     if args.what == "fixed-points":
         return run_fixed_points(args)
@@ -97,12 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from decoupled.lab.tasks import get_task
-
-    try:
-        task = get_task(args.task)
-    except ValueError as error:
-        raise CommandError(f"argument --task: {error}") from None
+    task = resolve_task(args.task, args.data_dir)
     missing = [name for name in ("adam", "adamw") if name not in task.defaults]
     if missing:
         raise CommandError(f"argument --task: {task.name} has no defaults for {missing}")
@@ -116,7 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
         data = task.load(args.data_dir)
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(f"argument --data-dir: {error}") from None
-    out = _prepare_out(args.out)
+    out = output_folder(args.out)
     from decoupled.lab.store import ResultStore, StoreError
 
     try:  # before training: a results.db that is not a results store is refused now
@@ -158,7 +132,7 @@ def run_fixed_points(args: argparse.Namespace) -> int:
     for name in ("every", "data_dir"):
         if getattr(args, name) is not None:
             raise CommandError(f"argument --{name.replace('_', '-')}: only for `inspect train`")
-    out = _prepare_out(args.out)
+    out = output_folder(args.out)
     from decoupled.diagnostics.fixed_points_plot import plot_fixed_points
 
     result = fixed_points(args.weight_decay or WEIGHT_DECAY, args.steps or STEPS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from decoupled.cli import CommandError, positive_int
+from decoupled.cli._lab_args import output_folder, parse_optimizers, resolve_task
 from decoupled.lab.train import OPTIMIZERS, SCHEDULES
 from decoupled.optim.decay import DECAY_SCALES
 
@@ -124,20 +125,10 @@ def _grids(args, task, optimizers):
 
 def run(args: argparse.Namespace) -> int:
     from decoupled.lab.sweep import format_landscapes
-    from decoupled.lab.tasks import get_task
-    from decoupled.lab.workflow import prepare_out_dir, sweep_task
+    from decoupled.lab.workflow import sweep_task
 
-    try:
-        task = get_task(args.task)
-    except ValueError as error:
-        raise CommandError(f"argument --task: {error}") from None
-    optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
-    unknown = [name for name in optimizers if name not in OPTIMIZERS]
-    if unknown or not optimizers or len(set(optimizers)) != len(optimizers):
-        raise CommandError(
-            f"argument --optimizers: invalid list {args.optimizers!r} "
-            f"(choose distinct names from {', '.join(OPTIMIZERS)})"
-        )
+    optimizers = parse_optimizers(args.optimizers)
+    task = resolve_task(args.task, args.data_dir)
     lrs, wds = _grids(args, task, optimizers)
     if args.executor == "ray":
         try:
@@ -146,16 +137,8 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(
                 "argument --executor: ray is not installed (pip install 'decoupled[ray]')"
             ) from None
-    if task.needs_data_dir:
-        try:
-            task.load(args.data_dir)
-        except (FileNotFoundError, ValueError) as error:
-            raise CommandError(f"argument --data-dir: {error}") from None
     steps = args.budget or (task.quick_steps if args.quick else task.steps)
-    try:
-        out = prepare_out_dir(args.out)
-    except OSError as error:
-        raise CommandError(f"argument --out: {error}") from None
+    out = output_folder(args.out)
 
     cells = sum(len(lrs[n]) * len(wds[n]) for n in optimizers)
     print(

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 
-from decoupled.lab.executor import _progress_bar, _store, _task_and_data, run_into_store, spec_key
+from decoupled.lab.executor import (
+    _progress_bar,
+    _store,
+    _task_and_data,
+    pending_runs,
+    run_into_store,
+    spec_key,
+)
 from decoupled.lab.tasks import Task, TaskData
 from decoupled.lab.train import DECAY_KIND, RunResult, RunSpec, build_scheduler
 from decoupled.optim.adam import adam_update
@@ -198,15 +205,7 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
     """Run the missing specs, grouping cells that can share a batched run."""
     db_path = str(db_path)
     store = _store(db_path)
-    done = store.done_keys()
-    pending = [s for s in specs if spec_key(s) not in done]
-    counts = {
-        "done": 0,
-        "diverged": 0,
-        "failed": 0,
-        "skipped": 0,
-        "cached": len(specs) - len(pending),
-    }
+    pending, counts = pending_runs(specs, store)
     groups: dict[RunSpec, list[RunSpec]] = {}
     for spec in pending:
         groups.setdefault(batch_key(spec), []).append(spec)

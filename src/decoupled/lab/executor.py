@@ -63,6 +63,16 @@ def run_into_store(spec: RunSpec, db_path: str) -> str:
     return result.status
 
 
+def pending_runs(specs: Sequence[RunSpec], store: ResultStore) -> tuple[list[RunSpec], dict]:
+    """The specs not yet finished in the store, and a fresh count per outcome (``cached``:
+    already finished)."""
+    done = store.done_keys()
+    pending = [spec for spec in specs if spec_key(spec) not in done]
+    counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": 0}
+    counts["cached"] = len(specs) - len(pending)
+    return pending, counts
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -85,16 +95,7 @@ def execute(
     threads so the machine is not oversubscribed; ``workers=1`` runs in this process.
     """
     db_path = str(db_path)
-    store = _store(db_path)
-    done = store.done_keys()
-    pending = [spec for spec in specs if spec_key(spec) not in done]
-    counts = {
-        "done": 0,
-        "diverged": 0,
-        "failed": 0,
-        "skipped": 0,
-        "cached": len(specs) - len(pending),
-    }
+    pending, counts = pending_runs(specs, _store(db_path))
     workers = max(1, min(workers or default_workers(), len(pending) or 1))
     bar = _progress_bar(len(specs), counts["cached"], description, progress)
     try:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from decoupled.lab.executor import run_into_store, spec_key
+from decoupled.lab.executor import pending_runs, run_into_store
 from decoupled.lab.store import ResultStore
 from decoupled.lab.train import RunSpec
 
@@ -32,15 +32,7 @@ def execute_on_ray(
     import ray
 
     db_path = str(Path(db_path).resolve())
-    done = ResultStore(db_path).done_keys()
-    pending = [spec for spec in specs if spec_key(spec) not in done]
-    counts = {
-        "done": 0,
-        "diverged": 0,
-        "failed": 0,
-        "skipped": 0,
-        "cached": len(specs) - len(pending),
-    }
+    pending, counts = pending_runs(specs, ResultStore(db_path))
     if not pending:
         return counts
     started_here = not ray.is_initialized()
