@@ -248,7 +248,9 @@ def plot_heatmaps(items, metric: str, percent: bool, path: Path) -> Path:
     """The paper's Figure 2: the final metric over lr × λ, one panel per optimizer, the best
     cell starred, every cell labelled with its value (grid axes are log-spaced values)."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(items), figsize=(5.8 * len(items), 4.6), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(items), figsize=(6.2 * len(items), 4.6), squeeze=False, gridspec_kw={"wspace": 0.35}
+    )
     scale = 100.0 if percent else 1.0
     finite = [land.values[np.isfinite(land.values)] * scale for land in items]
     finite = np.concatenate(finite) if finite else np.array([])
@@ -287,17 +289,12 @@ def plot_heatmaps(items, metric: str, percent: bool, path: Path) -> Path:
                 )
         best = land.best()
         if best is not None:
-            axis.scatter(
-                [best[0]],
-                [best[1]],
-                marker="*",
-                s=420,
-                facecolor="none",
-                edgecolor="red",
-                linewidth=1.6,
-            )
-        slope = land.diagonal_slope() + 0.0  # + 0.0 turns -0.0 into 0.0
-        axis.set_title(f"{land.optimizer} (★ best): slope log λ* / log γ = {slope:.2f}")
+            from matplotlib.patches import Rectangle
+
+            corner = (best[0] - 0.5, best[1] - 0.5)
+            axis.add_patch(Rectangle(corner, 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        slope = round(land.diagonal_slope(), 2) + 0.0  # + 0.0 turns -0.0 into 0.0
+        axis.set_title(f"{land.optimizer} (red box: best): slope log λ*/log γ = {slope:.2f}")
     unit = " (%)" if percent else ""
     if image is not None:
         figure.colorbar(image, ax=axes[0].tolist(), label=f"{metric}{unit}, mean over seeds")

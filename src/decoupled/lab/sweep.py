@@ -243,7 +243,7 @@ def format_landscapes(items: Sequence[Landscape], metric: str) -> str:
         i, j = best
         lines.append(
             f"{land.optimizer:<10}{land.values[i, j]:>22.4g}{land.lrs[i]:>10.3g}"
-            f"{land.wds[j]:>10.3g}{land.diagonal_slope():>22.2f}"
+            f"{land.wds[j]:>10.3g}{round(land.diagonal_slope(), 2) + 0.0:>22.2f}"
             f"{land.share_near_best():>17.0%}"
         )
         if land.best_on_edge():
