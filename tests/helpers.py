@@ -99,3 +99,36 @@ def assert_same_training_state(ours, theirs, model_ours, model_theirs, rtol=0.0,
             torch.testing.assert_close(
                 state_ours[key], value, rtol=rtol, atol=atol, msg=f"state {key} of {name}"
             )
+
+
+def run_cli(*args: str, timeout: float = 300):
+    """Run the `decoupled` command in a subprocess; returns the CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "decoupled", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for_finished_runs(db, minimum: int, timeout: float = 120.0) -> int:
+    """Poll a results.db (without creating it) until ``minimum`` runs are done; returns the
+    count seen last (the caller asserts on it)."""
+    import sqlite3
+    import time
+
+    done, deadline = 0, time.time() + timeout
+    while time.time() < deadline and done < minimum:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=5) as connection:
+                    done = connection.execute(
+                        "SELECT count(*) FROM runs WHERE status = 'done'"
+                    ).fetchone()[0]
+            except sqlite3.OperationalError:  # the table is not created yet
+                done = 0
+        time.sleep(0.1)
+    return done

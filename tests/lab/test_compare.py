@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +16,9 @@ from decoupled.cli import main
 from decoupled.lab import compare
 from decoupled.lab.comparison import format_table
 from decoupled.lab.store import ResultStore
+from tests.helpers import run_cli, wait_for_finished_runs
 
 SMALL = ["compare", "--budget", "40", "--seeds", "2", "--no-progress"]
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "decoupled", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_compare_end_to_end_and_report_rebuild(tmp_path):
@@ -69,19 +62,7 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
     ]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = out / "results.db"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for the first finished run
-        if db.exists():
-            try:
-                with sqlite3.connect(db, timeout=5) as connection:
-                    done = connection.execute(
-                        "SELECT count(*) FROM runs WHERE status = 'done'"
-                    ).fetchone()[0]
-            except sqlite3.OperationalError:
-                done = 0
-            if done >= 1:
-                break
-        time.sleep(0.2)
+    wait_for_finished_runs(db, minimum=1)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=60)
     store = ResultStore(db)
@@ -89,7 +70,7 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
     assert 1 <= len(kept) < 6
     assert not [r for r in store.records() if r.status == "running"]  # marked, not left running
 
-    finished = cli(*args[3:])
+    finished = run_cli(*args[3:])
     assert finished.returncode == 0, finished.stderr
     records = store.records()
     assert len(records) == 6 and all(r.status == "done" for r in records)
@@ -117,7 +98,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     out = tmp_path / "out"
     if "--out" not in args:
         args += ["--out", str(out)]
-    result = cli("compare", *args, timeout=120)
+    result = run_cli("compare", *args, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -126,7 +107,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
 
 
 def test_report_without_a_store_is_a_clear_error(tmp_path):
-    result = cli("report", "--out", str(tmp_path), timeout=60)
+    result = run_cli("report", "--out", str(tmp_path), timeout=60)
     assert result.returncode == 2 and "no results store" in result.stderr
 
 

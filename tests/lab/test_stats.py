@@ -126,8 +126,13 @@ def test_paired_difference_of_exactly_constant_differences():
 def test_paired_difference_of_one_pair_is_undefined():
     comparison = paired_difference([0.2], [0.1])
     assert comparison.n == 1 and comparison.mean_diff == pytest.approx(-0.1)
-    for value in (comparison.low, comparison.high, comparison.t_stat, comparison.p_value,
-                  comparison.wilcoxon_p):
+    for value in (
+        comparison.low,
+        comparison.high,
+        comparison.t_stat,
+        comparison.p_value,
+        comparison.wilcoxon_p,
+    ):
         assert math.isnan(value)
 
 
@@ -188,8 +193,10 @@ def test_verdict_alpha_and_tiny_p_values():
     assert verdict(comparison, alpha=comparison.p_value / 2).startswith("No significant")
     exact = paired_difference([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])  # p = 0
     line = verdict(exact, metric="loss", names=("SGD", "SGDW"))
-    assert line == ("SGD has lower loss than SGDW by 0.5 (95% CI 0.5 to 0.5, "
-                    "paired t-test p < 0.001, n = 3 seeds)")
+    assert line == (
+        "SGD has lower loss than SGDW by 0.5 (95% CI 0.5 to 0.5, "
+        "paired t-test p < 0.001, n = 3 seeds)"
+    )
 
 
 def test_verdict_with_one_seed_or_no_difference():

@@ -27,8 +27,15 @@ from decoupled.lab.store import (
     this_owner,
 )
 
-CONFIG = {"task": "mnist1d", "optimizer": "AdamW", "lr": 1e-3, "weight_decay": 0.05, "seed": 0,
-          "betas": [0.9, 0.999], "version": "0.1.0"}
+CONFIG = {
+    "task": "mnist1d",
+    "optimizer": "AdamW",
+    "lr": 1e-3,
+    "weight_decay": 0.05,
+    "seed": 0,
+    "betas": [0.9, 0.999],
+    "version": "0.1.0",
+}
 
 
 @pytest.fixture
@@ -40,8 +47,10 @@ def store(tmp_path):
 def _set_owner(path, key, owner, heartbeat=None):
     """Rewrite a row's owner as another process would have left it (raw SQL, autocommit)."""
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE runs SET owner = ?, heartbeat = COALESCE(?, heartbeat) WHERE key = ?",
-                   (owner, heartbeat, key))
+        db.execute(
+            "UPDATE runs SET owner = ?, heartbeat = COALESCE(?, heartbeat) WHERE key = ?",
+            (owner, heartbeat, key),
+        )
     db.close()
 
 
@@ -95,8 +104,12 @@ def test_config_key_is_the_same_in_another_process():
     import json
 
     result = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(CONFIG)], capture_output=True, text=True,
-        check=True, timeout=60, env={**os.environ, "PYTHONHASHSEED": "12345"},
+        [sys.executable, "-c", script, json.dumps(CONFIG)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
     )
     assert result.stdout.strip() == config_key(CONFIG)
 
@@ -131,8 +144,12 @@ def test_round_trip(tmp_path):
 
 
 def test_records_filter_on_config_fields_and_status(store):
-    configs = [{"task": task, "optimizer": name, "seed": seed, "lr": 1e-3}
-               for task in ("mnist1d", "cifar") for name in ("Adam", "AdamW") for seed in (0, 1)]
+    configs = [
+        {"task": task, "optimizer": name, "seed": seed, "lr": 1e-3}
+        for task in ("mnist1d", "cifar")
+        for name in ("Adam", "AdamW")
+        for seed in (0, 1)
+    ]
     for config in configs:
         store.claim(config_key(config), config)
     done = [config for config in configs if config["seed"] == 0]
@@ -216,7 +233,10 @@ def test_run_of_live_process_is_not_taken_over(store):
 def test_run_of_dead_process_is_taken_over(store):
     finished = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     )
     dead_pid = int(finished.stdout)  # run() waited for it, so the pid is gone (not a zombie)
     key = config_key(CONFIG)
@@ -328,8 +348,9 @@ def test_newer_schema_is_refused(tmp_path):
     with ResultStore(path) as store:
         store.claim("k", {"a": 1})
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'",
-                   (str(SCHEMA_VERSION + 1),))
+        db.execute(
+            "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
     db.close()
     with pytest.raises(StoreError, match=rf"{path}.*newer"):
         ResultStore(path)
@@ -344,8 +365,9 @@ def test_folder_under_a_regular_file_raises_oserror_naming_it(tmp_path):
     assert blocker.read_text() == "x"
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root ignores directory permissions")
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions"
+)
 def test_unwritable_folder_raises_permission_error(tmp_path):
     folder = tmp_path / "locked"
     folder.mkdir()

@@ -6,16 +6,15 @@ import json
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from decoupled.lab.store import ResultStore
 from decoupled.lab.sweep import Landscape, RangeError, parse_range, space_from_json
+from tests.helpers import run_cli, wait_for_finished_runs
 
 
 def test_parse_ranges():
@@ -91,12 +90,6 @@ def test_edge_detection_and_nan_cells():
     assert edge.best() != (0, 0)
 
 
-def cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "decoupled", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -110,7 +103,7 @@ def cli(*args, timeout=300):
 )
 def test_bad_sweep_arguments_exit_2_with_one_line(tmp_path, args, message):
     out = tmp_path / "out"
-    result = cli("sweep", *args, "--out", str(out), timeout=120)
+    result = run_cli("sweep", *args, "--out", str(out), timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -147,25 +140,14 @@ def test_sweep_resumes_after_kill_9_with_every_run_done_once(tmp_path):
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "results.db"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with sqlite3.connect(db, timeout=5) as connection:
-                done = connection.execute(
-                    "SELECT count(*) FROM runs WHERE status = 'done'"
-                ).fetchone()[0]
-        except sqlite3.OperationalError:
-            done = 0
-        if done >= 2:
-            break
-        time.sleep(0.1)
+    wait_for_finished_runs(db, minimum=2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     store = ResultStore(db)
     kept = {r.key: r.finished for r in store.records() if r.status == "done"}
     assert 2 <= len(kept) < 8
 
-    result = cli(*args[3:])
+    result = run_cli(*args[3:])
     assert result.returncode == 0, result.stderr
     records = store.records()
     assert len(records) == 8 and all(r.status == "done" for r in records)
@@ -179,7 +161,7 @@ def test_sweep_resumes_after_kill_9_with_every_run_done_once(tmp_path):
 def test_sweep_on_a_local_ray_instance(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "ray-runs"
-    result = cli(*SMALL_SWEEP, "--executor", "ray", "--out", str(out), timeout=300)
+    result = run_cli(*SMALL_SWEEP, "--executor", "ray", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     records = ResultStore(out / "results.db").records()
     assert len(records) == 8 and all(r.status == "done" for r in records)
@@ -225,7 +207,7 @@ def test_batched_cells_equal_separate_runs(optimizer):
 
 def test_batched_executor_through_the_cli(tmp_path):
     out = tmp_path / "batched"
-    result = cli(*SMALL_SWEEP, "--executor", "batched", "--out", str(out), timeout=300)
+    result = run_cli(*SMALL_SWEEP, "--executor", "batched", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     records = ResultStore(out / "results.db").records()
     assert len(records) == 8 and all(r.status == "done" for r in records)

@@ -57,3 +57,59 @@ def output_folder(path: str) -> Path:
         return prepare_out_dir(path)
     except OSError as error:
         raise CommandError(f"argument --out: {error}") from None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training command shares: what to train, how long, where to write."""
+    from decoupled.cli import positive_int
+    from decoupled.lab.tasks import DEFAULT_TASK, task_names
+    from decoupled.lab.train import OPTIMIZERS, SCHEDULES
+    from decoupled.optim.decay import DECAY_SCALES
+
+    parser.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help=f"one of {', '.join(task_names())} (default: {DEFAULT_TASK})",
+    )
+    parser.add_argument(
+        "--optimizers",
+        default="adam,adamw",
+        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default adam,adamw)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=positive_int,
+        default=None,
+        help="optimizer steps per run (default: the task's budget)",
+    )
+    parser.add_argument("--quick", action="store_true", help="the task's smoke-test budget")
+    parser.add_argument(
+        "--decay-scale",
+        choices=DECAY_SCALES,
+        default="lr",
+        help="convention of AdamW/SGDW's decay (default lr, as torch)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="lr schedule (default cosine decay to 0)",
+    )
+    parser.add_argument("--data-dir", default=None, help="data folder (cifar10)")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="parallel processes for local runs (default: one per core)",
+    )
+    parser.add_argument(
+        "--out",
+        default="./decoupled-runs",
+        help="output folder: results.db and reports (default ./decoupled-runs)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def steps_for(args: argparse.Namespace, task) -> int:
+    """--budget, else the task's smoke-test budget with --quick, else its full budget."""
+    return args.budget or (task.quick_steps if args.quick else task.steps)

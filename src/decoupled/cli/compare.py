@@ -11,38 +11,24 @@ from __future__ import annotations
 import argparse
 
 from decoupled.cli import CommandError, nonnegative_float, positive_float, positive_int
-from decoupled.cli._lab_args import nonnegative_int, output_folder, parse_optimizers, resolve_task
-from decoupled.lab.train import OPTIMIZERS, SCHEDULES
-from decoupled.optim.decay import DECAY_SCALES
+from decoupled.cli._lab_args import (
+    add_run_arguments,
+    nonnegative_int,
+    output_folder,
+    parse_optimizers,
+    resolve_task,
+    steps_for,
+)
+from decoupled.lab.train import OPTIMIZERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from decoupled.lab.tasks import DEFAULT_TASK, task_names
-
-    parser.add_argument(
-        "--task",
-        default=DEFAULT_TASK,
-        help=f"one of {', '.join(task_names())} (default: {DEFAULT_TASK})",
-    )
+    add_run_arguments(parser)
     parser.add_argument(
         "--seeds",
         type=positive_int,
         default=5,
         help="seeds per optimizer, paired across optimizers (default 5)",
-    )
-    parser.add_argument(
-        "--budget",
-        type=positive_int,
-        default=None,
-        help="optimizer steps per run (default: the task's budget)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="the task's smoke-test budget (about a minute in all)"
-    )
-    parser.add_argument(
-        "--optimizers",
-        default="adam,adamw",
-        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default adam,adamw)",
     )
     parser.add_argument(
         "--lr",
@@ -58,32 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="λ",
             help=f"weight decay of {name} (default: the task's)",
         )
-    parser.add_argument(
-        "--decay-scale",
-        choices=DECAY_SCALES,
-        default="lr",
-        help="convention of AdamW/SGDW's decay (default lr, as torch)",
-    )
-    parser.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="cosine",
-        help="lr schedule (default cosine decay to 0)",
-    )
     parser.add_argument("--warmup", type=nonnegative_int, default=0, help="warm-up steps")
-    parser.add_argument("--data-dir", default=None, help="data folder (cifar10)")
-    parser.add_argument(
-        "--workers",
-        type=positive_int,
-        default=None,
-        help="parallel processes (default: one per core)",
-    )
-    parser.add_argument(
-        "--out",
-        default="./decoupled-runs",
-        help="output folder: results.db and reports (default ./decoupled-runs)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything is checked before anything is written.
     task = resolve_task(args.task, args.data_dir)
     optimizers = parse_optimizers(args.optimizers)
-    steps = args.budget or (task.quick_steps if args.quick else task.steps)
+    steps = steps_for(args, task)
     if args.warmup >= steps:
         raise CommandError(f"argument --warmup: {args.warmup} must be below the budget ({steps})")
     overrides = {}

@@ -13,26 +13,20 @@ from __future__ import annotations
 import argparse
 
 from decoupled.cli import CommandError, positive_int
-from decoupled.cli._lab_args import output_folder, parse_optimizers, resolve_task
-from decoupled.lab.train import OPTIMIZERS, SCHEDULES
-from decoupled.optim.decay import DECAY_SCALES
+from decoupled.cli._lab_args import (
+    add_run_arguments,
+    output_folder,
+    parse_optimizers,
+    resolve_task,
+    steps_for,
+)
+from decoupled.lab.train import OPTIMIZERS
 
 EXECUTORS = ("local", "batched", "ray")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from decoupled.lab.tasks import DEFAULT_TASK, task_names
-
-    parser.add_argument(
-        "--task",
-        default=DEFAULT_TASK,
-        help=f"one of {', '.join(task_names())} (default: {DEFAULT_TASK})",
-    )
-    parser.add_argument(
-        "--optimizers",
-        default="adam,adamw",
-        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default adam,adamw)",
-    )
+    add_run_arguments(parser)
     parser.add_argument(
         "--lr",
         default=None,
@@ -50,22 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per cell (default 1)")
     parser.add_argument(
-        "--budget",
-        type=positive_int,
-        default=None,
-        help="steps per run (default: the task's budget)",
-    )
-    parser.add_argument("--quick", action="store_true", help="the task's smoke-test budget")
-    parser.add_argument(
-        "--decay-scale",
-        choices=DECAY_SCALES,
-        default="lr",
-        help="convention of AdamW/SGDW's decay (default lr)",
-    )
-    parser.add_argument(
-        "--schedule", choices=SCHEDULES, default="cosine", help="lr schedule (default cosine)"
-    )
-    parser.add_argument(
         "--executor",
         choices=EXECUTORS,
         default="local",
@@ -77,15 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Ray cluster address: auto, ray://host:port (default: start a local Ray instance)",
     )
-    parser.add_argument(
-        "--workers",
-        type=positive_int,
-        default=None,
-        help="processes for --executor local (default: one per core)",
-    )
-    parser.add_argument("--data-dir", default=None, help="data folder (cifar10)")
-    parser.add_argument("--out", default="./decoupled-runs", help="output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _grids(args, task, optimizers):
@@ -137,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(
                 "argument --executor: ray is not installed (pip install 'decoupled[ray]')"
             ) from None
-    steps = args.budget or (task.quick_steps if args.quick else task.steps)
+    steps = steps_for(args, task)
     out = output_folder(args.out)
 
     cells = sum(len(lrs[n]) * len(wds[n]) for n in optimizers)

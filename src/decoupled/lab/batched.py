@@ -24,15 +24,22 @@ from torch.func import grad_and_value, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 
 from decoupled.lab.executor import (
-    _progress_bar,
     _store,
     _task_and_data,
     pending_runs,
+    progress_bar,
     run_into_store,
     spec_key,
 )
 from decoupled.lab.tasks import Task, TaskData
-from decoupled.lab.train import DECAY_KIND, RunResult, RunSpec, build_scheduler
+from decoupled.lab.train import (
+    DECAY_KIND,
+    RunResult,
+    RunSpec,
+    build_scheduler,
+    eval_interval,
+    weight_norms,
+)
 from decoupled.optim.adam import adam_update
 from decoupled.optim.decay import decay_rate
 from decoupled.optim.groups import decay_mask
@@ -86,7 +93,7 @@ def run_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[Ru
     momentum_buffers: dict[str, Tensor | None] = {n: None for n in weights}
     steps_t = {n: torch.tensor(0.0) for n in weights}
     factors = _schedule_factors(base)
-    eval_every = base.eval_every or min(task.eval_every, max(1, base.steps // 5))
+    eval_every = eval_interval(base, task)
 
     def loss_of(cell_weights, cell_stats, batch):
         with _reparametrize_module(model, {**cell_weights, **cell_stats}):
@@ -136,7 +143,7 @@ def run_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[Ru
             metric_name=task.metric,
             higher_is_better=task.higher_is_better,
             curves=curves[k],
-            weight_norms=_weight_norms(weights, k),
+            weight_norms=weight_norms((n, w[k]) for n, w in weights.items()),
             wall_time=wall,
         )
         for k, spec in enumerate(specs)
@@ -195,12 +202,6 @@ def _evaluate_cell(model, task, data, weights, stats, k) -> float:
         return task.evaluate(model, data)
 
 
-def _weight_norms(weights, k) -> dict[str, float]:
-    norms = {n: w[k].norm().item() for n, w in weights.items()}
-    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
-    return norms
-
-
 def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True) -> dict[str, int]:
     """Run the missing specs, grouping cells that can share a batched run."""
     db_path = str(db_path)
@@ -209,7 +210,7 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
     groups: dict[RunSpec, list[RunSpec]] = {}
     for spec in pending:
         groups.setdefault(batch_key(spec), []).append(spec)
-    bar = _progress_bar(len(specs), counts["cached"], "batched sweep", progress)
+    bar = progress_bar(len(specs), counts["cached"], "batched sweep", progress)
     try:
         for group in groups.values():
             task, data = _task_and_data(group[0])

@@ -124,7 +124,7 @@ def compare(
         base,
     )
     out_dir = prepare_out_dir(out)
-    executor._TASKS[(task_name, None)] = (task, task.load())  # runs in this process
+    executor.preload(task, task.load())  # the runs execute in this process
     return compare_task(
         task,
         optimizers=list(optimizers),

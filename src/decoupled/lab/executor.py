@@ -39,6 +39,12 @@ def _task_and_data(spec: RunSpec) -> tuple[Task, TaskData]:
     return _TASKS[cache_key]
 
 
+def preload(task: Task, data: TaskData, data_dir: str | None = None) -> None:
+    """Use this task object and data for runs of ``task.name`` in this process (e.g. a user's
+    own task, which ``get_task`` does not know)."""
+    _TASKS[(task.name, data_dir)] = (task, data)
+
+
 def _store(path: str) -> ResultStore:
     if path not in _STORES:
         _STORES[path] = ResultStore(path)
@@ -97,7 +103,7 @@ def execute(
     db_path = str(db_path)
     pending, counts = pending_runs(specs, _store(db_path))
     workers = max(1, min(workers or default_workers(), len(pending) or 1))
-    bar = _progress_bar(len(specs), counts["cached"], description, progress)
+    bar = progress_bar(len(specs), counts["cached"], description, progress)
     try:
         if workers == 1:
             for spec in pending:
@@ -140,7 +146,7 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, initial: int, description: str, enabled: bool):
+def progress_bar(total: int, initial: int, description: str, enabled: bool):
     if not enabled:
         return _NoBar()
     try:

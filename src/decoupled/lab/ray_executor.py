@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from decoupled.lab.executor import pending_runs, run_into_store
+from decoupled.lab.executor import pending_runs, progress_bar, run_into_store
 from decoupled.lab.store import ResultStore
 from decoupled.lab.train import RunSpec
 
@@ -49,7 +49,7 @@ def execute_on_ray(
     remote = ray.remote(num_cpus=threads_per_task)(_run_cell)
     try:
         refs = [remote.remote(spec, db_path, threads_per_task) for spec in pending]
-        bar = _bar(len(specs), counts["cached"], progress)
+        bar = progress_bar(len(specs), counts["cached"], "ray sweep", progress)
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
             counts[ray.get(ready[0])] += 1
@@ -66,9 +66,3 @@ def _run_cell(spec: RunSpec, db_path: str, threads: int) -> str:
 
     torch.set_num_threads(threads)
     return run_into_store(spec, db_path)
-
-
-def _bar(total: int, initial: int, enabled: bool):
-    from decoupled.lab.executor import _progress_bar
-
-    return _progress_bar(total, initial, "ray sweep", enabled)

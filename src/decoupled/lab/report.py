@@ -110,7 +110,7 @@ def decay_table(comparison: Comparison) -> list[list[str]]:
     """The Adam vs AdamW table of the README, filled with this comparison's measurements."""
     scale, unit = (100.0, "%") if comparison.as_percent else (1.0, "")
     header = ["", *(f"{a.name} ({DECAY_KIND[a.optimizer]})" for a in comparison.arms)]
-    applied, per_element, metric, norms = ["how the decay is applied"], [], [], []
+    applied = ["how the decay is applied"]
     per_element = ["decay per step per weight, at peak lr"]
     metric = [f"generalization: {comparison.task.metric.replace('_', ' ')}"]
     norms = ["final weight norm (all parameters)"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -127,9 +127,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def weight_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of every parameter, and of all of them together (``"total"``)."""
-    norms = {name: p.detach().norm().item() for name, p in model.named_parameters()}
+def eval_interval(spec: RunSpec, task: Task) -> int:
+    """Steps between evaluations: the spec's, else the task's, but at least 5 points on a
+    short (e.g. --quick) run."""
+    return spec.eval_every or min(task.eval_every, max(1, spec.steps // 5))
+
+
+def weight_norms(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    """L2 norm of every named tensor (e.g. ``model.named_parameters()``), and of all of them
+    together (``"total"``)."""
+    norms = {name: p.detach().norm().item() for name, p in named_tensors}
     norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
     return norms
 
@@ -193,8 +200,7 @@ def run(
     task = task or get_task(spec.task)
     data = data if data is not None else task.load(spec.data_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the task's interval, but at least 5 points on a short (e.g. --quick) run
-    eval_every = spec.eval_every or min(task.eval_every, max(1, spec.steps // 5))
+    eval_every = eval_interval(spec, task)
     started = time.perf_counter()
 
     torch.manual_seed(spec.seed)
@@ -237,7 +243,7 @@ def run(
         metric_name=task.metric,
         higher_is_better=task.higher_is_better,
         curves=curves,
-        weight_norms=weight_norms(model),
+        weight_norms=weight_norms(model.named_parameters()),
         decay_summary=decay_summary(optimizer) if status == "done" else {},
         wall_time=time.perf_counter() - started,
     )

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from decoupled.lab.tasks._transformer import Block
-from decoupled.lab.tasks.base import ClassificationTask, Hyperparameters, TaskData
-from decoupled.lab.tasks.digits import load_digits_split
+from decoupled.lab.tasks.base import Hyperparameters
+from decoupled.lab.tasks.digits import Digits
 
 
 class TinyViT(nn.Module):
@@ -55,7 +55,7 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
-class ViT(ClassificationTask):
+class ViT(Digits):
     """8×8 digits (1347 train / 450 test), 2-block ViT (dim 64, 4 heads); metric: test error.
 
     Budget: 1500 steps of batch 64 (about 71 epochs). Defaults are sensible, lightly tuned
@@ -67,20 +67,12 @@ class ViT(ClassificationTask):
 
     name = "vit"
     description = "scikit-learn 8×8 digits, tiny Vision Transformer (2×2 patches, 2 pre-LN blocks)"
-    metric = "test_error"
-    batch_size = 64
-    steps = 1500
-    quick_steps = 150
-    eval_every = 250
     defaults = {
         "adam": Hyperparameters(lr=3e-3, weight_decay=1e-4),
         "adamw": Hyperparameters(lr=3e-3, weight_decay=5e-2),
         "sgd": Hyperparameters(lr=3e-2, weight_decay=5e-4, momentum=0.9),
         "sgdw": Hyperparameters(lr=3e-2, weight_decay=5e-3, momentum=0.9),
     }
-
-    def load(self, data_dir: str | None = None) -> TaskData:
-        return load_digits_split()
 
     def build_model(self) -> nn.Module:
         return TinyViT()
