@@ -110,10 +110,12 @@ def contenders(include_ours: bool = True) -> list[Contender]:
         Contender("torch AdamW fused", lambda p: torch.optim.AdamW(p, fused=True, **kwargs)),
     ]
     if include_ours:
-        items.append(Contender("decoupled.AdamW", lambda p: decoupled.AdamW(p, **kwargs)))
-        items.append(
-            Contender("decoupled.AdamW fused", lambda p: decoupled.AdamW(p, fused=True, **kwargs))
-        )
+        bf16 = {"state_dtype": torch.bfloat16}
+        items += [
+            Contender("decoupled.AdamW", lambda p: decoupled.AdamW(p, **kwargs)),
+            Contender("decoupled.AdamW bf16", lambda p: decoupled.AdamW(p, **kwargs, **bf16)),
+            Contender("decoupled ref. loop", lambda p: decoupled.AdamW(p, fused=False, **kwargs)),
+        ]
     return items
 
 

@@ -219,10 +219,10 @@ def test_equilibrium_angular_update_matches_theory(make, predicted):
 
 def test_torch_optim_adamw_gives_the_same_records_as_decoupled_adamw():
     tables = []
-    for optimizer_class in (torch.optim.AdamW, decoupled.AdamW):
+    for optimizer_class, path in ((torch.optim.AdamW, {}), (decoupled.AdamW, {"fused": False})):
         model = normalized_net()
         groups = decoupled.param_groups(model, 0.1, verbose=False)
-        optimizer = optimizer_class(groups, lr=1e-2)
+        optimizer = optimizer_class(groups, lr=1e-2, **path)
         with DecayMonitor(optimizer, model, every=2) as monitor:
             train(model, optimizer, 6)
         tables.append(monitor.table)

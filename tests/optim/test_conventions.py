@@ -91,7 +91,9 @@ def test_explicit_lr_convention_is_bit_identical_to_torch():
     from tests.helpers import assert_same_training_state, train, twin_models
 
     model, model_torch, shape = twin_models("convnet", torch.float32)
-    ours = decoupled.AdamW(model.parameters(), lr=0.01, weight_decay=0.3, decay_scale="lr")
+    ours = decoupled.AdamW(
+        model.parameters(), lr=0.01, weight_decay=0.3, decay_scale="lr", fused=False
+    )
     theirs = torch.optim.AdamW(model_torch.parameters(), lr=0.01, weight_decay=0.3, foreach=False)
     train(model, ours, shape, 50, torch.float32, scheduler=restarts(ours))
     train(model_torch, theirs, shape, 50, torch.float32, scheduler=restarts(theirs))

@@ -36,13 +36,15 @@ def test_state_dict_interop_continues_identically(ours_cls, torch_cls, kwargs, d
     first_cls, second_cls = (
         (torch_cls, ours_cls) if direction == "torch->ours" else (ours_cls, torch_cls)
     )
-    extra = lambda cls: {"foreach": False} if cls is torch_cls else {}  # noqa: E731
+    extra = lambda cls: {"foreach": False} if cls is torch_cls else {"fused": False}  # noqa: E731
     model, model_ref, shape = twin_models("convnet", torch.float64)
 
     first = first_cls(model.parameters(), **kwargs, **extra(first_cls))
     train(model, first, shape, 20, torch.float64, seed=1)
     second = second_cls(model.parameters(), **kwargs, **extra(second_cls))
     second.load_state_dict(save_and_load(first.state_dict()))
+    for group in second.param_groups:  # as in torch, a loaded group brings its "fused" choice
+        group.update(extra(second_cls))
     train(model, second, shape, 20, torch.float64, seed=2)
 
     reference = torch_cls(model_ref.parameters(), foreach=False, **kwargs)

@@ -196,15 +196,16 @@ class DecayOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
         for p in group["params"]:
-            if p.grad is None:  # never touched, as in torch: no decay without a gradient
+            grad = p.grad
+            if grad is None:  # never touched, as in torch: no decay without a gradient
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients (parameter of "
                     f"shape {tuple(p.shape)}); use torch.optim.SparseAdam or a dense embedding"
                 )
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
         return params, grads
 
     def _all_grads_finite(self) -> bool:

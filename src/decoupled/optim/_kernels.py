@@ -1,22 +1,198 @@
-"""Fast paths behind the same math as the reference loops (``adam_update``).
+"""Fast paths behind the same math as the reference loops (``adam_update``, ``sgd_update``).
 
-``fused_adam_update`` hands a whole parameter group to torch's fused Adam/AdamW kernels
-(``torch._fused_adam_`` / ``torch._fused_adamw_``: one pass over memory per tensor; CPU
-parameters for now) where they compute the same thing as our reference loop:
+Which path a step takes (``fused=None``, the default, picks the first that applies;
+``fused=False`` always takes the reference loop, bit-identical to torch.optim's single-tensor
+path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 parameters):
 
-* Adam + L2 and AdamW in every ``decay_scale`` convention: the fused AdamW kernel applies
-  ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
-* not ``decay_to="init"``, complex parameters, or stacked per-run learning rates (these stay
-  on the reference loop: :func:`can_fuse` says which).
+1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
+   (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, amsgrad,
+   maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in one parallel
+   region, one pass over memory. Built with the machine's C++ compiler the first time it is
+   needed (about 20 s, then cached by torch in ``TORCH_EXTENSIONS_DIR``); set
+   ``DECOUPLED_NO_KERNEL=1`` to never build it.
+2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
+   float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
+   ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
+   not for ``decay_to="init"``, complex parameters or bfloat16 state.
+3. **The reference loop** for everything else: complex parameters, stacked per-run learning
+   rates (the lab's batched executor), tensor subclasses such as DTensor, CUDA tensors (torch
+   keeps a fused kernel's step counters on the GPU, ours on the CPU), and ``torch.compile``.
 
-Results agree with the reference loop to float rounding, not bit for bit (the kernel orders
-the arithmetic differently); the tests hold float32 to 1e-6 relative after 100 steps.
+Results agree with the reference loop to float rounding, not bit for bit (operations are
+ordered the same, but torch's vectorized ``lerp`` uses a fused multiply-add); the tests hold
+float32 to 1e-6 relative after 100 steps, and bfloat16 state to one bfloat16 rounding.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Callable
+from operator import attrgetter
+from pathlib import Path
+
 import torch
 from torch import Tensor
+from torch.nn import Parameter
+
+_SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+_NOT_TRIED = object()
+_ops = _NOT_TRIED
+
+
+def _cpu_tag() -> str:
+    """A short name for this CPU's instruction sets: ``-march=native`` binaries are not
+    portable, and a home directory (the build cache) may be shared by different machines."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def kernel_ops():
+    """``torch.ops.decoupled_kernels``, building the C++ kernel on first use; None when it
+    cannot be built (no compiler, no ninja, ``DECOUPLED_NO_KERNEL=1``), with one warning."""
+    global _ops
+    if _ops is not _NOT_TRIED:
+        return _ops
+    _ops = None
+    if os.environ.get("DECOUPLED_NO_KERNEL", "") not in ("", "0"):
+        return None
+    from torch.utils import cpp_extension
+
+    name = f"decoupled_kernels_{_cpu_tag()}"
+    # one folder per CPU, Python and torch version: a binary built against another libtorch
+    # must not be loaded
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    folder = Path(root, f"{name}_{python}_torch{torch.__version__}".replace("+", "_"))
+    if not (folder / f"{name}.so").exists():
+        print(
+            "decoupled: building the one-pass CPU optimizer kernel (once per machine, ~20 s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            build_directory=str(folder),
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+        _ops = torch.ops.decoupled_kernels
+    except Exception as error:  # a missing compiler raises OSError, RuntimeError, ...
+        warnings.warn(
+            f"decoupled: the one-pass CPU kernel could not be built ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); steps use "
+            "torch's fused kernels or the reference loop instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _ops
+
+
+_PLAIN = {Parameter, Tensor}
+_FLOAT32 = {torch.float32}
+
+
+def _kernel_applies(params: list[Tensor], lr: float | Tensor) -> bool:
+    """Ordinary float32 parameters (not a subclass such as DTensor) and one lr. The kernel
+    checks device, layout, shapes and the gradients' and state's dtypes before changing
+    anything, and refuses (the reference loop steps instead) what it does not take."""
+    if torch.compiler.is_compiling() or (isinstance(lr, Tensor) and lr.numel() != 1):
+        return False
+    if not (set(map(type, params)) <= _PLAIN and set(map(_dtype, params)) == _FLOAT32):
+        return False
+    return kernel_ops() is not None
+
+
+_dtype = attrgetter("dtype")
+
+
+def kernel_adam_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    references: list[Tensor | None] | None = None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    decay: float | Tensor = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """:func:`decoupled.optim.adam.adam_update` through the C++ kernel (falls back to it when
+    the kernel refuses a tensor)."""
+    from decoupled.optim.adam import adam_update
+
+    refs = [] if references is None or references[0] is None else references
+    done = kernel_ops().adam_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], refs,
+        state_steps, float(lr), beta1, beta2, eps, float(weight_decay), float(decay),
+        decoupled, amsgrad, maximize,
+    )  # fmt: skip
+    if not done:
+        adam_update(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
+            references=references, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled=decoupled, decay=decay, amsgrad=amsgrad,
+            maximize=maximize,
+        )  # fmt: skip
+
+
+def kernel_sgd_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    references: list[Tensor | None] | None = None,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled: bool,
+    decay: float | Tensor = 0.0,
+    maximize: bool = False,
+) -> None:
+    """:func:`decoupled.optim.sgd.sgd_update` through the C++ kernel; new momentum buffers are
+    written back into ``momentum_buffers`` as the reference does."""
+    from decoupled.optim.sgd import sgd_update
+
+    refs = [] if references is None or references[0] is None else references
+    fresh = [b is None for b in momentum_buffers]
+    buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
+    done = kernel_ops().sgd_step_(
+        params, grads, buffers, fresh, refs, float(lr), momentum, dampening, nesterov,
+        float(weight_decay), float(decay), decoupled, maximize,
+    )  # fmt: skip
+    if not done:
+        sgd_update(
+            params, grads, momentum_buffers, lr=lr, references=references, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+            decoupled=decoupled, decay=decay, maximize=maximize,
+        )  # fmt: skip
+        return
+    momentum_buffers[:] = buffers
 
 
 def can_fuse(
@@ -25,16 +201,21 @@ def can_fuse(
     decay: float | Tensor,
     decoupled: bool,
     references: list[Tensor | None],
+    explicit: bool = False,
 ) -> bool:
-    """True when the fused kernels compute exactly the reference loop's update."""
-    if any(r is not None for r in references):
+    """True when torch's fused kernels compute the reference loop's update. Reduced-precision
+    parameters only when asked for explicitly (``explicit``): the fused kernels compute in
+    float32 and round once, the reference rounds after every operation."""
+    if torch.compiler.is_compiling() or any(r is not None for r in references):
         return False
     if isinstance(lr, Tensor) and lr.numel() != 1:
         return False
-    # CPU only for now: torch keeps a fused kernel's step counters on the parameter's device,
-    # ours (like its reference path) on the CPU; CUDA is untested here.
-    if any(torch.is_complex(p) or p.device.type != "cpu" for p in params):
-        return False
+    wide = (torch.float32, torch.float64)
+    for p in params:
+        if torch.is_complex(p) or p.device.type != "cpu" or type(p) not in (Parameter, Tensor):
+            return False
+        if not explicit and p.dtype not in wide:
+            return False
     if decoupled and not isinstance(decay, Tensor) and decay != 0:
         return not isinstance(lr, Tensor) and lr > 0  # λ' = c / lr needs lr > 0
     return not (decoupled and isinstance(decay, Tensor))
@@ -57,6 +238,7 @@ def fused_adam_update(
     decay: float = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
+    references: list[Tensor | None] | None = None,  # always None here (see can_fuse)
 ) -> None:
     """The step of :func:`decoupled.optim.adam.adam_update` through torch's fused kernels."""
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -88,3 +270,34 @@ def fused_adam_update(
             grad_scale=None,
             found_inf=None,
         )
+
+
+def choose_adam_update(
+    fused: bool | None,
+    reference: Callable,
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    lr: float | Tensor,
+    decay: float | Tensor,
+    decoupled: bool,
+    references: list[Tensor | None],
+    compact: bool,
+) -> Callable:
+    """The first path of the module docstring's list that applies to this step."""
+    if fused is False:
+        return reference
+    if _kernel_applies(params, lr):
+        return kernel_adam_update
+    if not compact and can_fuse(params, lr, decay, decoupled, references, explicit=bool(fused)):
+        return fused_adam_update
+    return reference
+
+
+def choose_sgd_update(
+    fused: bool | None, reference: Callable, params: list[Tensor], grads: list[Tensor], lr
+) -> Callable:
+    """The C++ kernel when it applies (``fused`` not False), else the reference loop."""
+    if fused is not False and _kernel_applies(params, lr):
+        return kernel_sgd_update
+    return reference

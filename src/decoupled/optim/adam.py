@@ -21,7 +21,8 @@ from decoupled.optim._base import (
     is_zero,
     step_value,
 )
-from decoupled.optim._kernels import can_fuse, fused_adam_update
+from decoupled.optim._compact import CompactMoments, check_state_dtype
+from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["Adam", "AdamW", "adam_update"]
@@ -70,11 +71,17 @@ def adam_update(
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # Adam:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
+        max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
         if torch.is_complex(param):
             grad, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in (grad, exp_avg, exp_avg_sq))
             if amsgrad:
-                max_exp_avg_sqs[i] = torch.view_as_real(max_exp_avg_sqs[i])
+                max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
             param = torch.view_as_real(param)
+        compact = None
+        if exp_avg.dtype != param.dtype:  # bfloat16 state: compute in θ's dtype (_compact.py)
+            moments = [exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
+            compact = CompactMoments(moments, param.dtype)
+            exp_avg, exp_avg_sq, max_exp_avg_sq = (compact.values + [None])[:3]
 
         exp_avg.lerp_(grad, 1 - beta1)  # m ← β1·m + (1 − β1)·g
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v ← β2·v + (1 − β2)·g²
@@ -86,8 +93,8 @@ def adam_update(
         bias_correction2_sqrt = bias_correction2**0.5
 
         if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
-            second_moment = max_exp_avg_sqs[i]
+            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            second_moment = max_exp_avg_sq
         else:
             second_moment = exp_avg_sq
         denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v̂) + ε
@@ -95,6 +102,8 @@ def adam_update(
             param.sub_(step_size * exp_avg / denom)
         else:
             param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
+        if compact is not None:
+            compact.store(step, position=i)
 
 
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
@@ -141,9 +150,17 @@ class Adam(DecayOptimizer):
             values at construction, θ₀ (L2-SP, arXiv 1802.01483), kept in the state dict.
         maximize: ascend instead of descend.
         skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
-        fused: use torch's fused Adam/AdamW kernels where they compute the same update (CPU
-            parameters, not ``decay_to="init"``; see ``_kernels.py``): about 4-5x faster steps,
-            equal to the default path up to float rounding instead of bit for bit.
+        fused: which implementation steps (``_kernels.py``). ``None`` (default): the fastest
+            that computes this update — a one-pass C++ kernel for float32 CPU parameters
+            (about 5x torch's default single-tensor step, at or above its ``fused=True``),
+            torch's fused kernels, else the reference loop — equal to the reference up to
+            float rounding. ``False``: the reference loop, bit-identical to torch.optim's
+            single-tensor path. ``True``: as ``None``, and torch's fused kernels also for
+            bfloat16/float16 parameters.
+        state_dtype: ``torch.bfloat16`` keeps ``exp_avg``/``exp_avg_sq`` (and
+            ``max_exp_avg_sq``) in bfloat16 with stochastic rounding: 4 instead of 8 bytes
+            of state per parameter and 20 instead of 28 bytes moved per float32 step
+            (``_compact.py``). ``None`` (default): the parameters' dtype, as torch.
     """
 
     decoupled = False
@@ -161,10 +178,12 @@ class Adam(DecayOptimizer):
         decay_to: str = "zero",
         maximize: bool = False,
         skip_nonfinite: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
         **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         check_argument("eps", eps, eps > 0, "must be > 0")
+        check_state_dtype(state_dtype)
         for index, beta in enumerate(betas):
             beta = as_float(beta)
             check_argument(f"betas[{index}]", beta, 0.0 <= beta < 1.0, "must be in [0, 1)")
@@ -177,7 +196,8 @@ class Adam(DecayOptimizer):
             "maximize": maximize,
             # Kept so that our state dicts load into torch.optim.Adam/AdamW unchanged.
             "decoupled_weight_decay": self.decoupled,
-            "fused": bool(fused),
+            "fused": None if fused is None else bool(fused),
+            "state_dtype": state_dtype,
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
@@ -187,8 +207,8 @@ class Adam(DecayOptimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
-            if group.get("fused") is None:  # torch's "auto"
-                group["fused"] = False
+            group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
             saved = group.setdefault("decoupled_weight_decay", self.decoupled)
             if saved != self.decoupled:
                 expected = "AdamW" if saved else "Adam"
@@ -203,24 +223,38 @@ class Adam(DecayOptimizer):
 
     def _init_state(self, group: dict, param: Tensor) -> dict:
         state = self.state[param]
+        dtype = group["state_dtype"] or param.dtype
+        if "step" in state and state["exp_avg"].dtype == dtype:  # every step after the first
+            return state
+        if torch.is_complex(param):
+            dtype = param.dtype
         if "step" not in state:  # (state may already hold init_param)
             # float32 CPU step counter, exactly as torch.optim.Adam keeps it
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(
-                    param, memory_format=torch.preserve_format
-                )
+            for key in self.state_keys[1 : 4 if group["amsgrad"] else 3]:
+                state[key] = torch.zeros_like(param, dtype=dtype)
+        elif state["exp_avg"].dtype != dtype:
+            # a loaded state dict (torch casts moments to θ's dtype) or a changed state_dtype
+            for key in self.state_keys[1:]:
+                if key in state:
+                    state[key] = state[key].to(dtype)
         return state
 
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self._init_state(group, p) for p in params]
         weight_decay, references = self._decay_terms(group, params)
         decay = self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0
-        update = adam_update
-        if group.get("fused") and can_fuse(params, group["lr"], decay, self.decoupled, references):
-            update = fused_adam_update
+        update = choose_adam_update(
+            group["fused"],
+            adam_update,
+            params,
+            grads,
+            lr=group["lr"],
+            decay=decay,
+            decoupled=self.decoupled,
+            references=references,
+            compact=group["state_dtype"] is not None,
+        )
         beta1, beta2 = group["betas"]
         update(
             params,
@@ -238,7 +272,7 @@ class Adam(DecayOptimizer):
             decay=decay,
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
-            **({"references": references} if update is adam_update else {}),
+            references=references,
         )
 
 
@@ -284,7 +318,8 @@ class AdamW(Adam):
         decay_period: int | None = None,
         maximize: bool = False,
         skip_nonfinite: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -297,6 +332,7 @@ class AdamW(Adam):
             maximize=maximize,
             skip_nonfinite=skip_nonfinite,
             fused=fused,
+            state_dtype=state_dtype,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,

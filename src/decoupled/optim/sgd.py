@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from torch import Tensor
 
 from decoupled.optim._base import DecayOptimizer, check_argument, decay_defaults, is_zero
+from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
@@ -98,6 +99,9 @@ class SGD(DecayOptimizer):
         decay_to: ``"zero"`` or ``"init"`` (decay toward θ₀, the values at construction).
         maximize: ascend instead of descend.
         skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
+        fused: ``None`` (default): float32 CPU parameters step through a one-pass C++ kernel
+            (``_kernels.py``), equal to the reference up to float rounding; ``False``: the
+            reference loop, bit-identical to torch.optim's single-tensor path.
     """
 
     decoupled = False
@@ -115,6 +119,7 @@ class SGD(DecayOptimizer):
         decay_to: str = "zero",
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        fused: bool | None = None,
         **decoupled_options,  # SGDW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         check_argument("momentum", momentum, momentum >= 0, "must be >= 0")
@@ -131,6 +136,7 @@ class SGD(DecayOptimizer):
             "weight_decay": weight_decay,
             "nesterov": nesterov,
             "maximize": maximize,
+            "fused": None if fused is None else bool(fused),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
@@ -140,12 +146,14 @@ class SGD(DecayOptimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+            group.setdefault("fused", None)
 
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         weight_decay, references = self._decay_terms(group, params)
-        sgd_update(
+        update = choose_sgd_update(group["fused"], sgd_update, params, grads, group["lr"])
+        update(
             params,
             grads,
             buffers,
@@ -194,6 +202,7 @@ class SGDW(SGD):
         decay_period: int | None = None,
         maximize: bool = False,
         skip_nonfinite: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -205,6 +214,7 @@ class SGDW(SGD):
             decay_to=decay_to,
             maximize=maximize,
             skip_nonfinite=skip_nonfinite,
+            fused=fused,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,

@@ -1,0 +1,353 @@
+// One-pass CPU steps for Adam/AdamW and SGD/SGDW over a whole list of tensors.
+//
+// The arithmetic is the reference loops' (decoupled/optim/adam.py `adam_update`,
+// decoupled/optim/sgd.py `sgd_update`), element by element, in float32, in the same order
+// (-ffp-contract=off keeps the compiler from fusing a multiply and an add). What is faster:
+//
+//   * one parallel region per step for every tensor of the group: the tensors are cut into
+//     chunks and the chunks shared among the threads, so a model of many small tensors pays
+//     one fork/join instead of one per tensor (torch's fused kernels pay one per tensor);
+//   * one pass over memory per element: read θ, g, m, v; write θ, m, v (28 bytes in float32);
+//   * compact state: the moments may be kept in bfloat16 (20 bytes per step), rounded
+//     stochastically so that updates smaller than a bfloat16 ulp are kept on average.
+//
+// Stochastic rounding adds 16 random bits below a bfloat16's last bit and truncates; the bits
+// come from a hash of (element index, tensor position, step), mirrored in Python by
+// decoupled/optim/_compact.py, so the reference path and this kernel round alike.
+//
+// Each op checks every tensor before touching any and returns false (changing nothing) when
+// a tensor is not a dense CPU float32 tensor laid out like its parameter: the caller then takes
+// the reference path.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per work item (128 KiB of float32)
+
+enum class Decay { kNone, kL2, kDecoupled };
+
+// lowbias32, an integer hash by Chris Wellons (hash-prospector); mirrored in _compact.py.
+inline uint32_t mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t rounding_key(double step, int64_t position) {
+  return mix(static_cast<uint32_t>(step) * 0x9E3779B9U ^
+             static_cast<uint32_t>(position) * 0x85EBCA6BU);
+}
+
+inline float load(float x) { return x; }
+inline float load(uint16_t bits) {  // bfloat16 -> float32: the high half of the word
+  uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+inline void store(float* out, float value, uint32_t) { *out = value; }
+inline void store(uint16_t* out, float value, uint32_t random16) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof word);
+  uint16_t rounded = static_cast<uint16_t>((word + random16) >> 16);
+  *out = value != value ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN
+}
+
+// torch's lerp: a + w·(b − a) for |w| < 0.5, else b − (b − a)·(1 − w).
+inline float lerp(float a, float b, float w) {
+  return std::abs(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
+struct AdamScalars {
+  float lr_neg_step_size;  // −γ/(1 − β1ᵗ)
+  float bias_correction2_sqrt;
+  float beta1_weight;  // 1 − β1 (lerp weight)
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;  // λ (L2)
+  float keep;          // 1 − c (decoupled, toward zero)
+  float rate;          // c (decoupled, toward a reference)
+  float sign;          // −1 to maximize
+  uint32_t key;
+};
+
+template <typename S, bool Amsgrad, Decay D, bool Ref>
+void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
+                S* __restrict v, S* __restrict vmax, const float* __restrict ref, int64_t begin,
+                int64_t end, AdamScalars s) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float grad = s.sign * g[i];
+    float param = p[i];
+    if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[i] : param);
+    if constexpr (D == Decay::kDecoupled) {
+      if constexpr (Ref) param = lerp(param, ref[i], s.rate);
+      else param = param * s.keep;
+    }
+    float exp_avg = lerp(load(m[i]), grad, s.beta1_weight);
+    float exp_avg_sq = load(v[i]) * s.beta2;
+    exp_avg_sq = exp_avg_sq + s.one_minus_beta2 * grad * grad;
+    float second = exp_avg_sq;
+    uint32_t random = mix(static_cast<uint32_t>(i) ^ s.key);
+    if constexpr (Amsgrad) {
+      float previous = load(vmax[i]);
+      second = previous > exp_avg_sq ? previous : exp_avg_sq;
+      store(&vmax[i], second, mix(random) & 0xFFFFU);
+    }
+    float denom = std::sqrt(second) / s.bias_correction2_sqrt + s.eps;
+    p[i] = param + s.lr_neg_step_size * exp_avg / denom;
+    store(&m[i], exp_avg, random & 0xFFFFU);
+    store(&v[i], exp_avg_sq, random >> 16);
+  }
+}
+
+using AdamChunk = void (*)(float*, const float*, void*, void*, void*, const float*, int64_t,
+                           int64_t, AdamScalars);
+
+template <typename S, bool Amsgrad, Decay D, bool Ref>
+void adam_chunk_erased(float* p, const float* g, void* m, void* v, void* vmax, const float* ref,
+                       int64_t begin, int64_t end, AdamScalars s) {
+  adam_chunk<S, Amsgrad, D, Ref>(p, g, static_cast<S*>(m), static_cast<S*>(v),
+                                 static_cast<S*>(vmax), ref, begin, end, s);
+}
+
+template <typename S, bool Amsgrad, Decay D>
+AdamChunk pick_adam(bool ref) {
+  return ref ? adam_chunk_erased<S, Amsgrad, D, true> : adam_chunk_erased<S, Amsgrad, D, false>;
+}
+
+template <typename S, bool Amsgrad>
+AdamChunk pick_adam(Decay decay, bool ref) {
+  switch (decay) {
+    case Decay::kL2: return pick_adam<S, Amsgrad, Decay::kL2>(ref);
+    case Decay::kDecoupled: return pick_adam<S, Amsgrad, Decay::kDecoupled>(ref);
+    default: return pick_adam<S, Amsgrad, Decay::kNone>(ref);
+  }
+}
+
+AdamChunk pick_adam(bool compact, bool amsgrad, Decay decay, bool ref) {
+  if (compact) {
+    return amsgrad ? pick_adam<uint16_t, true>(decay, ref) : pick_adam<uint16_t, false>(decay, ref);
+  }
+  return amsgrad ? pick_adam<float, true>(decay, ref) : pick_adam<float, false>(decay, ref);
+}
+
+bool usable(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype) {
+  // dense (contiguous or any permutation, e.g. channels_last) and laid out like the parameter
+  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided &&
+         t.scalar_type() == dtype && t.is_non_overlapping_and_dense() &&
+         t.sizes().equals(like.sizes()) && t.strides().equals(like.strides()) &&
+         !t.is_conj() && !t.is_neg();
+}
+
+bool usable_list(at::TensorList list, at::TensorList params, at::ScalarType dtype) {
+  if (list.size() != params.size()) return false;
+  for (size_t i = 0; i < list.size(); ++i) {
+    if (!usable(list[i], params[i], dtype)) return false;
+  }
+  return true;
+}
+
+// (tensor, first element) of every chunk of every tensor: the units shared among threads.
+std::vector<std::pair<int64_t, int64_t>> chunks(at::TensorList params) {
+  std::vector<std::pair<int64_t, int64_t>> work;
+  for (size_t t = 0; t < params.size(); ++t) {
+    for (int64_t begin = 0; begin < params[t].numel(); begin += kChunk) {
+      work.emplace_back(static_cast<int64_t>(t), begin);
+    }
+  }
+  return work;
+}
+
+bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList references, at::TensorList steps, double lr, double beta1,
+                double beta2, double eps, double weight_decay, double decay, bool decoupled,
+                bool amsgrad, bool maximize) {
+  const size_t n = params.size();
+  if (n == 0) return true;
+  const auto state_dtype = exp_avgs[0].scalar_type();
+  if (state_dtype != at::kFloat && state_dtype != at::kBFloat16) return false;
+  const bool ref = !references.empty();
+  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
+      !usable_list(exp_avgs, params, state_dtype) ||
+      !usable_list(exp_avg_sqs, params, state_dtype) ||
+      (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) ||
+      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n) {
+    return false;
+  }
+  for (const auto& step : steps) {
+    if (!step.device().is_cpu() || step.scalar_type() != at::kFloat || step.numel() != 1) {
+      return false;
+    }
+  }
+
+  Decay mode = Decay::kNone;
+  if (decoupled && decay != 0) mode = Decay::kDecoupled;
+  if (!decoupled && weight_decay != 0) mode = Decay::kL2;
+  const AdamChunk chunk = pick_adam(state_dtype == at::kBFloat16, amsgrad, mode, ref);
+
+  std::vector<AdamScalars> scalars(n);
+  for (size_t t = 0; t < n; ++t) {
+    float* step = steps[t].data_ptr<float>();
+    *step += 1.0f;
+    const double count = *step;
+    const double bias_correction1 = 1 - std::pow(beta1, count);
+    const double bias_correction2 = 1 - std::pow(beta2, count);
+    scalars[t] = AdamScalars{
+        static_cast<float>(-(lr / bias_correction1)),
+        static_cast<float>(std::pow(bias_correction2, 0.5)),
+        static_cast<float>(1 - beta1),
+        static_cast<float>(beta2),
+        static_cast<float>(1 - beta2),
+        static_cast<float>(eps),
+        static_cast<float>(weight_decay),
+        static_cast<float>(1 - decay),
+        static_cast<float>(decay),
+        maximize ? -1.0f : 1.0f,
+        rounding_key(count, static_cast<int64_t>(t)),
+    };
+  }
+  const auto work = chunks(params);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const auto [t, begin] = work[w];
+      const int64_t end = std::min(begin + kChunk, params[t].numel());
+      chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(), exp_avgs[t].data_ptr(),
+            exp_avg_sqs[t].data_ptr(), amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
+            ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
+    }
+  });
+  return true;
+}
+
+struct SgdScalars {
+  float neg_lr;
+  float momentum;
+  float one_minus_dampening;
+  float weight_decay;
+  float keep;
+  float rate;
+  float sign;
+};
+
+template <Decay D, bool Ref, bool Momentum, bool Fresh, bool Nesterov>
+void sgd_chunk(float* __restrict p, const float* __restrict g, float* __restrict buf,
+               const float* __restrict ref, int64_t begin, int64_t end, SgdScalars s) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float grad = s.sign * g[i];
+    float param = p[i];
+    if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[i] : param);
+    if constexpr (D == Decay::kDecoupled) {
+      if constexpr (Ref) param = lerp(param, ref[i], s.rate);
+      else param = param * s.keep;
+    }
+    if constexpr (Momentum) {
+      float b = Fresh ? grad : buf[i] * s.momentum + s.one_minus_dampening * grad;
+      buf[i] = b;
+      grad = Nesterov ? grad + s.momentum * b : b;
+    }
+    p[i] = param + s.neg_lr * grad;
+  }
+}
+
+using SgdChunk = void (*)(float*, const float*, float*, const float*, int64_t, int64_t,
+                          SgdScalars);
+
+template <Decay D, bool Ref>
+SgdChunk pick_sgd(bool momentum, bool fresh, bool nesterov) {
+  if (!momentum) return sgd_chunk<D, Ref, false, false, false>;
+  if (fresh) {
+    return nesterov ? sgd_chunk<D, Ref, true, true, true> : sgd_chunk<D, Ref, true, true, false>;
+  }
+  return nesterov ? sgd_chunk<D, Ref, true, false, true> : sgd_chunk<D, Ref, true, false, false>;
+}
+
+template <Decay D>
+SgdChunk pick_sgd(bool ref, bool momentum, bool fresh, bool nesterov) {
+  return ref ? pick_sgd<D, true>(momentum, fresh, nesterov)
+             : pick_sgd<D, false>(momentum, fresh, nesterov);
+}
+
+SgdChunk pick_sgd(Decay decay, bool ref, bool momentum, bool fresh, bool nesterov) {
+  switch (decay) {
+    case Decay::kL2: return pick_sgd<Decay::kL2>(ref, momentum, fresh, nesterov);
+    case Decay::kDecoupled: return pick_sgd<Decay::kDecoupled>(ref, momentum, fresh, nesterov);
+    default: return pick_sgd<Decay::kNone>(ref, momentum, fresh, nesterov);
+  }
+}
+
+// `fresh[t]`: the buffer of tensor t is new (its first step): b ← g, as torch does.
+bool sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+               c10::List<bool> fresh, at::TensorList references, double lr, double momentum,
+               double dampening, bool nesterov, double weight_decay, double decay,
+               bool decoupled, bool maximize) {
+  const size_t n = params.size();
+  if (n == 0) return true;
+  const bool ref = !references.empty();
+  const bool has_momentum = momentum != 0;
+  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
+      (has_momentum && (!usable_list(momentum_buffers, params, at::kFloat) ||
+                        fresh.size() != n)) ||
+      (ref && !usable_list(references, params, at::kFloat))) {
+    return false;
+  }
+  Decay mode = Decay::kNone;
+  if (decoupled && decay != 0) mode = Decay::kDecoupled;
+  if (!decoupled && weight_decay != 0) mode = Decay::kL2;
+  const SgdScalars scalars{
+      static_cast<float>(-lr),        static_cast<float>(momentum),
+      static_cast<float>(1 - dampening), static_cast<float>(weight_decay),
+      static_cast<float>(1 - decay),  static_cast<float>(decay),
+      maximize ? -1.0f : 1.0f,
+  };
+  std::vector<SgdChunk> kernels(n);
+  for (size_t t = 0; t < n; ++t) {
+    kernels[t] = pick_sgd(mode, ref, has_momentum, has_momentum && fresh.get(t), nesterov);
+  }
+  const auto work = chunks(params);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const auto [t, begin] = work[w];
+      const int64_t end = std::min(begin + kChunk, params[t].numel());
+      kernels[t](params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
+                 has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
+                 ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars);
+    }
+  });
+  return true;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(decoupled_kernels, m) {
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] references, "
+      "Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float decay, bool decoupled, bool amsgrad, bool maximize) -> bool");
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "bool[] fresh, Tensor[] references, float lr, float momentum, float dampening, "
+      "bool nesterov, float weight_decay, float decay, bool decoupled, bool maximize) -> bool");
+}
+
+TORCH_LIBRARY_IMPL(decoupled_kernels, CPU, m) {
+  m.impl("adam_step_", adam_step_);
+  m.impl("sgd_step_", sgd_step_);
+}
