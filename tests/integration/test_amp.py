@@ -87,7 +87,7 @@ def _train_with_scaler(optimizer_class, **kwargs):
 
 @pytest.mark.parametrize("ours,theirs", PAIRS)
 def test_grad_scaler_skips_overflow_steps_and_matches_torch(ours, theirs):
-    model, optimizer, overflow = _train_with_scaler(ours)
+    model, optimizer, overflow = _train_with_scaler(ours, fused=False)  # the reference loop
     # The overflow step changed nothing, and the scaler backed off.
     _assert_same(overflow["before"], overflow["after"])
     scale_before, scale_after = overflow["scale"]
@@ -102,6 +102,12 @@ def test_grad_scaler_skips_overflow_steps_and_matches_torch(ours, theirs):
         assert torch.equal(optimizer.state[p]["exp_avg"], torch_optimizer.state[q]["exp_avg"])
         # float32 weights under autocast: gradients, and so the moments, are float32.
         assert optimizer.state[p]["exp_avg_sq"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("ours", [decoupled.AdamW, decoupled.SGDW], ids=lambda c: c.__name__)
+def test_grad_scaler_skips_overflow_steps_on_the_fast_path(ours):
+    _, _, overflow = _train_with_scaler(ours)  # fused=None: the one-pass kernel
+    _assert_same(overflow["before"], overflow["after"])
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS[:2])

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"weight decay of {name} (default: the task's)",
         )
     parser.add_argument("--warmup", type=nonnegative_int, default=0, help="warm-up steps")
+    parser.add_argument(
+        "--state-dtype",
+        choices=["bfloat16"],
+        default=None,
+        help="keep Adam/AdamW's moments in bfloat16 (default: the parameters' dtype)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         warmup_steps=args.warmup,
         data_dir=args.data_dir,
+        state_dtype=args.state_dtype,
     )
     print()
     print(format_table(comparison))

@@ -78,6 +78,11 @@ def _per_cell(values: Sequence[float], like: Tensor) -> Tensor:
 def run_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[RunResult]:
     """Train the cells ``specs`` (same :func:`batch_key`) together; one RunResult per cell."""
     base, cells = specs[0], len(specs)
+    if base.state_dtype is not None:
+        raise ValueError(
+            f"Invalid state_dtype value: {base.state_dtype!r} for the batched executor (its "
+            "stacked moments are float32; use the local executor for compact state)"
+        )
     started = time.perf_counter()
     torch.manual_seed(base.seed)
     model = task.build_model()

@@ -33,6 +33,10 @@ DECAY_KIND = {"adam": "L2", "adamw": "decoupled", "sgd": "L2", "sgdw": "decouple
 SCHEDULES = ("cosine", "constant")
 
 
+# Compact moments (decoupled.optim._compact); None keeps them in the parameters' dtype.
+STATE_DTYPES = (None, "bfloat16")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that determines a run (its store key is a hash of :meth:`config`)."""
@@ -49,6 +53,7 @@ class RunSpec:
     warmup_steps: int = 0
     eval_every: int = 0  # 0: the task's default
     data_dir: str | None = None
+    state_dtype: str | None = None  # Adam/AdamW's moments: None (θ's dtype) or "bfloat16"
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -61,6 +66,10 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "steps" and value == 0):
                 raise ValueError(f"Invalid {name} value: {value!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype value: {self.state_dtype!r} (choose from {STATE_DTYPES})"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Invalid lr value: {self.lr} (must be finite and > 0)")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -106,6 +115,8 @@ def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
         kwargs["momentum"] = spec.momentum
     if spec.optimizer in ("adamw", "sgdw"):
         kwargs["decay_scale"] = spec.decay_scale
+    if spec.state_dtype is not None:
+        kwargs["state_dtype"] = getattr(torch, spec.state_dtype)
     return OPTIMIZERS[spec.optimizer](groups, **kwargs)
 
 

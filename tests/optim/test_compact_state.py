@@ -1,0 +1,131 @@
+"""bfloat16 optimizer state (``state_dtype=torch.bfloat16``): stochastic rounding, the kernel
+against the reference loop, bounded error over 1000 steps, memory, state dicts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import decoupled
+from decoupled.optim._compact import rounding_bits, stochastic_round_
+
+BF16 = {"state_dtype": torch.bfloat16}
+
+
+def quadratic_run(state_dtype, fused=None, steps=1000, cls=decoupled.AdamW, **kwargs):
+    """AdamW on f(θ) = ½ Σ hᵢθᵢ² (curvatures 1e-2..10) with gradient noise; the trajectory."""
+    generator = torch.Generator().manual_seed(0)
+    curvature = torch.logspace(-2, 1, 4096)
+    theta = torch.nn.Parameter(torch.randn(4096, generator=generator))
+    optimizer = cls([theta], lr=1e-2, state_dtype=state_dtype, fused=fused, **kwargs)
+    trajectory = []
+    for _ in range(steps):
+        noise = torch.randn(4096, generator=generator)
+        theta.grad = curvature * theta.detach() + 0.1 * noise
+        optimizer.step()
+        trajectory.append(theta.detach().clone())
+    return torch.stack(trajectory), optimizer, theta
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
+    value = torch.full((1 << 16,), 1.0 + 2**-10)  # a quarter of the way from 1 to the next bf16
+    bits = rounding_bits(value.numel(), step=7, position=3, device=value.device) & 0xFFFF
+    out = torch.empty_like(value, dtype=torch.bfloat16)
+    stochastic_round_(out, value, bits)
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert out.float().mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-5)  # E[round(x)] = x
+    exact = torch.tensor([0.0, -2.0, 1.5, float("inf"), float("-inf")])
+    rounded = torch.empty_like(exact, dtype=torch.bfloat16)
+    stochastic_round_(rounded, exact, torch.full((5,), 0xFFFF, dtype=torch.int64))
+    assert torch.equal(rounded.float(), exact)
+    nan = torch.empty(1, dtype=torch.bfloat16)
+    stochastic_round_(nan, torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.int64))
+    assert nan.isnan().all()
+
+
+def test_small_updates_are_kept_where_round_to_nearest_stalls():
+    """With g = 1, v_t = 1 − 0.999ᵗ. Each increment 0.001·(1 − v) is below half a bfloat16
+    ulp once v > ~0.25, so round-to-nearest stops there; stochastic rounding follows it."""
+    steps, beta2 = 3000, 0.999
+    theta = torch.nn.Parameter(torch.zeros(4096))
+    optimizer = decoupled.Adam([theta], lr=1e-3, betas=(0.9, beta2), **BF16)
+    nearest = torch.zeros(4096, dtype=torch.bfloat16)
+    for _ in range(steps):
+        theta.grad = torch.ones(4096)
+        optimizer.step()
+        nearest = (nearest.float() * beta2 + (1 - beta2)).to(torch.bfloat16)
+    expected = 1 - beta2**steps
+    assert nearest.float().mean().item() < expected - 0.3  # the failure mode exists
+    assert optimizer.state[theta]["exp_avg_sq"].float().mean().item() == pytest.approx(
+        expected, abs=5e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (decoupled.AdamW, {"weight_decay": 0.1}),
+        (decoupled.Adam, {"weight_decay": 0.1, "amsgrad": True}),
+        (decoupled.AdamW, {"weight_decay": 0.1, "decay_to": "init", "maximize": False}),
+    ],
+    ids=["AdamW", "Adam-amsgrad", "AdamW-init"],
+)
+def test_kernel_and_reference_round_alike(cls, kwargs):
+    """Same hash, same bits: the kernel's bfloat16 state equals the reference loop's (a state
+    entry may differ by one bfloat16 step where the float32 values before rounding differ in
+    their last bit)."""
+    fast, opt_fast, theta_fast = quadratic_run(torch.bfloat16, None, 300, cls, **kwargs)
+    slow, opt_slow, theta_slow = quadratic_run(torch.bfloat16, False, 300, cls, **kwargs)
+    # where a moment differs by one bfloat16 step, that step's update moves by ≤ lr·2⁻⁸
+    assert (fast - slow).abs().max().item() < 10 * 1e-2 * 2**-8  # measured ≤ 2e-4
+    for key in opt_slow.state[theta_slow]:
+        if key == "init_param":
+            continue
+        a, b = opt_fast.state[theta_fast][key].float(), opt_slow.state[theta_slow][key].float()
+        assert opt_fast.state[theta_fast][key].dtype == (
+            torch.float32 if key == "step" else torch.bfloat16
+        )
+        assert (a != b).float().mean().item() < 1e-3, key
+
+
+def test_error_against_float32_state_stays_bounded_over_1000_steps():
+    reference, _, _ = quadratic_run(None)
+    compact, _, _ = quadratic_run(torch.bfloat16)
+    error = (compact - reference).norm(dim=1) / reference[0].norm()
+    assert error.max().item() < 5e-3  # measured 1.6e-3
+    assert error[-100:].max().item() < 2 * error[400:500].max().item() + 1e-4  # not growing
+
+
+def test_state_memory_is_halved():
+    def state_bytes(**kwargs):
+        theta = torch.nn.Parameter(torch.zeros(1000, 10))
+        optimizer = decoupled.AdamW([theta], amsgrad=True, **kwargs)
+        theta.grad = torch.ones_like(theta)
+        optimizer.step()
+        state = optimizer.state[theta]
+        return sum(t.nbytes for k, t in state.items() if k != "step")
+
+    assert state_bytes(**BF16) * 2 == state_bytes()
+
+
+def test_state_dict_round_trip_through_torch_keeps_the_compact_state():
+    _, optimizer, theta = quadratic_run(torch.bfloat16, steps=20)
+    saved = copy.deepcopy(optimizer.state_dict())
+    torch_optimizer = torch.optim.AdamW([theta], lr=1e-2)
+    torch_optimizer.load_state_dict(copy.deepcopy(saved))  # torch upcasts to θ's dtype
+    assert torch_optimizer.state[theta]["exp_avg"].dtype == torch.float32
+    back = decoupled.AdamW([theta], lr=1e-2)
+    back.load_state_dict(torch_optimizer.state_dict())  # brings state_dtype in the group
+    assert back.param_groups[0]["state_dtype"] == torch.bfloat16
+    theta.grad = torch.zeros_like(theta)
+    back.step()  # the moments return to bfloat16, unchanged by the round trip
+    assert back.state[theta]["exp_avg_sq"].dtype == torch.bfloat16
+    expected = saved["state"][0]["exp_avg_sq"].float() * 0.999
+    assert torch.allclose(back.state[theta]["exp_avg_sq"].float(), expected, rtol=2**-7)
+
+
+def test_invalid_state_dtype_names_the_value():
+    with pytest.raises(ValueError, match="Invalid state_dtype value: torch.float16"):
+        decoupled.AdamW([torch.nn.Parameter(torch.zeros(1))], state_dtype=torch.float16)

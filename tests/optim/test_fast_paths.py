@@ -1,0 +1,274 @@
+"""The fast paths (the one-pass C++ kernel, torch's fused kernels) against the reference loop.
+
+Every case runs two optimizers on twin parameters fed the same gradients, one on a fast path
+and one with ``fused=False``, and compares parameters and every state tensor after 100 steps
+(float32: relative 1e-6, float64: 1e-12). The gradients come from a fixed random stream, not
+from the parameters, so the comparison measures the kernels' rounding and not its
+amplification by a chaotic training trajectory. Each case also checks which path ran, so a
+silent fallback to the reference loop cannot pass for the fast path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import decoupled
+from decoupled.optim import _kernels
+from tests.helpers import OptimizerInput, train, twin_models
+
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
+SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (1,), (40_000,)]  # the last spans two kernel chunks
+
+ADAM_INPUTS = [
+    OptimizerInput({"weight_decay": 0.1}, "decay"),
+    OptimizerInput({"weight_decay": 0.1, "amsgrad": True}, "amsgrad"),
+    OptimizerInput({"weight_decay": 0.05, "maximize": True}, "maximize"),
+    OptimizerInput({"betas": (0.3, 0.9), "eps": 1e-3}, "small beta1"),  # lerp's other branch
+    OptimizerInput({"lr": torch.tensor(0.01), "weight_decay": 0.2}, "tensor lr"),
+    OptimizerInput({"weight_decay": lambda step: 0.1 / step**0.5}, "decay schedule"),
+    OptimizerInput({"weight_decay": 0.3, "decay_to": "init"}, "decay to init"),
+    OptimizerInput({"weight_decay": 0.0}, "no decay"),
+]
+DECOUPLED_ONLY = [
+    OptimizerInput({"weight_decay": 0.5, "decay_scale": "schedule"}, "schedule"),
+    OptimizerInput({"weight_decay": 1e-4, "decay_scale": "constant"}, "constant"),
+    OptimizerInput({"weight_decay": 0.5, "decay_scale": "corrected"}, "corrected"),
+    OptimizerInput({"weight_decay": 0.5, "decay_to": "init", "decay_scale": "constant"}, "c>0.5"),
+]
+SGD_INPUTS = [
+    OptimizerInput({"lr": 0.05, "weight_decay": 0.1}, "plain"),
+    OptimizerInput({"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}, "momentum"),
+    OptimizerInput({"lr": 0.05, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01}, "damp"),
+    OptimizerInput({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}, "nag"),
+    OptimizerInput({"lr": 0.01, "momentum": 0.5, "maximize": True, "weight_decay": 0.1}, "max"),
+    OptimizerInput({"lr": 0.05, "momentum": 0.9, "weight_decay": 0.2, "decay_to": "init"}, "init"),
+]
+CASES = (
+    [(cls, inp) for cls in (decoupled.Adam, decoupled.AdamW) for inp in ADAM_INPUTS]
+    + [(decoupled.AdamW, inp) for inp in DECOUPLED_ONLY]
+    + [(cls, inp) for cls in (decoupled.SGD, decoupled.SGDW) for inp in SGD_INPUTS]
+)
+
+
+@pytest.fixture
+def path_log(monkeypatch):
+    """Records the name of the update function each step used."""
+    used: list[str] = []
+    for name in ("choose_adam_update", "choose_sgd_update"):
+        chooser = getattr(_kernels, name)
+
+        def recording(*args, _chooser=chooser, **kwargs):
+            update = _chooser(*args, **kwargs)
+            used.append(update.__name__)
+            return update
+
+        module = decoupled.optim.adam if "adam" in name else decoupled.optim.sgd
+        monkeypatch.setattr(module, name, recording)
+    return used
+
+
+@pytest.fixture
+def without_kernel(monkeypatch):
+    """As on a machine where the C++ kernel cannot be built."""
+    monkeypatch.setattr(_kernels, "_ops", None)
+
+
+class Params(torch.nn.Module):
+    def __init__(self, dtype, shapes=SHAPES):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.tensors = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype)) for s in shapes
+        )
+
+
+def run_both(cls, kwargs, dtype, steps=100, fused=None, shapes=SHAPES, scheduler=True):
+    """(fast optimizer, reference optimizer, fast params, reference params)."""
+    model_fast, model_reference = Params(dtype, shapes), Params(dtype, shapes)
+    kwargs = {"lr": 1e-2, **kwargs}
+    fast = cls(model_fast.parameters(), fused=fused, **copy.copy(kwargs))
+    reference = cls(model_reference.parameters(), fused=False, **kwargs)
+    make = lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps)  # noqa: E731
+    schedulers = [make(o) for o in (fast, reference)] if scheduler else []
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p_f, p_r in zip(model_fast.parameters(), model_reference.parameters()):
+            grad = torch.randn(p_f.shape, generator=generator, dtype=dtype)
+            p_f.grad, p_r.grad = grad.clone(), grad.clone()
+        fast.step()
+        reference.step()
+        for s in schedulers:
+            s.step()
+    return fast, reference, list(model_fast.parameters()), list(model_reference.parameters())
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_paths(fast, reference, params_f, params_r, tolerance):
+    """Relative error of the whole parameter vector and of each state vector (‖Δ‖∞/‖x‖∞): a
+    single entry crossing zero has no meaningful relative error of its own."""
+    assert relative_error(flat(params_f), flat(params_r)) <= tolerance
+    for key, value in reference.state[params_r[0]].items():
+        if key == "step":
+            assert all(fast.state[p]["step"] == reference.state[q]["step"]
+                       for p, q in zip(params_f, params_r))  # fmt: skip
+        elif torch.is_tensor(value):
+            state_f = flat(fast.state[p][key] for p in params_f)
+            state_r = flat(reference.state[p][key] for p in params_r)
+            assert relative_error(state_f, state_r) <= tolerance, key
+
+
+def test_the_kernel_builds_on_this_machine():
+    assert _kernels.kernel_ops() is not None
+
+
+@pytest.mark.parametrize("cls,inp", CASES, ids=lambda v: getattr(v, "__name__", repr(v)))
+def test_kernel_matches_the_reference_loop(cls, inp, path_log):
+    results = run_both(cls, inp.kwargs, torch.float32)
+    assert set(path_log[::2]) == {"kernel_adam_update" if "Adam" in cls.__name__
+                                  else "kernel_sgd_update"}  # fmt: skip
+    assert_close_paths(*results, TOLERANCE[torch.float32])
+
+
+TORCH_FUSED_CASES = [
+    (cls, inp)
+    for cls, inp in CASES
+    if "Adam" in cls.__name__
+    and "decay_to" not in inp.kwargs  # torch's kernels decay toward zero only
+    and not (cls is decoupled.AdamW and inp.desc == "tensor lr")  # rate c = lr·λ is a tensor
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cls,inp", TORCH_FUSED_CASES, ids=lambda v: getattr(v, "__name__", v))
+def test_torch_fused_path_matches_the_reference_loop(cls, inp, dtype, path_log, without_kernel):
+    results = run_both(cls, inp.kwargs, dtype)
+    assert set(path_log[::2]) == {"fused_adam_update"}
+    assert_close_paths(*results, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("cls", [decoupled.Adam, decoupled.SGDW])
+def test_without_a_fast_path_the_reference_loop_steps(cls, path_log, without_kernel):
+    """decay_to="init" has no torch kernel and SGD none at all: same code, same bits."""
+    fast, reference, params_f, params_r = run_both(cls, {"decay_to": "init"}, torch.float32)
+    assert set(path_log) == {"adam_update" if cls is decoupled.Adam else "sgd_update"}
+    assert all(torch.equal(p, q) for p, q in zip(params_f, params_r))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    optimizer=st.sampled_from(["Adam", "AdamW", "SGD", "SGDW"]),
+    lr=st.floats(1e-4, 0.05),
+    beta1=st.floats(0.0, 0.99),
+    beta2=st.floats(0.9, 0.9999),
+    momentum=st.floats(0.0, 0.99),
+    weight_decay=st.floats(0.0, 1.0),
+    flag=st.booleans(),
+    decay_scale=st.sampled_from(decoupled.DECAY_SCALES),
+    decay_to=st.sampled_from(["zero", "init"]),
+)
+def test_property_kernel_matches_reference(
+    optimizer, lr, beta1, beta2, momentum, weight_decay, flag, decay_scale, decay_to
+):
+    cls = getattr(decoupled, optimizer)
+    kwargs = dict(lr=lr, weight_decay=weight_decay, decay_to=decay_to)
+    if optimizer.startswith("Adam"):
+        kwargs.update(betas=(beta1, beta2), amsgrad=flag)
+    else:
+        kwargs.update(momentum=momentum, nesterov=flag and momentum > 0)
+    if optimizer.endswith("W"):
+        kwargs["decay_scale"] = decay_scale
+    results = run_both(cls, kwargs, torch.float32, steps=30, shapes=SHAPES[:4])
+    assert_close_paths(*results, TOLERANCE[torch.float32])
+
+
+def test_group_layouts_mixed_dtypes_layouts_and_missing_grads(path_log):
+    """Several groups with their own hyperparameters; a float64 group (torch's fused kernel),
+    channels_last and transposed (non-contiguous) tensors, a parameter without a gradient."""
+
+    def build():
+        generator = torch.Generator().manual_seed(0)
+        make = lambda *s, dtype=torch.float32: torch.nn.Parameter(  # noqa: E731
+            torch.randn(*s, generator=generator, dtype=dtype)
+        )
+        conv = make(8, 3, 3, 3)
+        conv.data = conv.data.contiguous(memory_format=torch.channels_last)
+        transposed = torch.nn.Parameter(make(6, 5).data.t())
+        return [conv, transposed, make(7), make(5, dtype=torch.float64), make(3)]
+
+    models = [build(), build()]
+    optimizers = [
+        decoupled.AdamW(
+            [
+                {"params": m[:2], "weight_decay": 0.3, "amsgrad": True},
+                {"params": m[2:3], "lr": 0.05, "decay_scale": "schedule"},
+                {"params": m[3:], "weight_decay": 0.0},
+            ],
+            lr=1e-2,
+            fused=fused,
+        )
+        for m, fused in zip(models, (None, False))
+    ]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        for p_f, p_r in zip(*models):
+            if p_f is models[0][-1]:
+                continue  # never gets a gradient: never touched
+            grad = torch.randn(p_f.shape, generator=generator, dtype=p_f.dtype)
+            p_f.grad = grad.clone(memory_format=torch.preserve_format)
+            p_r.grad = grad.clone(memory_format=torch.preserve_format)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert "kernel_adam_update" in path_log and "fused_adam_update" in path_log
+    fast, reference = optimizers
+    for p_f, p_r in zip(*models):
+        tolerance = TOLERANCE[p_f.dtype]
+        assert relative_error(flat([p_f]), flat([p_r])) <= tolerance
+        assert fast.state[p_f].keys() == reference.state[p_r].keys()
+        for key, value in reference.state[p_r].items():
+            assert relative_error(flat([fast.state[p_f][key]]), flat([value])) <= tolerance
+
+
+def test_the_kernel_changes_nothing_when_it_refuses_a_tensor():
+    ops = _kernels.kernel_ops()
+    params = [torch.ones(4), torch.ones(3)]
+    grads = [torch.ones(4), torch.ones(3, dtype=torch.float64)]  # the second is refused
+    moments = [[torch.zeros(4), torch.zeros(3)] for _ in range(2)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    done = ops.adam_step_(
+        params, grads, *moments, [], [], steps, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, True, False, False
+    )
+    assert done is False
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)
+    assert all(s.item() == 0 for s in steps) and all(not m.any() for pair in moments for m in pair)
+
+
+def test_state_dict_round_trips_between_paths():
+    """Kernel → reference → torch.optim and back: the state is the same torch-format dict."""
+    model, model_copy, shape = twin_models("mlp", torch.float32)
+    fast = decoupled.AdamW(model.parameters(), lr=1e-2)
+    train(model, fast, shape, 20, torch.float32)
+    saved = fast.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    model_copy.load_state_dict(model.state_dict())
+    reference = decoupled.AdamW(model_copy.parameters(), lr=1e-2, fused=False)
+    reference.load_state_dict(copy.deepcopy(saved))
+    torch_optimizer = torch.optim.AdamW(model_copy.parameters(), lr=1e-2)
+    torch_optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
+    back = decoupled.AdamW(model.parameters(), lr=1e-2)
+    back.load_state_dict(torch_optimizer.state_dict())
+    for p, q in zip(model.parameters(), model_copy.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(back.state[p][key], fast.state[p][key])
+            assert torch.equal(torch_optimizer.state[q][key], fast.state[p][key])
