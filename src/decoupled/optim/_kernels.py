@@ -8,7 +8,7 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, amsgrad,
    maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in one parallel
    region, one pass over memory. Built with the machine's C++ compiler the first time it is
-   needed (about 20 s, then cached by torch in ``TORCH_EXTENSIONS_DIR``); set
+   needed (about 30 s, then cached in ``TORCH_EXTENSIONS_DIR``); set
    ``DECOUPLED_NO_KERNEL=1`` to never build it.
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
    float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
@@ -59,8 +59,8 @@ def _cpu_tag() -> str:
 
 
 def kernel_ops():
-    """``torch.ops.decoupled_kernels``, building the C++ kernel on first use; None when it
-    cannot be built (no compiler, no ninja, ``DECOUPLED_NO_KERNEL=1``), with one warning."""
+    """The C++ kernel's module (``adam_step_``, ``sgd_step_``), built on first use; None when
+    it cannot be built (no compiler, no ninja, ``DECOUPLED_NO_KERNEL=1``), with one warning."""
     global _ops
     if _ops is not _NOT_TRIED:
         return _ops
@@ -77,21 +77,19 @@ def kernel_ops():
     folder = Path(root, f"{name}_{python}_torch{torch.__version__}".replace("+", "_"))
     if not (folder / f"{name}.so").exists():
         print(
-            "decoupled: building the one-pass CPU optimizer kernel (once per machine, ~20 s)",
+            "decoupled: building the one-pass CPU optimizer kernel (once per machine, ~30 s)",
             file=sys.stderr,
             flush=True,
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
+        _ops = cpp_extension.load(
             name=name,
             sources=[str(_SOURCE)],
             build_directory=str(folder),
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
-            is_python_module=False,
         )
-        _ops = torch.ops.decoupled_kernels
     except Exception as error:  # a missing compiler raises OSError, RuntimeError, ...
         warnings.warn(
             f"decoupled: the one-pass CPU kernel could not be built ({type(error).__name__}: "
