@@ -84,33 +84,36 @@ struct AdamScalars {
   uint32_t key;
 };
 
+// One chunk: `count` elements starting at element `first` of their tensor (the pointers
+// already point there). A 32-bit loop counter keeps the hash's index arithmetic in 32-bit
+// vector lanes.
 template <typename S, bool Amsgrad, Decay D, bool Ref>
 void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
-                S* __restrict v, S* __restrict vmax, const float* __restrict ref, int64_t begin,
-                int64_t end, AdamScalars s) {
+                S* __restrict v, S* __restrict vmax, const float* __restrict ref, uint32_t first,
+                int32_t count, AdamScalars s) {
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float grad = s.sign * g[i];
-    float param = p[i];
-    if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[i] : param);
+  for (int32_t k = 0; k < count; ++k) {
+    float grad = s.sign * g[k];
+    float param = p[k];
+    if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[k] : param);
     if constexpr (D == Decay::kDecoupled) {
-      if constexpr (Ref) param = lerp(param, ref[i], s.rate);
+      if constexpr (Ref) param = lerp(param, ref[k], s.rate);
       else param = param * s.keep;
     }
-    float exp_avg = lerp(load(m[i]), grad, s.beta1_weight);
-    float exp_avg_sq = load(v[i]) * s.beta2;
+    float exp_avg = lerp(load(m[k]), grad, s.beta1_weight);
+    float exp_avg_sq = load(v[k]) * s.beta2;
     exp_avg_sq = exp_avg_sq + s.one_minus_beta2 * grad * grad;
     float second = exp_avg_sq;
-    uint32_t random = mix(static_cast<uint32_t>(i) ^ s.key);
+    uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ s.key);
     if constexpr (Amsgrad) {
-      float previous = load(vmax[i]);
+      float previous = load(vmax[k]);
       second = previous > exp_avg_sq ? previous : exp_avg_sq;
-      store(&vmax[i], second, mix(random) & 0xFFFFU);
+      store(&vmax[k], second, mix(random) & 0xFFFFU);
     }
     float denom = std::sqrt(second) / s.bias_correction2_sqrt + s.eps;
-    p[i] = param + s.lr_neg_step_size * exp_avg / denom;
-    store(&m[i], exp_avg, random & 0xFFFFU);
-    store(&v[i], exp_avg_sq, random >> 16);
+    p[k] = param + s.lr_neg_step_size * exp_avg / denom;
+    store(&m[k], exp_avg, random & 0xFFFFU);
+    store(&v[k], exp_avg_sq, random >> 16);
   }
 }
 
@@ -120,8 +123,10 @@ using AdamChunk = void (*)(float*, const float*, void*, void*, void*, const floa
 template <typename S, bool Amsgrad, Decay D, bool Ref>
 void adam_chunk_erased(float* p, const float* g, void* m, void* v, void* vmax, const float* ref,
                        int64_t begin, int64_t end, AdamScalars s) {
-  adam_chunk<S, Amsgrad, D, Ref>(p, g, static_cast<S*>(m), static_cast<S*>(v),
-                                 static_cast<S*>(vmax), ref, begin, end, s);
+  auto at = [begin](void* base) { return base ? static_cast<S*>(base) + begin : nullptr; };
+  adam_chunk<S, Amsgrad, D, Ref>(p + begin, g + begin, at(m), at(v), at(vmax),
+                                 ref ? ref + begin : nullptr, static_cast<uint32_t>(begin),
+                                 static_cast<int32_t>(end - begin), s);
 }
 
 template <typename S, bool Amsgrad, Decay D>
