@@ -116,14 +116,52 @@ def test_state_dict_round_trip_through_torch_keeps_the_compact_state():
     torch_optimizer = torch.optim.AdamW([theta], lr=1e-2)
     torch_optimizer.load_state_dict(copy.deepcopy(saved))  # torch upcasts to θ's dtype
     assert torch_optimizer.state[theta]["exp_avg"].dtype == torch.float32
-    back = decoupled.AdamW([theta], lr=1e-2)
-    back.load_state_dict(torch_optimizer.state_dict())  # brings state_dtype in the group
-    assert back.param_groups[0]["state_dtype"] == torch.bfloat16
+    back = decoupled.AdamW([theta], lr=1e-2, **BF16)
+    back.load_state_dict(torch_optimizer.state_dict())  # a dict without state_dtype
+    assert back.param_groups[0]["state_dtype"] == torch.bfloat16  # the optimizer's choice
     theta.grad = torch.zeros_like(theta)
     back.step()  # the moments return to bfloat16, unchanged by the round trip
     assert back.state[theta]["exp_avg_sq"].dtype == torch.bfloat16
     expected = saved["state"][0]["exp_avg_sq"].float() * 0.999
     assert torch.allclose(back.state[theta]["exp_avg_sq"].float(), expected, rtol=2**-7)
+    float32 = decoupled.AdamW([theta], lr=1e-2)
+    float32.load_state_dict(copy.deepcopy(saved))  # a compact checkpoint, float32 optimizer
+    float32.step()
+    assert float32.param_groups[0]["state_dtype"] is None
+    assert float32.state[theta]["exp_avg_sq"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["kernel", "reference"])
+def test_channels_last_and_transposed_parameters_round_alike_on_both_paths(fused):
+    """The rounding bits follow memory order on both paths, whatever the layout."""
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.randn(8, 3, 3, 3, generator=generator).contiguous(
+        memory_format=torch.channels_last
+    )
+    params = [torch.nn.Parameter(conv), torch.nn.Parameter(torch.randn(5, 7).t())]
+    twins = [torch.nn.Parameter(p.detach().clone(memory_format=torch.preserve_format))
+             for p in params]  # fmt: skip
+    optimizers = [
+        decoupled.AdamW(params, lr=1e-2, amsgrad=True, fused=fused, **BF16),
+        decoupled.AdamW(twins, lr=1e-2, amsgrad=True, fused=False, **BF16),
+    ]
+    for _ in range(20):
+        for p, q in zip(params, twins):
+            grad = torch.randn(p.shape, generator=generator)
+            p.grad = (
+                grad.clone().contiguous(memory_format=torch.channels_last)
+                if p.dim() == 4
+                else grad.t().contiguous().t()
+            )
+            q.grad = p.grad.clone(memory_format=torch.preserve_format)
+        for optimizer in optimizers:
+            optimizer.step()
+    for p, q in zip(params, twins):
+        assert (p - q).abs().max() < 1e-5
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            a, b = optimizers[0].state[p][key], optimizers[1].state[q][key]
+            assert a.dtype == torch.bfloat16 and a.stride() == p.stride()
+            assert (a.float() != b.float()).float().mean() < 0.02, key
 
 
 def test_invalid_state_dtype_names_the_value():

@@ -272,3 +272,58 @@ def test_state_dict_round_trips_between_paths():
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(back.state[p][key], fast.state[p][key])
             assert torch.equal(torch_optimizer.state[q][key], fast.state[p][key])
+
+
+def test_the_kernel_bumps_versions_so_autograd_sees_the_change():
+    """As torch's in-place ops: stepping between forward and backward is an error."""
+    for optimizer_class in (decoupled.AdamW, decoupled.SGD):
+        weight = torch.nn.Parameter(torch.randn(4, 4))
+        optimizer = (
+            optimizer_class([weight], lr=0.1, momentum=0.9)
+            if optimizer_class is (decoupled.SGD)
+            else optimizer_class([weight], lr=0.1)
+        )
+        loss = (weight * weight).sum()
+        weight.grad = torch.randn(4, 4)
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
+def test_shared_memory_parameters_take_the_reference_loop(cls, path_log):
+    """Two parameters over one storage (views) must not be updated by two threads at once:
+    the kernel refuses them and the result is the reference loop's, bit for bit."""
+
+    def build():
+        base = torch.arange(2 * 70_000, dtype=torch.float32) / 70_000
+        return [torch.nn.Parameter(base[:70_000]), torch.nn.Parameter(base[35_000:105_000])]
+
+    ours, reference = build(), build()
+    optimizers = [cls(ps, lr=0.1, weight_decay=0.1, fused=f)
+                  for ps, f in ((ours, None), (reference, False))]  # fmt: skip
+    for step in range(3):
+        for p, q in zip(ours, reference):
+            p.grad = torch.full_like(p, step + 1.0)
+            q.grad = torch.full_like(q, step + 1.0)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, reference))
+
+
+def test_amsgrad_keeps_a_nan_maximum_like_torch_maximum():
+    for fused in (None, False):
+        theta = torch.nn.Parameter(torch.ones(3))
+        optimizer = decoupled.Adam([theta], amsgrad=True, fused=fused)
+        theta.grad = torch.ones(3)
+        optimizer.step()
+        optimizer.state[theta]["max_exp_avg_sq"][0] = float("nan")
+        optimizer.step()
+        assert optimizer.state[theta]["max_exp_avg_sq"][0].isnan(), fused
+
+
+def test_no_kernel_build_for_parameters_it_cannot_take(monkeypatch):
+    monkeypatch.setattr(_kernels, "kernel_ops", lambda: pytest.fail("kernel consulted"))
+    meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    assert not _kernels._kernel_applies(meta, 0.1)
+    assert not _kernels._kernel_applies([torch.nn.Parameter(torch.zeros(3).double())], 0.1)

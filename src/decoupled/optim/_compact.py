@@ -56,14 +56,25 @@ def rounding_bits(numel: int, step: float, position: int, device: torch.device) 
     return _mix(index ^ key)
 
 
+def in_memory_order(t: Tensor) -> Tensor:
+    """A 1-D view of a dense tensor's elements in the order they lie in memory (the kernel's
+    element index), for any layout: contiguous, channels_last or another permutation."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost in memory first
+    permuted = t.permute(order)
+    if not permuted.is_contiguous():
+        raise ValueError(f"bfloat16 state needs a dense tensor, got strides {t.stride()}")
+    return permuted.view(-1)
+
+
 def stochastic_round_(out: Tensor, value: Tensor, random16: Tensor) -> None:
-    """Write ``value`` into the bfloat16 tensor ``out``, rounded up with probability equal to
-    the discarded fraction: ``(bits(value) + r) >> 16`` for ``r`` uniform in [0, 2¹⁶)."""
-    value = value.float().reshape(-1)
+    """Write ``value`` into the bfloat16 tensor ``out`` (same shape and layout), rounded up
+    with probability equal to the discarded fraction: ``(bits(value) + r) >> 16`` for ``r``
+    uniform in [0, 2¹⁶), ``r[i]`` for the i-th element in memory order."""
+    value = in_memory_order(value.float())
     word = value.view(torch.int32).to(torch.int64) & _MASK32
     rounded = ((word + random16) & _MASK32) >> 16
     rounded = torch.where(value.isnan(), 0x7FC0, rounded)  # NaN stays NaN
-    out.view(torch.int16).view(-1).copy_(rounded.to(torch.int16))
+    in_memory_order(out.view(torch.int16)).copy_(rounded.to(torch.int16))
 
 
 def check_state_dtype(state_dtype: torch.dtype | None) -> None:
@@ -80,7 +91,7 @@ class CompactMoments:
 
     def __init__(self, stored: list[Tensor], dtype: torch.dtype):
         self.stored = stored
-        self.values = [t.to(dtype) for t in stored]
+        self.values = [t.to(dtype) for t in stored]  # same layout (preserve_format)
 
     def store(self, step: float, position: int) -> None:
         first = self.stored[0]

@@ -29,6 +29,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from operator import attrgetter
@@ -42,6 +43,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 _NOT_TRIED = object()
 _ops = _NOT_TRIED
+_building = threading.Lock()
 
 
 def _cpu_tag() -> str:
@@ -61,20 +63,28 @@ def _cpu_tag() -> str:
 def kernel_ops():
     """The C++ kernel's module (``adam_step_``, ``sgd_step_``), built on first use; None when
     it cannot be built (no compiler, no ninja, ``DECOUPLED_NO_KERNEL=1``), with one warning."""
+    if _ops is _NOT_TRIED:
+        with _building:  # one build per process; other threads wait for it
+            if _ops is _NOT_TRIED:
+                _build()
+    return _ops
+
+
+def _build() -> None:
     global _ops
-    if _ops is not _NOT_TRIED:
-        return _ops
-    _ops = None
     if os.environ.get("DECOUPLED_NO_KERNEL", "") not in ("", "0"):
-        return None
+        _ops = None
+        return
     from torch.utils import cpp_extension
 
+    source = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:8]
     name = f"decoupled_kernels_{_cpu_tag()}"
-    # one folder per CPU, Python and torch version: a binary built against another libtorch
-    # must not be loaded
+    # one folder per CPU, source, Python and torch version: a binary built from other code or
+    # against another libtorch must never be loaded
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    folder = Path(root, f"{name}_{python}_torch{torch.__version__}".replace("+", "_"))
+    version = f"{source}_{python}_torch{torch.__version__}".replace("+", "_")
+    folder = Path(root, f"{name}_{version}")
     if not (folder / f"{name}.so").exists():
         print(
             "decoupled: building the one-pass CPU optimizer kernel (once per machine, ~30 s)",
@@ -91,14 +101,14 @@ def kernel_ops():
             extra_ldflags=["-fopenmp"],
         )
     except Exception as error:  # a missing compiler raises OSError, RuntimeError, ...
+        _ops = None
         warnings.warn(
             f"decoupled: the one-pass CPU kernel could not be built ({type(error).__name__}: "
             f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); steps use "
             "torch's fused kernels or the reference loop instead",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
-    return _ops
 
 
 _PLAIN = {Parameter, Tensor}
@@ -113,10 +123,10 @@ def _kernel_applies(params: list[Tensor], lr: float | Tensor) -> bool:
         return False
     if not (set(map(type, params)) <= _PLAIN and set(map(_dtype, params)) == _FLOAT32):
         return False
-    return kernel_ops() is not None
+    return all(map(_is_cpu, params)) and kernel_ops() is not None
 
 
-_dtype = attrgetter("dtype")
+_dtype, _is_cpu = attrgetter("dtype"), attrgetter("is_cpu")
 
 
 def kernel_adam_update(

@@ -221,6 +221,16 @@ class Adam(DecayOptimizer):
                 if state_p and not torch.is_tensor(state_p["step"]):  # very old torch dicts
                     state_p["step"] = torch.tensor(float(state_p["step"]), dtype=torch.float32)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that each group keeps the ``state_dtype`` this optimizer was
+        built with: how the moments are stored is this process's choice, not the
+        checkpoint's (a torch.optim dict, which has none, would otherwise turn compact state
+        back into float32). The loaded moments are cast at the next step."""
+        chosen = [group["state_dtype"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, state_dtype in zip(self.param_groups, chosen):
+            group["state_dtype"] = state_dtype
+
     def _init_state(self, group: dict, param: Tensor) -> dict:
         state = self.state[param]
         dtype = group["state_dtype"] or param.dtype

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -107,7 +108,8 @@ void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
     uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ s.key);
     if constexpr (Amsgrad) {
       float previous = load(vmax[k]);
-      second = previous > exp_avg_sq ? previous : exp_avg_sq;
+      // torch.maximum: a NaN in either operand gives NaN
+      second = (previous > exp_avg_sq || previous != previous) ? previous : exp_avg_sq;
       store(&vmax[k], second, mix(random) & 0xFFFFU);
     }
     float denom = std::sqrt(second) / s.bias_correction2_sqrt + s.eps;
@@ -155,7 +157,29 @@ bool usable(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype) {
   return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided &&
          t.scalar_type() == dtype && t.is_non_overlapping_and_dense() &&
          t.sizes().equals(like.sizes()) && t.strides().equals(like.strides()) &&
-         !t.is_conj() && !t.is_neg();
+         !t.is_conj() && !t.is_neg() && !t.is_inference();
+}
+
+// Two parameters sharing memory (the same tensor listed twice, or views of one storage)
+// would be updated by two threads at once: such lists are refused.
+bool disjoint(at::TensorList params) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  spans.reserve(params.size());
+  for (const auto& p : params) {
+    const auto start = reinterpret_cast<uintptr_t>(p.data_ptr());
+    spans.emplace_back(start, start + p.numel() * p.element_size());
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) return false;
+  }
+  return true;
+}
+
+// What torch's in-place operations do, so autograd still notices a parameter changed
+// between a forward pass and its backward ("modified by an inplace operation").
+void bump_versions(at::TensorList tensors) {
+  for (const auto& t : tensors) t.unsafeGetTensorImpl()->bump_version();
 }
 
 bool usable_list(at::TensorList list, at::TensorList params, at::ScalarType dtype) {
@@ -184,6 +208,7 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 bool amsgrad, bool maximize) {
   const size_t n = params.size();
   if (n == 0) return true;
+  if (exp_avgs.size() != n) return false;
   const auto state_dtype = exp_avgs[0].scalar_type();
   if (state_dtype != at::kFloat && state_dtype != at::kBFloat16) return false;
   const bool ref = !references.empty();
@@ -191,11 +216,13 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
       !usable_list(exp_avgs, params, state_dtype) ||
       !usable_list(exp_avg_sqs, params, state_dtype) ||
       (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) ||
-      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n) {
+      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
+      !disjoint(params)) {
     return false;
   }
   for (const auto& step : steps) {
-    if (!step.device().is_cpu() || step.scalar_type() != at::kFloat || step.numel() != 1) {
+    if (!step.device().is_cpu() || step.scalar_type() != at::kFloat || step.numel() != 1 ||
+        step.is_inference()) {
       return false;
     }
   }
@@ -243,6 +270,8 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
             ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
     }
   });
+  for (auto written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
+  if (amsgrad) bump_versions(max_exp_avg_sqs);
   return true;
 }
 
@@ -315,7 +344,7 @@ bool sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
   if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
       (has_momentum && (!usable_list(momentum_buffers, params, at::kFloat) ||
                         fresh.size() != n)) ||
-      (ref && !usable_list(references, params, at::kFloat))) {
+      (ref && !usable_list(references, params, at::kFloat)) || !disjoint(params)) {
     return false;
   }
   Decay mode = Decay::kNone;
@@ -341,6 +370,8 @@ bool sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
                  ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars);
     }
   });
+  bump_versions(params);
+  if (has_momentum) bump_versions(momentum_buffers);
   return true;
 }
 
