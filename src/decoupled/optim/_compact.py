@@ -93,7 +93,10 @@ class CompactMoments:
         self.stored = stored
         self.values = [t.to(dtype) for t in stored]  # same layout (preserve_format)
 
-    def store(self, step: float, position: int) -> None:
+    # Inductor cannot compile the float <-> int bit views (torch 2.13): under torch.compile
+    # the rounding runs eagerly, between compiled graphs.
+    @torch.compiler.disable
+    def store(self, step: float | Tensor, position: int) -> None:
         first = self.stored[0]
         bits = rounding_bits(first.numel(), step, position, first.device)
         # the kernel's split of one hash: m gets the low 16 bits, v the high 16, max(v) a rehash
