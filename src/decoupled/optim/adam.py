@@ -128,7 +128,8 @@ class Adam(DecayOptimizer):
     r"""Adam with L2 regularization (``weight_decay`` is added to the gradient).
 
     A drop-in for ``torch.optim.Adam``: same arguments, same state keys (``step``,
-    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), bit-identical results on the CPU.
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), bit-identical results on the CPU with
+    ``fused=False`` (the default fast path agrees to float rounding).
     :class:`AdamW` is this class with the decay moved out of the gradient.
 
     {algorithm}
@@ -290,7 +291,7 @@ class AdamW(Adam):
     r"""AdamW: Adam with decoupled weight decay, ``θ ← θ·(1 − γλ)`` outside the scaling.
 
     A drop-in for ``torch.optim.AdamW`` (same defaults, ``weight_decay=1e-2``; same state;
-    bit-identical on the CPU).
+    bit-identical on the CPU with ``fused=False``).
 
     {algorithm}
 

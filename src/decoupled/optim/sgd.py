@@ -2,7 +2,7 @@ r"""SGD with L2 regularization and SGDW with decoupled weight decay: one core, o
 
 :func:`sgd_update` performs the same operations in the same order as torch.optim's
 single-tensor SGD (``torch/optim/sgd.py``, ``_single_tensor_sgd``), so results are
-bit-identical on the CPU.
+bit-identical on the CPU. Faster paths (``_kernels.py``) are tested against this loop.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class SGD(DecayOptimizer):
     r"""Stochastic gradient descent with momentum and L2 regularization.
 
     A drop-in for ``torch.optim.SGD`` (same arguments, state key ``momentum_buffer``,
-    bit-identical on the CPU). :class:`SGDW` differs only in the boxed line
+    bit-identical on the CPU with ``fused=False``). :class:`SGDW` differs only in the boxed line
     (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 1):
 
     .. math::
