@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decoupled
-from decoupled.optim import _kernels
+from decoupled.optim import _build, _kernels
 from tests.helpers import OptimizerInput, train, twin_models
 
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
@@ -75,7 +75,7 @@ def path_log(monkeypatch):
 @pytest.fixture
 def without_kernel(monkeypatch):
     """As on a machine where the C++ kernel cannot be built."""
-    monkeypatch.setattr(_kernels, "_ops", None)
+    monkeypatch.setattr(_build, "_ops", None)
 
 
 class Params(torch.nn.Module):

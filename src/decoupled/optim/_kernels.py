@@ -8,15 +8,16 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, amsgrad,
    maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in one parallel
    region, one pass over memory. Built with the machine's C++ compiler the first time it is
-   needed (about 30 s, then cached in ``TORCH_EXTENSIONS_DIR``); set
-   ``DECOUPLED_NO_KERNEL=1`` to never build it.
+   needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
    float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
    ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
    not for ``decay_to="init"``, complex parameters or bfloat16 state.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
    rates (the lab's batched executor), tensor subclasses such as DTensor, CUDA tensors (torch
-   keeps a fused kernel's step counters on the GPU, ours on the CPU), and ``torch.compile``.
+   keeps a fused kernel's step counters on the GPU, ours on the CPU), ``torch.compile``, and
+   groups the kernel refuses (parameters sharing memory, a gradient or state laid out
+   differently from its parameter).
 
 Results agree with the reference loop to float rounding, not bit for bit (operations are
 ordered the same, but torch's vectorized ``lerp`` uses a fused multiply-add); the tests hold
@@ -25,91 +26,14 @@ float32 to 1e-6 relative after 100 steps, and bfloat16 state to one bfloat16 rou
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
-import threading
-import warnings
 from collections.abc import Callable
 from operator import attrgetter
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-_SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
-_NOT_TRIED = object()
-_ops = _NOT_TRIED
-_building = threading.Lock()
-
-
-def _cpu_tag() -> str:
-    """A short name for this CPU's instruction sets: ``-march=native`` binaries are not
-    portable, and a home directory (the build cache) may be shared by different machines."""
-    flags = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags += line
-                break
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
-
-
-def kernel_ops():
-    """The C++ kernel's module (``adam_step_``, ``sgd_step_``), built on first use; None when
-    it cannot be built (no compiler, no ninja, ``DECOUPLED_NO_KERNEL=1``), with one warning."""
-    if _ops is _NOT_TRIED:
-        with _building:  # one build per process; other threads wait for it
-            if _ops is _NOT_TRIED:
-                _build()
-    return _ops
-
-
-def _build() -> None:
-    global _ops
-    if os.environ.get("DECOUPLED_NO_KERNEL", "") not in ("", "0"):
-        _ops = None
-        return
-    from torch.utils import cpp_extension
-
-    source = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:8]
-    name = f"decoupled_kernels_{_cpu_tag()}"
-    # one folder per CPU, source, Python and torch version: a binary built from other code or
-    # against another libtorch must never be loaded
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    version = f"{source}_{python}_torch{torch.__version__}".replace("+", "_")
-    folder = Path(root, f"{name}_{version}")
-    if not (folder / f"{name}.so").exists():
-        print(
-            "decoupled: building the one-pass CPU optimizer kernel (once per machine, ~30 s)",
-            file=sys.stderr,
-            flush=True,
-        )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        _ops = cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            build_directory=str(folder),
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as error:  # a missing compiler raises OSError, RuntimeError, ...
-        _ops = None
-        warnings.warn(
-            f"decoupled: the one-pass CPU kernel could not be built ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); steps use "
-            "torch's fused kernels or the reference loop instead",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
+from decoupled.optim._build import kernel_ops
 
 _PLAIN = {Parameter, Tensor}
 _FLOAT32 = {torch.float32}
