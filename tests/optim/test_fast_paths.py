@@ -327,3 +327,25 @@ def test_no_kernel_build_for_parameters_it_cannot_take(monkeypatch):
     meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
     assert not _kernels._kernel_applies(meta, 0.1)
     assert not _kernels._kernel_applies([torch.nn.Parameter(torch.zeros(3).double())], 0.1)
+
+
+def test_a_failed_build_warns_once_and_steps_go_on(monkeypatch, tmp_path):
+    broken = tmp_path / "kernels.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(_build, "_SOURCE", broken)
+    monkeypatch.setattr(_build, "_ops", _build._NOT_TRIED)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert _build.kernel_ops() is None
+    assert _build.kernel_ops() is None  # tried once per process
+    theta = torch.nn.Parameter(torch.ones(3))
+    optimizer = decoupled.AdamW([theta], lr=0.1)
+    theta.grad = torch.ones(3)
+    optimizer.step()  # torch's fused kernel instead
+    assert theta.lt(1).all()
+
+
+def test_decoupled_no_kernel_never_builds(monkeypatch):
+    monkeypatch.setattr(_build, "_ops", _build._NOT_TRIED)
+    monkeypatch.setenv("DECOUPLED_NO_KERNEL", "1")
+    assert _build.kernel_ops() is None
