@@ -47,11 +47,21 @@ SGD_INPUTS = [
     OptimizerInput({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}, "nag"),
     OptimizerInput({"lr": 0.01, "momentum": 0.5, "maximize": True, "weight_decay": 0.1}, "max"),
     OptimizerInput({"lr": 0.05, "momentum": 0.9, "weight_decay": 0.2, "decay_to": "init"}, "init"),
+    OptimizerInput({"lr": torch.tensor(0.05), "momentum": 0.9, "weight_decay": 0.1}, "tensor lr"),
+]
+SGDW_ONLY = [
+    OptimizerInput(
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.5, "decay_scale": "schedule"}, "schedule"
+    ),
+    OptimizerInput(
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "decay_scale": "constant"}, "constant"
+    ),
 ]
 CASES = (
     [(cls, inp) for cls in (decoupled.Adam, decoupled.AdamW) for inp in ADAM_INPUTS]
     + [(decoupled.AdamW, inp) for inp in DECOUPLED_ONLY]
     + [(cls, inp) for cls in (decoupled.SGD, decoupled.SGDW) for inp in SGD_INPUTS]
+    + [(decoupled.SGDW, inp) for inp in SGDW_ONLY]
 )
 
 
