@@ -53,6 +53,11 @@ def _kernel_applies(params: list[Tensor], lr: float | Tensor) -> bool:
 _dtype, _is_cpu = attrgetter("dtype"), attrgetter("is_cpu")
 
 
+def _kernel_references(references: list[Tensor | None] | None) -> list[Tensor]:
+    """θ₀ per parameter for ``decay_to="init"``, or the empty list the kernel takes for zero."""
+    return [] if references is None or references[0] is None else references
+
+
 def kernel_adam_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -60,71 +65,43 @@ def kernel_adam_update(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    references: list[Tensor | None] | None = None,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    decay: float | Tensor = 0.0,
-    amsgrad: bool = False,
-    maximize: bool = False,
+    **options,
 ) -> None:
-    """:func:`decoupled.optim.adam.adam_update` through the C++ kernel (falls back to it when
-    the kernel refuses a tensor)."""
+    """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
+    through ``adam_update`` itself when the kernel refuses a tensor."""
     from decoupled.optim.adam import adam_update
 
-    refs = [] if references is None or references[0] is None else references
+    o = {"references": None, "decay": 0.0, "amsgrad": False, "maximize": False, **options}
     done = kernel_ops().adam_step_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], refs,
-        state_steps, float(lr), beta1, beta2, eps, float(weight_decay), float(decay),
-        decoupled, amsgrad, maximize,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if o["amsgrad"] else [],
+        _kernel_references(o["references"]), state_steps, float(o["lr"]), o["beta1"],
+        o["beta2"], o["eps"], float(o["weight_decay"]), float(o["decay"]), o["decoupled"],
+        o["amsgrad"], o["maximize"],
     )  # fmt: skip
     if not done:
-        adam_update(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
-            references=references, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, decoupled=decoupled, decay=decay, amsgrad=amsgrad,
-            maximize=maximize,
-        )  # fmt: skip
+        adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
 
 
 def kernel_sgd_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    references: list[Tensor | None] | None = None,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    decoupled: bool,
-    decay: float | Tensor = 0.0,
-    maximize: bool = False,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], **options
 ) -> None:
-    """:func:`decoupled.optim.sgd.sgd_update` through the C++ kernel; new momentum buffers are
+    """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the C++ kernel, or
+    through ``sgd_update`` itself when the kernel refuses a tensor; new momentum buffers are
     written back into ``momentum_buffers`` as the reference does."""
     from decoupled.optim.sgd import sgd_update
 
-    refs = [] if references is None or references[0] is None else references
+    o = {"references": None, "decay": 0.0, "maximize": False, **options}
     fresh = [b is None for b in momentum_buffers]
     buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
     done = kernel_ops().sgd_step_(
-        params, grads, buffers, fresh, refs, float(lr), momentum, dampening, nesterov,
-        float(weight_decay), float(decay), decoupled, maximize,
+        params, grads, buffers, fresh, _kernel_references(o["references"]), float(o["lr"]),
+        o["momentum"], o["dampening"], o["nesterov"], float(o["weight_decay"]),
+        float(o["decay"]), o["decoupled"], o["maximize"],
     )  # fmt: skip
-    if not done:
-        sgd_update(
-            params, grads, momentum_buffers, lr=lr, references=references, momentum=momentum,
-            dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-            decoupled=decoupled, decay=decay, maximize=maximize,
-        )  # fmt: skip
-        return
-    momentum_buffers[:] = buffers
+    if done:
+        momentum_buffers[:] = buffers
+    else:
+        sgd_update(params, grads, momentum_buffers, **options)
 
 
 def can_fuse(

@@ -33,6 +33,8 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item (128 KiB of float32)
 
+using Tensors = std::vector<at::Tensor>;  // what pybind11 makes of a Python list of tensors
+
 enum class Decay { kNone, kL2, kDecoupled };
 
 // lowbias32, an integer hash by Chris Wellons (hash-prospector); mirrored in _compact.py.
@@ -71,6 +73,37 @@ inline float lerp(float a, float b, float w) {
   return std::abs(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
 }
 
+Decay decay_mode(bool decoupled, double weight_decay, double decay) {
+  if (decoupled) return decay != 0 ? Decay::kDecoupled : Decay::kNone;
+  return weight_decay != 0 ? Decay::kL2 : Decay::kNone;
+}
+
+struct DecayScalars {
+  float weight_decay;  // λ (L2)
+  float keep;          // 1 − c (decoupled, toward zero)
+  float rate;          // c (decoupled, toward a reference)
+  float sign;          // −1 to maximize
+};
+
+DecayScalars decay_scalars(double weight_decay, double decay, bool maximize) {
+  return {static_cast<float>(weight_decay), static_cast<float>(1 - decay),
+          static_cast<float>(decay), maximize ? -1.0f : 1.0f};
+}
+
+// What every update does first, as the reference loops and decay.py: the gradient (negated to
+// maximize), then the one place L2 and decoupled decay differ — L2 adds λ·(θ − θ₀) to the
+// gradient, decoupled decay moves θ by c toward θ₀ (θ·(1 − c) toward zero).
+template <Decay D, bool Ref>
+inline void apply_decay(float& grad, float& param, float g, const float* ref, int64_t k,
+                  const DecayScalars& s) {
+  grad = s.sign * g;
+  if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[k] : param);
+  if constexpr (D == Decay::kDecoupled) {
+    if constexpr (Ref) param = lerp(param, ref[k], s.rate);
+    else param = param * s.keep;
+  }
+}
+
 struct AdamScalars {
   float lr_neg_step_size;  // −γ/(1 − β1ᵗ)
   float bias_correction2_sqrt;
@@ -78,10 +111,7 @@ struct AdamScalars {
   float beta2;
   float one_minus_beta2;
   float eps;
-  float weight_decay;  // λ (L2)
-  float keep;          // 1 − c (decoupled, toward zero)
-  float rate;          // c (decoupled, toward a reference)
-  float sign;          // −1 to maximize
+  DecayScalars decay;
   uint32_t key;
 };
 
@@ -94,13 +124,8 @@ void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
                 int32_t count, AdamScalars s) {
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
-    float grad = s.sign * g[k];
-    float param = p[k];
-    if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[k] : param);
-    if constexpr (D == Decay::kDecoupled) {
-      if constexpr (Ref) param = lerp(param, ref[k], s.rate);
-      else param = param * s.keep;
-    }
+    float grad, param = p[k];
+    apply_decay<D, Ref>(grad, param, g[k], ref, k, s.decay);
     float exp_avg = lerp(load(m[k]), grad, s.beta1_weight);
     float exp_avg_sq = load(v[k]) * s.beta2;
     exp_avg_sq = exp_avg_sq + s.one_minus_beta2 * grad * grad;
@@ -190,20 +215,27 @@ bool usable_list(at::TensorList list, at::TensorList params, at::ScalarType dtyp
   return true;
 }
 
-// (tensor, first element) of every chunk of every tensor: the units shared among threads.
-std::vector<std::pair<int64_t, int64_t>> chunks(at::TensorList params) {
-  std::vector<std::pair<int64_t, int64_t>> work;
+// Calls update(t, begin, end) for every chunk of every tensor, the chunks of all tensors
+// shared among the threads of one parallel region.
+template <typename Update>
+void for_each_chunk(at::TensorList params, const Update& update) {
+  std::vector<std::pair<int64_t, int64_t>> work;  // (tensor, first element) of each chunk
   for (size_t t = 0; t < params.size(); ++t) {
     for (int64_t begin = 0; begin < params[t].numel(); begin += kChunk) {
       work.emplace_back(static_cast<int64_t>(t), begin);
     }
   }
-  return work;
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const auto [t, begin] = work[w];
+      update(t, begin, std::min(begin + kChunk, params[t].numel()));
+    }
+  });
 }
 
-bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                at::TensorList references, at::TensorList steps, double lr, double beta1,
+bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+                const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+                const Tensors& references, const Tensors& steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double decay, bool decoupled,
                 bool amsgrad, bool maximize) {
   const size_t n = params.size();
@@ -227,9 +259,7 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     }
   }
 
-  Decay mode = Decay::kNone;
-  if (decoupled && decay != 0) mode = Decay::kDecoupled;
-  if (!decoupled && weight_decay != 0) mode = Decay::kL2;
+  const Decay mode = decay_mode(decoupled, weight_decay, decay);
   const AdamChunk chunk = pick_adam(state_dtype == at::kBFloat16, amsgrad, mode, ref);
 
   std::vector<AdamScalars> scalars(n);
@@ -248,10 +278,7 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
           static_cast<float>(beta2),
           static_cast<float>(1 - beta2),
           static_cast<float>(eps),
-          static_cast<float>(weight_decay),
-          static_cast<float>(1 - decay),
-          static_cast<float>(decay),
-          maximize ? -1.0f : 1.0f,
+          decay_scalars(weight_decay, decay, maximize),
           0,
       };
       previous_count = count;
@@ -260,17 +287,12 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
     }
     scalars[t].key = rounding_key(count, static_cast<int64_t>(t));
   }
-  const auto work = chunks(params);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) {
-      const auto [t, begin] = work[w];
-      const int64_t end = std::min(begin + kChunk, params[t].numel());
-      chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(), exp_avgs[t].data_ptr(),
-            exp_avg_sqs[t].data_ptr(), amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
-            ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
-    }
+  for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+    chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(), exp_avgs[t].data_ptr(),
+          exp_avg_sqs[t].data_ptr(), amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
+          ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
   });
-  for (auto written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
+  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
   if (amsgrad) bump_versions(max_exp_avg_sqs);
   return true;
 }
@@ -279,10 +301,7 @@ struct SgdScalars {
   float neg_lr;
   float momentum;
   float one_minus_dampening;
-  float weight_decay;
-  float keep;
-  float rate;
-  float sign;
+  DecayScalars decay;
 };
 
 template <Decay D, bool Ref, bool Momentum, bool Fresh, bool Nesterov>
@@ -290,13 +309,8 @@ void sgd_chunk(float* __restrict p, const float* __restrict g, float* __restrict
                const float* __restrict ref, int64_t begin, int64_t end, SgdScalars s) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    float grad = s.sign * g[i];
-    float param = p[i];
-    if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[i] : param);
-    if constexpr (D == Decay::kDecoupled) {
-      if constexpr (Ref) param = lerp(param, ref[i], s.rate);
-      else param = param * s.keep;
-    }
+    float grad, param = p[i];
+    apply_decay<D, Ref>(grad, param, g[i], ref, i, s.decay);
     if constexpr (Momentum) {
       float b = Fresh ? grad : buf[i] * s.momentum + s.one_minus_dampening * grad;
       buf[i] = b;
@@ -333,10 +347,10 @@ SgdChunk pick_sgd(Decay decay, bool ref, bool momentum, bool fresh, bool nestero
 }
 
 // `fresh[t]`: the buffer of tensor t is new (its first step): b ← g, as torch does.
-bool sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-               const std::vector<bool>& fresh, at::TensorList references, double lr, double momentum,
-               double dampening, bool nesterov, double weight_decay, double decay,
-               bool decoupled, bool maximize) {
+bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers,
+               const std::vector<bool>& fresh, const Tensors& references, double lr,
+               double momentum, double dampening, bool nesterov, double weight_decay,
+               double decay, bool decoupled, bool maximize) {
   const size_t n = params.size();
   if (n == 0) return true;
   const bool ref = !references.empty();
@@ -347,28 +361,18 @@ bool sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
       (ref && !usable_list(references, params, at::kFloat)) || !disjoint(params)) {
     return false;
   }
-  Decay mode = Decay::kNone;
-  if (decoupled && decay != 0) mode = Decay::kDecoupled;
-  if (!decoupled && weight_decay != 0) mode = Decay::kL2;
-  const SgdScalars scalars{
-      static_cast<float>(-lr),        static_cast<float>(momentum),
-      static_cast<float>(1 - dampening), static_cast<float>(weight_decay),
-      static_cast<float>(1 - decay),  static_cast<float>(decay),
-      maximize ? -1.0f : 1.0f,
-  };
+  const Decay mode = decay_mode(decoupled, weight_decay, decay);
+  const SgdScalars scalars{static_cast<float>(-lr), static_cast<float>(momentum),
+                           static_cast<float>(1 - dampening),
+                           decay_scalars(weight_decay, decay, maximize)};
   std::vector<SgdChunk> kernels(n);
   for (size_t t = 0; t < n; ++t) {
     kernels[t] = pick_sgd(mode, ref, has_momentum, has_momentum && fresh[t], nesterov);
   }
-  const auto work = chunks(params);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t w = first; w < last; ++w) {
-      const auto [t, begin] = work[w];
-      const int64_t end = std::min(begin + kChunk, params[t].numel());
-      kernels[t](params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
-                 has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
-                 ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars);
-    }
+  for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+    kernels[t](params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
+               has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
+               ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars);
   });
   bump_versions(params);
   if (has_momentum) bump_versions(momentum_buffers);
@@ -377,31 +381,10 @@ bool sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momen
 
 }  // namespace
 
-// Python bindings: pybind11 converts a list of 1000 tensors several times faster than the
-// dispatcher's boxed calling convention (torch.ops), which matters for models of many small
-// tensors. The GIL is released while the threads work.
-using Tensors = std::vector<at::Tensor>;
-
+// Python bindings (pybind11 converts a list of 1000 tensors several times faster than the
+// dispatcher's boxed calls through torch.ops, which matters for models of many small
+// tensors). The GIL is released while the threads work.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def(
-      "adam_step_",
-      [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-         const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& references,
-         const Tensors& steps, double lr, double beta1, double beta2, double eps,
-         double weight_decay, double decay, bool decoupled, bool amsgrad, bool maximize) {
-        return adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references,
-                          steps, lr, beta1, beta2, eps, weight_decay, decay, decoupled, amsgrad,
-                          maximize);
-      },
-      py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "sgd_step_",
-      [](const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers,
-         const std::vector<bool>& fresh, const Tensors& references, double lr, double momentum,
-         double dampening, bool nesterov, double weight_decay, double decay, bool decoupled,
-         bool maximize) {
-        return sgd_step_(params, grads, momentum_buffers, fresh, references, lr, momentum,
-                         dampening, nesterov, weight_decay, decay, decoupled, maximize);
-      },
-      py::call_guard<py::gil_scoped_release>());
+  m.def("adam_step_", &adam_step_, py::call_guard<py::gil_scoped_release>());
+  m.def("sgd_step_", &sgd_step_, py::call_guard<py::gil_scoped_release>());
 }
