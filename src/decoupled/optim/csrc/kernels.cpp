@@ -115,13 +115,13 @@ struct AdamScalars {
   uint32_t key;
 };
 
-// One chunk: `count` elements starting at element `first` of their tensor (the pointers
-// already point there). A 32-bit loop counter keeps the hash's index arithmetic in 32-bit
-// vector lanes.
+// `count` elements starting at element `first` of their tensor (the pointers already point
+// there). A 32-bit loop counter keeps the hash's index arithmetic in 32-bit vector lanes.
 template <typename S, bool Amsgrad, Decay D, bool Ref>
-void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
-                S* __restrict v, S* __restrict vmax, const float* __restrict ref, uint32_t first,
-                int32_t count, AdamScalars s) {
+__attribute__((always_inline)) inline void adam_elements(
+    float* __restrict p, const float* __restrict g, S* __restrict m, S* __restrict v,
+    S* __restrict vmax, const float* __restrict ref, uint32_t first, int32_t count,
+    const AdamScalars& s) {
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
     float grad, param = p[k];
@@ -142,6 +142,44 @@ void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
     store(&m[k], exp_avg, random & 0xFFFFU);
     store(&v[k], exp_avg_sq, random >> 16);
   }
+}
+
+// Software prefetch of every stream kAhead elements ahead, one block of kBlock elements at a
+// time. It pays only with bfloat16 state: measured on one core of this Zen 4 machine, the
+// bfloat16 step streamed 2.4–2.5 G params/s without it and 2.9–3.1 with it, when one core's
+// memory parallelism (not the memory bus) is the limit; float32 gained nothing.
+constexpr int32_t kBlock = 64;
+constexpr int32_t kAhead = 1024;
+
+template <typename T>
+inline void prefetch_block(const T* base, int32_t k) {
+  // prefetching past the end of an allocation is harmless: prefetches never fault
+  const char* start = reinterpret_cast<const char*>(base + k + kAhead);
+  for (size_t offset = 0; offset < kBlock * sizeof(T); offset += 64) {
+    __builtin_prefetch(start + offset, 1, 3);
+  }
+}
+
+// One chunk of a tensor: its elements [first, first + count).
+template <typename S, bool Amsgrad, Decay D, bool Ref>
+void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
+                S* __restrict v, S* __restrict vmax, const float* __restrict ref, uint32_t first,
+                int32_t count, AdamScalars s) {
+  int32_t k = 0;
+  if constexpr (sizeof(S) < sizeof(float)) {
+    for (; k + kBlock <= count; k += kBlock) {
+      prefetch_block(p, k);
+      prefetch_block(g, k);
+      prefetch_block(m, k);
+      prefetch_block(v, k);
+      if constexpr (Amsgrad) prefetch_block(vmax, k);
+      if constexpr (Ref) prefetch_block(ref, k);
+      adam_elements<S, Amsgrad, D, Ref>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
+                                        Ref ? ref + k : nullptr, first + k, kBlock, s);
+    }
+  }
+  adam_elements<S, Amsgrad, D, Ref>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
+                                    Ref ? ref + k : nullptr, first + k, count - k, s);
 }
 
 using AdamChunk = void (*)(float*, const float*, void*, void*, void*, const float*, int64_t,
