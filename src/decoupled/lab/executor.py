@@ -21,6 +21,7 @@ import torch
 from decoupled.lab.store import ResultStore, config_key
 from decoupled.lab.tasks import Task, TaskData, get_task
 from decoupled.lab.train import RunSpec, run
+from decoupled.optim._build import kernel_ops
 
 # Per process: loaded tasks and data (keyed by task name and data dir), and open stores.
 _TASKS: dict[tuple[str, str | None], tuple[Task, TaskData]] = {}
@@ -118,6 +119,8 @@ def execute(
 
 def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
     threads = max(1, (os.cpu_count() or 1) // workers)
+    if not torch.cuda.is_available():
+        kernel_ops()  # built (or found) once here, so the workers only load it
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     pool = ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
