@@ -165,6 +165,10 @@ template <typename S, bool Amsgrad, Decay D, bool Ref>
 void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
                 S* __restrict v, S* __restrict vmax, const float* __restrict ref, uint32_t first,
                 int32_t count, AdamScalars s) {
+  const auto elements = [&](int32_t k, int32_t n) {
+    adam_elements<S, Amsgrad, D, Ref>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
+                                      Ref ? ref + k : nullptr, first + k, n, s);
+  };
   int32_t k = 0;
   if constexpr (sizeof(S) < sizeof(float)) {
     for (; k + kBlock <= count; k += kBlock) {
@@ -174,12 +178,10 @@ void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
       prefetch_block(v, k);
       if constexpr (Amsgrad) prefetch_block(vmax, k);
       if constexpr (Ref) prefetch_block(ref, k);
-      adam_elements<S, Amsgrad, D, Ref>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
-                                        Ref ? ref + k : nullptr, first + k, kBlock, s);
+      elements(k, kBlock);
     }
   }
-  adam_elements<S, Amsgrad, D, Ref>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
-                                    Ref ? ref + k : nullptr, first + k, count - k, s);
+  elements(k, count - k);
 }
 
 using AdamChunk = void (*)(float*, const float*, void*, void*, void*, const float*, int64_t,
