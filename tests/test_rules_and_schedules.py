@@ -85,6 +85,18 @@ def test_rule_errors_name_the_value(name, value):
         weight_decay_for_timescale(**args)
 
 
+def test_rules_take_numpy_numbers_and_refuse_non_numbers():
+    import numpy as np
+
+    lam = weight_decay_for_timescale(5.0, np.float32(1e-3), np.int64(128), np.int64(50_000))
+    assert lam == pytest.approx(128 / (1e-3 * 5.0 * 50_000), rel=1e-6)
+    assert normalized_weight_decay(np.float64(0.05), 128, 50_000, 100) > 0
+    with pytest.raises(ValueError, match=r"Invalid lambda_norm value: 'a'"):
+        normalized_weight_decay("a", 128, 50_000, 100)
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value: None"):
+        timescale(None, 1e-3, 128, 50_000)
+
+
 def lr_sequence(scheduler_fn, steps, optimizer_cls=torch.optim.SGD, lr=0.1):
     optimizer = optimizer_cls([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     scheduler = scheduler_fn(optimizer)

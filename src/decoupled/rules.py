@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import math
 
+from decoupled.optim._base import is_number
 from decoupled.optim.decay import convert_weight_decay
 
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ValueError(f"Invalid {name} value: {value!r} (must be a number > 0)")
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"Invalid {name} value: {value} (must be finite and > 0)")
+
+
+def _check_nonnegative(**values: float) -> None:
+    for name, value in values.items():
+        if not (is_number(value) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
 
 
 def normalized_weight_decay(
@@ -32,8 +39,7 @@ def normalized_weight_decay(
     ImageNet32x32 vs CIFAR-10 remark).
     """
     _check_positive(batch_size=batch_size, dataset_size=dataset_size, epochs=epochs)
-    if not (math.isfinite(lambda_norm) and lambda_norm >= 0):
-        raise ValueError(f"Invalid lambda_norm value: {lambda_norm} (must be finite and >= 0)")
+    _check_nonnegative(lambda_norm=lambda_norm)
     return lambda_norm * math.sqrt(batch_size / (dataset_size * epochs))
 
 
@@ -69,8 +75,7 @@ def timescale(
     """The EMA timescale in epochs, ``τ_epoch = b/(γ·λ_lr·N)``: the inverse of
     :func:`weight_decay_for_timescale` (Wang & Aitchison 2024). Infinite for λ = 0."""
     _check_positive(lr=lr, batch_size=batch_size, dataset_size=dataset_size)
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be finite and >= 0)")
+    _check_nonnegative(weight_decay=weight_decay)
     lambda_lr = convert_weight_decay(weight_decay, convention, "lr", lr, max_lr)
     if lambda_lr == 0:
         return math.inf

@@ -14,6 +14,7 @@ import torch
 
 import decoupled
 from decoupled.schedules import CosineWarmRestarts
+from tests.helpers import assert_same_training_state, train, twin_models
 
 PEAK_LR, LAMBDA = 0.1, 0.5
 WARMUP, T_0, T_MULT, STEPS = 3, 4, 2, 30
@@ -120,22 +121,48 @@ def test_peak_lr_is_max_lr_then_initial_lr_then_construction_lr():
     assert 1 - theta.item() == pytest.approx(LAMBDA * 0.05 / 0.5)
 
 
+def test_an_lr_above_the_peak_is_refused_with_the_fix():
+    """CyclicLR records its lowest lr as initial_lr: dividing by it would decay up to
+    max_lr/base_lr times too fast (η_t > 1). The step raises, naming max_lr; with max_lr
+    given, c = (γ_t/α)·λ."""
+    make_cyclic = lambda o: torch.optim.lr_scheduler.CyclicLR(  # noqa: E731
+        o, base_lr=0.001, max_lr=0.01, step_size_up=5, cycle_momentum=False
+    )
+    theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    optimizer = decoupled.AdamW([theta], lr=0.01, weight_decay=0.5, decay_scale="schedule")
+    scheduler = make_cyclic(optimizer)
+    theta.grad = torch.zeros_like(theta)
+    optimizer.step()  # lr = base_lr = initial_lr: fine
+    scheduler.step()
+    before = theta.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"Invalid max_lr value: None: the lr 0\.0028.* initial_lr"
+    ):
+        optimizer.step()
+    assert torch.equal(theta.detach(), before)
+
+    rates, lrs = observed_rates(
+        decoupled.AdamW, 8, make_cyclic, lr=0.01, weight_decay=0.5, decay_scale="schedule",
+        max_lr=0.01,
+    )  # fmt: skip
+    for rate, lr in zip(rates, lrs):
+        assert rate == pytest.approx(lr / 0.01 * 0.5, rel=1e-9)
+
+
 @pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW, decoupled.Adam, decoupled.SGD])
 def test_weight_decay_schedule_callable(cls):
-    def schedule(step):
-        return 0.1 * step
-
-    theta = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    optimizer = cls([theta], lr=0.5, weight_decay=schedule)
+    """A schedule step -> λ equals setting the group's λ by hand before each step (bit for
+    bit, every state tensor), and step t receives λ(t) counted from 1."""
+    model, model_hand, shape = twin_models("mlp", torch.float64)
+    kwargs = {"lr": 0.05, "momentum": 0.9} if cls in (decoupled.SGD, decoupled.SGDW) else {}
+    scheduled = cls(model.parameters(), weight_decay=lambda step: 0.1 * step, **kwargs)
+    by_hand = cls(model_hand.parameters(), weight_decay=0.0, **kwargs)
     for step in range(1, 6):
-        before = theta.detach().clone()
-        theta.grad = torch.zeros_like(theta)
-        optimizer.step()
-        if cls in (decoupled.AdamW, decoupled.SGDW):
-            assert 1 - (theta / before)[0].item() == pytest.approx(0.5 * 0.1 * step, rel=1e-12)
-        elif cls is decoupled.SGD:  # L2 with zero gradient: θ ← θ − γ·λ_t·θ
-            assert 1 - (theta / before)[0].item() == pytest.approx(0.5 * 0.1 * step, rel=1e-12)
-    assert optimizer.param_groups[0]["decay_steps"] == 5
+        by_hand.param_groups[0]["weight_decay"] = 0.1 * step
+        train(model, scheduled, shape, 1, torch.float64, seed=step)
+        train(model_hand, by_hand, shape, 1, torch.float64, seed=step)
+    assert_same_training_state(scheduled, by_hand, model, model_hand)
+    assert scheduled.param_groups[0]["decay_steps"] == 5
 
 
 def test_weight_decay_schedule_returning_a_bad_value_names_it():

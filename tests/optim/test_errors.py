@@ -11,12 +11,20 @@ import decoupled
 
 ADAMS = (decoupled.Adam, decoupled.AdamW)
 SGDS = (decoupled.SGD, decoupled.SGDW)
+DECOUPLED = (decoupled.AdamW, decoupled.SGDW)
 
 ERROR_TABLE = [
     (ADAMS + SGDS, {"lr": -0.1}, ValueError, r"Invalid lr value: -0\.1"),
     (ADAMS + SGDS, {"lr": math.inf}, ValueError, r"Invalid lr value: inf"),
     (ADAMS + SGDS, {"lr": math.nan}, ValueError, r"Invalid lr value: nan"),
-    (ADAMS + SGDS, {"lr": torch.tensor([0.1, 0.2])}, ValueError, r"Tensor lr must be 1-element"),
+    (
+        ADAMS + SGDS,
+        {"lr": torch.tensor([0.1, 0.2])},
+        ValueError,
+        r"lr value: tensor of shape \(2,\)",
+    ),
+    (ADAMS + SGDS, {"lr": "0.1"}, ValueError, r"Invalid lr value: '0\.1' \(must be a number\)"),
+    (ADAMS + SGDS, {"weight_decay": "a"}, ValueError, r"Invalid weight_decay value: 'a'"),
     (ADAMS + SGDS, {"weight_decay": -0.1}, ValueError, r"Invalid weight_decay value: -0\.1"),
     (ADAMS + SGDS, {"weight_decay": math.nan}, ValueError, r"Invalid weight_decay value: nan"),
     (ADAMS, {"eps": 0.0}, ValueError, r"Invalid eps value: 0\.0"),
@@ -24,7 +32,17 @@ ERROR_TABLE = [
     (ADAMS, {"betas": (1.0, 0.999)}, ValueError, r"Invalid betas\[0\] value: 1\.0"),
     (ADAMS, {"betas": (0.9, -0.1)}, ValueError, r"Invalid betas\[1\] value: -0\.1"),
     (ADAMS, {"betas": (0.9, 1.5)}, ValueError, r"Invalid betas\[1\] value: 1\.5"),
+    (ADAMS, {"betas": (0.9, 0.99, 0.9)}, ValueError, r"Invalid betas value: \(0\.9, 0\.99, 0\.9\)"),
+    (ADAMS, {"eps": math.nan}, ValueError, r"Invalid eps value: nan"),
+    (ADAMS, {"capturable": True}, ValueError, r"Invalid capturable value: True"),
+    (ADAMS + SGDS, {"differentiable": True}, ValueError, r"Invalid differentiable value: True"),
+    (ADAMS + SGDS, {"foreach": True, "fused": True}, ValueError, r"Invalid foreach value"),
+    (DECOUPLED, {"max_lr": 0.0}, ValueError, r"Invalid max_lr value: 0\.0"),
+    (DECOUPLED, {"decay_period": 0.5}, ValueError, r"decay_period value: 0\.5"),
+    (DECOUPLED, {"decay_period": "9"}, ValueError, r"decay_period value: '9'"),
+    (DECOUPLED, {"lambda_norm": "a"}, ValueError, r"lambda_norm value: 'a'"),
     (SGDS, {"momentum": -0.9}, ValueError, r"Invalid momentum value: -0\.9"),
+    (SGDS, {"momentum": math.inf}, ValueError, r"Invalid momentum value: inf"),
     (SGDS, {"dampening": 1.5}, ValueError, r"Invalid dampening value: 1\.5"),
     (SGDS, {"nesterov": True}, ValueError, r"Invalid nesterov value: True with momentum=0"),
     (SGDS, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, r"dampening=0\.1"),
@@ -72,3 +90,65 @@ def test_sparse_gradients_are_refused_at_step(cls):
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
         optimizer.step()
+
+
+GROUP_ERRORS = [
+    (ADAMS, {"betas": (1.5, 0.9)}, r"Invalid betas\[0\] value: 1\.5"),
+    (ADAMS, {"eps": -1.0}, r"Invalid eps value: -1\.0"),
+    (SGDS, {"momentum": -1.0}, r"Invalid momentum value: -1\.0"),
+    (SGDS, {"nesterov": True}, r"Invalid nesterov value: True with momentum=0"),
+    (ALL, {"lr": -1.0}, r"Invalid lr value: -1\.0"),
+    (
+        (decoupled.Adam, decoupled.SGD),
+        {"lambda_norm": 0.05},
+        r"lambda_norm value: 0\.05 \(only for",
+    ),
+    ((decoupled.Adam, decoupled.SGD), {"decay_scale": "lr"}, r"decay_scale value: 'lr' \(only for"),
+]
+GROUP_CASES = [
+    pytest.param(cls, group, regex, id=f"{cls.__name__}-{sorted(group)}")
+    for classes, group, regex in GROUP_ERRORS
+    for cls in classes
+]
+
+
+@pytest.mark.parametrize("cls,group,regex", GROUP_CASES)
+def test_a_refused_param_group_leaves_the_optimizer_as_it_was(cls, group, regex):
+    """Every group is checked like the defaults, and a refused add_param_group adds nothing:
+    the optimizer keeps stepping its other groups."""
+    kept = torch.nn.Parameter(torch.ones(2))
+    optimizer = cls([kept], lr=0.1)
+    before = optimizer.state_dict()
+    with pytest.raises(ValueError, match=regex):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], **group})
+    assert optimizer.state_dict() == before and len(optimizer.param_groups) == 1
+    kept.grad = torch.ones(2)
+    optimizer.step()
+    assert not torch.equal(kept.detach(), torch.ones(2))
+    with pytest.raises(ValueError, match=regex):  # the same group given at construction
+        cls([{"params": [torch.nn.Parameter(torch.ones(2))], **group}], lr=0.1)
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_a_step_that_raises_changes_nothing_and_does_not_count(cls):
+    """A λ schedule returning a bad value in the second group raises before the first group
+    moves, and the failed step does not advance the step count a schedule reads."""
+    first, second = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    optimizer = cls([{"params": [first]}, {"params": [second], "weight_decay": lambda t: -1.0}])
+    for _ in range(3):
+        first.grad, second.grad = torch.ones(2), torch.ones(2)
+        with pytest.raises(ValueError, match=r"Invalid weight_decay value: -1\.0 .* at step 1"):
+            optimizer.step()
+    assert torch.equal(first.detach(), torch.ones(2)) and not optimizer.state
+    assert [group["decay_steps"] for group in optimizer.param_groups] == [0, 0]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_torch_implementation_switches_are_accepted(cls):
+    """torch code passes foreach=...; foreach=False (torch's single-tensor loop) selects our
+    reference loop, which equals it bit for bit."""
+    param = [torch.nn.Parameter(torch.ones(2))]
+    assert cls(param, foreach=False).param_groups[0]["fused"] is False
+    assert cls(param, foreach=True).param_groups[0]["fused"] is None
+    assert cls(param, foreach=False, fused=True).param_groups[0]["fused"] is True
+    assert cls(param, differentiable=False).param_groups[0]["fused"] is None

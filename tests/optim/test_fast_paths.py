@@ -101,7 +101,7 @@ def run_both(cls, kwargs, dtype, steps=100, fused=None, shapes=SHAPES, scheduler
     """(fast optimizer, reference optimizer, fast params, reference params)."""
     model_fast, model_reference = Params(dtype, shapes), Params(dtype, shapes)
     kwargs = {"lr": 1e-2, **kwargs}
-    fast = cls(model_fast.parameters(), fused=fused, **copy.copy(kwargs))
+    fast = cls(model_fast.parameters(), fused=fused, **copy.deepcopy(kwargs))  # own tensor lr
     reference = cls(model_reference.parameters(), fused=False, **kwargs)
     make = lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps)  # noqa: E731
     schedulers = [make(o) for o in (fast, reference)] if scheduler else []

@@ -210,3 +210,28 @@ def test_complex_parameters_match_torch():
             torch.testing.assert_close(
                 ours.state[p_ours][key], theirs.state[p_torch][key], rtol=0, atol=0
             )
+
+
+@pytest.mark.parametrize(
+    "ours_cls,torch_cls,kwargs",
+    [
+        (decoupled.AdamW, torch.optim.AdamW, {"weight_decay": 0.1}),
+        (decoupled.Adam, torch.optim.Adam, {"weight_decay": 0.1}),
+        (decoupled.SGD, torch.optim.SGD, {"momentum": 0.9, "weight_decay": 0.01}),
+    ],
+    ids=["AdamW", "Adam", "SGD"],
+)
+@pytest.mark.parametrize("fused", [False, None], ids=["reference", "default"])
+def test_a_one_element_tensor_lr_of_any_shape_matches_torch(ours_cls, torch_cls, kwargs, fused):
+    """torch reads a [1]-shaped tensor lr as a scalar; so do we, on every path, and a
+    scheduler's in-place updates of the user's tensor still reach the optimizer."""
+    model_ours, model_torch, shape = twin_models("mlp", torch.float64)
+    lr_ours, lr_torch = (torch.tensor([0.01], dtype=torch.float64) for _ in range(2))
+    ours = ours_cls(model_ours.parameters(), lr=lr_ours, fused=fused, **kwargs)
+    theirs = torch_cls(model_torch.parameters(), lr=lr_torch, foreach=False, **kwargs)
+    for optimizer, model in ((ours, model_ours), (theirs, model_torch)):
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+        train(model, optimizer, shape, 20, torch.float64, scheduler=scheduler)
+    assert lr_ours.item() == lr_torch.item() == pytest.approx(0.01 * 0.5**4)
+    tolerance = {} if fused is False else {"rtol": 1e-12, "atol": 1e-14}
+    assert_same_training_state(ours, theirs, model_ours, model_torch, **tolerance)

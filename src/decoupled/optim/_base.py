@@ -10,8 +10,9 @@ lives here once.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,12 +30,23 @@ def check_argument(name: str, value: Any, valid: bool, rule: str = "") -> None:
         raise ValueError(f"Invalid {name} value: {value}{suffix}")
 
 
-def as_float(value: float | Tensor) -> float:
-    """A Python float from a float or a one-element tensor (for checks, never for math)."""
+def is_number(value: Any) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_float(value: float | Tensor, name: str = "lr") -> float:
+    """A Python float from a number or a one-element tensor (for checks, never for math);
+    anything else raises ``Invalid {name} value``."""
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(value.shape)}")
+        check_argument(
+            name,
+            f"tensor of shape {tuple(value.shape)}",
+            value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool,
+            "must be a number or a one-element real tensor",
+        )
         return float(value.item())
+    check_argument(name, repr(value), is_number(value), "must be a number")
     return float(value)
 
 
@@ -62,7 +74,7 @@ def check_lr(lr: float | Tensor) -> None:
 def check_weight_decay(weight_decay: float | Callable[[int], float]) -> None:
     if callable(weight_decay):  # a schedule step -> λ, checked each time it is called
         return
-    value = as_float(weight_decay)
+    value = as_float(weight_decay, "weight_decay")
     check_argument(
         "weight_decay",
         weight_decay,
@@ -80,42 +92,83 @@ def check_params_argument(params: Any) -> None:
         )
 
 
+#: Group options that only a decoupled decay has (AdamW, SGDW); see ``decay.py``.
+DECOUPLED_OPTIONS = ("decay_scale", "max_lr", "lambda_norm", "decay_period")
+
+
 def decay_defaults(*, decoupled: bool, decay_to: str = "zero", **decoupled_options) -> dict:
     """The weight-decay options of a param group (see ``decay.py``).
 
     L2 optimizers (Adam, SGD) take only ``decay_to``; ``decay_scale``, ``max_lr``,
     ``lambda_norm`` and ``decay_period`` scale a decoupled decay (AdamW, SGDW).
+    ``decoupled_weight_decay`` records which of the two the group uses, as torch.optim.Adam's
+    groups do, so that a checkpoint is never loaded into the other algorithm.
     """
     if not decoupled and decoupled_options:
         names = ", ".join(sorted(decoupled_options))
         raise TypeError(f"{names}: only for decoupled weight decay (AdamW, SGDW), not L2")
-    return {"decay_to": decay_to, **decoupled_options}
+    return {"decay_to": decay_to, "decoupled_weight_decay": decoupled, **decoupled_options}
 
 
-def check_group(group: dict) -> None:
-    """Validate one param group's hyperparameters (every group, not only the defaults)."""
+def torch_implementation_options(
+    fused: bool | None, foreach: bool | None, capturable: bool, differentiable: bool
+) -> bool | None:
+    """torch.optim's implementation switches, accepted so that torch code runs unchanged.
+
+    ``foreach=False`` asks torch for its single-tensor loop, which our reference loop equals
+    bit for bit: it selects ``fused=False`` unless ``fused`` is given. ``capturable`` (CUDA
+    graphs) and ``differentiable`` (autograd through the step) are not implemented.
+    """
+    for name, value in (("capturable", capturable), ("differentiable", differentiable)):
+        check_argument(name, value, not value, "not supported by decoupled's optimizers")
+    if foreach and fused:
+        raise ValueError("Invalid foreach value: True with fused=True (choose one)")
+    if foreach is False and fused is None:
+        return False
+    return fused
+
+
+def check_group(group: dict, decoupled: bool) -> None:
+    """Validate one param group's decay options and lr (every group, not only the defaults)."""
     check_lr(group["lr"])
     check_weight_decay(group["weight_decay"])
     decay_to = group.get("decay_to", "zero")
     check_argument(
         "decay_to", repr(decay_to), decay_to in DECAY_TARGETS, f"choose from {DECAY_TARGETS}"
     )
+    if not decoupled:
+        for name in DECOUPLED_OPTIONS:
+            if group.get(name) is not None:
+                check_argument(name, repr(group[name]), False, "only for AdamW and SGDW, not L2")
+        return
     decay_scale = group.get("decay_scale", "lr")
     check_argument(
         "decay_scale", repr(decay_scale), decay_scale in DECAY_SCALES, f"choose from {DECAY_SCALES}"
     )
-    for name in ("lambda_norm", "max_lr"):
-        value = group.get(name)
-        if value is not None:
-            valid = math.isfinite(value) and value >= 0
-            check_argument(name, value, valid, "must be finite and >= 0")
+    lambda_norm, max_lr = group.get("lambda_norm"), group.get("max_lr")
+    if lambda_norm is not None:
+        value = as_float(lambda_norm, "lambda_norm")
+        valid = math.isfinite(value) and value >= 0
+        check_argument("lambda_norm", lambda_norm, valid, "must be finite and >= 0")
+    if max_lr is not None:
+        value = as_float(max_lr, "max_lr")
+        check_argument("max_lr", max_lr, math.isfinite(value) and value > 0, "must be > 0")
     period = group.get("decay_period")
     if period is not None:
-        check_argument("decay_period", period, period > 0, "must be > 0 steps")
-    if group.get("lambda_norm") is not None and callable(group["weight_decay"]):
+        valid = isinstance(period, numbers.Integral) and not isinstance(period, bool) and period > 0
+        check_argument("decay_period", repr(period), valid, "must be a whole number of steps > 0")
+    if lambda_norm is not None and callable(group["weight_decay"]):
         raise ValueError(
             "Invalid lambda_norm value: give either lambda_norm or a weight_decay schedule"
         )
+
+
+class DecayTerms(NamedTuple):
+    """What a param group's step needs to apply weight decay (``decay.py``)."""
+
+    weight_decay: float  # λ of this step (L2 coefficient for Adam/SGD)
+    rate: float | Tensor  # the decoupled rate c (AdamW/SGDW); 0.0 for L2
+    references: list[Tensor | None]  # θ₀ per parameter, None: decay toward zero
 
 
 class DecayOptimizer(torch.optim.Optimizer):
@@ -142,16 +195,29 @@ class DecayOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.skipped_steps = 0
 
+    #: The L2 and the decoupled member of this optimizer's family, for messages.
+    family: tuple[str, str] = ("", "")
+
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # merges the defaults into the group
         group = self.param_groups[-1]
-        check_group(group)
+        try:
+            self._check_group(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
         lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.dim() > 0:  # torch reads a [1]-shaped lr as a scalar
+            group["lr"] = lr.view(())  # a view: schedulers' in-place updates still reach it
         group.setdefault("construction_lr", as_float(lr))
         group.setdefault("decay_steps", 0)
         if group.get("decay_to") == "init":
             for p in group["params"]:
                 self.state[p].setdefault("init_param", p.detach().clone())
+
+    def _check_group(self, group: dict) -> None:
+        """Validate a group's hyperparameters; subclasses add their own."""
+        check_group(group, self.decoupled)
 
     @torch.no_grad()
     def reset_decay_reference(self) -> None:
@@ -162,15 +228,16 @@ class DecayOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     self.state[p]["init_param"] = p.detach().clone()
 
-    def _decay_terms(self, group: dict, params: list[Tensor]) -> tuple[float, list[Tensor | None]]:
-        """Advance the group's step count; return this step's λ and each parameter's θ₀."""
-        group["decay_steps"] += 1
-        weight_decay = weight_decay_at(group, group["decay_steps"])
+    def _decay_terms(self, group: dict, params: list[Tensor]) -> DecayTerms:
+        """This step's λ, decoupled rate c and each parameter's θ₀ (for step
+        ``decay_steps + 1``: the count advances only after the step succeeded)."""
+        weight_decay = weight_decay_at(group, group["decay_steps"] + 1)
+        rate = self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0
         if group.get("decay_to") == "init":
             references = [self.state[p]["init_param"] for p in params]
         else:
             references = [None] * len(params)
-        return weight_decay, references
+        return DecayTerms(weight_decay, rate, references)
 
     def _decoupled_rate(self, group: dict, weight_decay: float) -> float | Tensor:
         """This step's decoupled rate c for the group's ``decay_scale`` (``decay.py``)."""
@@ -181,15 +248,28 @@ class DecayOptimizer(torch.optim.Optimizer):
         return decay_rate(weight_decay, group["lr"], decay_scale=scale, peak_lr=peak_lr)
 
     def _peak_lr(self, group: dict) -> float:
-        """α: the group's ``max_lr`` if set, else torch schedulers' ``initial_lr``, else the lr
-        at construction."""
-        for key in ("max_lr", "initial_lr", "construction_lr"):
-            if group.get(key) is not None:
-                return as_float(group[key])
-        return as_float(group["lr"])
+        """α: the group's ``max_lr`` if set (OneCycleLR sets it too), else torch schedulers'
+        ``initial_lr``, else the lr at construction.
+
+        The paper's multiplier η_t = γ_t/α is at most 1, so an lr above α means α is wrong:
+        e.g. CyclicLR records its *lowest* lr as ``initial_lr``. That raises instead of
+        decaying up to max/min times too fast."""
+        keys = ("max_lr", "initial_lr", "construction_lr")
+        key = next(k for k in keys if group.get(k) is not None)
+        peak_lr = as_float(group[key])
+        if not torch.compiler.is_compiling() and as_float(group["lr"]) > peak_lr * (1 + 1e-6):
+            raise ValueError(
+                f"Invalid max_lr value: {group.get('max_lr')}: the lr {as_float(group['lr'])} "
+                f"exceeds the peak lr α = {peak_lr} (the group's {key}) that "
+                f"decay_scale={group['decay_scale']!r} divides by; pass max_lr=<the schedule's "
+                "highest lr> (CyclicLR, for one, records its lowest lr as initial_lr)"
+            )
+        return peak_lr
 
     # -- hooks for subclasses ------------------------------------------------------------
-    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_group(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+    ) -> None:
         raise NotImplementedError
 
     # -- the step template ---------------------------------------------------------------
@@ -236,10 +316,58 @@ class DecayOptimizer(torch.optim.Optimizer):
         if self.skip_nonfinite and not self._all_grads_finite():
             self.skipped_steps += 1
             return loss
-        for group, params, grads in gathered:
-            if params:
-                self._update_group(group, params, grads)
+        # every group's decay terms first: a bad value (a schedule's λ, an lr above the peak)
+        # raises before any group has changed
+        planned = [(g, p, gr, self._decay_terms(g, p)) for g, p, gr in gathered if p]
+        for group, params, grads, decay in planned:
+            self._update_group(group, params, grads, decay)
+            group["decay_steps"] += 1
         return loss
+
+    def _check_decay_kind(self, groups: list[dict]) -> None:
+        """Refuse param groups saved by the other algorithm of the family (L2 vs decoupled):
+        loading them would silently change what λ means."""
+        for group in groups:
+            # torch's Adam/AdamW groups carry the flag; torch's SGD (L2) and decoupled's older
+            # checkpoints do not, but only decoupled groups have a decay_scale
+            saved = bool(group.get("decoupled_weight_decay", "decay_scale" in group))
+            if saved != self.decoupled:
+                raise ValueError(
+                    f"Invalid decoupled_weight_decay value: {saved} in a loaded param group: it "
+                    f"was saved by {self.family[saved]}; load it into decoupled."
+                    f"{self.family[saved]}"
+                )
+
+    def state_dict(self) -> dict:
+        """As torch's. A ``weight_decay`` schedule (a callable) is not saved: its group holds
+        the λ of the latest step instead, so that torch.optim and ``torch.load`` with
+        ``weights_only=True`` read it, and ``weight_decay_schedule: True``."""
+        state = super().state_dict()
+        for saved, group in zip(state["param_groups"], self.param_groups):
+            if callable(group["weight_decay"]):
+                saved["weight_decay"] = weight_decay_at(group, max(group["decay_steps"], 1))
+                saved["weight_decay_schedule"] = True
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except for what is this process's choice rather than the checkpoint's:
+        each group keeps its ``fused`` and ``state_dtype`` (how steps run and how moments are
+        stored; a torch.optim dict would otherwise turn compact state back into float32) and
+        its ``weight_decay`` schedule, if the checkpoint was saved with one. Groups saved by
+        the other algorithm (Adam vs AdamW, SGD vs SGDW) are refused before anything changes.
+        """
+        self._check_decay_kind(state_dict["param_groups"])
+        kept = [
+            {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay")}
+            for group in self.param_groups
+        ]
+        super().load_state_dict(state_dict)
+        for group, local in zip(self.param_groups, kept):
+            group["fused"] = local["fused"]
+            if "state_dtype" in group or local["state_dtype"] is not None:
+                group["state_dtype"] = local["state_dtype"]
+            if group.pop("weight_decay_schedule", False) and callable(local["weight_decay"]):
+                group["weight_decay"] = local["weight_decay"]
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

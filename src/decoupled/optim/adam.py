@@ -8,6 +8,7 @@ bit-identical results. Faster paths (``_kernels.py``) are tested against this lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -15,11 +16,13 @@ from torch import Tensor
 
 from decoupled.optim._base import (
     DecayOptimizer,
+    DecayTerms,
     as_float,
     check_argument,
     decay_defaults,
     is_zero,
     step_value,
+    torch_implementation_options,
 )
 from decoupled.optim._compact import CompactMoments, check_state_dtype
 from decoupled.optim._kernels import choose_adam_update
@@ -162,9 +165,13 @@ class Adam(DecayOptimizer):
             ``max_exp_avg_sq``) in bfloat16 with stochastic rounding: 4 instead of 8 bytes
             of state per parameter and 20 instead of 28 bytes moved per float32 step
             (``_compact.py``). ``None`` (default): the parameters' dtype, as torch.
+        foreach, capturable, differentiable: torch.optim's switches, accepted so that torch
+            code runs unchanged: ``foreach=False`` (torch's single-tensor loop) means
+            ``fused=False``; ``capturable=True`` and ``differentiable=True`` are refused.
     """
 
     decoupled = False
+    family = ("Adam", "AdamW")
     state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
@@ -181,27 +188,36 @@ class Adam(DecayOptimizer):
         skip_nonfinite: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
-        check_argument("eps", eps, eps > 0, "must be > 0")
         check_state_dtype(state_dtype)
-        for index, beta in enumerate(betas):
-            beta = as_float(beta)
-            check_argument(f"betas[{index}]", beta, 0.0 <= beta < 1.0, "must be in [0, 1)")
         defaults = {
             "lr": lr,
-            "betas": tuple(as_float(b) for b in betas),
+            "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
             "maximize": maximize,
-            # Kept so that our state dicts load into torch.optim.Adam/AdamW unchanged.
-            "decoupled_weight_decay": self.decoupled,
-            "fused": None if fused is None else bool(fused),
+            "fused": torch_implementation_options(fused, foreach, capturable, differentiable),
             "state_dtype": state_dtype,
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        eps = as_float(group["eps"], "eps")
+        check_argument("eps", group["eps"], math.isfinite(eps) and eps > 0, "must be > 0")
+        betas = group["betas"]
+        is_pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+        check_argument("betas", repr(betas), is_pair, "must be a pair (β1, β2)")
+        for index, beta in enumerate(betas):
+            value = as_float(beta, f"betas[{index}]")
+            check_argument(f"betas[{index}]", beta, 0.0 <= value < 1.0, "must be in [0, 1)")
+        group["betas"] = tuple(as_float(b) for b in betas)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -210,27 +226,10 @@ class Adam(DecayOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
-            saved = group.setdefault("decoupled_weight_decay", self.decoupled)
-            if saved != self.decoupled:
-                expected = "AdamW" if saved else "Adam"
-                raise ValueError(
-                    f"Invalid decoupled_weight_decay value: {saved} in a loaded param group: it "
-                    f"was saved by {expected}; load it into decoupled.{expected}"
-                )
             for p in group["params"]:
-                state_p = self.state.get(p)
-                if state_p and not torch.is_tensor(state_p["step"]):  # very old torch dicts
+                state_p = self.state.get(p, {})
+                if "step" in state_p and not torch.is_tensor(state_p["step"]):  # old torch dicts
                     state_p["step"] = torch.tensor(float(state_p["step"]), dtype=torch.float32)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, except that each group keeps the ``state_dtype`` this optimizer was
-        built with: how the moments are stored is this process's choice, not the
-        checkpoint's (a torch.optim dict, which has none, would otherwise turn compact state
-        back into float32). The loaded moments are cast at the next step."""
-        chosen = [group["state_dtype"] for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, state_dtype in zip(self.param_groups, chosen):
-            group["state_dtype"] = state_dtype
 
     def _init_state(self, group: dict, param: Tensor) -> dict:
         state = self.state[param]
@@ -251,19 +250,19 @@ class Adam(DecayOptimizer):
                     state[key] = state[key].to(dtype)
         return state
 
-    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_group(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+    ) -> None:
         states = [self._init_state(group, p) for p in params]
-        weight_decay, references = self._decay_terms(group, params)
-        decay = self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0
         update = choose_adam_update(
             group["fused"],
             adam_update,
             params,
             grads,
             lr=group["lr"],
-            decay=decay,
+            decay=decay.rate,
             decoupled=self.decoupled,
-            references=references,
+            references=decay.references,
             compact=group["state_dtype"] is not None,
         )
         beta1, beta2 = group["betas"]
@@ -278,12 +277,12 @@ class Adam(DecayOptimizer):
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=weight_decay,
+            weight_decay=decay.weight_decay,
             decoupled=self.decoupled,
-            decay=decay,
+            decay=decay.rate,
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
-            references=references,
+            references=decay.references,
         )
 
 
@@ -331,6 +330,9 @@ class AdamW(Adam):
         skip_nonfinite: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -344,6 +346,9 @@ class AdamW(Adam):
             skip_nonfinite=skip_nonfinite,
             fused=fused,
             state_dtype=state_dtype,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,

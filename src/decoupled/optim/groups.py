@@ -128,7 +128,7 @@ def param_groups(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    groups = [g for g in groups if g["params"]]  # torch refuses empty groups
+    groups = [g for g in groups if g["params"]]  # an empty group would only clutter the list
     summary = GroupSummary(
         decay_tensors=len(decay),
         decay_params=sum(p.numel() for p in decay),

@@ -7,11 +7,20 @@ bit-identical on the CPU. Faster paths (``_kernels.py``) are tested against this
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
-from decoupled.optim._base import DecayOptimizer, check_argument, decay_defaults, is_zero
+from decoupled.optim._base import (
+    DecayOptimizer,
+    DecayTerms,
+    as_float,
+    check_argument,
+    decay_defaults,
+    is_zero,
+    torch_implementation_options,
+)
 from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
@@ -86,8 +95,10 @@ class SGD(DecayOptimizer):
        &\theta_t \leftarrow \theta_{t-1} - \gamma_t\,d_t
        \end{aligned}
 
-    For plain SGD, decoupled decay λ equals L2 with λ' = λ/γ (the paper's Proposition 1);
-    with momentum the two differ because L2's term also accumulates in the buffer.
+    For plain SGD, decoupled decay λ equals L2 with the same λ in the default ``"lr"``
+    convention (both shrink θ by γλ per step; the paper's Proposition 1 writes the decoupled
+    rate as λ/α because its decay is not multiplied by the lr); with momentum the two differ
+    because L2's term also accumulates in the buffer.
 
     Args:
         params: iterable of tensors or of dicts defining parameter groups.
@@ -102,9 +113,13 @@ class SGD(DecayOptimizer):
         fused: ``None`` (default): float32 CPU parameters step through a one-pass C++ kernel
             (``_kernels.py``), equal to the reference up to float rounding; ``False``: the
             reference loop, bit-identical to torch.optim's single-tensor path.
+        foreach, differentiable: torch.optim's switches, accepted so that torch code runs
+            unchanged: ``foreach=False`` means ``fused=False``; ``differentiable=True`` is
+            refused.
     """
 
     decoupled = False
+    family = ("SGD", "SGDW")
     state_keys = ("momentum_buffer",)
 
     def __init__(
@@ -120,15 +135,11 @@ class SGD(DecayOptimizer):
         maximize: bool = False,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
+        differentiable: bool = False,
         **decoupled_options,  # SGDW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
-        check_argument("momentum", momentum, momentum >= 0, "must be >= 0")
-        check_argument("dampening", dampening, 0 <= dampening <= 1, "must be in [0, 1]")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(
-                f"Invalid nesterov value: True with momentum={momentum}, dampening={dampening} "
-                "(Nesterov momentum requires momentum > 0 and zero dampening)"
-            )
+        fused = torch_implementation_options(fused, foreach, False, differentiable)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -141,6 +152,19 @@ class SGD(DecayOptimizer):
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        momentum = as_float(group["momentum"], "momentum")
+        dampening = as_float(group["dampening"], "dampening")
+        valid = math.isfinite(momentum) and momentum >= 0
+        check_argument("momentum", group["momentum"], valid, "must be finite and >= 0")
+        check_argument("dampening", group["dampening"], 0 <= dampening <= 1, "must be in [0, 1]")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"Invalid nesterov value: True with momentum={momentum}, dampening={dampening} "
+                "(Nesterov momentum requires momentum > 0 and zero dampening)"
+            )
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -148,23 +172,24 @@ class SGD(DecayOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
 
-    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_group(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+    ) -> None:
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-        weight_decay, references = self._decay_terms(group, params)
         update = choose_sgd_update(group["fused"], sgd_update, params, grads, group["lr"])
         update(
             params,
             grads,
             buffers,
             lr=group["lr"],
-            references=references,
+            references=decay.references,
             momentum=momentum,
             dampening=group["dampening"],
             nesterov=group["nesterov"],
-            weight_decay=weight_decay,
+            weight_decay=decay.weight_decay,
             decoupled=self.decoupled,
-            decay=self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0,
+            decay=decay.rate,
             maximize=group["maximize"],
         )
         for p, buf in zip(params, buffers):
@@ -203,6 +228,8 @@ class SGDW(SGD):
         maximize: bool = False,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -215,6 +242,8 @@ class SGDW(SGD):
             maximize=maximize,
             skip_nonfinite=skip_nonfinite,
             fused=fused,
+            foreach=foreach,
+            differentiable=differentiable,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,
