@@ -237,6 +237,17 @@ def test_lambda_norm_is_recomputed_for_each_restart_period():
         assert rate == pytest.approx(expected_lr(t) / PEAK_LR * lam, rel=1e-9, abs=1e-15), t
 
 
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
+def test_lambda_norm_is_in_the_papers_schedule_units_by_default(cls):
+    """λ_norm = 0.05 with 100 steps decays by η_t·0.05/sqrt(100) per step (the paper), not by
+    γ_t·0.005: decay_scale defaults to "schedule" with lambda_norm, to "lr" without."""
+    rates, _ = observed_rates(cls, 3, lr=1e-3, lambda_norm=0.05, decay_period=100)
+    assert rates == pytest.approx([0.005] * 3, rel=1e-9)
+    rates, _ = observed_rates(cls, 1, lr=1e-3, lambda_norm=0.05, decay_period=100, decay_scale="lr")
+    assert rates == pytest.approx([1e-3 * 0.005], rel=1e-9)
+    assert cls([torch.nn.Parameter(torch.ones(1))]).param_groups[0]["decay_scale"] == "lr"
+
+
 def test_lambda_norm_without_a_period_is_a_clear_error():
     theta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
     optimizer = decoupled.AdamW([theta], lambda_norm=0.05)
@@ -245,7 +256,7 @@ def test_lambda_norm_without_a_period_is_a_clear_error():
         optimizer.step()
     optimizer.param_groups[0]["decay_period"] = 100
     optimizer.step()
-    assert 1 - theta.item() == pytest.approx(1e-3 * 0.05 / 10)
+    assert 1 - theta.item() == pytest.approx(0.05 / 10)  # η = 1 at the construction lr
 
 
 def test_state_dict_round_trip_keeps_decay_options_and_reference():

@@ -201,6 +201,9 @@ class DecayOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)  # merges the defaults into the group
         group = self.param_groups[-1]
+        if self.decoupled and group.get("decay_scale") is None:
+            # the paper's λ_norm is in the "schedule" units (η_t·λ); a plain λ in torch's
+            group["decay_scale"] = "schedule" if group.get("lambda_norm") is not None else "lr"
         try:
             self._check_group(group)
         except (ValueError, TypeError):

@@ -301,11 +301,15 @@ class AdamW(Adam):
     Args (besides :class:`Adam`'s):
         decay_scale: how λ becomes the per-step rate c — ``"lr"`` (γ_t·λ, torch),
             ``"schedule"`` ((γ_t/α)·λ, the paper), ``"constant"`` (λ), ``"corrected"``
-            ((γ_t²/α)·λ, AdamC). See ``decoupled.optim.decay``.
+            ((γ_t²/α)·λ, AdamC). See ``decoupled.optim.decay``. Default: ``"lr"``, or
+            ``"schedule"`` when ``lambda_norm`` is given (the units of the paper's λ_norm).
         max_lr: α for ``"schedule"``/``"corrected"``; default: the ``initial_lr`` that torch's
             lr schedulers record, else the lr at construction.
         lambda_norm: the paper's normalized weight decay; λ = λ_norm/sqrt(decay_period)
             replaces ``weight_decay`` (Appendix B.1; :func:`decoupled.normalized_weight_decay`).
+            The paper's values (0.025–0.05) are multiplied by the schedule multiplier η_t,
+            hence the ``"schedule"`` default; with ``decay_scale="lr"`` they would decay
+            about 1/α times too weakly.
         decay_period: steps in the run (or in the current warm-restart period, which
             ``decoupled.schedules.CosineWarmRestarts`` sets by itself), for ``lambda_norm``.
     """
@@ -321,7 +325,7 @@ class AdamW(Adam):
         weight_decay: float | Callable[[int], float] = 1e-2,
         amsgrad: bool = False,
         *,
-        decay_scale: str = "lr",
+        decay_scale: str | None = None,
         decay_to: str = "zero",
         max_lr: float | None = None,
         lambda_norm: float | None = None,

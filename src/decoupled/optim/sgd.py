@@ -206,7 +206,8 @@ class SGDW(SGD):
     paper multiplies it by the schedule multiplier η_t (``decay_scale="schedule"``).
 
     Args (besides :class:`SGD`'s): ``decay_scale``, ``max_lr``, ``lambda_norm``,
-    ``decay_period``, as in :class:`decoupled.AdamW`.
+    ``decay_period``, as in :class:`decoupled.AdamW` (``decay_scale`` defaults to ``"lr"``, or
+    ``"schedule"`` when ``lambda_norm`` is given).
     """
 
     decoupled = True
@@ -220,7 +221,7 @@ class SGDW(SGD):
         weight_decay: float | Callable[[int], float] = 0.0,
         nesterov: bool = False,
         *,
-        decay_scale: str = "lr",
+        decay_scale: str | None = None,
         decay_to: str = "zero",
         max_lr: float | None = None,
         lambda_norm: float | None = None,
