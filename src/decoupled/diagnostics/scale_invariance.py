@@ -9,9 +9,11 @@ Two ways to find them:
 * :func:`structurally_scale_invariant` reads the model: a Linear/Conv weight whose layer is
   followed, in registration order and through positively homogeneous modules only (ReLU,
   pooling, dropout, flatten), by a normalization layer. BatchNorm and InstanceNorm subtract a
-  per-channel mean, which also removes the layer's bias, so the weight is invariant with or
-  without a bias; LayerNorm, GroupNorm and RMSNorm keep a per-feature bias, so the layer must
-  have none. A heuristic: it assumes ``forward`` calls modules in the order they were
+  per-channel mean, which also removes the layer's bias when nothing in between changes a
+  per-channel constant (pooling, flatten, identity; not ReLU or dropout), so the weight is
+  then invariant with a bias too; otherwise, and for LayerNorm, GroupNorm and RMSNorm, which
+  keep a per-feature bias, the layer must have none. LocalResponseNorm, despite its name, is
+  not a scale-invariant normalization. A heuristic: it assumes ``forward`` calls modules in the order they were
   registered (as ``nn.Sequential`` does), and that BatchNorm uses batch statistics (training).
 * :func:`scale_invariant_tensors` checks numerically, on a batch, that scaling a tensor by 2
   leaves the loss unchanged (up to the normalization's ε and rounding).
@@ -41,8 +43,20 @@ _HOMOGENEOUS = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
 )
+# Modules with also f(x + c) = f(x) + c for a per-channel constant c: a bias passes them
+# unchanged, so a per-channel mean subtraction after them still cancels it.
+_BIAS_TRANSPARENT = (
+    nn.Identity,
+    nn.Flatten,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
 # Normalizations whose per-channel mean subtraction also cancels the preceding layer's bias.
 _CHANNEL_MEAN_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+# Named like normalizations, but not invariant to the scale of their input.
+_NOT_SCALE_INVARIANT = (nn.LocalResponseNorm, nn.CrossMapLRN2d)
 
 
 def structurally_scale_invariant(model: nn.Module) -> set[str]:
@@ -55,11 +69,18 @@ def structurally_scale_invariant(model: nn.Module) -> set[str]:
     for position, (name, module) in enumerate(leaves):
         if not isinstance(module, _WEIGHT_LAYERS):
             continue
-        following = (m for _, m in leaves[position + 1 :])
-        norm = next((m for m in following if not isinstance(m, _HOMOGENEOUS)), None)
-        if norm is None or not is_norm_layer(norm):
+        between, norm = [], None
+        for _, candidate in leaves[position + 1 :]:
+            if not isinstance(candidate, _HOMOGENEOUS):
+                norm = candidate
+                break
+            between.append(candidate)
+        if norm is None or not is_norm_layer(norm) or isinstance(norm, _NOT_SCALE_INVARIANT):
             continue
-        if module.bias is None or isinstance(norm, _CHANNEL_MEAN_NORMS):
+        bias_cancelled = isinstance(norm, _CHANNEL_MEAN_NORMS) and all(
+            isinstance(m, _BIAS_TRANSPARENT) for m in between
+        )
+        if module.bias is None or bias_cancelled:
             invariant.add(f"{name}.weight" if name else "weight")
     return invariant
 
