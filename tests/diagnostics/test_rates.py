@@ -91,6 +91,39 @@ def test_uniform_rates(make, expected):
         assert math.isnan(summary["rate_cv"])
 
 
+@pytest.mark.parametrize(
+    "cls,options",
+    [
+        (decoupled.SGD, {}),
+        (decoupled.SGD, {"momentum": 0.9}),
+        (decoupled.SGD, {"momentum": 0.9, "dampening": 0.5}),
+        (decoupled.SGD, {"momentum": 0.9, "nesterov": True}),
+        (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.3}),
+    ],
+    ids=["plain", "momentum", "dampening", "nesterov", "torch-dampening"],
+)
+def test_sgd_l2_rate_is_the_share_this_steps_l2_term_removes(cls, options):
+    """Measured, not derived: two runs from the same state take the same gradient, one with
+    this step's L2 term and one without; the difference over θ is the rate reported."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    optimizer = cls([param], lr=0.1, weight_decay=0.01, **options)
+    for _ in range(5):
+        step_with(optimizer, param, torch.randn(6, dtype=torch.float64))
+    twin = torch.nn.Parameter(param.detach().clone())
+    without_l2 = cls([twin], lr=0.1, weight_decay=0.0, **options)
+    if options.get("momentum"):
+        without_l2.state[twin]["momentum_buffer"] = optimizer.state[param][
+            "momentum_buffer"
+        ].clone()
+    theta, grad = param.detach().clone(), torch.randn(6, dtype=torch.float64)
+    step_with(optimizer, param, grad)
+    step_with(without_l2, twin, grad)
+    removed = (twin.detach() - param.detach()) / theta
+    rate, _ = element_decay_rates(optimizer, param)
+    torch.testing.assert_close(removed, torch.full_like(removed, rate), rtol=1e-9, atol=0)
+
+
 def test_decay_kinds():
     param = [torch.zeros(1, requires_grad=True)]
     kinds = {

@@ -10,7 +10,10 @@ weight-decay term removes in this step, read off the update rule:
   denominator the update uses. The first-moment bias correction 1/(1−β1^t) cancels the EMA's
   weights, which sum to 1−β1^t (Loshchilov & Hutter 2019, arXiv 1711.05101, §2; SCIENCE.md
   §8, prediction 1);
-* SGD + L2: λθ is added to the gradient and multiplied by γ_t: r_i = γ_t·λ.
+* SGD + L2: λθ is added to the gradient and multiplied by γ_t: r_i = γ_t·λ, times the share of
+  this step's gradient that the step applies: 1 without momentum; with momentum μ and
+  dampening τ, (1 − τ) through the buffer b ← μb + (1 − τ)g, and 1 + μ(1 − τ) with Nesterov's
+  g + μb (torch's first step stores g in the buffer undamped, where the share is 1 or 1 + μ).
 
 What this leaves out: with momentum, the L2 term reaches θ through the moving average, so the
 shrink applied at step t is a β1-weighted average of λθ over recent steps (for SGD + L2 with
@@ -136,9 +139,20 @@ def element_decay_rates(
     rms = grad_rms(optimizer, group, param) if kind.family == "adam" else None
     weight_decay = step_weight_decay(optimizer, group)
     lr = float(group["lr"])
-    if kind.family == "sgd" or weight_decay == 0 or rms is None:
+    if kind.family == "sgd":
+        return lr * weight_decay * _sgd_gradient_share(group), rms
+    if weight_decay == 0 or rms is None:
         return lr * weight_decay, rms
     return lr * weight_decay / (rms + group["eps"]), rms
+
+
+def _sgd_gradient_share(group: dict) -> float:
+    """How much of this step's gradient SGD applies in this step (module docstring)."""
+    momentum = group.get("momentum", 0.0)
+    if momentum == 0:
+        return 1.0
+    through_buffer = 1 - group.get("dampening", 0.0)
+    return 1 + momentum * through_buffer if group.get("nesterov") else through_buffer
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> dict:
