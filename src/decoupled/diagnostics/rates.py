@@ -92,7 +92,9 @@ def _second_moment(optimizer, group: dict, param: Tensor) -> tuple[Tensor, float
         return None
     bias_correction2 = 1 - group["betas"][1] ** float(state["step"])
     second_moment = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    return second_moment.detach(), bias_correction2
+    # compact (bfloat16) state is read in float32 at least, as the step computes with it
+    wide = torch.promote_types(second_moment.dtype, torch.float32)
+    return second_moment.detach().to(wide), bias_correction2
 
 
 def grad_rms(optimizer: torch.optim.Optimizer, group: dict, param: Tensor) -> Tensor | None:
