@@ -44,6 +44,37 @@ def test_json_output_is_consistent_with_the_rules(capsys):
     assert result["steps"] == pytest.approx(50000 * 10 / 128)
 
 
+@pytest.mark.parametrize(
+    "extra, zero_rule",
+    [(["--weight-decay", "0"], 2), (["--lambda-norm", "0"], 0)],
+)
+def test_json_writes_the_infinite_timescale_of_no_decay_as_null(extra, zero_rule, capsys):
+    # JSON has no infinity: λ = 0 used to crash json.dumps(allow_nan=False)
+    assert main([*BASE, "--epochs", "100", *extra, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "Infinity" not in out and "NaN" not in out
+    rows = json.loads(out)["rules"]
+    assert rows[zero_rule]["timescale_epochs"] is None
+    assert rows[zero_rule]["timescale_steps"] is None
+    assert set(rows[zero_rule]["weight_decay"].values()) == {0.0}
+    assert "no decay" in rows[zero_rule]["warning"]
+    assert rows[1]["timescale_epochs"] == pytest.approx(10.0)  # the others stay numbers
+
+
+def test_table_prints_the_infinite_timescale_as_inf(capsys):
+    assert main([*BASE, "--epochs", "100", "--weight-decay", "0"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("yours"))
+    assert row.split()[-2:] == ["inf", "inf"]
+    assert "warning: yours (weight_decay = 0): λ = 0, no decay (infinite timescale)" in out
+
+
+def test_help_says_how_json_writes_infinity(capsys):
+    with pytest.raises(SystemExit):
+        main(["suggest", "--help"])
+    assert "null" in capsys.readouterr().out
+
+
 def test_table_and_warnings(capsys):
     assert main([*BASE, "--epochs", "100", "--weight-decay", "0.01"]) == 0
     out = capsys.readouterr().out
@@ -64,6 +95,19 @@ def test_table_and_warnings(capsys):
         (["--epochs", "10", "--dataset-size", "0"], "argument --dataset-size: must be a positive"),
         (["--epochs", "10", "--convention", "paper"], "argument --convention: invalid choice"),
         (["--epochs", "nan"], "argument --epochs: must be finite"),
+        # conversions that divide by zero or over/underflow float64 (γ² = 0 at γ = 1e-300)
+        (
+            ["--epochs", "10", "--lr", "1e-300", "--weight-decay", "1e-300"],
+            "argument --lr: 1e-300 is out of range",
+        ),
+        (["--epochs", "10", "--lr", "1e200"], "argument --lr: 1e+200 is out of range"),
+        (
+            ["--epochs", "10", "--lr", "1e-160", "--weight-decay", "1e-300"],
+            "argument --weight-decay: 1e-300 is out of range at --lr 1e-160",
+        ),
+        (["--epochs", "10", "--timescale", "1e-310"], "argument --timescale: 1e-310 is out of"),
+        (["--epochs", "10", "--lambda-norm", "1e308"], "argument --lambda-norm: 1e+308 is out"),
+        (["--epochs", "1e308"], "argument --epochs: 1e+308 is out of range"),
         ([], "the following arguments are required: --epochs"),
     ],
 )

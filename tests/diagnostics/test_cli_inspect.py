@@ -42,6 +42,9 @@ def test_inspect_fixed_points(tmp_path, capsys):
     assert main(["inspect", "fixed-points", "--steps", "2000", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "exact ℓ∞ optimum" in text and "AdamW" in text
+    # 2000 steps are not enough for AdamW (distance 0.2, KKT gap 0.03): the report says so
+    assert "AdamW has not converged after 2000 steps" in text
+    assert "Adam + L2 ends at the L2 optimum" in text
     assert (out / "fixed_points.png").stat().st_size > 10_000
 
 
@@ -56,6 +59,9 @@ def test_inspect_fixed_points(tmp_path, capsys):
         (["--steps", "10", "--every", "20"], "argument --every: 20 is more than --steps (10)"),
         (["fixed-points", "--weight-decay", "-1"], "argument --weight-decay: must be > 0"),
         (["fixed-points", "--every", "5"], "argument --every: only for `inspect train`"),
+        (["fixed-points", "--task", "mnist1d"], "argument --task: only for `inspect train`"),
+        (["fixed-points", "--seed", "0"], "argument --seed: only for `inspect train`"),
+        (["fixed-points", "--seed", "3"], "argument --seed: only for `inspect train`"),
         (["--weight-decay", "1"], "argument --weight-decay: only for `inspect fixed-points`"),
     ],
 )
@@ -67,6 +73,14 @@ def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("decoupled inspect: error: "), lines
     assert message in lines[0]
     assert not (tmp_path / "x").exists()  # nothing written before the arguments are checked
+
+
+def test_train_defaults_task_and_seed_when_not_given(tmp_path, capsys):
+    # --task and --seed default to None in the parser (so that fixed-points can refuse them);
+    # train mode still fills in mnist1d and seed 0
+    assert main(["inspect", "--steps", "2", "--out", str(tmp_path / "t")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "task mnist1d" in header and "seed 0" in header
 
 
 def test_an_out_folder_with_a_foreign_results_db_is_refused_before_training(tmp_path, capsys):

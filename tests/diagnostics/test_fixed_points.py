@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from decoupled.diagnostics.fixed_points import (
+    BOUNDARY_TOLERANCE,
+    DISTANCE_TOLERANCE,
+    KKT_TOLERANCE,
+    ball_position,
     box_optimum,
+    conclusions,
     fixed_points,
     format_fixed_points,
     kkt_gap,
@@ -71,3 +76,47 @@ def test_report_and_convergence_curves(result):
         assert label in text
     for run in result.runs.values():
         assert run.steps[-1] == result.steps and run.distance[-1] < run.distance[0]
+
+
+def test_the_conclusions_follow_the_numbers_of_a_converged_run(result):
+    row = result.summary()["AdamW"]
+    assert row["to_box_optimum"] < DISTANCE_TOLERANCE and abs(row["kkt_gap"]) < KKT_TOLERANCE
+    assert abs(row["sup_norm_times_lambda"] - 1) <= 1e-5  # 1.000009 here
+    text = format_fixed_points(result)
+    assert "Adam + L2 ends at the L2 optimum" in text and "SGD + L2 ends at the L2 optimum" in text
+    assert (
+        "AdamW ends on the boundary of the ℓ∞ ball ‖θ‖∞ ≤ 1/λ (to 1e-5), at the ℓ∞-constrained "
+        "optimum" in text
+    )
+    assert "two different problems solved" in text and "not converged" not in text
+
+
+def test_a_run_too_short_to_converge_is_reported_as_not_converged():
+    # 200 steps: AdamW is 0.63 from the ℓ∞ optimum with a KKT gap of 0.59 — the report used
+    # to claim it had converged there all the same
+    short = fixed_points(steps=200)
+    row = short.summary()["AdamW"]
+    assert row["to_box_optimum"] > 0.5 and row["kkt_gap"] > 0.5
+    lines = conclusions(short)
+    adamw = next(line for line in lines if line.startswith("AdamW"))
+    assert adamw.startswith(
+        "AdamW has not converged after 200 steps: distance to the ℓ∞ optimum 0.63, KKT gap 0.59,"
+    )
+    assert "inside the ℓ∞ ball" in adamw
+    text = format_fixed_points(short)
+    assert "ℓ∞-constrained optimum" not in text and "two different problems" not in text
+
+
+@pytest.mark.parametrize(
+    "sup_norm_times_lambda, expected",
+    [
+        (1.000009, "on the boundary of the ℓ∞ ball ‖θ‖∞ ≤ 1/λ (to 1e-5)"),
+        (0.99999, "on the boundary of the ℓ∞ ball ‖θ‖∞ ≤ 1/λ (to 1e-5)"),
+        (1 + BOUNDARY_TOLERANCE / 2, "on the boundary of the ℓ∞ ball ‖θ‖∞ ≤ 1/λ (to 1e-3)"),
+        (1.0, "exactly on the boundary of the ℓ∞ ball ‖θ‖∞ ≤ 1/λ"),
+        (0.534, "inside the ℓ∞ ball ‖θ‖∞ ≤ 1/λ (‖θ‖∞·λ = 0.534)"),
+        (1.0106, "outside the ℓ∞ ball ‖θ‖∞ ≤ 1/λ (‖θ‖∞·λ = 1.011)"),
+    ],
+)
+def test_ball_position_is_worded_from_the_number(sup_norm_times_lambda, expected):
+    assert ball_position(sup_norm_times_lambda) == expected

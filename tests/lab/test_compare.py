@@ -86,6 +86,10 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
         (["--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),
         (["--task", "cifar10", "--data-dir", "EMPTY"], "argument --data-dir:"),
         (["--out", "FILE/sub"], "argument --out:"),
+        (
+            ["--optimizers", "sgd,sgdw", "--state-dtype", "bfloat16"],
+            "argument --state-dtype: only for adam/adamw (they keep moments), not sgd, sgdw",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
@@ -106,9 +110,79 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert sorted(os.listdir(tmp_path / "EMPTY")) == []
 
 
+def test_failed_runs_are_reported_and_the_exit_status_is_1(tmp_path, capsys, monkeypatch):
+    """A run that raises is stored as failed, left out of the report, named in one warning
+    line, and the command exits 1 (not 0 with a table of dashes)."""
+    from decoupled.cli import main
+    from decoupled.lab import train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such luck")
+
+    monkeypatch.setattr(train.OPTIMIZERS["adamw"], "step", broken)
+    status = main(["compare", "--quick", "--seeds", "1", "--workers", "1", "--no-progress",
+                   "--out", str(tmp_path)])  # fmt: skip
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert status == 1 and len(warnings) == 1, warnings
+    assert "1 of 2 runs failed" in warnings[0] and "RuntimeError: no such luck" in warnings[0]
+
+
+def test_runs_owned_by_another_live_process_are_named(tmp_path, capsys):
+    from decoupled.cli import main
+    from decoupled.lab.comparison import plan
+    from decoupled.lab.executor import spec_key
+    from decoupled.lab.tasks import get_task
+
+    task = get_task("mnist1d")
+    spec = plan(task, ["adam"], 1, task.quick_steps, {"adam": {}})[0]
+    store = ResultStore(tmp_path / "results.db")
+    assert store.claim(spec_key(spec), spec.config())  # this (live) process owns it
+    status = main(["compare", "--quick", "--seeds", "1", "--optimizers", "adam", "--workers",
+                   "1", "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert (
+        status == 0 and len(warnings) == 1 and "1 of 1 runs are claimed by another" in warnings[0]
+    )
+
+
 def test_report_without_a_store_is_a_clear_error(tmp_path):
     result = run_cli("report", "--out", str(tmp_path), timeout=60)
     assert result.returncode == 2 and "no results store" in result.stderr
+
+
+def _foreign_sqlite(path):
+    import sqlite3
+
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE notes (text TEXT)")
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    "make_db,message",
+    [
+        (_foreign_sqlite, "is an SQLite database but not a results store"),
+        (lambda path: path.write_bytes(bytes(range(256)) * 8), "is not an SQLite database"),
+        (lambda path: path.mkdir(), "cannot open the results store"),
+    ],
+    ids=["foreign", "damaged", "folder"],
+)
+@pytest.mark.parametrize("command", ["compare", "sweep", "report"])
+def test_an_unusable_results_db_exits_2_with_one_line_and_stays_untouched(
+    tmp_path, capsys, make_db, message, command
+):
+    from decoupled.cli import main
+
+    db = tmp_path / "results.db"
+    make_db(db)
+    before = db.read_bytes() if db.is_file() else None
+    args = [command, "--out", str(tmp_path)] + (["--quick"] if command != "report" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert (db.read_bytes() if db.is_file() else None) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.db"]
 
 
 def test_bring_your_own_model(tmp_path):

@@ -51,12 +51,19 @@ def parse_optimizers(text: str) -> list[str]:
 
 
 def output_folder(path: str) -> Path:
-    from decoupled.lab.workflow import prepare_out_dir
+    """The output folder, created if needed, with a usable results store in it: a
+    ``results.db`` that is not one (another program's database, a damaged file, a folder) is
+    refused now, before any training, and left untouched."""
+    from decoupled.lab.executor import open_store
+    from decoupled.lab.store import StoreError
+    from decoupled.lab.workflow import DB_NAME, prepare_out_dir
 
     try:
-        return prepare_out_dir(path)
-    except OSError as error:
+        out = prepare_out_dir(path)
+        open_store(out / DB_NAME)  # kept open for the command's runs, as they all are
+    except (StoreError, OSError) as error:
         raise CommandError(f"argument --out: {error}") from None
+    return out
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,3 +120,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def steps_for(args: argparse.Namespace, task) -> int:
     """--budget, else the task's smoke-test budget with --quick, else its full budget."""
     return args.budget or (task.quick_steps if args.quick else task.steps)
+
+
+def report_missing(command: str, missing: dict[str, str]) -> int:
+    """Print a line for each kind of planned run left out of the report (stderr); the exit
+    status is 1 when runs failed, else 0."""
+    import sys
+
+    for line in missing.values():
+        print(f"decoupled {command}: warning: {line}", file=sys.stderr)
+    return 1 if "failed" in missing else 0

@@ -16,6 +16,7 @@ from decoupled.cli._lab_args import (
     nonnegative_int,
     output_folder,
     parse_optimizers,
+    report_missing,
     resolve_task,
     steps_for,
 )
@@ -63,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
     steps = steps_for(args, task)
     if args.warmup >= steps:
         raise CommandError(f"argument --warmup: {args.warmup} must be below the budget ({steps})")
+    no_moments = [name for name in optimizers if name not in ("adam", "adamw")]
+    if args.state_dtype is not None and no_moments:
+        raise CommandError(
+            f"argument --state-dtype: only for adam/adamw (they keep moments), not "
+            f"{', '.join(no_moments)}"
+        )
     overrides = {}
     for name in optimizers:
         settings = {}
@@ -95,4 +102,4 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(comparison))
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
-    return 0
+    return report_missing("compare", comparison.missing)

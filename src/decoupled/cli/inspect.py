@@ -20,6 +20,7 @@ from decoupled.cli import CommandError, positive_float, positive_int
 from decoupled.cli._lab_args import nonnegative_int, output_folder, resolve_task
 
 DEFAULT_STEPS = 3000
+DEFAULT_SEED = 0
 DEFAULT_OUT = "./decoupled-runs/inspect"
 
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        default=DEFAULT_TASK,
+        default=None,
         help=f"train: one of {', '.join(task_names())} (default: {DEFAULT_TASK})",
     )
     parser.add_argument(
@@ -47,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "about 20 s for mnist1d on 2 idle cores; fixed-points default: 20000)",
     )
     parser.add_argument(
-        "--seed", type=nonnegative_int, default=0, help="train: seed of both runs (default 0)"
+        "--seed",
+        type=nonnegative_int,
+        default=None,
+        help=f"train: seed of both runs (default {DEFAULT_SEED})",
     )
     parser.add_argument(
         "--every",
@@ -76,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    task = resolve_task(args.task, args.data_dir)
+    from decoupled.lab.tasks import DEFAULT_TASK
+
+    # None, not the defaults, in the parser: so that fixed-points can tell them given
+    task = resolve_task(args.task if args.task is not None else DEFAULT_TASK, args.data_dir)
+    seed = args.seed if args.seed is not None else DEFAULT_SEED
     missing = [name for name in ("adam", "adamw") if name not in task.defaults]
     if missing:
         raise CommandError(f"argument --task: {task.name} has no defaults for {missing}")
@@ -91,22 +99,15 @@ def run_train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(f"argument --data-dir: {error}") from None
     out = output_folder(args.out)
-    from decoupled.lab.store import ResultStore, StoreError
-
-    try:  # before training: a results.db that is not a results store is refused now
-        ResultStore(out / "results.db").close()
-    except (StoreError, OSError) as error:
-        raise CommandError(f"argument --out: {error}") from None
-
     from decoupled.diagnostics.inspection import format_comparison, inspect_task
     from decoupled.diagnostics.plots import plot_inspection
 
     print(
         f"decoupled inspect: task {task.name}, Adam + L2 vs AdamW (task defaults), "
-        f"{steps} steps, seed {args.seed}, monitor every {every} steps -> {out}"
+        f"{steps} steps, seed {seed}, monitor every {every} steps -> {out}"
     )
     try:
-        runs = inspect_task(task, data, steps=steps, seed=args.seed, every=every)
+        runs = inspect_task(task, data, steps=steps, seed=seed, every=every)
     except FloatingPointError as error:  # a diverged run: a result, reported in one line
         print(f"decoupled inspect: {error}", file=sys.stderr)
         return 1
@@ -129,7 +130,7 @@ def run_fixed_points(args: argparse.Namespace) -> int:
         format_fixed_points,
     )
 
-    for name in ("every", "data_dir"):
+    for name in ("task", "seed", "every", "data_dir"):
         if getattr(args, name) is not None:
             raise CommandError(f"argument --{name.replace('_', '-')}: only for `inspect train`")
     out = output_folder(args.out)

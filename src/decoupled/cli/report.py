@@ -18,11 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from decoupled.lab.store import StoreError
     from decoupled.lab.workflow import rebuild_reports
 
     try:
         paths = rebuild_reports(Path(args.out))
-    except FileNotFoundError as error:
+    except (OSError, StoreError) as error:  # missing, a folder, damaged, unreadable
         raise CommandError(f"argument --out: {error}") from None
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

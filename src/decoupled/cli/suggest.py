@@ -64,43 +64,86 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="peak lr α for the schedule/corrected conventions (default: --lr)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table; an infinite timescale (λ = 0: no decay) is "
+        "written as null",
+    )
 
 
 def suggestions(args: argparse.Namespace) -> dict:
-    """Everything `suggest` prints, as plain data."""
+    """Everything `suggest` prints, as plain data.
+
+    Raises CommandError, naming the option, when a value is so extreme that a conversion
+    divides by zero or over/underflows float64 (e.g. ``--lr 1e-300``: γ² is 0).
+    """
     lr, b, n, epochs = args.lr, args.batch_size, args.dataset_size, args.epochs
     steps = n * epochs / b
+    if not math.isfinite(steps):
+        raise CommandError(f"argument --epochs: {epochs:g} is out of range: N·T/b overflows")
+    _check_lr(lr, args.max_lr)
     tau_target = args.timescale if args.timescale is not None else math.sqrt(epochs)
+    tau_option = "--timescale" if args.timescale is not None else "--epochs"
     rules = [
         (
             f"normalized (lambda_norm = {args.lambda_norm:g})",
             "schedule",
-            normalized_weight_decay(args.lambda_norm, b, n, epochs),
+            lambda: normalized_weight_decay(args.lambda_norm, b, n, epochs),
+            f"--lambda-norm: {args.lambda_norm:g}",
+            args.lambda_norm == 0,
         ),
         (
             f"timescale (tau = {tau_target:.3g} epochs)",
             "lr",
-            weight_decay_for_timescale(tau_target, lr, b, n),
+            lambda: weight_decay_for_timescale(tau_target, lr, b, n),
+            f"{tau_option}: {args.timescale if args.timescale is not None else epochs:g}",
+            False,
         ),
     ]
     if args.weight_decay is not None:
         rules.append(
-            (f"yours (weight_decay = {args.weight_decay:g})", args.convention, args.weight_decay)
+            (
+                f"yours (weight_decay = {args.weight_decay:g})",
+                args.convention,
+                lambda: args.weight_decay,
+                f"--weight-decay: {args.weight_decay:g}",
+                args.weight_decay == 0,
+            )
         )
     rows = []
-    for name, convention, value in rules:
-        by_convention = {
-            dst: convert_weight_decay(value, convention, dst, lr, args.max_lr)
-            for dst in DECAY_SCALES
-        }
-        tau_epochs = timescale(value, lr, b, n, convention, args.max_lr)
+    for name, convention, compute, culprit, no_decay in rules:
+        by_convention = None
+        try:
+            value = compute()
+            if _in_range(value, zero=no_decay):
+                by_convention = {
+                    dst: convert_weight_decay(value, convention, dst, lr, args.max_lr)
+                    for dst in DECAY_SCALES
+                }
+                tau_epochs = timescale(value, lr, b, n, convention, args.max_lr)
+                tau_steps = tau_epochs * n / b
+        except (ZeroDivisionError, OverflowError):
+            by_convention = None
+        # λ = 0, and only λ = 0, means no decay: λ is 0 in every convention and τ infinite
+        if not (
+            by_convention is not None
+            and all(_in_range(v, zero=no_decay) for v in by_convention.values())
+            and all(
+                math.isinf(t) if no_decay else _in_range(t, zero=False)
+                for t in (tau_epochs, tau_steps)
+            )
+        ):
+            raise CommandError(
+                f"argument {culprit} is out of range at --lr {lr:g}: rule {name!r} "
+                "divides by zero or over/underflows float64"
+            )
         rows.append(
             {
                 "rule": name,
                 "weight_decay": by_convention,
                 "timescale_epochs": tau_epochs,
-                "timescale_steps": tau_epochs * n / b,
+                "timescale_steps": tau_steps,
                 "warning": _warning(name, tau_epochs, epochs),
             }
         )
@@ -115,7 +158,41 @@ def suggestions(args: argparse.Namespace) -> dict:
     }
 
 
+def _in_range(value: float, *, zero: bool) -> bool:
+    """Finite, and 0 exactly when it should be (a nonzero λ that comes out 0 underflowed)."""
+    return math.isfinite(value) and (value == 0) == zero
+
+
+def _check_lr(lr: float, max_lr: float | None) -> None:
+    """The conversions between conventions divide by γ, γ/α and γ²/α: all must be finite > 0."""
+    for dst in DECAY_SCALES:
+        try:
+            there = convert_weight_decay(1.0, "lr", dst, lr, max_lr)
+            back = convert_weight_decay(1.0, dst, "lr", lr, max_lr)
+        except (ZeroDivisionError, OverflowError):
+            there = back = math.nan
+        if not (_in_range(there, zero=False) and _in_range(back, zero=False)):
+            with_max = f" (with --max-lr {max_lr:g})" if max_lr is not None else ""
+            raise CommandError(
+                f"argument --lr: {lr:g}{with_max} is out of range: converting λ to the "
+                f"{dst!r} convention divides by zero or over/underflows float64"
+            )
+
+
+def _json_safe(value):
+    """``value`` with infinite floats as None (JSON has no infinity: null)."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _warning(rule: str, tau_epochs: float, epochs: float) -> str | None:
+    if math.isinf(tau_epochs):
+        return f"{rule}: λ = 0, no decay (infinite timescale)"
     if tau_epochs < 1:
         return (
             f"{rule}: timescale {tau_epochs:.3g} epochs is shorter than one epoch — the "
@@ -129,12 +206,17 @@ def _warning(rule: str, tau_epochs: float, epochs: float) -> str | None:
     return None
 
 
+def _steps_text(steps: float) -> str:
+    """A step count with thousands separators; "inf" and 1e+12 style when too long for that."""
+    return f"{steps:,.0f}" if steps < 1e9 else f"{steps:.3g}"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.timescale is not None and args.timescale <= 0:
         raise CommandError(f"argument --timescale: must be > 0, got {args.timescale}")
     result = suggestions(args)
     if args.json:
-        print(json.dumps(result, indent=2, allow_nan=False, default=str))
+        print(json.dumps(_json_safe(result), indent=2, allow_nan=False, default=str))
         return 0
     print(
         f"lr {result['lr']:g} (peak {result['max_lr']:g}), batch {result['batch_size']}, "
@@ -147,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         values = "".join(f"{row['weight_decay'][c]:>11.3g}" for c in DECAY_SCALES)
         print(
             f"{row['rule']:<34}{values}{row['timescale_epochs']:>12.3g}"
-            f"{row['timescale_steps']:>12,.0f}"
+            f"{_steps_text(row['timescale_steps']):>12}"
         )
     print(
         "\nweight_decay per convention: lr = torch/optax/Keras AdamW, schedule = the paper,"

@@ -17,6 +17,7 @@ from decoupled.cli._lab_args import (
     add_run_arguments,
     output_folder,
     parse_optimizers,
+    report_missing,
     resolve_task,
     steps_for,
 )
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         f"decoupled sweep: task {task.name}, {', '.join(optimizers)}: {cells} cells x "
         f"{args.seeds} seeds x {steps} steps, executor {args.executor} -> {out}"
     )
-    grid = sweep_task(
+    grid, missing = sweep_task(
         task,
         optimizers=optimizers,
         lrs=lrs,
@@ -133,4 +134,4 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_landscapes(grid, task.metric))
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
-    return 0
+    return report_missing("sweep", missing)

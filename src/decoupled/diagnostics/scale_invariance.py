@@ -13,8 +13,9 @@ Two ways to find them:
   per-channel constant (pooling, flatten, identity; not ReLU or dropout), so the weight is
   then invariant with a bias too; otherwise, and for LayerNorm, GroupNorm and RMSNorm, which
   keep a per-feature bias, the layer must have none. LocalResponseNorm, despite its name, is
-  not a scale-invariant normalization. A heuristic: it assumes ``forward`` calls modules in the order they were
-  registered (as ``nn.Sequential`` does), and that BatchNorm uses batch statistics (training).
+  not a scale-invariant normalization. A heuristic: it assumes ``forward`` calls modules in
+  the order they were registered (as ``nn.Sequential`` does), and that BatchNorm uses batch
+  statistics (training).
 * :func:`scale_invariant_tensors` checks numerically, on a batch, that scaling a tensor by 2
   leaves the loss unchanged (up to the normalization's ε and rounding).
 """

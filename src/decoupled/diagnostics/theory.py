@@ -25,9 +25,14 @@ Adam + L2    none: depends on each layer's gradient scale
 ===========  =========================================  =========================================
 
 μ is the momentum, τ the dampening, ``c`` the decoupled rate of the step (γλ in torch's "lr"
-convention). For AdamW the normalized update m̂/sqrt(v̂) has unit RMS per element when v̂
-tracks E[g²], so the equilibrium norm does not depend on the gradient: ‖θ̂‖ = sqrt(γ·d/(2λ))
-in the "lr" convention.
+convention). For AdamW, with v̂ tracking E[g²], it is g/sqrt(v̂) — one gradient, normalized —
+that has unit RMS per element. Momentum puts a fraction (1−β1)·β1^k of it into the step k
+steps later (k = 0, 1, …); the fractions sum to 1, so each gradient eventually moves θ by
+γ·g/sqrt(v̂) in total: ‖θ‖² grows by γ²·d per step, decay removes 2c‖θ‖², and the equilibrium norm
+‖θ̂‖ = γ·sqrt(d/(2c)) = sqrt(γ·d/(2λ)) in the "lr" convention does not depend on the gradient.
+The one-step update m̂/sqrt(v̂) is smaller: averaging uncorrelated gradients, momentum leaves
+it an RMS of sqrt((1−β1)/(1+β1)) per element, which is where that factor in the angular
+update comes from (γ·sqrt(d·(1−β1)/(1+β1)) divided by ‖θ̂‖).
 
 SGDW differs from SGD + L2 (the paper's SGDM row, which puts λθ into the momentum buffer):
 with the decay outside the buffer, momentum amplifies the updates by 1/(1−μ) but not the
@@ -86,7 +91,9 @@ def adamw_equilibrium_norm(lr: float, decay_rate: float, numel: int) -> float:
     """AdamW's equilibrium norm of a scale-invariant tensor: ``γ·sqrt(d/(2c))``.
 
     = sqrt(γ·d/(2λ)) when c = γλ (Kosson et al. 2024, Table 1: sqrt(ηC/(2λ)), C the number
-    of elements). Assumes unit-RMS normalized updates m̂/sqrt(v̂), i.e. v̂ ≈ E[g²].
+    of elements). Assumes v̂ ≈ E[g²], so that each normalized gradient g/sqrt(v̂) has unit
+    RMS per element (module docstring; the step m̂/sqrt(v̂) itself has the smaller RMS
+    sqrt((1−β1)/(1+β1)) for uncorrelated gradients).
     """
     return lr * math.sqrt(numel / (2 * decay_rate)) if decay_rate > 0 else math.nan
 

@@ -101,6 +101,8 @@ class Comparison:
     task: Task
     arms: list[Arm]
     paired: list[tuple[Arm, Arm, PairedComparison | None, str]]
+    #: planned runs without a result, one line per kind ("failed", "running")
+    missing: dict[str, str] = field(default_factory=dict)
 
     @property
     def as_percent(self) -> bool:

@@ -46,10 +46,16 @@ def preload(task: Task, data: TaskData, data_dir: str | None = None) -> None:
     _TASKS[(task.name, data_dir)] = (task, data)
 
 
-def _store(path: str) -> ResultStore:
+def open_store(path: str | Path) -> ResultStore:
+    """This process's store at ``path``, opened once and kept open: closing a connection
+    while other processes use the file is where SQLite's WAL bookkeeping is most fragile."""
+    path = str(path)
     if path not in _STORES:
         _STORES[path] = ResultStore(path)
     return _STORES[path]
+
+
+_store = open_store
 
 
 def run_into_store(spec: RunSpec, db_path: str) -> str:

@@ -65,6 +65,7 @@ def compare_task(
         description=f"{task.name}: {' vs '.join(optimizers)}",
     )
     comparison = summarize(task, specs, store.records(), spec_key)
+    comparison.missing = missing_runs(specs, out)
     rebuild_reports(out, tasks={task.name: task})
     return comparison
 
@@ -104,8 +105,9 @@ def sweep_task(
     progress: bool = True,
     ray_address: str | None = None,
     **common: Any,
-) -> list[Landscape]:
-    """Plan, run (only missing cells), and report an lr × λ sweep."""
+) -> tuple[list[Landscape], dict[str, str]]:
+    """Plan, run (only missing cells), and report an lr × λ sweep; returns the landscapes and
+    :func:`missing_runs`."""
     specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
     db_path = out / DB_NAME
     store = ResultStore(db_path)
@@ -129,7 +131,39 @@ def sweep_task(
         execute(specs, db_path, workers=workers, progress=progress, description=description)
     grid = landscapes(task, specs, store.records(), spec_key)
     rebuild_reports(out, tasks={task.name: task})
-    return grid
+    return grid, missing_runs(specs, out)
+
+
+def unfinished(specs, out: Path) -> dict[str, list]:
+    """The planned runs that have no result in the store after executing: ``failed`` (with
+    their error) and ``running`` (owned by another process, still at work or gone)."""
+    wanted = {spec_key(spec) for spec in specs}
+    outcome: dict[str, list] = {"failed": [], "running": []}
+    for record in ResultStore(out / DB_NAME).records():
+        if record.key in wanted and record.status in outcome:
+            outcome[record.status].append(record)
+    return outcome
+
+
+def missing_runs(specs, out: Path) -> dict[str, str]:
+    """What a person must know about planned runs missing from the report: one line per kind
+    (``"failed"``, ``"running"``), none when every planned run has its result."""
+    outcome, lines = unfinished(specs, out), {}
+    if outcome["failed"]:
+        last_line = (outcome["failed"][0].error or "").strip().splitlines()[-1:] or ["?"]
+        lines["failed"] = (
+            f"{len(outcome['failed'])} of {len(specs)} runs failed and are left out of the "
+            f"report (first error: {last_line[0]}); their tracebacks are in the error column "
+            f"of {out / DB_NAME}, and the next invocation retries them"
+        )
+    if outcome["running"]:
+        owners = sorted({r.owner or "?" for r in outcome["running"]})
+        lines["running"] = (
+            f"{len(outcome['running'])} of {len(specs)} runs are claimed by another process "
+            f"({', '.join(owners)}) and are left out of the report; run the command again "
+            "when it has finished (a run of a dead process is redone)"
+        )
+    return lines
 
 
 def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Path]:
