@@ -62,6 +62,7 @@ if __name__ == "__main__":
             seed=0,
             steps=args.steps,
             eval_every=args.steps,
+            threads=args.threads,
         )
         for i in range(side)
         for j in range(side)

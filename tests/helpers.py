@@ -119,12 +119,13 @@ def wait_for_finished_runs(db, minimum: int, timeout: float = 120.0) -> int:
     count seen last (the caller asserts on it)."""
     import sqlite3
     import time
+    from contextlib import closing
 
     done, deadline = 0, time.time() + timeout
     while time.time() < deadline and done < minimum:
         if db.exists():
             try:
-                with sqlite3.connect(db, timeout=5) as connection:
+                with closing(sqlite3.connect(db, timeout=5)) as connection:  # closed each time
                     done = connection.execute(
                         "SELECT count(*) FROM runs WHERE status = 'done'"
                     ).fetchone()[0]

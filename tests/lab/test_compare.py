@@ -29,7 +29,8 @@ def test_compare_end_to_end_and_report_rebuild(tmp_path):
     assert len(records) == 4 and {r.status for r in records} == {"done"}
     report = (out / "report.md").read_text()
     assert "| how the decay is applied |" in report and "verdict:" in report
-    assert (out / "plots" / "compare-mnist1d-curves.png").stat().st_size > 1000
+    [curves] = (out / "plots").glob("compare-mnist1d-*-curves.png")  # named by the plan
+    assert curves.stat().st_size > 1000
     assert "<table>" in (out / "report.html").read_text()
 
     # running again trains nothing: the runs are in the store
@@ -132,9 +133,10 @@ def test_runs_owned_by_another_live_process_are_named(tmp_path, capsys):
     from decoupled.lab.comparison import plan
     from decoupled.lab.executor import spec_key
     from decoupled.lab.tasks import get_task
+    from decoupled.lab.workflow import threads_per_run
 
     task = get_task("mnist1d")
-    spec = plan(task, ["adam"], 1, task.quick_steps, {"adam": {}})[0]
+    spec = plan(task, ["adam"], 1, task.quick_steps, threads=threads_per_run(1))[0]
     store = ResultStore(tmp_path / "results.db")
     assert store.claim(spec_key(spec), spec.config())  # this (live) process owns it
     status = main(["compare", "--quick", "--seeds", "1", "--optimizers", "adam", "--workers",
@@ -143,6 +145,17 @@ def test_runs_owned_by_another_live_process_are_named(tmp_path, capsys):
     assert (
         status == 0 and len(warnings) == 1 and "1 of 1 runs are claimed by another" in warnings[0]
     )
+
+
+def test_a_second_plan_into_the_same_folder_is_reported_beside_the_first(tmp_path, capsys):
+    from decoupled.cli import main
+
+    common = ["--budget", "10", "--seeds", "1", "--workers", "1", "--no-progress"]
+    for optimizers in ("adam,adamw", "sgd,sgdw", "adam,adamw"):  # the third: a resumed first
+        assert main(["compare", *common, "--optimizers", optimizers, "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("## compare-mnist1d-") == 2, report
+    assert all(name in report for name in ("Adam", "AdamW", "SGD", "SGDW"))
 
 
 def test_report_without_a_store_is_a_clear_error(tmp_path):

@@ -180,6 +180,17 @@ def test_failed_run_keeps_its_error_and_can_be_claimed_again(store):
     assert store.get(key).status == "running"
 
 
+def test_a_late_failure_does_not_take_a_run_another_process_claimed_since(store, tmp_path):
+    """A process presumed dead whose run was claimed again must not mark it failed: a third
+    process could then start it while the second still runs it."""
+    key = config_key(CONFIG)
+    assert store.claim(key, CONFIG)
+    _set_owner(store.path, key, "other-host:1", heartbeat=time.time())
+    assert not store.fail(key, "late error")
+    assert store.get(key).status == "running" and store.get(key).owner == "other-host:1"
+    assert not store.heartbeat(key)  # and this process's heartbeat does not touch it
+
+
 @pytest.mark.parametrize("status", ["done", "diverged"])
 def test_finished_run_cannot_be_claimed(store, status):
     key = config_key(CONFIG)

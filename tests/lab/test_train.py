@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from decoupled.lab.custom import CustomTask
+from decoupled.lab.store import config_key
 from decoupled.lab.tasks import get_task
 from decoupled.lab.tasks.base import Hyperparameters
 from decoupled.lab.train import RunSpec, build_optimizer, decay_summary, run
@@ -119,12 +120,54 @@ def test_divergence_ends_the_run_as_diverged_not_a_crash():
         ({"lr": 0.0}, "Invalid lr value: 0.0"),
         ({"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
         ({"schedule": "step"}, "Invalid schedule value: 'step'"),
+        ({"threads": 0}, "Invalid threads value: 0"),
     ],
 )
 def test_bad_specs(changes, regex):
     args = dict(task="mnist1d", optimizer="adam", lr=1e-3, weight_decay=0.0, seed=0, steps=1)
     with pytest.raises(ValueError, match=regex):
         RunSpec(**{**args, **changes}).validate()
+
+
+def test_a_run_uses_its_specs_thread_count_and_restores_the_callers(mnist1d):
+    task, data = mnist1d
+    seen = []
+    previous = torch.get_num_threads()
+    run(
+        spec(threads=2),
+        task=task,
+        data=data,
+        on_progress=lambda *_: seen.append(torch.get_num_threads()),
+    )
+    assert seen and set(seen) == {2} and torch.get_num_threads() == previous
+
+
+def test_the_run_key_holds_what_changes_the_numbers_and_nothing_else():
+    """Thread count and batching change float rounding, so they are part of a run's key;
+    decay_scale is not, for L2 optimizers, which do not use it."""
+    key = lambda s: config_key(s.config())  # noqa: E731
+    assert key(spec(threads=1)) != key(spec(threads=2))
+    assert key(spec()) != key(spec(batched=True))
+    assert key(spec("adam", decay_scale="lr")) == key(spec("adam", decay_scale="schedule"))
+    assert key(spec("adamw", decay_scale="lr")) != key(spec("adamw", decay_scale="schedule"))
+
+
+def test_threads_per_run_depends_on_the_requested_workers_only(monkeypatch):
+    from decoupled.lab import workflow
+
+    monkeypatch.setattr(workflow.os, "cpu_count", lambda: 8)
+    assert [workflow.threads_per_run(w) for w in (None, 8, 4, 1, 16)] == [1, 1, 2, 8, 1]
+
+
+def test_a_stored_run_sends_heartbeats_while_it_trains(mnist1d, tmp_path, monkeypatch):
+    from decoupled.lab.executor import preload, run_into_store
+    from decoupled.lab.store import ResultStore
+
+    beats = []
+    monkeypatch.setattr(ResultStore, "heartbeat", lambda self, key: beats.append(key) or True)
+    preload(*mnist1d)
+    assert run_into_store(spec(steps=20), str(tmp_path / "results.db")) == "done"
+    assert len(beats) >= 5 and len(set(beats)) == 1  # one per evaluation (every 4 steps)
 
 
 def test_biases_and_norms_are_not_decayed_by_the_runner(mnist1d):

@@ -38,6 +38,7 @@ from decoupled.lab.train import (
     RunSpec,
     build_scheduler,
     eval_interval,
+    torch_threads,
     weight_norms,
 )
 from decoupled.optim.adam import adam_update
@@ -76,7 +77,13 @@ def _per_cell(values: Sequence[float], like: Tensor) -> Tensor:
 
 
 def run_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[RunResult]:
-    """Train the cells ``specs`` (same :func:`batch_key`) together; one RunResult per cell."""
+    """Train the cells ``specs`` (same :func:`batch_key`) together, with ``threads`` torch
+    threads; one RunResult per cell."""
+    with torch_threads(specs[0].threads):
+        return _train_batched(specs, task, data)
+
+
+def _train_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[RunResult]:
     base, cells = specs[0], len(specs)
     if base.state_dtype is not None:
         raise ValueError(

@@ -8,9 +8,13 @@ and redone next time.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -60,12 +64,15 @@ _store = open_store
 
 def run_into_store(spec: RunSpec, db_path: str) -> str:
     """Claim, run and record one spec; returns its final status (or "skipped")."""
+    if _STOPPING.is_set():  # an interrupted pool worker takes no queued run
+        return "skipped"
     store, key = _store(db_path), spec_key(spec)
     if not store.claim(key, spec.config()):
         return "skipped"
     try:
         task, data = _task_and_data(spec)
-        result = run(spec, task=task, data=data)
+        # a heartbeat at every evaluation: a process on another host sees the run is alive
+        result = run(spec, task=task, data=data, on_progress=lambda *_: store.heartbeat(key))
     except KeyboardInterrupt:
         store.mark_interrupted(key)
         raise
@@ -86,8 +93,28 @@ def pending_runs(specs: Sequence[RunSpec], store: ResultStore) -> tuple[list[Run
     return pending, counts
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
+# Set in a pool worker at its first Ctrl-C: it finishes marking its run and takes no other.
+_STOPPING = threading.Event()
+
+
+def _stop_taking_runs(signum: int, frame: object) -> None:
+    if not _STOPPING.is_set():  # a second signal must not interrupt the marking of the first
+        _STOPPING.set()
+        raise KeyboardInterrupt
+
+
+def _init_worker(parent: int) -> None:
+    """In each pool worker: on Ctrl-C, mark the run in progress as interrupted and take no
+    queued run after it; exit when the parent dies (``kill -9`` leaves no one to shut the
+    pool down, and an orphan would go on claiming runs)."""
+    signal.signal(signal.SIGINT, _stop_taking_runs)
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # its claimed run stays "running" with a dead owner: redone next time
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def default_workers() -> int:
@@ -104,8 +131,8 @@ def execute(
 ) -> dict[str, int]:
     """Run every spec whose result is not yet in the store; returns counts per status.
 
-    ``workers`` processes (default: one per core) each use ``cores // workers`` torch
-    threads so the machine is not oversubscribed; ``workers=1`` runs in this process.
+    ``workers`` processes (default: one per core) run at once, each run with its own
+    ``spec.threads`` torch threads; ``workers=1`` runs in this process.
     """
     db_path = str(db_path)
     pending, counts = pending_runs(specs, _store(db_path))
@@ -124,12 +151,11 @@ def execute(
 
 
 def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
-    threads = max(1, (os.cpu_count() or 1) // workers)
     if not torch.cuda.is_available():
         kernel_ops()  # built (or found) once here, so the workers only load it
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     pool = ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
     )
     futures: set[Future] = set()
     try:
@@ -142,6 +168,10 @@ def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
     except BaseException:
         for future in futures:
             future.cancel()
+        # Ctrl-C in a terminal reaches the workers too; `kill -INT <parent>` does not
+        for process in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)

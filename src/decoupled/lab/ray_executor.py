@@ -19,16 +19,20 @@ from decoupled.lab.store import ResultStore
 from decoupled.lab.train import RunSpec
 
 
+class RayUnavailable(RuntimeError):
+    """Ray could not start or reach the cluster at the given address."""
+
+
 def execute_on_ray(
     specs: Sequence[RunSpec],
     db_path: str | Path,
     *,
     address: str | None = None,
     progress: bool = True,
-    threads_per_task: int = 1,
 ) -> dict[str, int]:
     """Run the missing specs on Ray (``address``: ``"auto"``, ``"ray://host:port"``, or None
-    to start a local instance); returns counts per status."""
+    to start a local instance); returns counts per status. Each task asks Ray for
+    ``spec.threads`` CPUs and runs with that many torch threads."""
     import ray
 
     db_path = str(Path(db_path).resolve())
@@ -39,16 +43,19 @@ def execute_on_ray(
     if started_here:
         # The package must be importable by the workers: ship this interpreter's path.
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-        ray.init(
-            address=address,
-            runtime_env=env,
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
-    remote = ray.remote(num_cpus=threads_per_task)(_run_cell)
+        try:
+            ray.init(
+                address=address,
+                runtime_env=env,
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise RayUnavailable(f"cannot start or reach Ray at {address!r}: {error}") from None
+    remote = ray.remote(run_into_store)
     try:
-        refs = [remote.remote(spec, db_path, threads_per_task) for spec in pending]
+        refs = [remote.options(num_cpus=spec.threads).remote(spec, db_path) for spec in pending]
         bar = progress_bar(len(specs), counts["cached"], "ray sweep", progress)
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
@@ -59,10 +66,3 @@ def execute_on_ray(
         if started_here:
             ray.shutdown()
     return counts
-
-
-def _run_cell(spec: RunSpec, db_path: str, threads: int) -> str:
-    import torch
-
-    torch.set_num_threads(threads)
-    return run_into_store(spec, db_path)

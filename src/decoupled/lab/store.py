@@ -371,15 +371,18 @@ class ResultStore:
             )
         return cursor.rowcount == 1
 
-    def _end(self, key: str, **fields: Any) -> bool:
+    def _end(self, key: str, *, own_only: bool = False, **fields: Any) -> bool:
         assignments = ", ".join(f"{name} = ?" for name in fields)
+        # A finished result is never overwritten, e.g. by a late process that was wrongly
+        # presumed dead and whose run was redone meanwhile. With own_only, neither is a run
+        # another process has claimed since (its failure would let a third one start it).
+        condition = "status IN ('running', 'failed')"
+        if own_only:
+            condition = "(status = 'failed' OR (status = 'running' AND owner = ?))"
         with self._write() as db:
-            # A finished result is never overwritten, e.g. by a late process that was
-            # wrongly presumed dead and whose run was redone meanwhile.
             cursor = db.execute(
-                f"UPDATE runs SET {assignments}, finished = ?"
-                " WHERE key = ? AND status IN ('running', 'failed')",
-                (*fields.values(), time.time(), key),
+                f"UPDATE runs SET {assignments}, finished = ? WHERE key = ? AND {condition}",
+                (*fields.values(), time.time(), key, *([this_owner()] if own_only else [])),
             )
             if cursor.rowcount == 1:
                 return True
@@ -408,9 +411,10 @@ class ResultStore:
     def fail(self, key: str, error_text: str) -> bool:
         """Record that a claimed run raised; ``error_text`` (a traceback) is kept.
 
-        Like :meth:`finish`, returns False and changes nothing if the run is already finished.
+        Like :meth:`finish`, returns False and changes nothing if the run is already finished,
+        and also if another process has claimed it since.
         """
-        return self._end(key, status="failed", error=str(error_text))
+        return self._end(key, own_only=True, status="failed", error=str(error_text))
 
     def mark_interrupted(self, key: str) -> bool:
         """Turn this process's ``running`` row into ``failed`` ("interrupted"): it will be redone.

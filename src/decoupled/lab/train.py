@@ -2,7 +2,9 @@
 
 The same spec gives the same result: the model is built after ``torch.manual_seed(seed)``
 and the data order comes from its own generator seeded by ``seed``, so two optimizers run
-with the same seed see the same initial weights and the same batches. A non-finite loss
+with the same seed see the same initial weights and the same batches. The number of torch
+threads is part of the spec too: it changes how sums are split, hence the float rounding,
+and a few thousand steps amplify that into a different final metric. A non-finite loss
 ends the run early with status ``"diverged"`` (a result, not a crash).
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +57,8 @@ class RunSpec:
     eval_every: int = 0  # 0: the task's default
     data_dir: str | None = None
     state_dtype: str | None = None  # Adam/AdamW's moments: None (θ's dtype) or "bfloat16"
+    threads: int = 1  # torch threads of the run (float rounding depends on it)
+    batched: bool = False  # trained with other cells at once (lab/batched.py): other rounding
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -62,9 +67,10 @@ class RunSpec:
             )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule value: {self.schedule!r} (choose from {SCHEDULES})")
-        for name in ("steps", "seed", "warmup_steps", "eval_every"):
+        for name in ("steps", "seed", "warmup_steps", "eval_every", "threads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0 or (name == "steps" and value == 0):
+            positive = name in ("steps", "threads")
+            if not isinstance(value, int) or value < 0 or (positive and value == 0):
                 raise ValueError(f"Invalid {name} value: {value!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(
@@ -77,8 +83,12 @@ class RunSpec:
 
     def config(self) -> dict[str, Any]:
         """The complete configuration, including the package version (results of another
-        version are kept apart)."""
-        return {**asdict(self), "version": decoupled.__version__}
+        version are kept apart). An L2 optimizer's ``decay_scale`` is recorded as "lr":
+        it does not use it, so ``--decay-scale`` does not retrain identical Adam/SGD runs."""
+        config = {**asdict(self), "version": decoupled.__version__}
+        if DECAY_KIND.get(self.optimizer) == "L2":
+            config["decay_scale"] = "lr"
+        return config
 
 
 @dataclass
@@ -205,9 +215,25 @@ def run(
     """Train one run. ``task``/``data`` may be passed in to reuse loaded data across runs.
 
     ``device`` defaults to CUDA when present, else the CPU. ``on_progress(step, steps)`` is
-    called after every evaluation.
+    called after every evaluation. Runs with ``spec.threads`` torch threads (restored after).
     """
     spec.validate()
+    with torch_threads(spec.threads):
+        return _train(spec, task, data, device, on_progress)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(count)``; the previous count is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(spec, task, data, device, on_progress) -> RunResult:
     task = task or get_task(spec.task)
     data = data if data is not None else task.load(spec.data_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

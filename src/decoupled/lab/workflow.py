@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,21 @@ def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
     return path
 
 
+def plan_name(prefix: str, specs) -> str:
+    """``compare-mnist1d-1a2b3c4d``: the same plan (e.g. a resumed one) keeps its name and
+    its place in the report; another plan into the same folder is added beside it."""
+    digest = sha256(" ".join(sorted(spec_key(spec) for spec in specs)).encode()).hexdigest()
+    return f"{prefix}-{digest[:8]}"
+
+
+def threads_per_run(workers: int | None) -> int:
+    """Torch threads of each run when ``workers`` (default: one per core) run at once. It
+    depends on the requested workers only, never on how many runs are left: a resumed
+    sweep's runs get the same count, hence the same rounding, as the first invocation's."""
+    cores = os.cpu_count() or 1
+    return max(1, cores // (workers or cores))
+
+
 def compare_task(
     task: Task,
     *,
@@ -48,15 +65,17 @@ def compare_task(
     overrides: dict[str, dict[str, float]] | None = None,
     workers: int | None = None,
     progress: bool = True,
-    name: str | None = None,
+    name: str | None = None,  # the experiment's name before its plan digest
     **common: Any,
 ) -> Comparison:
     """Plan, run (skipping runs already stored), summarize and report one comparison."""
-    specs = plan(task, optimizers, seeds, steps, overrides, **common)
+    specs = plan(
+        task, optimizers, seeds, steps, overrides, threads=threads_per_run(workers), **common
+    )
     db_path = out / DB_NAME
     store = ResultStore(db_path)
-    experiment = name or f"compare-{task.name}"
-    save_experiment(db_path, experiment, "compare", specs)
+    prefix = name or f"compare-{task.name}"
+    save_experiment(db_path, plan_name(prefix, specs), "compare", specs)
     execute(
         specs,
         db_path,
@@ -109,9 +128,13 @@ def sweep_task(
     """Plan, run (only missing cells), and report an lr × λ sweep; returns the landscapes and
     :func:`missing_runs`."""
     specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
+    if executor == "batched":  # one process, all its threads, cells trained together
+        specs = [replace(s, threads=torch.get_num_threads(), batched=True) for s in specs]
+    elif executor == "local":
+        specs = [replace(s, threads=threads_per_run(workers)) for s in specs]
     db_path = out / DB_NAME
     store = ResultStore(db_path)
-    save_experiment(db_path, f"sweep-{task.name}", "sweep", specs)
+    save_experiment(db_path, plan_name(f"sweep-{task.name}", specs), "sweep", specs)
     description = f"{task.name} sweep"
     if executor == "ray":
         from decoupled.lab.ray_executor import execute_on_ray
