@@ -12,8 +12,16 @@ import sys
 import numpy as np
 import pytest
 
-from decoupled.lab.store import ResultStore
-from decoupled.lab.sweep import Landscape, RangeError, parse_range, space_from_json
+from decoupled.lab.store import ResultStore, RunRecord
+from decoupled.lab.sweep import (
+    Landscape,
+    RangeError,
+    format_landscapes,
+    landscapes,
+    parse_range,
+    space_from_json,
+)
+from decoupled.lab.train import RunSpec
 from tests.helpers import run_cli, wait_for_finished_runs
 
 
@@ -22,6 +30,7 @@ def test_parse_ranges():
     assert parse_range("0,1e-3, 1e-2") == [0.0, 1e-3, 1e-2]
     assert parse_range("5e-3") == [5e-3]
     assert parse_range("1e-3:1e-3:1") == [1e-3]
+    assert parse_range("1e-3,0.001, 1e-3,0") == [0.0, 1e-3]  # repeats are one cell
 
 
 @pytest.mark.parametrize(
@@ -36,6 +45,8 @@ def test_parse_ranges():
         ("-0.1,0.2", r"values must be finite and >= 0"),
         ("a,b", r"not a range"),
         ("1e-4:1e-3:1", r"one value needs lo = hi"),
+        ("1e-3:1e-3:3", r"lo = hi \(0.001\) gives one value, not n = 3"),
+        ("1e-4:1e-2:100000000000", r"more than 10000"),
     ],
 )
 def test_bad_ranges(text, regex):
@@ -58,6 +69,68 @@ def test_json_search_space(tmp_path):
     path.write_text(json.dumps({"momentum": {"values": [0.9]}}))
     with pytest.raises(RangeError, match="unknown key 'momentum'"):
         space_from_json(path)
+    # an integral JSON float counts as an integer; values come back sorted without repeats
+    path.write_text(
+        json.dumps(
+            {
+                "lr": {"min": 1e-4, "max": 1e-2, "num": 3.0},
+                "weight_decay": {"values": [0.1, 0, 0.1]},
+            }
+        )
+    )
+    space = space_from_json(path)
+    assert space["lr"] == pytest.approx([1e-4, 1e-3, 1e-2]) and space["weight_decay"] == [0, 0.1]
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"lr": {"min": "abc", "max": 1e-2, "num": 3}}', 'lr.min: expected a number, got "abc"'),
+        ('{"lr": {"min": null, "max": 1e-2, "num": 3}}', "lr.min: expected a number, got null"),
+        ('{"lr": {"min": true, "max": 1e-2, "num": 3}}', "lr.min: expected a number, got true"),
+        (
+            '{"lr": {"min": NaN, "max": 1e-2, "num": 3}}',
+            "lr.min: expected a finite number, got NaN",
+        ),
+        ('{"lr": {"values": 5}}', "lr.values: expected a non-empty list of numbers, got 5"),
+        ('{"lr": {"values": []}}', "lr.values: expected a non-empty list of numbers, got []"),
+        ('{"lr": {"values": "0.1"}}', 'lr.values: expected a non-empty list of numbers, got "0.1"'),
+        ('{"lr": {"values": [0.1, "x"]}}', 'lr.values: expected a number, got "x"'),
+        ('{"lr": {"values": [1e-3, 1e400]}}', "lr.values: expected a finite number, got Infinity"),
+        ('{"lr": {"values": [0, 1e-3]}}', "lr.values: learning rates must be > 0, got 0"),
+        ('{"wd_adam": {"values": [-0.1]}}', "wd_adam.values: weight decay must be >= 0, got -0.1"),
+        ('{"lr": {"min": 1e-4, "max": 1e-2, "num": 1e400}}', "lr.num: expected an integer >= 1"),
+        ('{"lr": {"min": 1e-4, "max": 1e-2, "num": 2.7}}', "lr.num: expected an integer >= 1"),
+        ('{"lr": {"min": 1e-4, "max": 1e-2, "num": 0}}', "lr.num: expected an integer >= 1"),
+        (
+            '{"lr": {"min": 1e-4, "max": 1e-2, "num": "3"}}',
+            'lr.num: expected an integer >= 1, got "3"',
+        ),
+        (
+            '{"lr": {"min": 1e-4, "max": 1e-2, "num": 1e30}}',
+            "lr: n = 1000000000000000019884624838656 values is more than 10000",
+        ),
+        ('{"lr": {"min": 1e-3, "max": 1e-3, "num": 3}}', "lr: lo = hi (0.001) gives one value"),
+        ('{"lr": {"min": 1e-4, "max": 1e-2}}', "lr: missing 'num'"),
+        (
+            '{"lr": {"min": 1e-4, "max": 1e-2, "num": 3, "scaling": "linear"}}',
+            'lr.scaling: only "log"',
+        ),
+        ('{"lr": {"min": 1e-4, "max": 1e-2, "num": 3, "nmu": 5}}', "lr: unexpected field 'nmu'"),
+        ('{"lr": {"values": [1e-3], "num": 5}}', "lr: unexpected field 'num'"),
+        ('{"lr": [1e-3]}', "lr: expected an object with min/max/num or values, got [0.001]"),
+        ('{"adam": {"values": [0.1]}}', "unknown key 'adam' (allowed: lr, weight_decay, wd_adam,"),
+        ('{"wd_foo": {"values": [0.1]}}', "unknown key 'wd_foo'"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_json_search_spaces_are_one_line_range_errors(tmp_path, text, message):
+    path = tmp_path / "space.json"
+    path.write_text(text)
+    with pytest.raises(RangeError) as caught:
+        space_from_json(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"search space {path}:")
 
 
 def landscape(function, lrs, wds):
@@ -90,6 +163,84 @@ def test_edge_detection_and_nan_cells():
     assert edge.best() != (0, 0)
 
 
+def test_edge_warning_names_the_axis_and_side():
+    # best at the lowest lr and the highest λ
+    corner = landscape(lambda x, y: x - y + 10, LRS, WDS)
+    assert corner.edges() == [("lr", "low", 1e-4), ("wd", "high", 1.0)]
+    warnings = format_landscapes([corner], "loss").splitlines()[2:]
+    assert warnings == [
+        "warning: best synthetic cell is at the lowest lr (0.0001) of the grid: "
+        "extend --lr below it",
+        "warning: best synthetic cell is at the highest λ (1) of the grid: "
+        "extend --wd-synthetic above it",
+    ]
+    top = landscape(lambda x, y: -x + (y + 3) ** 2, LRS, WDS)  # highest lr, inner λ
+    assert format_landscapes([top], "loss").splitlines()[2:] == [
+        "warning: best synthetic cell is at the highest lr (0.1) of the grid: extend --lr above it"
+    ]
+
+
+def test_no_edge_warning_for_lambda_zero():
+    wds = [0.0, 1e-4, 1e-3]
+    values = np.array([[2.0, 3.0, 4.0], [1.0, 3.0, 4.0], [2.0, 3.0, 4.0]])  # best: λ = 0
+    zero = Landscape("adam", [1e-4, 1e-3, 1e-2], wds, values)
+    assert zero.best() == (1, 0) and zero.edges() == [] and not zero.best_on_edge()
+    assert "warning" not in format_landscapes([zero], "loss")
+
+
+def _record(spec, status, metric=None):
+    metrics = {"metric": metric} if status == "done" else None
+    return RunRecord(str(spec), {}, status, metrics, None, None, None, None, None, None)
+
+
+def test_empty_cells_say_why():
+    """A NaN cell is "diverged" only if every seed diverged; else failed, running or missing."""
+    wds = [0.0, 0.1, 0.2, 0.3, 0.4]
+    specs = [
+        RunSpec("mnist1d", "adam", lr=1e-3, weight_decay=wd, seed=seed, steps=10)
+        for wd in wds
+        for seed in (0, 1)
+    ]
+    cell = {wd: specs[2 * k : 2 * k + 2] for k, wd in enumerate(wds)}
+    records = [
+        _record(cell[0.0][0], "done", 0.5),  # a value: no label
+        _record(cell[0.0][1], "diverged"),
+        _record(cell[0.1][0], "diverged"),  # every seed diverged
+        _record(cell[0.1][1], "done", math.nan),
+        _record(cell[0.2][0], "diverged"),  # one diverged, one failed
+        _record(cell[0.2][1], "failed"),
+        _record(cell[0.3][0], "running"),  # one running, one missing
+    ]  # 0.4: nothing in the store
+    task = type("Task", (), {"higher_is_better": False})()
+    (land,) = landscapes(task, specs, records, key_of=str)
+    assert land.values[0, 0] == 0.5 and np.isnan(land.values[0, 1:]).all()
+    labels = [land.cell_label(0, j) for j in range(len(wds))]
+    assert labels == ["", "diverged", "failed", "running", "missing"]
+    # a Landscape made by hand (no reasons) does not claim its empty cells diverged
+    bare = Landscape("adam", [1e-3], [0.0, 0.1], np.array([[0.5, np.nan]]))
+    assert bare.cell_label(0, 1) == "no result"
+
+
+def test_heatmap_labels_empty_cells_by_reason(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from decoupled.lab.report import plot_heatmaps
+
+    texts = []
+    original = Axes.text
+
+    def recording_text(self, x, y, s, *args, **kwargs):
+        texts.append(s)
+        return original(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "text", recording_text)
+    reasons = np.array([["", "failed"], ["running", "diverged"]], dtype=object)
+    values = np.array([[0.5, np.nan], [np.nan, np.nan]])
+    land = Landscape("adam", [1e-3, 1e-2], [0.0, 0.1], values, reasons=reasons)
+    plot_heatmaps([land], "loss", False, tmp_path / "heatmap.png")
+    assert sorted(texts) == ["0.5", "diverged", "failed", "running"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -99,6 +250,11 @@ def test_edge_detection_and_nan_cells():
         (["--optimizers", "adam,adam"], "argument --optimizers: empty or repeated names"),
         (["--seeds", "-1"], "argument --seeds: must be a positive integer"),
         (["--executor", "slurm"], "argument --executor: invalid choice"),
+        (["--lr", "1e-3:1e-3:3"], "argument --lr: lo = hi (0.001) gives one value, not n = 3"),
+        (
+            ["--optimizers", "adam", "--wd-adamw", "0,1e-2"],
+            "argument --wd-adamw: adamw is not being swept (--optimizers adam)",
+        ),
     ],
 )
 def test_bad_sweep_arguments_exit_2_with_one_line(tmp_path, args, message):
@@ -107,6 +263,29 @@ def test_bad_sweep_arguments_exit_2_with_one_line(tmp_path, args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "space,args,message",
+    [
+        ({"lr": {"min": "abc", "max": 1e-2, "num": 3}}, [], 'lr.min: expected a number, got "abc"'),
+        ({"adam": {"values": [0.1]}}, [], "unknown key 'adam' (allowed: lr, weight_decay"),
+        (
+            {"wd_adamw": {"values": [0.1]}},
+            ["--optimizers", "adam,sgd"],
+            "key 'wd_adamw': adamw is not being swept (--optimizers adam, sgd)",
+        ),
+    ],
+)
+def test_bad_search_space_exits_2_with_one_line(tmp_path, space, args, message):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space))
+    out = tmp_path / "out"
+    result = run_cli("sweep", "--space", str(path), *args, "--out", str(out), timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], result.stderr
     assert not out.exists()
 
 
@@ -153,9 +332,9 @@ def test_sweep_resumes_after_kill_9_with_every_run_done_once(tmp_path):
     assert len(records) == 8 and all(r.status == "done" for r in records)
     assert all(next(r for r in records if r.key == k).finished == t for k, t in kept.items())
     report = (out / "report.md").read_text()
-    assert (
-        "slope log λ*/log lr" in report and (out / "plots" / "sweep-mnist1d-heatmap.png").exists()
-    )
+    assert "slope log λ*/log lr" in report
+    # the plot is named after the experiment (sweep-mnist1d, or with its plan digest after it)
+    assert len(list((out / "plots").glob("sweep-mnist1d*-heatmap.png"))) == 1
 
 
 def test_sweep_on_a_local_ray_instance(tmp_path):

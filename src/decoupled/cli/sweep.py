@@ -1,11 +1,13 @@
 """Sweep learning rate × weight decay for each optimizer (the paper's Figure 2) and report
 heatmaps and how separable each landscape is.
 
-Ranges are lo:hi:n (n log-spaced values, both ends included) or comma lists (which may hold
-0), e.g. --lr 1e-4:1e-2:7 --wd-adamw 0,1e-3:1 is invalid but --wd-adamw 0,1e-3,1e-2 works.
---space FILE takes a JSON search space instead: {"lr": {"min": 1e-4, "max": 1e-2, "num": 7,
-"scaling": "log"}, "wd_adamw": {"values": [0, 0.01, 0.1]}}. Every cell is a run in the store:
-a sweep that is stopped (Ctrl-C or kill -9) and started again runs only what is missing.
+Ranges are lo:hi:n (n distinct log-spaced values, both ends included; lo = hi needs n = 1) or
+comma lists (which may hold 0), e.g. --lr 1e-4:1e-2:7 --wd-adamw 0,1e-3:1 is invalid but
+--wd-adamw 0,1e-3,1e-2 works. --space FILE takes a JSON search space instead: {"lr": {"min":
+1e-4, "max": 1e-2, "num": 7, "scaling": "log"}, "wd_adamw": {"values": [0, 0.01, 0.1]}} (keys
+lr, weight_decay, wd_<optimizer>; num an integer >= 1). A --wd-<name> option or wd_<name> key
+for an optimizer not in --optimizers is refused. Every cell is a run in the store: a sweep that
+is stopped (Ctrl-C or kill -9) and started again runs only what is missing.
 """
 
 from __future__ import annotations
@@ -69,6 +71,22 @@ def _grids(args, task, optimizers):
 
     try:
         space = space_from_json(args.space) if args.space else {}
+    except RangeError as error:
+        raise CommandError(str(error)) from None
+    swept = ", ".join(optimizers)
+    for name in OPTIMIZERS:
+        if name in optimizers:
+            continue
+        if getattr(args, f"wd_{name}") is not None:
+            raise CommandError(
+                f"argument --wd-{name}: {name} is not being swept (--optimizers {swept})"
+            )
+        if f"wd_{name}" in space:
+            raise CommandError(
+                f"search space {args.space}: key 'wd_{name}': {name} is not being swept "
+                f"(--optimizers {swept})"
+            )
+    try:
         lrs, wds = {}, {}
         for name in optimizers:
             if "lr" in space:
@@ -115,22 +133,27 @@ def run(args: argparse.Namespace) -> int:
         f"decoupled sweep: task {task.name}, {', '.join(optimizers)}: {cells} cells x "
         f"{args.seeds} seeds x {steps} steps, executor {args.executor} -> {out}"
     )
-    grid, missing = sweep_task(
-        task,
-        optimizers=optimizers,
-        lrs=lrs,
-        wds=wds,
-        seeds=args.seeds,
-        steps=steps,
-        out=out,
-        executor=args.executor,
-        workers=args.workers,
-        progress=not args.no_progress,
-        ray_address=args.ray_address,
-        decay_scale=args.decay_scale,
-        schedule=args.schedule,
-        data_dir=args.data_dir,
-    )
+    from decoupled.lab.ray_executor import RayUnavailable
+
+    try:
+        grid, missing = sweep_task(
+            task,
+            optimizers=optimizers,
+            lrs=lrs,
+            wds=wds,
+            seeds=args.seeds,
+            steps=steps,
+            out=out,
+            executor=args.executor,
+            workers=args.workers,
+            progress=not args.no_progress,
+            ray_address=args.ray_address,
+            decay_scale=args.decay_scale,
+            schedule=args.schedule,
+            data_dir=args.data_dir,
+        )
+    except RayUnavailable as error:
+        raise CommandError(f"argument --ray-address: {error}") from None
     print()
     print(format_landscapes(grid, task.metric))
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")

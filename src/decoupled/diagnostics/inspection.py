@@ -22,7 +22,13 @@ from decoupled.diagnostics.rates import element_decay_rates, sample_elements
 from decoupled.diagnostics.table import DecayTable
 from decoupled.diagnostics.theory import equilibrium_steps
 from decoupled.lab.tasks import Task, TaskData
-from decoupled.lab.train import DECAY_KIND, RunSpec, build_optimizer, build_scheduler
+from decoupled.lab.train import (
+    DECAY_KIND,
+    RunSpec,
+    build_optimizer,
+    build_scheduler,
+    torch_threads,
+)
 
 LABELS = {"adam": "Adam + L2", "adamw": "AdamW"}
 #: per-element samples kept for the scatter plot and the distributions, per tensor
@@ -50,7 +56,8 @@ class InspectedRun:
 def train_monitored(
     task: Task, data: TaskData, spec: RunSpec, *, every: int, sample_at: int | None = None
 ) -> InspectedRun:
-    """Train ``spec`` on the CPU with a monitor; sample per-element rates at ``sample_at``."""
+    """Train ``spec`` on the CPU with ``spec.threads`` torch threads and a monitor; sample
+    per-element rates at ``sample_at``."""
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
     model = task.build_model()
@@ -60,7 +67,8 @@ def train_monitored(
     sample_at = sample_at or max(1, spec.steps // 2)
     elements = {}
     model.train()
-    with DecayMonitor(optimizer, model, every=every) as monitor:
+    # the spec's thread count, as the lab's runner uses: the same numbers on every machine
+    with torch_threads(spec.threads), DecayMonitor(optimizer, model, every=every) as monitor:
         for step in range(1, spec.steps + 1):
             loss = task.loss(model, next(batches))
             if not torch.isfinite(loss):

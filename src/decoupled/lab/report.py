@@ -246,7 +246,8 @@ def write_report(out_dir: Path, blocks: list[Block], title: str = "decoupled rep
 
 def plot_heatmaps(items, metric: str, percent: bool, path: Path) -> Path:
     """The paper's Figure 2: the final metric over lr × λ, one panel per optimizer, the best
-    cell starred, every cell labelled with its value (grid axes are log-spaced values)."""
+    cell boxed, every cell labelled with its value or, if it has none, with why (diverged,
+    failed, running, missing; grid axes are log-spaced values)."""
     plt = _pyplot()
     figure, axes = plt.subplots(
         1, len(items), figsize=(6.2 * len(items), 4.6), squeeze=False, gridspec_kw={"wspace": 0.35}
@@ -273,8 +274,8 @@ def plot_heatmaps(items, metric: str, percent: bool, path: Path) -> Path:
         for i in range(len(land.lrs)):
             for j in range(len(land.wds)):
                 value = land.values[i, j] * scale
-                if not np.isfinite(value):
-                    axis.text(i, j, "diverged", ha="center", va="center", fontsize=7)
+                if not np.isfinite(value):  # diverged, failed, running or missing
+                    axis.text(i, j, land.cell_label(i, j), ha="center", va="center", fontsize=7)
                     continue
                 shade = colormap((value - vmin) / (vmax - vmin) if vmax > vmin else 0.5)
                 luminance = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2]

@@ -30,8 +30,9 @@ class RangeError(ValueError):
 def parse_range(text: str, name: str = "range") -> list[float]:
     """Grid values from ``lo:hi:n`` (n log-spaced values, lo and hi included) or a comma list.
 
-    A comma list may hold 0 (e.g. ``0,1e-4,1e-3``: λ = 0 is the paper's reference point);
-    log ranges need 0 < lo ≤ hi and n ≥ 1 (n = 1 needs lo = hi).
+    A comma list may hold 0 (e.g. ``0,1e-4,1e-3``: λ = 0 is the paper's reference point) and
+    is returned sorted without repeats; log ranges need 0 < lo ≤ hi and 1 ≤ n ≤ 10000, with
+    n = 1 exactly when lo = hi (``1e-3:1e-3:3`` would be three copies of one cell).
     """
     text = text.strip()
     try:
@@ -54,9 +55,15 @@ def parse_range(text: str, name: str = "range") -> list[float]:
     return sorted(set(values))
 
 
+MAX_VALUES = 10_000  # per axis: more is a typo (and np.geomspace would run out of memory)
+
+
 def log_range(lo: float, hi: float, num: int, name: str = "range") -> list[float]:
+    """``num`` distinct log-spaced values from ``lo`` to ``hi`` (both included)."""
     if num < 1:
         raise RangeError(f"{name}: empty range (n = {num})")
+    if num > MAX_VALUES:
+        raise RangeError(f"{name}: n = {num} values is more than {MAX_VALUES}")
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi <= 0:
         raise RangeError(f"{name}: log-spaced bounds must be > 0, got {lo:g}:{hi:g}")
     if lo > hi:
@@ -65,37 +72,112 @@ def log_range(lo: float, hi: float, num: int, name: str = "range") -> list[float
         if lo != hi:
             raise RangeError(f"{name}: one value needs lo = hi, got {lo:g}:{hi:g}")
         return [lo]
-    return [float(v) for v in np.geomspace(lo, hi, num)]
+    if lo == hi:
+        raise RangeError(
+            f"{name}: lo = hi ({lo:g}) gives one value, not n = {num} (use n = 1 or a wider range)"
+        )
+    values = [float(v) for v in np.geomspace(lo, hi, num)]
+    if len(set(values)) != num:
+        raise RangeError(f"{name}: {lo:g}:{hi:g} is too narrow for {num} distinct values")
+    return values
+
+
+SPACE_KEYS = ("lr", "weight_decay", *(f"wd_{name}" for name in OPTIMIZERS))
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the file spells it (``null``, ``"abc"``, ``[0.1]``)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite JSON number (not a string, a bool or null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RangeError(f"{where}: expected a number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise RangeError(f"{where}: expected a finite number, got {_shown(value)}")
+    return number
+
+
+def _count(value: Any, where: str) -> int:
+    """An integer ≥ 1; a JSON float is accepted only if it is integral (3.0, not 2.7)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RangeError(f"{where}: expected an integer >= 1, got {_shown(value)}")
+    return value
 
 
 def space_from_json(path: str | Path) -> dict[str, list[float]]:
     """A search space file: ``{"lr": {"min": 1e-4, "max": 1e-2, "num": 7, "scaling": "log"},
     "wd_adamw": {"values": [0, 0.01, 0.1]}}`` (AlgoPerf-style: search spaces are data).
-    Keys: ``lr``, ``wd_<optimizer>``, or ``weight_decay`` (every optimizer)."""
+
+    Keys: ``lr``, ``weight_decay`` (every optimizer) or ``wd_<optimizer>``, nothing else. Each
+    is either ``{"values": [...]}``, a non-empty list of finite numbers (lr > 0, λ ≥ 0;
+    returned sorted without repeats), or ``{"min", "max", "num"[, "scaling": "log"]}`` with
+    finite numbers 0 < min ≤ max and an integer num ≥ 1 (a JSON number such as 3.0 counts if
+    it is integral; 2.7 does not). Anything else is a :class:`RangeError` naming the key and
+    the bad value."""
     try:
         raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise RangeError(f"search space {path}: {error}") from None
     if not isinstance(raw, dict):
         raise RangeError(f"search space {path}: expected a JSON object")
     space = {}
     for key, spec in raw.items():
-        if key != "lr" and key != "weight_decay" and key.removeprefix("wd_") not in OPTIMIZERS:
-            raise RangeError(f"search space {path}: unknown key {key!r}")
-        if isinstance(spec, dict) and "values" in spec:
-            space[key] = parse_range(",".join(str(v) for v in spec["values"]), key)
-        elif isinstance(spec, dict):
-            scaling = spec.get("scaling", "log")
-            if scaling != "log":
-                raise RangeError(f"{key}: only log scaling is supported, got {scaling!r}")
-            try:
-                space[key] = log_range(
-                    float(spec["min"]), float(spec["max"]), int(spec["num"]), key
-                )
-            except KeyError as missing:
-                raise RangeError(f"{key}: missing {missing}") from None
+        where = f"search space {path}: {key}"
+        if key not in SPACE_KEYS:
+            raise RangeError(
+                f"search space {path}: unknown key {key!r} (allowed: {', '.join(SPACE_KEYS)})"
+            )
+        if not isinstance(spec, dict):
+            raise RangeError(
+                f"{where}: expected an object with min/max/num or values, got {_shown(spec)}"
+            )
+        if "values" in spec:
+            fields, expected = {"values"}, "values"
         else:
-            raise RangeError(f"{key}: expected an object with min/max/num or values")
+            fields, expected = {"min", "max", "num", "scaling"}, "min, max, num, scaling"
+        extra = sorted(set(spec) - fields)
+        if extra:
+            raise RangeError(f"{where}: unexpected field {extra[0]!r} (expected {expected})")
+        if "values" in spec:
+            values = spec["values"]
+            if not isinstance(values, list) or not values:
+                raise RangeError(
+                    f"{where}.values: expected a non-empty list of numbers, got {_shown(values)}"
+                )
+            numbers = [_number(v, f"{where}.values") for v in values]
+            if key == "lr":
+                bad = [v for v in numbers if v <= 0]
+                if bad:
+                    raise RangeError(f"{where}.values: learning rates must be > 0, got {bad[0]:g}")
+            else:
+                bad = [v for v in numbers if v < 0]
+                if bad:
+                    raise RangeError(f"{where}.values: weight decay must be >= 0, got {bad[0]:g}")
+            space[key] = sorted({v + 0.0 for v in numbers})  # + 0.0: -0.0 becomes 0.0
+            continue
+        missing = [field for field in ("min", "max", "num") if field not in spec]
+        if missing:
+            raise RangeError(f"{where}: missing {missing[0]!r}")
+        scaling = spec.get("scaling", "log")
+        if scaling != "log":
+            raise RangeError(f'{where}.scaling: only "log" is supported, got {_shown(scaling)}')
+        space[key] = log_range(
+            _number(spec["min"], f"{where}.min"),
+            _number(spec["max"], f"{where}.max"),
+            _count(spec["num"], f"{where}.num"),
+            where,
+        )
     return space
 
 
@@ -142,16 +224,33 @@ def plan_sweep(
     return specs
 
 
+EMPTY_REASONS = ("diverged", "failed", "running", "missing")
+
+
 @dataclass
 class Landscape:
     """One optimizer's grid: ``values[i, j]`` is the mean metric over seeds at lrs[i], wds[j]
-    (NaN where every seed diverged or nothing finished)."""
+    (NaN where no seed has a finite result).
+
+    ``reasons[i, j]`` says why a NaN cell is empty: ``"diverged"`` (every seed's run
+    diverged), else ``"failed"``, ``"running"`` or ``"missing"`` (the first that some seed's
+    run is, in that order); ``""`` for a cell with a value. :func:`landscapes` fills it; a
+    Landscape made without it labels its empty cells ``"no result"``."""
 
     optimizer: str
     lrs: list[float]
     wds: list[float]
     values: np.ndarray
     higher_is_better: bool = False
+    reasons: np.ndarray | None = None
+
+    def cell_label(self, i: int, j: int) -> str:
+        """Why cell (i, j) has no value (``""`` if it has one)."""
+        if np.isfinite(self.values[i, j]):
+            return ""
+        if self.reasons is None or not self.reasons[i, j]:
+            return "no result"
+        return str(self.reasons[i, j])
 
     def _score(self) -> np.ndarray:
         """Lower is better, NaN as worst."""
@@ -165,14 +264,25 @@ class Landscape:
         i, j = np.unravel_index(int(np.argmin(score)), score.shape)
         return int(i), int(j)
 
-    def best_on_edge(self) -> bool:
+    def edges(self) -> list[tuple[str, str, float]]:
+        """Where the best cell touches the grid's edge: ``(axis, side, value)`` with axis
+        ``"lr"`` or ``"wd"`` and side ``"low"`` or ``"high"``. An axis with one value has no
+        edge, and λ = 0 at the low end is not one (a log grid cannot go below it)."""
         best = self.best()
         if best is None:
-            return False
-        i, j = best
-        return (len(self.lrs) > 1 and i in (0, len(self.lrs) - 1)) or (
-            len(self.wds) > 1 and j in (0, len(self.wds) - 1)
-        )
+            return []
+        found = []
+        for axis, grid, index in (("lr", self.lrs, best[0]), ("wd", self.wds, best[1])):
+            if len(grid) < 2:
+                continue
+            if index == 0 and not (axis == "wd" and grid[0] == 0):
+                found.append((axis, "low", grid[0]))
+            elif index == len(grid) - 1:
+                found.append((axis, "high", grid[-1]))
+        return found
+
+    def best_on_edge(self) -> bool:
+        return bool(self.edges())
 
     def best_wd_per_lr(self) -> list[float | None]:
         score = self._score()
@@ -205,27 +315,49 @@ class Landscape:
         return float((near & finite).sum() / self.values.size)
 
 
+def _empty_reason(outcomes: list[str]) -> str:
+    """Why a cell has no finite result, from its seeds' outcomes."""
+    if outcomes and all(outcome == "diverged" for outcome in outcomes):
+        return "diverged"
+    for reason in ("failed", "running", "missing"):
+        if reason in outcomes:
+            return reason
+    return "missing"
+
+
 def landscapes(
     task: Task, specs: Iterable[RunSpec], records: Iterable[RunRecord], key_of
 ) -> list[Landscape]:
     by_key = {r.key: r for r in records}
     grids: dict[str, dict[tuple[float, float], list[float]]] = {}
+    outcomes: dict[str, dict[tuple[float, float], list[str]]] = {}
     for spec in specs:
         cells = grids.setdefault(spec.optimizer, {})
         record = by_key.get(key_of(spec))
         values = cells.setdefault((spec.lr, spec.weight_decay), [])
-        if record is not None and record.status == "done":
-            values.append(float(record.metrics["metric"]))
+        seen = outcomes.setdefault(spec.optimizer, {}).setdefault((spec.lr, spec.weight_decay), [])
+        if record is None:
+            seen.append("missing")
+        elif record.status == "done":
+            metric = float(record.metrics["metric"])
+            values.append(metric)
+            seen.append("done" if math.isfinite(metric) else "diverged")
+        else:
+            seen.append(record.status)  # diverged | failed | running
     result = []
     for optimizer, cells in grids.items():
         lrs = sorted({lr for lr, _ in cells})
         wds = sorted({wd for _, wd in cells})
         values = np.full((len(lrs), len(wds)), np.nan)
+        reasons = np.full((len(lrs), len(wds)), "", dtype=object)
         for (lr, wd), metrics in cells.items():
             finite = [m for m in metrics if math.isfinite(m)]
+            i, j = lrs.index(lr), wds.index(wd)
             if finite:
-                values[lrs.index(lr), wds.index(wd)] = float(np.mean(finite))
-        result.append(Landscape(optimizer, lrs, wds, values, task.higher_is_better))
+                values[i, j] = float(np.mean(finite))
+            else:
+                reasons[i, j] = _empty_reason(outcomes[optimizer][(lr, wd)])
+        result.append(Landscape(optimizer, lrs, wds, values, task.higher_is_better, reasons))
     return result
 
 
@@ -246,9 +378,11 @@ def format_landscapes(items: Sequence[Landscape], metric: str) -> str:
             f"{land.wds[j]:>10.3g}{round(land.diagonal_slope(), 2) + 0.0:>22.2f}"
             f"{land.share_near_best():>17.0%}"
         )
-        if land.best_on_edge():
+        for axis, side, value in land.edges():
+            name, option = ("lr", "--lr") if axis == "lr" else ("λ", f"--wd-{land.optimizer}")
+            lowest, below = ("lowest", "below") if side == "low" else ("highest", "above")
             warnings.append(
-                f"warning: {land.optimizer}'s best cell lies on the grid's edge — "
-                "widen the grid in that direction"
+                f"warning: best {land.optimizer} cell is at the {lowest} {name} ({value:.3g}) "
+                f"of the grid: extend {option} {below} it"
             )
     return "\n".join(lines + warnings)
