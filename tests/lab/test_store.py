@@ -390,3 +390,24 @@ def test_unwritable_folder_raises_permission_error(tmp_path):
             ResultStore(folder / "sub" / "results.db")
     finally:
         folder.chmod(0o700)
+
+
+def test_opening_the_store_again_keeps_this_process_locks(tmp_path):
+    """A second ResultStore on the same file in a process with a live connection must not
+    open the file itself: closing that descriptor dropped the process's POSIX locks, another
+    process's closing connection then checkpointed and deleted the WAL, and every later write
+    of the first connection went into a deleted file (a finished run read back as running)."""
+    db = tmp_path / "results.db"
+    first = ResultStore(db)
+    key = config_key(CONFIG)
+    assert first.claim(key, CONFIG)
+    ResultStore(db)  # e.g. the CLI's check of --out while the executor's store is open
+    peek = (
+        f"import sqlite3; c = sqlite3.connect({str(db)!r}); "
+        "print(c.execute('SELECT status FROM runs').fetchall()[0][0]); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", peek], check=True, capture_output=True)
+    assert (tmp_path / "results.db-wal").exists()  # still ours: not checkpointed away
+    assert first.finish(key, "done", {"test_error": 0.1})
+    seen = subprocess.run([sys.executable, "-c", peek], check=True, capture_output=True, text=True)
+    assert seen.stdout.strip() == "done"

@@ -42,8 +42,6 @@ FINISHED = ("done", "diverged")  # never redone; a failed run is
 BUSY_TIMEOUT_S = 30.0
 STALE_AFTER_S = 600.0
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
@@ -164,15 +162,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _check_file(path: Path) -> None:
-    """Refuse, without writing a byte, a file that is not an SQLite database or not writable."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return  # new or empty: SQLite initializes it
-    if not os.access(path, os.R_OK | os.W_OK):
+    """Refuse a file that is not readable and writable. Whether it is an SQLite database is
+    asked of SQLite itself (``_check_schema``), never by opening the file here: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, including those of
+    its open SQLite connections, and another process could then checkpoint and delete the
+    WAL under them (https://sqlite.org/howtocorrupt.html, section 2.2)."""
+    if path.is_file() and not os.access(path, os.R_OK | os.W_OK):
         raise PermissionError(errno.EACCES, "results store is not readable and writable", str(path))
-    with path.open("rb") as handle:
-        header = handle.read(len(_SQLITE_MAGIC))
-    if header != _SQLITE_MAGIC:
-        raise StoreError(f"{path} is not an SQLite database; refusing to use it as a results store")
 
 
 def _prepare_folder(path: Path) -> None:
@@ -270,8 +266,11 @@ class ResultStore:
                 version_row = self._db.execute(
                     "SELECT value FROM meta WHERE name = 'schema_version'"
                 ).fetchone()
-        except sqlite3.DatabaseError as error:
-            raise StoreError(f"{self.path} is not a usable SQLite database: {error}") from error
+        except sqlite3.DatabaseError as error:  # SQLite reads the header; nothing is written
+            raise StoreError(
+                f"{self.path} is not an SQLite database ({error}); refusing to use it as a "
+                "results store"
+            ) from error
         if tables and version_row is None:
             raise StoreError(f"{self.path} is an SQLite database but not a results store")
         if version_row is not None and int(version_row[0]) > SCHEMA_VERSION:
