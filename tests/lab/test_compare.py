@@ -222,8 +222,10 @@ def test_bring_your_own_model(tmp_path):
         out=tmp_path,
         progress=False,
         name="toy",
+        threads=1,  # a caller's own thread count is used (and recorded in the runs' keys)
     )
     assert [arm.optimizer for arm in result.arms] == ["adam", "adamw"]
+    assert {r.config["threads"] for arm in result.arms for r in arm.records.values()} == {1}
     assert all(len(arm.records) == 3 for arm in result.arms)
     assert "verdict:" in format_table(result)
     assert "compare-toy" in Path(tmp_path / "report.md").read_text()

@@ -143,6 +143,13 @@ def test_a_step_that_raises_changes_nothing_and_does_not_count(cls):
     assert [group["decay_steps"] for group in optimizer.param_groups] == [0, 0]
 
 
+def test_unknown_keywords_and_whole_number_periods():
+    param = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(TypeError, match="unexpected keyword argument.*capturable"):
+        decoupled.SGD(param, capturable=False)  # torch's SGD has no such argument either
+    assert decoupled.SGDW(param, lambda_norm=0.05, decay_period=100.0).step() is None
+
+
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
 def test_torch_implementation_switches_are_accepted(cls):
     """torch code passes foreach=...; foreach=False (torch's single-tensor loop) selects our

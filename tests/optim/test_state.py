@@ -128,6 +128,9 @@ def test_torch_and_older_dicts_load_into_the_matching_algorithm():
     decoupled.SGDW([param]).load_state_dict(older_sgdw)
     with pytest.raises(ValueError, match="saved by SGDW"):
         decoupled.SGD([param]).load_state_dict(older_sgdw)
+    older_torch_adamw = torch.optim.AdamW([param]).state_dict()  # torch < 2.7 had no flag
+    del older_torch_adamw["param_groups"][0]["decoupled_weight_decay"]
+    decoupled.AdamW([param]).load_state_dict(older_torch_adamw)  # cannot tell: trusted
 
 
 @pytest.mark.parametrize("cls", [decoupled.Adam, decoupled.AdamW, decoupled.SGD, decoupled.SGDW])

@@ -149,11 +149,14 @@ def element_decay_rates(
 
 
 def _sgd_gradient_share(group: dict) -> float:
-    """How much of this step's gradient SGD applies in this step (module docstring)."""
+    """How much of this step's gradient SGD applies in this step (module docstring). The
+    first step is known only for decoupled's optimizers (``decay_steps``); torch.optim's SGD
+    groups are read as past it."""
     momentum = group.get("momentum", 0.0)
     if momentum == 0:
         return 1.0
-    through_buffer = 1 - group.get("dampening", 0.0)
+    first_step = group.get("decay_steps") == 1  # the buffer was just created from g, undamped
+    through_buffer = 1.0 if first_step else 1 - group.get("dampening", 0.0)
     return 1 + momentum * through_buffer if group.get("nesterov") else through_buffer
 
 

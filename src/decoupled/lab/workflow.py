@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -69,9 +68,8 @@ def compare_task(
     **common: Any,
 ) -> Comparison:
     """Plan, run (skipping runs already stored), summarize and report one comparison."""
-    specs = plan(
-        task, optimizers, seeds, steps, overrides, threads=threads_per_run(workers), **common
-    )
+    common.setdefault("threads", threads_per_run(workers))  # a caller's own count wins
+    specs = plan(task, optimizers, seeds, steps, overrides, **common)
     db_path = out / DB_NAME
     store = ResultStore(db_path)
     prefix = name or f"compare-{task.name}"
@@ -127,11 +125,11 @@ def sweep_task(
 ) -> tuple[list[Landscape], dict[str, str]]:
     """Plan, run (only missing cells), and report an lr × λ sweep; returns the landscapes and
     :func:`missing_runs`."""
-    specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
-    if executor == "batched":  # one process, all its threads, cells trained together
-        specs = [replace(s, threads=torch.get_num_threads(), batched=True) for s in specs]
+    if executor == "batched":  # one process, all its threads (unless given), cells together
+        common = {"threads": torch.get_num_threads(), **common, "batched": True}
     elif executor == "local":
-        specs = [replace(s, threads=threads_per_run(workers)) for s in specs]
+        common.setdefault("threads", threads_per_run(workers))
+    specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
     db_path = out / DB_NAME
     store = ResultStore(db_path)
     save_experiment(db_path, plan_name(f"sweep-{task.name}", specs), "sweep", specs)

@@ -104,6 +104,9 @@ def decay_defaults(*, decoupled: bool, decay_to: str = "zero", **decoupled_optio
     ``decoupled_weight_decay`` records which of the two the group uses, as torch.optim.Adam's
     groups do, so that a checkpoint is never loaded into the other algorithm.
     """
+    unknown = sorted(set(decoupled_options) - set(DECOUPLED_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
     if not decoupled and decoupled_options:
         names = ", ".join(sorted(decoupled_options))
         raise TypeError(f"{names}: only for decoupled weight decay (AdamW, SGDW), not L2")
@@ -155,7 +158,7 @@ def check_group(group: dict, decoupled: bool) -> None:
         check_argument("max_lr", max_lr, math.isfinite(value) and value > 0, "must be > 0")
     period = group.get("decay_period")
     if period is not None:
-        valid = isinstance(period, numbers.Integral) and not isinstance(period, bool) and period > 0
+        valid = is_number(period) and float(period).is_integer() and period > 0  # 100.0 too
         check_argument("decay_period", repr(period), valid, "must be a whole number of steps > 0")
     if lambda_norm is not None and callable(group["weight_decay"]):
         raise ValueError(
@@ -246,28 +249,35 @@ class DecayOptimizer(torch.optim.Optimizer):
         """This step's decoupled rate c for the group's ``decay_scale`` (``decay.py``)."""
         if weight_decay == 0:  # no decay op at all, as torch's `if weight_decay != 0`
             return 0.0
-        scale = group["decay_scale"]
-        peak_lr = self._peak_lr(group) if scale in ("schedule", "corrected") else None
+        scale, peak_lr = group["decay_scale"], None
+        if scale in ("schedule", "corrected"):
+            peak_lr = self._peak_lr(group)
+            if not torch.compiler.is_compiling():
+                self._check_below_peak(group, peak_lr)
         return decay_rate(weight_decay, group["lr"], decay_scale=scale, peak_lr=peak_lr)
 
     def _peak_lr(self, group: dict) -> float:
         """α: the group's ``max_lr`` if set (OneCycleLR sets it too), else torch schedulers'
-        ``initial_lr``, else the lr at construction.
+        ``initial_lr``, else the lr at construction."""
+        return as_float(group[self._peak_lr_source(group)])
 
-        The paper's multiplier η_t = γ_t/α is at most 1, so an lr above α means α is wrong:
+    @staticmethod
+    def _peak_lr_source(group: dict) -> str:
+        keys = ("max_lr", "initial_lr", "construction_lr")
+        return next(k for k in keys if group.get(k) is not None)
+
+    def _check_below_peak(self, group: dict, peak_lr: float) -> None:
+        """The paper's multiplier η_t = γ_t/α is at most 1, so an lr above α means α is wrong:
         e.g. CyclicLR records its *lowest* lr as ``initial_lr``. That raises instead of
         decaying up to max/min times too fast."""
-        keys = ("max_lr", "initial_lr", "construction_lr")
-        key = next(k for k in keys if group.get(k) is not None)
-        peak_lr = as_float(group[key])
-        if not torch.compiler.is_compiling() and as_float(group["lr"]) > peak_lr * (1 + 1e-6):
+        lr = as_float(group["lr"])
+        if lr > peak_lr * (1 + 1e-6):
             raise ValueError(
-                f"Invalid max_lr value: {group.get('max_lr')}: the lr {as_float(group['lr'])} "
-                f"exceeds the peak lr α = {peak_lr} (the group's {key}) that "
-                f"decay_scale={group['decay_scale']!r} divides by; pass max_lr=<the schedule's "
-                "highest lr> (CyclicLR, for one, records its lowest lr as initial_lr)"
+                f"Invalid max_lr value: {group.get('max_lr')}: the lr {lr} exceeds the peak lr "
+                f"α = {peak_lr} (the group's {self._peak_lr_source(group)}) that "
+                f"decay_scale={group.get('decay_scale')!r} divides by; pass max_lr=<the "
+                "schedule's highest lr> (CyclicLR, for one, records its lowest lr as initial_lr)"
             )
-        return peak_lr
 
     # -- hooks for subclasses ------------------------------------------------------------
     def _update_group(
@@ -331,9 +341,14 @@ class DecayOptimizer(torch.optim.Optimizer):
         """Refuse param groups saved by the other algorithm of the family (L2 vs decoupled):
         loading them would silently change what λ means."""
         for group in groups:
-            # torch's Adam/AdamW groups carry the flag; torch's SGD (L2) and decoupled's older
-            # checkpoints do not, but only decoupled groups have a decay_scale
-            saved = bool(group.get("decoupled_weight_decay", "decay_scale" in group))
+            if "decoupled_weight_decay" in group:  # ours, and torch's Adam/AdamW since 2.7
+                saved = bool(group["decoupled_weight_decay"])
+            elif "decay_scale" in group:  # decoupled's older AdamW/SGDW checkpoints
+                saved = True
+            elif "momentum" in group:  # torch.optim.SGD: L2 only
+                saved = False
+            else:  # an older torch Adam or AdamW dict: it does not say; trust the caller
+                continue
             if saved != self.decoupled:
                 raise ValueError(
                     f"Invalid decoupled_weight_decay value: {saved} in a loaded param group: it "
