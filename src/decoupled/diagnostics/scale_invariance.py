@@ -32,20 +32,8 @@ from torch import Tensor, nn
 from decoupled.optim.groups import is_norm_layer
 
 _WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
-# Modules with f(a·x) = a·f(x) for a > 0: a normalization after them still sees scaled inputs.
-_HOMOGENEOUS = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Flatten,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-)
-# Modules with also f(x + c) = f(x) + c for a per-channel constant c: a bias passes them
-# unchanged, so a per-channel mean subtraction after them still cancels it.
+# Modules with f(a·x) = a·f(x) for a > 0 and f(x + c) = f(x) + c for a per-channel constant
+# c: a bias passes them unchanged, so a per-channel mean subtraction after them cancels it.
 _BIAS_TRANSPARENT = (
     nn.Identity,
     nn.Flatten,
@@ -54,6 +42,8 @@ _BIAS_TRANSPARENT = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
 )
+# Modules with f(a·x) = a·f(x) for a > 0: a normalization after them still sees scaled inputs.
+_HOMOGENEOUS = (*_BIAS_TRANSPARENT, nn.ReLU, nn.LeakyReLU, nn.Dropout)
 # Normalizations whose per-channel mean subtraction also cancels the preceding layer's bias.
 _CHANNEL_MEAN_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Named like normalizations, but not invariant to the scale of their input.
