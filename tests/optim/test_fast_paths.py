@@ -250,6 +250,45 @@ def test_group_layouts_mixed_dtypes_layouts_and_missing_grads(path_log):
             assert relative_error(flat([fast.state[p_f][key]]), flat([value])) <= tolerance
 
 
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGD], ids=lambda c: c.__name__)
+def test_a_gradient_laid_out_unlike_its_parameter_still_takes_the_kernel(cls, monkeypatch):
+    """A contiguous gradient of a channels_last weight (as some layers produce) is copied into
+    the weight's layout for the kernel instead of sending the group to the reference loop;
+    the result equals the reference loop's."""
+    import decoupled.optim.adam as adam_module
+    import decoupled.optim.sgd as sgd_module
+
+    def weights():
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(8, 3, 3, 3, generator=generator)
+        return [torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last))]
+
+    kwargs = {
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        **({"momentum": 0.9} if cls is decoupled.SGD else {}),
+    }
+    fast_params, reference_params = weights(), weights()
+    fast = cls(fast_params, **kwargs)
+    reference = cls(reference_params, fused=False, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    grads = [torch.randn(8, 3, 3, 3, generator=generator) for _ in range(5)]  # contiguous
+    for grad in grads:
+        reference_params[0].grad = grad.clone()
+        reference.step()
+
+    def no_reference_loop(*args, **kwargs):
+        raise AssertionError("the reference loop ran")
+
+    monkeypatch.setattr(adam_module, "adam_update", no_reference_loop)
+    monkeypatch.setattr(sgd_module, "sgd_update", no_reference_loop)
+    for grad in grads:
+        fast_params[0].grad = grad.clone()
+        assert not fast_params[0].grad.is_contiguous(memory_format=torch.channels_last)
+        fast.step()
+    assert relative_error(flat(fast_params), flat(reference_params)) <= TOLERANCE[torch.float32]
+
+
 def test_the_kernel_changes_nothing_when_it_refuses_a_tensor():
     ops = _kernels.kernel_ops()
     params = [torch.ones(4), torch.ones(3)]

@@ -72,12 +72,18 @@ def kernel_adam_update(
     from decoupled.optim.adam import adam_update
 
     o = {"references": None, "decay": 0.0, "amsgrad": False, "maximize": False, **options}
-    done = kernel_ops().adam_step_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if o["amsgrad"] else [],
-        _kernel_references(o["references"]), state_steps, float(o["lr"]), o["beta1"],
-        o["beta2"], o["eps"], float(o["weight_decay"]), float(o["decay"]), o["decoupled"],
-        o["amsgrad"], o["maximize"],
-    )  # fmt: skip
+
+    def step(grads: list[Tensor]) -> bool:
+        return kernel_ops().adam_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if o["amsgrad"] else [],
+            _kernel_references(o["references"]), state_steps, float(o["lr"]), o["beta1"],
+            o["beta2"], o["eps"], float(o["weight_decay"]), float(o["decay"]), o["decoupled"],
+            o["amsgrad"], o["maximize"],
+        )  # fmt: skip
+
+    done = step(grads)
+    if not done and (relaid := _laid_out_like(grads, params)) is not None:
+        done = step(relaid)
     if not done:
         adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
 
@@ -93,15 +99,34 @@ def kernel_sgd_update(
     o = {"references": None, "decay": 0.0, "maximize": False, **options}
     fresh = [b is None for b in momentum_buffers]
     buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
-    done = kernel_ops().sgd_step_(
-        params, grads, buffers, fresh, _kernel_references(o["references"]), float(o["lr"]),
-        o["momentum"], o["dampening"], o["nesterov"], float(o["weight_decay"]),
-        float(o["decay"]), o["decoupled"], o["maximize"],
-    )  # fmt: skip
+
+    def step(grads: list[Tensor]) -> bool:
+        return kernel_ops().sgd_step_(
+            params, grads, buffers, fresh, _kernel_references(o["references"]), float(o["lr"]),
+            o["momentum"], o["dampening"], o["nesterov"], float(o["weight_decay"]),
+            float(o["decay"]), o["decoupled"], o["maximize"],
+        )  # fmt: skip
+
+    done = step(grads)
+    if not done and (relaid := _laid_out_like(grads, params)) is not None:
+        done = step(relaid)
     if done:
         momentum_buffers[:] = buffers
     else:
         sgd_update(params, grads, momentum_buffers, **options)
+
+
+def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor] | None:
+    """The gradients copied into their parameters' memory layout where it differs (e.g. a
+    contiguous gradient of a channels_last weight), so that the kernel can take them: one
+    copy is far cheaper than the reference loop. None when no layout differs (the kernel
+    refused for another reason). Only tried after a refusal: no cost on the usual path."""
+    relaid, changed = [], False
+    for grad, param in zip(grads, params):
+        if grad.stride() != param.stride() and grad.shape == param.shape and grad.is_cpu:
+            grad, changed = torch.empty_like(param, dtype=grad.dtype).copy_(grad), True
+        relaid.append(grad)
+    return relaid if changed else None
 
 
 def can_fuse(
