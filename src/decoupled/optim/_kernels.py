@@ -16,8 +16,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
    rates (the lab's batched executor), tensor subclasses such as DTensor, CUDA tensors (torch
    keeps a fused kernel's step counters on the GPU, ours on the CPU), ``torch.compile``, and
-   groups the kernel refuses (parameters sharing memory, a gradient or state laid out
-   differently from its parameter).
+   groups the kernel refuses (parameters sharing memory, state laid out differently from its
+   parameter; a gradient laid out differently is first copied into its parameter's layout).
 
 Results agree with the reference loop to float rounding, not bit for bit (operations are
 ordered the same, but torch's vectorized ``lerp`` uses a fused multiply-add); the tests hold
