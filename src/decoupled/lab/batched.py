@@ -24,8 +24,8 @@ from torch.func import grad_and_value, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 
 from decoupled.lab.executor import (
-    _store,
     _task_and_data,
+    open_store,
     pending_runs,
     progress_bar,
     run_into_store,
@@ -217,7 +217,7 @@ def _evaluate_cell(model, task, data, weights, stats, k) -> float:
 def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True) -> dict[str, int]:
     """Run the missing specs, grouping cells that can share a batched run."""
     db_path = str(db_path)
-    store = _store(db_path)
+    store = open_store(db_path)
     pending, counts = pending_runs(specs, store)
     groups: dict[RunSpec, list[RunSpec]] = {}
     for spec in pending:

@@ -59,14 +59,11 @@ def open_store(path: str | Path) -> ResultStore:
     return _STORES[path]
 
 
-_store = open_store
-
-
 def run_into_store(spec: RunSpec, db_path: str) -> str:
     """Claim, run and record one spec; returns its final status (or "skipped")."""
     if _STOPPING.is_set():  # an interrupted pool worker takes no queued run
         return "skipped"
-    store, key = _store(db_path), spec_key(spec)
+    store, key = open_store(db_path), spec_key(spec)
     if not store.claim(key, spec.config()):
         return "skipped"
     try:
@@ -135,7 +132,7 @@ def execute(
     ``spec.threads`` torch threads; ``workers=1`` runs in this process.
     """
     db_path = str(db_path)
-    pending, counts = pending_runs(specs, _store(db_path))
+    pending, counts = pending_runs(specs, open_store(db_path))
     workers = max(1, min(workers or default_workers(), len(pending) or 1))
     bar = progress_bar(len(specs), counts["cached"], description, progress)
     try:

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from decoupled.lab.comparison import Comparison, plan, summarize
-from decoupled.lab.executor import execute, spec_key
+from decoupled.lab.executor import execute, open_store, spec_key
 from decoupled.lab.experiments import load_experiments, save_experiment
 from decoupled.lab.report import Block, compare_blocks, sweep_blocks, write_report
-from decoupled.lab.store import ResultStore
 from decoupled.lab.sweep import Landscape, landscapes, plan_sweep
 from decoupled.lab.tasks import Task, get_task
 
@@ -71,7 +70,7 @@ def compare_task(
     common.setdefault("threads", threads_per_run(workers))  # a caller's own count wins
     specs = plan(task, optimizers, seeds, steps, overrides, **common)
     db_path = out / DB_NAME
-    store = ResultStore(db_path)
+    store = open_store(db_path)
     prefix = name or f"compare-{task.name}"
     save_experiment(db_path, plan_name(prefix, specs), "compare", specs)
     execute(
@@ -81,8 +80,9 @@ def compare_task(
         progress=progress,
         description=f"{task.name}: {' vs '.join(optimizers)}",
     )
-    comparison = summarize(task, specs, store.records(), spec_key)
-    comparison.missing = missing_runs(specs, out)
+    records = store.records()
+    comparison = summarize(task, specs, records, spec_key)
+    comparison.missing = missing_runs(specs, records, db_path)
     rebuild_reports(out, tasks={task.name: task})
     return comparison
 
@@ -131,7 +131,7 @@ def sweep_task(
         common.setdefault("threads", threads_per_run(workers))
     specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
     db_path = out / DB_NAME
-    store = ResultStore(db_path)
+    store = open_store(db_path)
     save_experiment(db_path, plan_name(f"sweep-{task.name}", specs), "sweep", specs)
     description = f"{task.name} sweep"
     if executor == "ray":
@@ -150,32 +150,33 @@ def sweep_task(
         execute_batched(specs, db_path, progress=progress)
     else:
         execute(specs, db_path, workers=workers, progress=progress, description=description)
-    grid = landscapes(task, specs, store.records(), spec_key)
+    records = store.records()
+    grid = landscapes(task, specs, records, spec_key)
     rebuild_reports(out, tasks={task.name: task})
-    return grid, missing_runs(specs, out)
+    return grid, missing_runs(specs, records, db_path)
 
 
-def unfinished(specs, out: Path) -> dict[str, list]:
-    """The planned runs that have no result in the store after executing: ``failed`` (with
-    their error) and ``running`` (owned by another process, still at work or gone)."""
+def unfinished(specs, records) -> dict[str, list]:
+    """The planned runs that have no result among the store's ``records`` after executing:
+    ``failed`` (with their error) and ``running`` (owned by another process, at work or gone)."""
     wanted = {spec_key(spec) for spec in specs}
     outcome: dict[str, list] = {"failed": [], "running": []}
-    for record in ResultStore(out / DB_NAME).records():
+    for record in records:
         if record.key in wanted and record.status in outcome:
             outcome[record.status].append(record)
     return outcome
 
 
-def missing_runs(specs, out: Path) -> dict[str, str]:
+def missing_runs(specs, records, db_path: Path) -> dict[str, str]:
     """What a person must know about planned runs missing from the report: one line per kind
     (``"failed"``, ``"running"``), none when every planned run has its result."""
-    outcome, lines = unfinished(specs, out), {}
+    outcome, lines = unfinished(specs, records), {}
     if outcome["failed"]:
         last_line = (outcome["failed"][0].error or "").strip().splitlines()[-1:] or ["?"]
         lines["failed"] = (
             f"{len(outcome['failed'])} of {len(specs)} runs failed and are left out of the "
             f"report (first error: {last_line[0]}); their tracebacks are in the error column "
-            f"of {out / DB_NAME}, and the next invocation retries them"
+            f"of {db_path}, and the next invocation retries them"
         )
     if outcome["running"]:
         owners = sorted({r.owner or "?" for r in outcome["running"]})
@@ -192,8 +193,7 @@ def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Pat
     db_path = out / DB_NAME
     if not db_path.exists():
         raise FileNotFoundError(f"no results store in {out} (expected {db_path})")
-    store = ResultStore(db_path)
-    records = store.records()
+    records = open_store(db_path).records()
     plot_dir = out / "plots"
     plot_dir.mkdir(exist_ok=True)
     blocks = [Block("h1", "decoupled: Adam (L2) vs AdamW (decoupled weight decay)")]

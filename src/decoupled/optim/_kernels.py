@@ -81,9 +81,7 @@ def kernel_adam_update(
             o["amsgrad"], o["maximize"],
         )  # fmt: skip
 
-    done = step(grads)
-    if not done and (relaid := _laid_out_like(grads, params)) is not None:
-        done = step(relaid)
+    done = _step_any_layout(step, grads, params)
     if not done:
         adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
 
@@ -107,13 +105,22 @@ def kernel_sgd_update(
             float(o["decay"]), o["decoupled"], o["maximize"],
         )  # fmt: skip
 
-    done = step(grads)
-    if not done and (relaid := _laid_out_like(grads, params)) is not None:
-        done = step(relaid)
+    done = _step_any_layout(step, grads, params)
     if done:
         momentum_buffers[:] = buffers
     else:
         sgd_update(params, grads, momentum_buffers, **options)
+
+
+def _step_any_layout(
+    step: Callable[[list[Tensor]], bool], grads: list[Tensor], params: list[Tensor]
+) -> bool:
+    """Run a kernel ``step``; after a refusal, once more with the gradients copied into their
+    parameters' layout (when one differed). True when the kernel stepped."""
+    if step(grads):
+        return True
+    relaid = _laid_out_like(grads, params)
+    return relaid is not None and step(relaid)
 
 
 def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor] | None:

@@ -214,10 +214,11 @@ class Adam(DecayOptimizer):
         betas = group["betas"]
         is_pair = isinstance(betas, (tuple, list)) and len(betas) == 2
         check_argument("betas", repr(betas), is_pair, "must be a pair (β1, β2)")
+        values = []
         for index, beta in enumerate(betas):
-            value = as_float(beta, f"betas[{index}]")
-            check_argument(f"betas[{index}]", beta, 0.0 <= value < 1.0, "must be in [0, 1)")
-        group["betas"] = tuple(as_float(b) for b in betas)
+            values.append(as_float(beta, f"betas[{index}]"))
+            check_argument(f"betas[{index}]", beta, 0.0 <= values[-1] < 1.0, "must be in [0, 1)")
+        group["betas"] = tuple(values)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
