@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import decoupled
 from decoupled.lab.custom import CustomTask
 from decoupled.lab.store import config_key
 from decoupled.lab.tasks import get_task
@@ -70,6 +71,34 @@ def test_adam_l2_decay_summary_is_uneven(mnist1d):
     result = run(spec("adam", steps=30), task=task, data=data)
     summary = result.decay_summary
     assert summary["spread_p95_p5"] > 1.5 and summary["cv"] > 0.1
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_l2_decay_summary_is_the_formula_at_the_peak_lr(amsgrad):
+    """γλ/(sqrt(v̂)+ε) per element at α, with v^max under amsgrad, after a schedule to lr 0."""
+    torch.manual_seed(0)
+    model = nn.Linear(40, 30)
+    optimizer = decoupled.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3, amsgrad=amsgrad)
+    for step in range(12):
+        optimizer.param_groups[0]["lr"] = 1e-2 * (1 - step / 11)  # ends at 0
+        model.zero_grad()
+        model(torch.randn(8, 40) * (1 + step % 3)).pow(2).mean().backward()
+        optimizer.step()
+    group = optimizer.param_groups[0]
+    rates = []
+    for p in group["params"]:
+        state = optimizer.state[p]
+        v = state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"].double()
+        v_hat = v / (1 - 0.999 ** float(state["step"]))
+        rates.append((1e-2 * 1e-3 / (v_hat.sqrt() + group["eps"])).flatten())
+    expected = torch.cat(rates)
+    p5, p50, p95 = torch.quantile(expected, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    summary = decay_summary(optimizer)
+    assert summary["median"] == pytest.approx(p50.item(), rel=1e-6)
+    assert summary["p5"] == pytest.approx(p5.item(), rel=1e-6)
+    assert summary["p95"] == pytest.approx(p95.item(), rel=1e-6)
+    cv = (expected.std(correction=0) / expected.mean()).item()
+    assert summary["cv"] == pytest.approx(cv, rel=1e-5)
 
 
 def nan_task(nan_at_step: int) -> CustomTask:

@@ -124,6 +124,7 @@ def element_decay_rates(
     group: dict | None = None,
     *,
     with_grad_rms: bool = True,
+    lr: float | None = None,
 ) -> tuple[Tensor | float, Tensor | None]:
     """(r, sqrt(v̂)) for one parameter after a step: r per element (module docstring).
 
@@ -131,9 +132,13 @@ def element_decay_rates(
     no decay) and a tensor shaped like ``param`` under Adam + L2. ``sqrt(v̂)`` is None for SGD.
     Call it between ``optimizer.step()`` and the scheduler's step, so that the group's lr is
     the one the step used. ``with_grad_rms=False`` skips sqrt(v̂) (returned as None) where the
-    rate does not need it: decoupled decay.
+    rate does not need it: decoupled decay. ``lr`` evaluates the rate as if the step had used
+    that lr instead of the group's (e.g. the peak lr α, to see the shape at the end of a
+    schedule that reaches 0).
     """
     group = group if group is not None else _group_of(optimizer, param)
+    if lr is not None:
+        group = {**group, "lr": lr}
     kind = decay_kind(optimizer, group)
     if kind.decoupled:
         rms = grad_rms(optimizer, group, param) if with_grad_rms else None

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import decoupled
+from decoupled.diagnostics.rates import element_decay_rates, summarize_rates
 from decoupled.lab.tasks import Task, TaskData, get_task
-from decoupled.optim.decay import decay_rate
 from decoupled.schedules import WarmupCosine
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -165,42 +165,35 @@ def weight_norms(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str,
 def decay_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """How strongly the decay acts per element at the end of training, at the peak lr.
 
-    Decoupled decay shrinks every decayed weight by the same c = γλ per step. Adam + L2
-    shrinks element i by about γλ/(sqrt(v̂_i)+ε) (SCIENCE.md §8, prediction 1): its spread
-    across elements measures how uneven L2 becomes under Adam's scaling. Reported: the median
-    rate, the 5th/95th percentiles, their ratio, and the coefficient of variation. Evaluated at
-    the peak lr α so that a schedule that ends at lr 0 still shows the shape.
+    Decoupled decay shrinks every decayed weight by the same c per step. Adam + L2 shrinks
+    element i by about γλ/(sqrt(v̂_i)+ε) (SCIENCE.md §8, prediction 1): its spread across
+    elements measures how uneven L2 becomes under Adam's scaling. The rates are those of
+    :func:`decoupled.diagnostics.rates.element_decay_rates`, pooled over every decayed element
+    and evaluated at the peak lr α, so that a schedule that ends at lr 0 still shows the shape.
+    Reported: the median rate, the 5th/95th percentiles, their ratio, and the coefficient of
+    variation.
     """
     rates = []
     for group in optimizer.param_groups:
-        weight_decay = group["weight_decay"]
-        if not weight_decay:
+        if not group["weight_decay"]:
             continue
         peak_lr = optimizer._peak_lr(group)
         for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if getattr(optimizer, "decoupled", False) or not isinstance(optimizer, decoupled.Adam):
-                scale = group.get("decay_scale", "lr")
-                rate = decay_rate(weight_decay, peak_lr, decay_scale=scale, peak_lr=peak_lr)
-                rates.append(torch.full((p.numel(),), float(rate), dtype=torch.float64))
-            elif "exp_avg_sq" in state:  # Adam + L2
-                bias_correction2 = 1 - group["betas"][1] ** float(state["step"])
-                v_hat = state["exp_avg_sq"].flatten().double() / bias_correction2
-                rates.append(peak_lr * weight_decay / (v_hat.sqrt() + group["eps"]))
+            rate, _ = element_decay_rates(optimizer, p, group, with_grad_rms=False, lr=peak_lr)
+            if isinstance(rate, Tensor):
+                rates.append(rate.detach().flatten().double())
+            else:
+                rates.append(torch.full((p.numel(),), rate, dtype=torch.float64))
     if not rates:
         return {}
-    values = torch.cat(rates)
-    count = min(values.numel(), 1 << 20)  # quantiles of an evenly spaced sample
-    index = torch.linspace(0, values.numel() - 1, count, dtype=torch.float64).long()
-    sample = values[index]
-    p5, p50, p95 = torch.quantile(sample, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
-    mean = values.mean().item()
+    summary = summarize_rates(torch.cat(rates), None)
+    p5, p95 = summary["rate_p5"], summary["rate_p95"]
     return {
-        "median": p50.item(),
-        "p5": p5.item(),
-        "p95": p95.item(),
-        "spread_p95_p5": (p95 / p5).item() if p5 > 0 else math.inf,
-        "cv": values.std().item() / mean if mean > 0 and values.numel() > 1 else 0.0,
+        "median": summary["rate_p50"],
+        "p5": p5,
+        "p95": p95,
+        "spread_p95_p5": p95 / p5 if p5 > 0 else math.inf,
+        "cv": summary["rate_cv"] if summary["rate_mean"] > 0 else 0.0,
     }
 
 
