@@ -137,6 +137,53 @@ def test_cifar10_missing_files_are_named(tmp_path):
         task.load(None)
 
 
+def test_cifar10_names_only_the_files_missing_in_the_fuller_folder(tmp_path):
+    from decoupled.lab.tasks.cifar10 import write_fake_cifar10
+
+    (write_fake_cifar10(tmp_path / "cifar-10-batches-py", 2, 2) / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing in .*cifar-10-batches-py: test_batch \("):
+        get_task("cifar10").load(str(tmp_path))
+
+
+def _rewrite(path, change):
+    with open(path, "rb") as file:
+        batch = pickle.load(file, encoding="bytes")
+    change(batch)
+    with open(path, "wb") as file:
+        pickle.dump(batch, file, protocol=2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b.update({b"labels": b[b"labels"][:3]}), r"b'labels' must be 4 integers"),
+        (lambda b: b.update({b"labels": [57] * 4}), r"labels must lie in 0\.\.9, got 57\.\.57"),
+        (lambda b: b.update({b"labels": [-1] * 4}), r"labels must lie in 0\.\.9, got -1"),
+        (lambda b: b.update({b"data": b[b"data"] / 255}), r"b'data' must be uint8 .* float64"),
+        (lambda b: b.update({b"data": b[b"data"][:, :3000]}), r"shape \(4, 3000\)"),
+        (lambda b: b.update({b"fine_labels": b.pop(b"labels")}), r"not a CIFAR-10 python batch"),
+    ],
+)
+def test_cifar10_refuses_malformed_batches_naming_the_file(tmp_path, change, message):
+    from decoupled.lab.tasks.cifar10 import write_fake_cifar10
+
+    write_fake_cifar10(tmp_path, 4, 4)
+    _rewrite(tmp_path / "data_batch_3", change)
+    with pytest.raises(ValueError, match=message) as error:
+        get_task("cifar10").load(str(tmp_path))
+    assert "data_batch_3" in str(error.value)
+
+
+def test_cifar10_refuses_a_truncated_file(tmp_path):
+    from decoupled.lab.tasks.cifar10 import write_fake_cifar10
+
+    write_fake_cifar10(tmp_path, 4, 4)
+    path = tmp_path / "test_batch"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"test_batch is not a CIFAR-10 python batch"):
+        get_task("cifar10").load(str(tmp_path))
+
+
 def test_cifar10_augmentation_is_a_padded_crop_or_its_mirror():
     from decoupled.lab.tasks.cifar10 import PADDING, augment
 

@@ -140,6 +140,100 @@ def test_divergence_ends_the_run_as_diverged_not_a_crash():
     assert result.curves["step"] == [5, 10]  # stopped at step 12, before any update with NaN
 
 
+def test_a_blow_up_on_the_last_update_is_diverged_not_done(mnist1d):
+    """No later loss can show it, so the finished weights are checked (both executors)."""
+    from decoupled.lab.batched import run_batched
+
+    task, data = mnist1d
+    blow_up = spec("adam", steps=1, lr=1e38, schedule="constant")
+    fine = spec("adam", steps=1, lr=1e-3, schedule="constant")
+    assert run(blow_up, task=task, data=data).status == "diverged"
+    assert run(fine, task=task, data=data).status == "done"
+    cells = run_batched([blow_up, fine], task, data)
+    assert [cell.status for cell in cells] == ["diverged", "done"]
+    assert math.isnan(cells[0].metric) and not math.isnan(cells[1].metric)
+
+
+def test_a_run_keeps_the_callers_random_stream(mnist1d):
+    task, data = mnist1d
+    torch.manual_seed(1234)
+    run(spec(steps=2), task=task, data=data)
+    after_run = torch.rand(3)
+    torch.manual_seed(1234)
+    assert torch.equal(after_run, torch.rand(3))
+
+
+def _linear_task(train_batches) -> CustomTask:
+    """Linear regression on the (x, y) batches of a user's ``train_batches``."""
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return (model(x) - y).pow(2).mean()
+
+    return CustomTask(
+        "custom:linear",
+        lambda: nn.Linear(3, 1),
+        train_batches,
+        lambda m: 0.5,
+        loss_fn,
+        "metric",
+        False,
+        10,
+        5,
+        {"adamw": Hyperparameters(0.01, 0.01)},
+    )
+
+
+def _fixed_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 3, generator=generator) for _ in range(count)]
+    return [(x, x.sum(1, keepdim=True)) for x in xs]
+
+
+def test_a_finite_re_iterable_is_read_epoch_after_epoch():
+    data = _fixed_batches(3)
+    seen = []
+    task = _linear_task(lambda seed: data)
+    original = task._loss_fn
+    task._loss_fn = lambda model, batch: seen.append(batch) or original(model, batch)
+    result = run(RunSpec("custom:linear", "adamw", 0.01, 0.01, seed=0, steps=7), task=task)
+    assert result.status == "done"
+    assert [[b[0] is d[0] for d in data].index(True) for b in seen] == [0, 1, 2, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "train_batches",
+    [lambda seed: iter(_fixed_batches(3)), lambda seed: (b for b in _fixed_batches(3))],
+)
+def test_a_one_shot_iterator_that_ends_says_so(train_batches):
+    task = _linear_task(train_batches)
+    with pytest.raises(ValueError, match="ran out after 3 batches.*endless generator"):
+        run(RunSpec("custom:linear", "adamw", 0.01, 0.01, seed=0, steps=7), task=task)
+
+
+def test_an_empty_loader_says_so():
+    task = _linear_task(lambda seed: [])
+    with pytest.raises(ValueError, match="ran out after 0 batches"):
+        run(RunSpec("custom:linear", "adamw", 0.01, 0.01, seed=0, steps=7), task=task)
+
+
+def test_batches_may_be_named_tuples_or_dicts():
+    from collections import namedtuple
+
+    from decoupled.lab.train import _to_device
+
+    Batch = namedtuple("Batch", "inputs targets")
+    x, y = _fixed_batches(1)[0]
+    moved = _to_device(Batch(x, y), torch.device("meta"))
+    assert type(moved) is Batch and moved.inputs.device.type == "meta"
+    moved = _to_device({"inputs": x, "targets": [y, "label"]}, torch.device("meta"))
+    assert moved["inputs"].device.type == "meta" and moved["targets"][0].device.type == "meta"
+    assert moved["targets"][1] == "label"
+    task = _linear_task(lambda seed: [Batch(x, y)])
+    result = run(RunSpec("custom:linear", "adamw", 0.01, 0.01, seed=0, steps=3), task=task)
+    assert result.status == "done"
+
+
 @pytest.mark.parametrize(
     "changes,regex",
     [
@@ -150,6 +244,7 @@ def test_divergence_ends_the_run_as_diverged_not_a_crash():
         ({"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
         ({"schedule": "step"}, "Invalid schedule value: 'step'"),
         ({"threads": 0}, "Invalid threads value: 0"),
+        ({"warmup_steps": 1}, r"Invalid warmup_steps value: 1 \(must be below steps, 1\)"),
     ],
 )
 def test_bad_specs(changes, regex):

@@ -38,6 +38,7 @@ from decoupled.lab.train import (
     RunSpec,
     build_scheduler,
     eval_interval,
+    finished_finite,
     torch_threads,
     weight_norms,
 )
@@ -145,6 +146,10 @@ def _train_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list
             loss_sums.zero_()
             since_eval = 0
     wall = (time.perf_counter() - started) / cells
+    for k in range(cells):
+        cell_weights = (w[k] for w in weights.values())
+        if diverged_at[k] is None and not finished_finite(cell_weights, curves[k]["metric"][-1]):
+            diverged_at[k] = base.steps
     return [
         RunResult(
             spec=spec,

@@ -4,8 +4,10 @@
     result = compare(model_fn, train_batches, evaluate, steps=500, seeds=3)
 
 ``model_fn()`` builds a fresh model (called after ``torch.manual_seed(seed)``),
-``train_batches(seed)`` yields training batches in an order fixed by ``seed`` (the same
-for every optimizer), ``evaluate(model)`` returns the metric. Runs go into the same store
+``train_batches(seed)`` returns training batches in an order fixed by ``seed`` (the same
+for every optimizer): an endless generator, or a re-iterable such as a ``DataLoader``, which
+is iterated again, epoch after epoch, until the run has its steps. ``evaluate(model)``
+returns the metric. Runs go into the same store
 and report as the built-in tasks; they are keyed by ``name`` and the settings, not by your
 code — use a new ``name`` (or ``out``) when you change the model or data.
 """
@@ -28,6 +30,20 @@ from decoupled.lab.tasks.base import Hyperparameters, Task, TaskData
 def cross_entropy_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     inputs, targets = batch
     return F.cross_entropy(model(inputs), targets)
+
+
+def epochs(batches: Iterable[Any]) -> Iterator[Any]:
+    """The batches, then the batches again (the next epoch), without end. A one-shot iterator
+    cannot start again, so its end, or an epoch without batches, is an error that says so."""
+    while True:
+        count = 0
+        for count, batch in enumerate(batches, 1):  # noqa: B007 (count is read below)
+            yield batch
+        if count == 0 or iter(batches) is batches:
+            raise ValueError(
+                f"train_batches(seed) ran out after {count} batches in an epoch: return an "
+                "endless generator or a re-iterable (e.g. a DataLoader) that yields batches"
+            )
 
 
 class CustomTask(Task):
@@ -61,7 +77,7 @@ class CustomTask(Task):
         return self._model_fn()
 
     def batches(self, data: TaskData, generator: torch.Generator) -> Iterator[Any]:
-        return iter(self._train_batches(generator.initial_seed()))
+        return epochs(self._train_batches(generator.initial_seed()))
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         return self._loss_fn(model, batch)
@@ -99,8 +115,10 @@ def compare(
 
     ``settings`` gives each optimizer's ``lr``/``weight_decay``/``momentum``; missing ones
     default to lr 1e-3 with λ 1e-4 (Adam's L2) or 1e-2 (AdamW, torch's default), and for
-    SGD/SGDW lr 0.01, momentum 0.9, λ 5e-4. ``metric`` names what ``evaluate`` returns (a name
-    ending in ``error`` is shown in percent). Runs execute in this process.
+    SGD/SGDW lr 0.01 and momentum 0.9, with λ 5e-4 for SGD's L2 and 5e-3 for SGDW (SGD's
+    × 1/(1 − μ), the decay that L2 reaches through the momentum buffer, as in the built-in
+    tasks). ``metric`` names what ``evaluate`` returns (a name ending in ``error`` is shown
+    in percent). Runs execute in this process.
     """
     from decoupled.lab.workflow import compare_task, prepare_out_dir
 
@@ -108,7 +126,7 @@ def compare(
         "adam": Hyperparameters(1e-3, 1e-4),
         "adamw": Hyperparameters(1e-3, 1e-2),
         "sgd": Hyperparameters(1e-2, 5e-4, 0.9),
-        "sgdw": Hyperparameters(1e-2, 5e-4, 0.9),
+        "sgdw": Hyperparameters(1e-2, 5e-3, 0.9),
     }
     task_name = f"custom:{name}"
     task = CustomTask(

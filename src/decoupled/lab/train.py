@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 
 import decoupled
 from decoupled.diagnostics.rates import element_decay_rates, summarize_rates
@@ -76,6 +77,11 @@ class RunSpec:
             raise ValueError(
                 f"Invalid state_dtype value: {self.state_dtype!r} (choose from {STATE_DTYPES})"
             )
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"Invalid warmup_steps value: {self.warmup_steps} (must be below steps, "
+                f"{self.steps})"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Invalid lr value: {self.lr} (must be finite and > 0)")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -97,7 +103,7 @@ class RunResult:
 
     spec: RunSpec
     status: str  # done | diverged
-    metric: float  # the task's metric at the end (NaN if it diverged before any evaluation)
+    metric: float  # the task's metric at the end (NaN if it diverged)
     metric_name: str
     higher_is_better: bool = False
     curves: dict[str, list[float]] = field(default_factory=dict)
@@ -141,11 +147,9 @@ def build_scheduler(spec: RunSpec, optimizer: torch.optim.Optimizer):
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(item, device) for item in batch)
-    return batch
+    """Every tensor in a batch (a tensor, or tuples, named tuples, lists and dicts of them)
+    moved to ``device``; anything else is left as it is."""
+    return tree_map_only(Tensor, lambda t: t.to(device, non_blocking=True), batch)
 
 
 def eval_interval(spec: RunSpec, task: Task) -> int:
@@ -208,11 +212,23 @@ def run(
     """Train one run. ``task``/``data`` may be passed in to reuse loaded data across runs.
 
     ``device`` defaults to CUDA when present, else the CPU. ``on_progress(step, steps)`` is
-    called after every evaluation. Runs with ``spec.threads`` torch threads (restored after).
+    called after every evaluation. Runs with ``spec.threads`` torch threads and its own
+    random state (``torch.manual_seed(spec.seed)``); the caller's thread count and random
+    streams are restored after.
     """
     spec.validate()
-    with torch_threads(spec.threads):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda_devices = []
+    if device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch_threads(spec.threads), torch.random.fork_rng(devices=cuda_devices):
         return _train(spec, task, data, device, on_progress)
+
+
+def finished_finite(weights: Iterable[Tensor], metric: float) -> bool:
+    """Whether a run that took all its steps ended with finite weights and metric (the last
+    update can blow up, and no later loss would show it)."""
+    return all(bool(torch.isfinite(w).all()) for w in weights) and math.isfinite(metric)
 
 
 @contextmanager
@@ -229,7 +245,6 @@ def torch_threads(count: int) -> Iterator[None]:
 def _train(spec, task, data, device, on_progress) -> RunResult:
     task = task or get_task(spec.task)
     data = data if data is not None else task.load(spec.data_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     eval_every = eval_interval(spec, task)
     started = time.perf_counter()
 
@@ -265,6 +280,8 @@ def _train(spec, task, data, device, on_progress) -> RunResult:
             if on_progress:
                 on_progress(step, spec.steps)
 
+    if status == "done" and not finished_finite(model.parameters(), curves["metric"][-1]):
+        status = "diverged"
     metric = curves["metric"][-1] if status == "done" else math.nan
     return RunResult(
         spec=spec,

@@ -56,13 +56,16 @@ def find_cifar10(data_dir: str | Path | None) -> Path:
             f"files ({', '.join(TRAIN_FILES)}, {TEST_FILE}); the lab does not download them"
         )
     root = Path(data_dir)
-    for folder in (root, root / SUBFOLDER):
-        if all((folder / name).is_file() for name in (*TRAIN_FILES, TEST_FILE)):
+    folders = (root, root / SUBFOLDER)
+    missing = {f: [n for n in (*TRAIN_FILES, TEST_FILE) if not (f / n).is_file()] for f in folders}
+    for folder in folders:
+        if not missing[folder]:
             return folder
-    missing = [name for name in (*TRAIN_FILES, TEST_FILE) if not (root / name).is_file()]
+    closest = min(folders, key=lambda folder: len(missing[folder]))  # root on a tie
     raise FileNotFoundError(
-        f"CIFAR-10 files missing in {root} (and in {root / SUBFOLDER}): {', '.join(missing)}; "
-        "extract cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"
+        f"CIFAR-10 files missing in {closest}: {', '.join(missing[closest])} (looked in {root} "
+        f"and {root / SUBFOLDER}); extract cifar-10-python.tar.gz from "
+        "https://www.cs.toronto.edu/~kriz/cifar.html"
     )
 
 
@@ -72,11 +75,33 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
     The files are Python 2 pickles with bytes keys, hence ``encoding="bytes"``. Unpickling
     runs code from the file, so only read files you trust (as with any CIFAR loader).
     """
-    with open(path, "rb") as file:
-        batch = pickle.load(file, encoding="bytes")
-    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+    try:
+        with open(path, "rb") as file:
+            batch = pickle.load(file, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and "
+            f"b'labels'): {type(error).__name__}: {error}"
+        ) from error
+    images, labels = np.asarray(data), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"{path}: b'data' must be uint8 of shape (N, 3072), got {images.dtype} of shape "
+            f"{images.shape}"
+        )
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{path}: b'labels' must be {len(images)} integers, one per image, got "
+            f"{labels.dtype} of shape {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(LABEL_NAMES)):
+        raise ValueError(
+            f"{path}: labels must lie in 0..{len(LABEL_NAMES) - 1}, got "
+            f"{labels.min()}..{labels.max()}"
+        )
+    images = images.reshape(-1, 3, 32, 32).copy()
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
 def write_fake_cifar10(
