@@ -95,19 +95,19 @@ class MNIST1D(ClassificationTask):
         lr 1e-2         2.50   2.60   2.05   2.15   1.65  [1.35]  1.75
         lr 3e-2                                     1.55
 
-    The first grid was lr × {0, 1e-4, 1e-3, 1e-2} (Adam) and × {1e-3 … 0.3} (AdamW); both
-    bests lay on its edge in λ, so it was extended until each had a worse neighbour in λ
-    (AdamW's lr 1e-2 was checked against 3e-2 at one λ only). Neighbouring cells differ by a
-    few tenths of a percent (a few test signals): read the defaults as a good region, not a
-    sharp optimum. (The grid was measured with an earlier version of the runner; 0.3.0 on
-    one thread gives 1.65 and 1.60 for the two bracketed cells, seeds 0–1.) AdamW's λ = 1.0 looks large only in torch's units: the shrink per step is
-    γλ = 0.01 at the peak (λ = 0.01 in the paper's "schedule" units). At a constant lr the
-    same kind of grid (seeds 0–3 for the best cells) preferred less decay (Adam 3e-3/1e-3,
-    AdamW 3e-3/0.1, mean final errors 2.3% and 3.0%) and its final errors were noisy:
-    BatchNorm spikes up to 12% at single evaluations. SGD/SGDW (momentum 0.9) were only
-    lightly tuned, seed 0, cosine: lr 3e-2 gave 3.4% for both; lr 0.1 gave SGD 2.7% (λ 5e-4)
-    and 1.8% (λ 5e-3), SGDW 2.6% (λ 5e-3) and 1.6% (λ 5e-2). SGDW's λ is SGD's × 1/(1 − μ),
-    the decay that L2 reaches through the momentum buffer.
+    The first grid was lr × {0, 1e-4, 1e-3, 1e-2} (Adam) and × {1e-3 … 0.3} (AdamW); both bests
+    lay on its edge in λ, so it was extended until each had a worse neighbour in λ (AdamW's lr
+    1e-2 was checked against 3e-2 at one λ only). Neighbouring cells differ by a few tenths of a
+    percent (a few test signals): read the defaults as a good region, not a sharp optimum. (The
+    grid was measured with an earlier version of the runner; 0.3.0 on one thread gives 1.65 and
+    1.60 for the two bracketed cells, seeds 0–1.) AdamW's λ = 1.0 looks large only in torch's
+    units: the shrink per step is γλ = 0.01 at the peak (λ = 0.01 in the paper's "schedule"
+    units). At a constant lr the same kind of grid (seeds 0–3 for the best cells) preferred less
+    decay (Adam 3e-3/1e-3, AdamW 3e-3/0.1, mean final errors 2.3% and 3.0%) and its final errors
+    were noisy: BatchNorm spikes up to 12% at single evaluations. SGD/SGDW (momentum 0.9) were
+    only lightly tuned, seed 0, cosine: lr 3e-2 gave 3.4% for both; lr 0.1 gave SGD 2.7%
+    (λ 5e-4) and 1.8% (λ 5e-3), SGDW 2.6% (λ 5e-3) and 1.6% (λ 5e-2). SGDW's λ is SGD's ×
+    1/(1 − μ), the decay that L2 reaches through the momentum buffer.
     """
 
     name = "mnist1d"
