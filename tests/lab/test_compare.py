@@ -229,3 +229,130 @@ def test_bring_your_own_model(tmp_path):
     assert all(len(arm.records) == 3 for arm in result.arms)
     assert "verdict:" in format_table(result)
     assert "compare-toy" in Path(tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- divergence and failures
+
+
+def _summarized(by_optimizer, seeds=5):
+    """A comparison of adam and adamw on mnist1d from per-seed metrics (None: diverged)."""
+    from decoupled.lab.comparison import plan, summarize
+    from decoupled.lab.store import RunRecord
+    from decoupled.lab.tasks import get_task
+
+    task = get_task("mnist1d")
+    specs = plan(task, ["adam", "adamw"], seeds, 100)
+    records = []
+    for spec in specs:
+        value = by_optimizer[spec.optimizer][spec.seed]
+        status, metrics = (
+            ("diverged", {"metric": float("nan")})
+            if value is None
+            else ("done", {"metric": value, "weight_norms": {"total": 1.0}})
+        )
+        records.append(RunRecord(str(spec), {}, status, metrics, *[None] * 6))
+    return summarize(task, specs, records, key_of=str)
+
+
+ADAM_FINISHED = [0.020, 0.021, 0.019, 0.022, 0.020]
+
+
+def test_a_verdict_never_names_a_winner_from_the_survivors_alone():
+    """AdamW diverged on 3 of 5 seeds: it is the less stable one, and its lower error on the
+    2 seeds both finished is given as just that."""
+    comparison = _summarized({"adam": ADAM_FINISHED, "adamw": [0.015, 0.016, None, None, None]})
+    [adamw] = [arm for arm in comparison.arms if arm.optimizer == "adamw"]
+    assert adamw.diverged() == 3
+    [(_, _, paired, line)] = comparison.paired
+    assert paired.n == 2
+    assert line == (
+        "AdamW diverged on 3 of 5 seeds, Adam on 0: AdamW is less stable at these settings; "
+        "on the 2 seeds both finished: no significant difference in test error between Adam "
+        "and AdamW: AdamW is lower by 0.5 points on every seed, but with all differences "
+        "equal there is no t-test and the Wilcoxon signed-rank test gives p = 0.5 (n = 2 seeds)"
+    )
+    table = format_table(comparison)
+    assert "paired t-test undefined (all differences equal), Wilcoxon p = 0.5, n = 2" in table
+
+
+def test_equal_divergence_keeps_the_verdict_but_says_which_seeds_were_dropped():
+    adamw = [0.015, 0.017, 0.014, 0.018, None]
+    comparison = _summarized({"adam": [*ADAM_FINISHED[:4], None], "adamw": adamw})
+    [(_, _, paired, line)] = comparison.paired
+    assert line.startswith(
+        "Adam diverged on 1 of 5 seeds, AdamW on 1; on the 4 seeds both finished: AdamW has "
+        "lower test error than Adam by "
+    )
+    assert "less stable" not in line and paired.n == 4
+
+
+def test_too_few_survivors_to_compare_still_say_who_diverged():
+    comparison = _summarized({"adam": ADAM_FINISHED, "adamw": [0.015, None, None, None, None]})
+    [(_, _, paired, line)] = comparison.paired
+    assert paired is None
+    assert line == (
+        "AdamW diverged on 4 of 5 seeds, Adam on 0: AdamW is less stable at these settings; "
+        "on the 1 seed both finished: cannot compare Adam and AdamW: need at least 2 seeds "
+        "where both finished (have 1)"
+    )
+
+
+def test_no_divergence_leaves_the_verdict_as_it_was():
+    comparison = _summarized({"adam": ADAM_FINISHED, "adamw": [0.015, 0.017, 0.014, 0.018, 0.016]})
+    [(_, _, _, line)] = comparison.paired
+    assert line.startswith("AdamW has lower test error than Adam by ") and "diverged" not in line
+
+
+def test_per_seed_plot_marks_diverged_seeds(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from decoupled.lab.report import plot_per_seed
+
+    texts = []
+    original = Axes.text
+
+    def recording_text(self, x, y, s, *args, **kwargs):
+        texts.append((x, y, s.strip()))
+        return original(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "text", recording_text)
+    comparison = _summarized({"adam": ADAM_FINISHED, "adamw": [0.015, 0.016, None, None, None]})
+    plot_per_seed(comparison, tmp_path / "per-seed.png")
+    [(x, y, label)] = texts
+    assert (x, label) == (1, "3 diverged") and y > 2.2  # above every finished seed (in %)
+
+
+def test_a_rebuilt_report_names_the_failed_runs(tmp_path):
+    from decoupled.lab.comparison import plan
+    from decoupled.lab.executor import spec_key
+    from decoupled.lab.experiments import save_experiment
+    from decoupled.lab.tasks import get_task
+    from decoupled.lab.workflow import rebuild_reports
+
+    task = get_task("mnist1d")
+    specs = plan(task, ["adam", "adamw"], 5, 100)
+    db = tmp_path / "results.db"
+    store = ResultStore(db)
+    save_experiment(db, "compare-mnist1d-test", "compare", specs)
+    for spec in specs:
+        key = spec_key(spec)
+        if spec.seed == 4 and spec.optimizer == "adamw":
+            continue  # never started
+        assert store.claim(key, spec.config())
+        if spec.seed == 3:  # seed 3 of both failed, e.g. out of memory
+            store.fail(key, "Traceback (most recent call last):\nRuntimeError: boom")
+        else:
+            metric = 0.02 - 0.001 * (spec.optimizer == "adamw") + 0.0007 * spec.seed
+            store.finish(key, "done", {"metric": metric, "weight_norms": {"total": 1.0}})
+    store.close()
+    with pytest.warns(UserWarning, match="No artists with labels"):  # no curves stored
+        rebuild_reports(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        "Warning: 2 of 10 runs failed (adam 1, adamw 1) and are left out of the report (first "
+        "error: RuntimeError: boom)"
+    ) in report
+    assert (
+        "Warning: 1 of 10 runs have not been run (adamw 1) and are left out of the report; run "
+        "the command again to run them."
+    ) in report

@@ -108,19 +108,37 @@ def test_paired_difference_sign_is_second_minus_first():
 def test_paired_difference_with_differences_equal_up_to_rounding(shift):
     a = [0.1, 0.2, 0.3, 0.4, 0.5]
     comparison = paired_difference(a, [value + shift for value in a])  # no warnings (fixture)
-    assert comparison.mean_diff == pytest.approx(shift)
-    assert comparison.p_value < 1e-6 and math.copysign(1.0, comparison.t_stat) == np.sign(shift)
-    assert comparison.low == pytest.approx(shift) and comparison.high == pytest.approx(shift)
+    assert comparison.mean_diff == pytest.approx(shift) and comparison.all_equal
+    assert math.isnan(comparison.t_stat) and math.isnan(comparison.p_value)
+    assert comparison.low == comparison.mean_diff == comparison.high
+
+
+def test_quantized_differences_equal_up_to_rounding_give_no_t_test():
+    """Test error moves in steps of 1/1000: three seeds each 0.1 points better differ only by
+    float rounding (s_d ≈ 2e-18, t ≈ -9e14 if computed); the t-test is undefined, not p = 0."""
+    a, b = [0.017, 0.018, 0.016], [0.016, 0.017, 0.015]
+    differences = np.subtract(b, a)
+    assert 0 < differences.std(ddof=1) < 1e-17  # not exactly equal
+    comparison = paired_difference(a, b)
+    assert comparison.all_equal and math.isnan(comparison.p_value)
+    assert comparison.low == comparison.mean_diff == comparison.high
+    assert comparison.wilcoxon_p == pytest.approx(stats.wilcoxon(differences).pvalue)
 
 
 def test_paired_difference_of_exactly_constant_differences():
     a = np.array([1.0, 2.0, 3.0, 4.0])
     comparison = paired_difference(a, a + 0.5)  # exact in binary
-    assert (comparison.t_stat, comparison.p_value) == (math.inf, 0.0)
-    assert comparison.low == comparison.high == 0.5
+    assert math.isnan(comparison.t_stat) and math.isnan(comparison.p_value)
+    assert comparison.low == comparison.high == 0.5 and comparison.all_equal
     assert comparison.wilcoxon_p == pytest.approx(stats.wilcoxon([0.5] * 4).pvalue)
     same = paired_difference(a, a)
     assert (same.mean_diff, same.t_stat, same.p_value, same.wilcoxon_p) == (0.0, 0.0, 1.0, 1.0)
+    assert not same.all_equal  # no difference at all: p = 1, nothing undefined
+
+
+def test_mean_ci_of_values_equal_up_to_rounding_has_zero_width():
+    interval = mean_ci([0.1 + 0.2, 0.3, 0.3])  # 0.30000000000000004 and 0.3
+    assert interval.low == interval.mean == interval.high
 
 
 def test_paired_difference_of_one_pair_is_undefined():
@@ -191,11 +209,46 @@ def test_verdict_without_significant_difference():
 def test_verdict_alpha_and_tiny_p_values():
     comparison = paired_difference(ADAM, ADAMW)
     assert verdict(comparison, alpha=comparison.p_value / 2).startswith("No significant")
-    exact = paired_difference([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])  # p = 0
-    line = verdict(exact, metric="loss", names=("SGD", "SGDW"))
-    assert line == (
-        "SGD has lower loss than SGDW by 0.5 (95% CI 0.5 to 0.5, "
-        "paired t-test p < 0.001, n = 3 seeds)"
+    a = np.arange(12.0)
+    tiny = paired_difference(a, a + np.linspace(0.5, 1.5, 12) ** 2)  # p ≈ 1.3e-4
+    line = verdict(tiny, metric="loss", names=("SGD", "SGDW"))
+    assert line.startswith("SGD has lower loss than SGDW by 1.1 (95% CI 0.678 to 1.52, ")
+    assert line.endswith("paired t-test p < 0.001, n = 12 seeds)")
+
+
+# a 95% interval excludes 0, a 99% one does not (paired t-test p = 0.034)
+MIDDLING = ([0.12, 0.15, 0.11, 0.14, 0.13], [0.11, 0.14, 0.11, 0.12, 0.12])
+
+
+def test_verdict_alpha_defaults_to_one_minus_confidence():
+    at_95 = paired_difference(*MIDDLING)
+    assert 0.01 < at_95.p_value < 0.05 and at_95.high < 0
+    assert verdict(at_95).startswith("AdamW has lower test error than Adam")
+    at_99 = paired_difference(*MIDDLING, confidence=0.99)
+    assert at_99.low < 0 < at_99.high
+    assert verdict(at_99) == (
+        "No significant difference in test error between Adam and AdamW (p = 0.034, n = 5 seeds)"
+    )
+    assert verdict(at_99, alpha=0.001).startswith("No significant")  # stricter: allowed
+    with pytest.raises(ValueError, match=r"Invalid alpha value: 0.05 \(above 1 - confidence"):
+        verdict(at_99, alpha=0.05)
+
+
+def test_verdict_with_all_differences_equal_relies_on_wilcoxon():
+    # two seeds, AdamW 0.5 points lower on both: no t-test, Wilcoxon p = 0.5
+    two = paired_difference([0.020, 0.021], [0.015, 0.016])
+    assert verdict(two, as_percent=True) == (
+        "No significant difference in test error between Adam and AdamW: AdamW is lower by "
+        "0.5 points on every seed, but with all differences equal there is no t-test and the "
+        "Wilcoxon signed-rank test gives p = 0.5 (n = 2 seeds)"
+    )
+    # six seeds, each 0.1 points lower (equal up to rounding): Wilcoxon p = 1/32
+    a = [0.017, 0.018, 0.016, 0.019, 0.020, 0.015]
+    six = paired_difference(a, [round(value - 0.001, 3) for value in a])
+    assert six.all_equal and six.wilcoxon_p == pytest.approx(1 / 32)
+    assert verdict(six, as_percent=True) == (
+        "AdamW has lower test error than Adam by 0.1 points on every seed (all differences "
+        "equal, so no t-test; Wilcoxon p = 0.031, n = 6 seeds)"
     )
 
 

@@ -12,15 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+from decoupled.lab.grid import RangeError, parse_range, space_from_json
 from decoupled.lab.store import ResultStore, RunRecord
-from decoupled.lab.sweep import (
-    Landscape,
-    RangeError,
-    format_landscapes,
-    landscapes,
-    parse_range,
-    space_from_json,
-)
+from decoupled.lab.sweep import Landscape, format_landscapes, landscapes
 from decoupled.lab.train import RunSpec
 from tests.helpers import run_cli, wait_for_finished_runs
 
@@ -173,6 +167,8 @@ def test_edge_warning_names_the_axis_and_side():
         "extend --lr below it",
         "warning: best synthetic cell is at the highest λ (1) of the grid: "
         "extend --wd-synthetic above it",
+        "warning: synthetic rows at lr 0.0001, 0.001, 0.01, 0.1 have their best λ at the "
+        "highest λ (1) of the grid, which clips the slope: extend --wd-synthetic above it",
     ]
     top = landscape(lambda x, y: -x + (y + 3) ** 2, LRS, WDS)  # highest lr, inner λ
     assert format_landscapes([top], "loss").splitlines()[2:] == [
@@ -194,8 +190,9 @@ def _record(spec, status, metric=None):
 
 
 def test_empty_cells_say_why():
-    """A NaN cell is "diverged" only if every seed diverged; else failed, running or missing."""
-    wds = [0.0, 0.1, 0.2, 0.3, 0.4]
+    """A cell where any seed diverged is "diverged" ("k/n diverged" if only some did); other
+    empty cells are failed, running or missing."""
+    wds = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     specs = [
         RunSpec("mnist1d", "adam", lr=1e-3, weight_decay=wd, seed=seed, steps=10)
         for wd in wds
@@ -203,25 +200,57 @@ def test_empty_cells_say_why():
     ]
     cell = {wd: specs[2 * k : 2 * k + 2] for k, wd in enumerate(wds)}
     records = [
-        _record(cell[0.0][0], "done", 0.5),  # a value: no label
+        _record(cell[0.0][0], "done", 0.5),  # one finished, one diverged: diverged
         _record(cell[0.0][1], "diverged"),
         _record(cell[0.1][0], "diverged"),  # every seed diverged
         _record(cell[0.1][1], "done", math.nan),
         _record(cell[0.2][0], "diverged"),  # one diverged, one failed
         _record(cell[0.2][1], "failed"),
         _record(cell[0.3][0], "running"),  # one running, one missing
+        _record(cell[0.5][0], "done", 0.25),  # a value (one seed failed): no label
+        _record(cell[0.5][1], "failed"),
     ]  # 0.4: nothing in the store
     task = type("Task", (), {"higher_is_better": False})()
     (land,) = landscapes(task, specs, records, key_of=str)
-    assert land.values[0, 0] == 0.5 and np.isnan(land.values[0, 1:]).all()
+    assert np.isnan(land.values[0, :5]).all() and land.values[0, 5] == 0.25
     labels = [land.cell_label(0, j) for j in range(len(wds))]
-    assert labels == ["", "diverged", "failed", "running", "missing"]
+    assert labels == ["1/2 diverged", "diverged", "1/2 diverged", "running", "missing", ""]
     # a Landscape made by hand (no reasons) does not claim its empty cells diverged
     bare = Landscape("adam", [1e-3], [0.0, 0.1], np.array([[0.5, np.nan]]))
     assert bare.cell_label(0, 1) == "no result"
 
 
-def test_heatmap_labels_empty_cells_by_reason(tmp_path, monkeypatch):
+def _cell_records(specs, outcome):
+    """Records for ``specs`` (key: str(spec)) from ``outcome(spec)`` -> (status, metric)."""
+    return [_record(spec, *outcome(spec)) for spec in specs]
+
+
+def test_a_cell_where_some_seeds_diverged_is_never_the_best(tmp_path, monkeypatch):
+    """2 of 3 seeds diverge at the high lr and λ; the lucky seed's 1.5% must not make that
+    cell the best, the share's denominator counts it, and the heatmap says "2/3 diverged"."""
+    from decoupled.lab.sweep import plan_sweep
+    from decoupled.lab.tasks import get_task
+
+    task = get_task("mnist1d")
+    lrs, wds = [1e-3, 1e-2], [1e-2, 1e-1]
+    specs = plan_sweep(task, ["adam"], {"adam": lrs}, {"adam": wds}, 3, 100)
+
+    def outcome(spec):
+        if (spec.lr, spec.weight_decay) == (1e-2, 1e-1):
+            return ("done", 0.015) if spec.seed == 0 else ("diverged", None)
+        return "done", 0.020 + 0.001 * spec.seed
+
+    (land,) = landscapes(task, specs, _cell_records(specs, outcome), key_of=str)
+    assert np.isnan(land.values[1, 1]) and land.cell_label(1, 1) == "2/3 diverged"
+    assert land.best() != (1, 1) and land.values[land.best()] == pytest.approx(0.021)
+    assert land.share_near_best() == pytest.approx(3 / 4)  # the diverged cell is not near
+    assert land.best_wd_per_lr()[1] == 1e-2  # nor the best of its row
+    texts = _heatmap_texts(tmp_path, monkeypatch, [land])
+    assert "2/3 diverged" in texts
+
+
+def _heatmap_texts(tmp_path, monkeypatch, items) -> list[str]:
+    """The texts plot_heatmaps writes into its cells."""
     from matplotlib.axes import Axes
 
     from decoupled.lab.report import plot_heatmaps
@@ -234,11 +263,127 @@ def test_heatmap_labels_empty_cells_by_reason(tmp_path, monkeypatch):
         return original(self, x, y, s, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "text", recording_text)
+    plot_heatmaps(items, "loss", False, tmp_path / "heatmap.png")
+    return texts
+
+
+def test_heatmap_labels_empty_cells_by_reason(tmp_path, monkeypatch):
     reasons = np.array([["", "failed"], ["running", "diverged"]], dtype=object)
     values = np.array([[0.5, np.nan], [np.nan, np.nan]])
     land = Landscape("adam", [1e-3, 1e-2], [0.0, 0.1], values, reasons=reasons)
-    plot_heatmaps([land], "loss", False, tmp_path / "heatmap.png")
+    texts = _heatmap_texts(tmp_path, monkeypatch, [land])
     assert sorted(texts) == ["0.5", "diverged", "failed", "running"]
+
+
+# ---------------------------------------------------------------- share near the best
+
+SHARE_LRS, SHARE_WDS = [1e-3, 1e-2], [1e-3, 1e-2]
+NEGATIVE = np.array([[-1.0, -1.05], [-1.5, -3.0]])
+
+
+@pytest.mark.parametrize(
+    "values, higher_is_better, share",
+    [
+        (NEGATIVE, True, 2 / 4),  # best -1.0: -1.05 is within 0.1; -1.5, -3.0 are not
+        (NEGATIVE, False, 1 / 4),  # best -3.0: within 0.3 means ≤ -2.7, only itself
+        (np.array([[0.0, 0.001], [0.002, 0.5]]), False, 1 / 4),  # best 0: only ties count
+        (np.array([[0.10, 0.15], [0.19, 0.30]]), False, 1 / 4),  # error: within 0.01
+        (1 - np.array([[0.10, 0.15], [0.19, 0.30]]), True, 3 / 4),  # accuracy: within 0.09
+    ],
+)
+def test_share_near_best_is_relative_to_the_best_magnitude(values, higher_is_better, share):
+    land = Landscape("adamw", SHARE_LRS, SHARE_WDS, values, higher_is_better=higher_is_better)
+    assert land.share_near_best() == pytest.approx(share)
+
+
+def test_share_counts_only_cells_with_an_outcome_and_says_when_partial():
+    specs = [
+        RunSpec("mnist1d", "adamw", lr=lr, weight_decay=wd, seed=0, steps=10)
+        for lr in SHARE_LRS
+        for wd in SHARE_WDS
+    ]
+    statuses = [("done", 0.10), ("done", 0.105), ("diverged", None), ("running", None)]
+    records = [_record(spec, *status) for spec, status in zip(specs, statuses)]
+    task = type("Task", (), {"higher_is_better": False})()
+    (land,) = landscapes(task, specs, records, key_of=str)
+    assert land.has_outcome().tolist() == [[True, True], [True, False]]
+    assert land.share_near_best() == pytest.approx(2 / 3)  # not 2/4: one cell is running
+    text = format_landscapes([land], "test_error")
+    assert (
+        "note: the adamw grid is partial: 1 of 4 cells have no outcome yet (failed, running or "
+        "missing); the share within 10% is of the 3 that do"
+    ) in text.splitlines()
+    assert "partial" not in format_landscapes([landscape(lambda x, y: x + y, LRS, WDS)], "loss")
+
+
+def test_a_best_of_zero_is_noted():
+    zero = Landscape("adamw", SHARE_LRS, SHARE_WDS, np.array([[0.0, 0.001], [0.002, 0.5]]))
+    text = format_landscapes([zero], "test_error")
+    assert "note: the best adamw test error is 0, so within 10% of it means equal to it" in text
+
+
+def test_sweep_table_shows_error_rates_in_percent_like_the_compare_table():
+    error = Landscape("adam", SHARE_LRS, SHARE_WDS, np.array([[0.012, 0.02], [0.03, 0.04]]))
+    header, row = format_landscapes([error], "test_error").splitlines()[:2]
+    assert "best test error" in header and row.split()[1] == "1.2%"
+    loss = Landscape("adam", SHARE_LRS, SHARE_WDS, np.array([[0.012, 0.02], [0.03, 0.04]]))
+    header, row = format_landscapes([loss], "loss").splitlines()[:2]
+    assert "best loss" in header and row.split()[1] == "0.012"
+
+
+# ---------------------------------------------------------------- the separability slope
+
+SLOPE_LRS, SLOPE_WDS = [1e-4, 1e-3, 1e-2, 1e-1], [1e-5, 1e-4, 1e-3, 1e-2]
+
+
+def test_slope_says_how_many_rows_it_used_and_which_it_left_out():
+    wds = [0.0, 1e-4, 1e-3, 1e-2]
+    values = np.array([[1.0, 2, 3, 4], [1.0, 2, 3, 4], [3, 2, 1.0, 4], [3, 1.0, 2, 4]])
+    land = Landscape("adam", SLOPE_LRS, wds, values)
+    assert land.best_wd_per_lr() == [0.0, 0.0, 1e-3, 1e-4] and land.slope_rows() == [2, 3]
+    assert land.diagonal_slope() == pytest.approx(-1.0)
+    row, *notes = format_landscapes([land], "loss").splitlines()[1:]
+    assert row.split()[4:7] == ["-1.00", "(2/4", "rows)"]
+    assert notes[-1:] == [
+        "note: the adam slope leaves out the rows at lr 0.0001, 0.001 (best λ = 0, or no "
+        "finished cell)"
+    ]
+
+
+def test_rows_whose_best_lambda_is_on_the_grid_edge_are_warned():
+    # a diagonal basin γλ = 1e-5 (true slope -1) bowled around lr = 1e-2: the best cell is
+    # inside the grid, but the two lowest-lr rows want a λ above the grid's highest
+    def bowl(x, y):
+        return (x + y + 5) ** 2 + 0.3 * (x + 2) ** 2 + 0.1
+
+    land = landscape(bowl, SLOPE_LRS, SLOPE_WDS)
+    assert land.edges() == [] and land.best() == (2, 2)
+    assert land.rows_at_wd_edge() == [(0, "high"), (1, "high")]
+    assert land.diagonal_slope() == pytest.approx(-0.7)  # clipped: the true slope is -1
+    assert format_landscapes([land], "loss").splitlines()[2:] == [
+        "warning: synthetic rows at lr 0.0001, 0.001 have their best λ at the highest λ (0.01) "
+        "of the grid, which clips the slope: extend --wd-synthetic above it"
+    ]
+
+
+def test_ties_in_a_row_resolve_to_the_geometric_mean_of_the_tied_lambdas():
+    # a quantized metric: rows 0 and 1 tie between λ = 1e-4 and 1e-3
+    values = np.array(
+        [
+            [0.02, 0.015, 0.015, 0.03],
+            [0.02, 0.014, 0.014, 0.03],
+            [0.02, 0.014, 0.013, 0.03],
+            [0.02, 0.016, 0.015, 0.03],
+        ]
+    )
+    land = Landscape("adamw", SLOPE_LRS, SLOPE_WDS, values)
+    assert land.best_wd_per_lr()[:2] == pytest.approx([10**-3.5, 10**-3.5])
+    assert land.best_wd_per_lr()[2:] == [1e-3, 1e-3]
+    # mirroring the λ axis mirrors every best λ, so the slope only changes sign (a tie that
+    # went to the smallest λ would give 0.4 one way and 0 the other)
+    mirrored = Landscape("adamw", SLOPE_LRS, SLOPE_WDS, values[:, ::-1].copy())
+    assert land.diagonal_slope() == pytest.approx(0.2)
+    assert mirrored.diagonal_slope() == pytest.approx(-land.diagonal_slope())
 
 
 @pytest.mark.parametrize(

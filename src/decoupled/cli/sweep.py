@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _grids(args, task, optimizers):
-    from decoupled.lab.sweep import (
+    from decoupled.lab.grid import (
         RangeError,
         default_lrs,
         default_wds,

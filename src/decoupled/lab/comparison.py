@@ -22,6 +22,12 @@ NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "sgdw": "SGDW"}
 PAIRS = (("adam", "adamw"), ("sgd", "sgdw"))
 
 
+def metric_scale(metric: str) -> tuple[float, str]:
+    """How tables show a metric: an error rate (name ending in "error") as a percentage,
+    ``(100.0, "%")``; anything else as it is, ``(1.0, "")``."""
+    return (100.0, "%") if metric.endswith("error") else (1.0, "")
+
+
 def plan(
     task: Task,
     optimizers: Sequence[str],
@@ -82,7 +88,8 @@ class Arm:
         return mean_ci(finite) if finite else None
 
     def diverged(self) -> int:
-        return sum(r.status == "diverged" for r in self.records.values())
+        """Seeds whose run diverged (or finished with a non-finite metric)."""
+        return sum(not math.isfinite(v) for v in self.metrics_by_seed().values())
 
     def mean_decay_summary(self) -> dict[str, float]:
         summaries = [
@@ -106,7 +113,7 @@ class Comparison:
 
     @property
     def as_percent(self) -> bool:
-        return self.task.metric.endswith("error")
+        return metric_scale(self.task.metric)[1] == "%"
 
 
 def summarize(
@@ -134,30 +141,51 @@ def summarize(
 
 
 def _pair(task: Task, first: Arm, second: Arm):
+    """Pair two arms over the seeds where both finished; the verdict says which seeds each
+    arm lost to divergence, and a difference in divergence is reported as one in stability
+    before the paired comparison of the survivors (which alone would flatter the arm that
+    diverged: its hard seeds are gone)."""
     a, b = first.metrics_by_seed(), second.metrics_by_seed()
     seeds = [s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
     metric = task.metric.replace("_", " ")
+    prefix = ""
+    counts = [(first.diverged(), len(a), first.name), (second.diverged(), len(b), second.name)]
+    if counts[0][0] or counts[1][0]:
+        (k, n, most), (j, m, other) = sorted(counts, key=lambda count: -count[0])
+        prefix = f"{most} diverged on {k} of {n} seeds, {other} on {j}" + (
+            "" if m == n else f" of {m}"
+        )
+        if k != j:
+            prefix += f": {most} is less stable at these settings"
+        prefix += f"; on the {len(seeds)} seed{'' if len(seeds) == 1 else 's'} both finished: "
     if len(seeds) < 2:
         line = (
             f"Cannot compare {first.name} and {second.name}: need at least 2 seeds where "
             f"both finished (have {len(seeds)})"
         )
-        return first, second, None, line
+        return first, second, None, _after(prefix, line)
     comparison = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
     line = verdict(
         comparison,
         names=(first.name, second.name),
         metric=metric,
         lower_is_better=not task.higher_is_better,
-        as_percent=task.metric.endswith("error"),
+        as_percent=metric_scale(task.metric)[1] == "%",
     )
-    return first, second, comparison, line
+    return first, second, comparison, _after(prefix, line)
+
+
+def _after(prefix: str, sentence: str) -> str:
+    """``sentence`` continuing ``prefix``: its first letter lowercased unless it is a name."""
+    if not prefix or sentence.startswith(tuple(NAMES.values())):
+        return prefix + sentence
+    return prefix + sentence[0].lower() + sentence[1:]
 
 
 def format_table(comparison: Comparison) -> str:
     """The plain-text table `decoupled compare` prints."""
     task, percent = comparison.task, comparison.as_percent
-    scale, unit = (100.0, "%") if percent else (1.0, "")
+    scale, unit = metric_scale(task.metric)
     metric = task.metric.replace("_", " ")
     lines = [
         f"{'optimizer':<10}{'decay':<11}{'lr':>9}{'weight_decay':>14}  "
@@ -180,10 +208,15 @@ def format_table(comparison: Comparison) -> str:
         lines.append("")
         if paired is not None:
             points = " points" if percent else ""
+            t_test = (
+                "paired t-test undefined (all differences equal)"
+                if paired.all_equal
+                else f"paired t-test p = {paired.p_value:.3g}"
+            )
             lines.append(
                 f"paired difference ({second.name} − {first.name}, by seed): "
                 f"{paired.mean_diff * scale:+.2f}{points}, 95% CI [{paired.low * scale:+.2f}, "
-                f"{paired.high * scale:+.2f}], paired t-test p = {paired.p_value:.3g}, "
+                f"{paired.high * scale:+.2f}], {t_test}, "
                 f"Wilcoxon p = {paired.wilcoxon_p:.3g}, n = {paired.n}"
             )
         lines.append(f"verdict: {line}")

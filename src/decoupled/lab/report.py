@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decoupled.lab.comparison import Arm, Comparison, format_table
+from decoupled.lab.comparison import Arm, Comparison, format_table, metric_scale
 from decoupled.lab.train import DECAY_KIND
 
 
@@ -79,19 +79,33 @@ def plot_curves(comparison: Comparison, path: Path) -> Path:
 
 
 def plot_per_seed(comparison: Comparison, path: Path) -> Path:
-    """Final metric per seed, one column per optimizer, lines joining the same seed."""
+    """Final metric per seed, one column per optimizer, lines joining the same seed; a
+    diverged seed is a cross on a row above the others, labelled "diverged"."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 4))
-    scale = 100.0 if comparison.as_percent else 1.0
+    scale = metric_scale(comparison.task.metric)[0]
     values = [arm.metrics_by_seed() for arm in comparison.arms]
     seeds = sorted(set().union(*values)) if values else []
+    finite = [v * scale for by_seed in values for v in by_seed.values() if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    span = (high - low) or abs(high) or 1.0
+    top = high + 0.15 * span  # the "diverged" row
     for seed in seeds:
-        ys = [v.get(seed, math.nan) * scale for v in values]
-        axis.plot(range(len(values)), ys, color="grey", alpha=0.5, linewidth=1)
+        ys = [v.get(seed, math.nan) * scale for v in values]  # NaN: no run
+        shown = [y if math.isfinite(y) or v.get(seed) is None else top for y, v in
+                 zip(ys, values)]  # fmt: skip
+        style = ":" if shown != ys else "-"  # dotted: the seed diverged on one side
+        axis.plot(range(len(values)), shown, style, color="grey", alpha=0.5, linewidth=1)
     for index, (arm, by_seed) in enumerate(zip(comparison.arms, values)):
-        ys = [y * scale for y in by_seed.values()]
+        ys = [y * scale for y in by_seed.values() if math.isfinite(y)]
         axis.scatter([index] * len(ys), ys, color=COLORS.get(arm.optimizer), zorder=3)
+        diverged = len(by_seed) - len(ys)
+        if diverged:
+            axis.scatter([index], [top], color=COLORS.get(arm.optimizer), marker="x", zorder=3)
+            axis.text(index, top, f"{diverged} diverged\n", ha="center", va="bottom", fontsize=8)
+            axis.set_ylim(top=top + 0.15 * span)  # room for the label
     axis.set_xticks(range(len(values)), [arm.name for arm in comparison.arms])
+    axis.set_xlim(-0.5, len(values) - 0.5)
     unit = " (%)" if comparison.as_percent else ""
     axis.set_ylabel(comparison.task.metric.replace("_", " ") + unit)
     axis.set_title("final metric per seed (lines pair seeds)")
@@ -108,7 +122,7 @@ def _fmt(value: float) -> str:
 
 def decay_table(comparison: Comparison) -> list[list[str]]:
     """The Adam vs AdamW table of the README, filled with this comparison's measurements."""
-    scale, unit = (100.0, "%") if comparison.as_percent else (1.0, "")
+    scale, unit = metric_scale(comparison.task.metric)
     header = ["", *(f"{a.name} ({DECAY_KIND[a.optimizer]})" for a in comparison.arms)]
     applied = ["how the decay is applied"]
     per_element = ["decay per step per weight, at peak lr"]
@@ -164,6 +178,7 @@ def compare_blocks(name: str, comparison: Comparison, plot_dir: Path, rel: str) 
         )
         blocks.append(Block("p", protocol))
     blocks.append(Block("pre", format_table(comparison)))
+    blocks.extend(_missing_blocks(comparison.missing))
     blocks.append(Block("p", "What the decay does, measured (means over seeds):"))
     blocks.append(Block("table", decay_table(comparison)))
     if any(a.records for a in comparison.arms):
@@ -172,6 +187,11 @@ def compare_blocks(name: str, comparison: Comparison, plot_dir: Path, rel: str) 
         blocks.append(Block("img", f"{rel}/{curves.name}"))
         blocks.append(Block("img", f"{rel}/{per_seed.name}"))
     return blocks
+
+
+def _missing_blocks(missing: dict[str, str] | None) -> list[Block]:
+    """One paragraph per kind of planned run without a result (``workflow.missing_runs``)."""
+    return [Block("p", f"Warning: {line}.") for line in (missing or {}).values()]
 
 
 def render_markdown(blocks: list[Block]) -> str:
@@ -247,7 +267,8 @@ def write_report(out_dir: Path, blocks: list[Block], title: str = "decoupled rep
 def plot_heatmaps(items, metric: str, percent: bool, path: Path) -> Path:
     """The paper's Figure 2: the final metric over lr × λ, one panel per optimizer, the best
     cell boxed, every cell labelled with its value or, if it has none, with why (diverged,
-    failed, running, missing; grid axes are log-spaced values)."""
+    "k/n diverged" when some of its n seeds did, failed, running, missing; grid axes are
+    log-spaced values)."""
     plt = _pyplot()
     figure, axes = plt.subplots(
         1, len(items), figsize=(6.2 * len(items), 4.6), squeeze=False, gridspec_kw={"wspace": 0.35}
@@ -350,11 +371,14 @@ def plot_axes(items, metric: str, percent: bool, path: Path) -> Path:
     return path
 
 
-def sweep_blocks(name: str, task, items, plot_dir: Path, rel: str, spec) -> list[Block]:
+def sweep_blocks(
+    name: str, task, items, plot_dir: Path, rel: str, spec, missing: dict[str, str] | None = None
+) -> list[Block]:
+    """A sweep's section; ``missing``: ``workflow.missing_runs`` lines, one paragraph each."""
     from decoupled.lab.sweep import format_landscapes
 
     metric = task.metric.replace("_", " ")
-    percent = task.metric.endswith("error")
+    percent = metric_scale(task.metric)[1] == "%"
     explanation = (
         f"{spec.steps} steps per run, {spec.schedule} schedule, decay_scale "
         f"{spec.decay_scale}. The slope of log(best λ) against log(lr) across the grid's rows "
@@ -363,6 +387,7 @@ def sweep_blocks(name: str, task, items, plot_dir: Path, rel: str, spec) -> list
     )
     blocks = [Block("h2", f"{name}: {task.name}, lr × weight decay"), Block("p", explanation)]
     blocks.append(Block("pre", format_landscapes(items, task.metric)))
+    blocks.extend(_missing_blocks(missing))
     if any(land.best() is not None for land in items):
         heatmap = plot_heatmaps(items, metric, percent, plot_dir / f"{name}-heatmap.png")
         axes = plot_axes(items, metric, percent, plot_dir / f"{name}-axes.png")

@@ -16,6 +16,13 @@ as ``scipy.stats.t.interval``, ``scipy.stats.ttest_rel`` and ``scipy.stats.wilco
 * Wilcoxon signed-rank test on the :math:`d_i` (zeros dropped, exact null distribution for
   small :math:`n`), a companion that does not assume normality; with 5 seeds its smallest
   possible two-sided p is 1/16 = 0.0625, so it can never be "significant" at 0.05 there.
+
+When every difference is the same (test error moves in steps of one test example, so this
+happens), :math:`s_d = 0` and :math:`t = \bar d/0` is undefined, not infinitely significant:
+the t-test's p is NaN and only the Wilcoxon p speaks. A spread at most ``ROUNDING`` (1e-12)
+times the largest magnitude among the values counts as zero: float64 rounding (relative
+precision 2.2e-16) of values that size leaves spreads thousands of times smaller, while any
+real seed-to-seed variation is many orders larger.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ class PairedComparison:
 
     ``low``/``high`` bound ``mean_diff``; ``p_value`` is the two-sided paired t-test and
     ``wilcoxon_p`` the two-sided Wilcoxon signed-rank test. With ``n < 2`` the interval,
-    ``t_stat`` and both p-values are NaN.
+    ``t_stat`` and both p-values are NaN; with ``n >= 2`` equal nonzero differences
+    (:attr:`all_equal`) ``t_stat`` and ``p_value`` are NaN.
     """
 
     mean_diff: float
@@ -63,6 +71,11 @@ class PairedComparison:
     p_value: float
     wilcoxon_p: float
     confidence: float = 0.95
+
+    @property
+    def all_equal(self) -> bool:
+        """Every difference is the same nonzero value: the t-test is undefined."""
+        return self.n >= 2 and math.isnan(self.p_value)
 
 
 def _as_values(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
@@ -77,28 +90,41 @@ def _as_values(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     return array
 
 
+#: A spread at most this fraction of the values' magnitude is float rounding, not data
+#: (see the module docstring).
+ROUNDING = 1e-12
+
+
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"Invalid confidence value: {confidence} (must be in (0, 1))")
 
 
-def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
-    """(mean, low, high) of the Student-t interval; NaN bounds for one value."""
+def _t_interval(
+    values: np.ndarray, confidence: float, scale: float | None = None
+) -> tuple[float, float, float]:
+    """(mean, low, high) of the Student-t interval; NaN bounds for one value. ``scale``: see
+    :func:`_standard_error`."""
     mean = float(values.mean())
     n = values.size
     if n < 2:
         return mean, math.nan, math.nan
     # Student-t critical value t_{(1+c)/2, n-1} times the standard error s/sqrt(n).
-    half_width = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * _standard_error(values)
+    standard_error = _standard_error(values, scale)
+    half_width = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * standard_error
     return mean, mean - half_width, mean + half_width
 
 
-def _standard_error(values: np.ndarray) -> float:
-    # The spread is measured around the mean; when every value is the same, floating-point
-    # rounding of the mean can leave tiny nonzero deviations, so test equality directly.
-    if np.all(values == values[0]):
+def _standard_error(values: np.ndarray, scale: float | None = None) -> float:
+    """s/sqrt(n), or exactly 0 when s is at most ``ROUNDING * scale`` (rounding, not spread;
+    ``scale`` defaults to the largest |value|, and for differences is that of the values
+    subtracted, whose rounding they carry)."""
+    if scale is None:
+        scale = float(np.abs(values).max())
+    spread = float(values.std(ddof=1))
+    if spread <= ROUNDING * scale:
         return 0.0
-    return float(values.std(ddof=1) / math.sqrt(values.size))
+    return spread / math.sqrt(values.size)
 
 
 def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> Interval:
@@ -125,8 +151,10 @@ def paired_difference(
     """Compare values paired by seed: ``a[i]`` and ``b[i]`` come from the same seed.
 
     Every difference is ``b - a`` (second minus first), so ``mean_diff < 0`` means ``b`` is
-    lower. When all differences are equal the t statistic is ±inf and ``p_value`` is 0 if
-    they are nonzero, else ``t_stat = 0`` and ``p_value = 1`` (no warnings either way).
+    lower. When all differences are equal (up to rounding, see the module docstring) the
+    interval has zero width and the t-test is undefined: ``t_stat`` and ``p_value`` are NaN
+    if the differences are nonzero (``wilcoxon_p`` still says how significant they are),
+    else ``t_stat = 0`` and ``p_value = 1``. No warnings either way.
     """
     _check_confidence(confidence)
     first, second = _as_values(a, "a"), _as_values(b, "b")
@@ -136,14 +164,15 @@ def paired_difference(
         )
     differences = second - first
     n = int(differences.size)
-    mean_diff, low, high = _t_interval(differences, confidence)
+    scale = float(max(np.abs(first).max(), np.abs(second).max()))
+    mean_diff, low, high = _t_interval(differences, confidence, scale)
     if n < 2:
         t_stat = p_value = wilcoxon_p = math.nan
     else:
-        standard_error = _standard_error(differences)
-        if standard_error == 0.0:
-            t_stat = math.copysign(math.inf, mean_diff) if mean_diff != 0.0 else 0.0
-            p_value = 0.0 if mean_diff != 0.0 else 1.0
+        standard_error = _standard_error(differences, scale)
+        if standard_error == 0.0:  # all differences equal: t = mean/0 is undefined
+            no_difference = abs(mean_diff) <= ROUNDING * scale
+            t_stat, p_value = (0.0, 1.0) if no_difference else (math.nan, math.nan)
         else:
             t_stat = mean_diff / standard_error
             p_value = float(2.0 * stats.t.sf(abs(t_stat), n - 1))
@@ -178,7 +207,7 @@ def verdict(
     names: tuple[str, str] = ("Adam", "AdamW"),
     metric: str = "test error",
     lower_is_better: bool = True,
-    alpha: float = 0.05,
+    alpha: float | None = None,
     as_percent: bool = False,
 ) -> str:
     """One line saying which of ``names`` (first, second) is better, judged by the t-test.
@@ -188,19 +217,30 @@ def verdict(
     ``"AdamW has lower test error than Adam by 1.23 points (95% CI 0.4 to 2.1, paired t-test
     p = 0.004, n = 5 seeds)"``. ``as_percent`` multiplies by 100 and says "points"
     (percentage points): use it for rates in [0, 1] such as error or accuracy.
+
+    ``alpha`` (default ``1 - comparison.confidence``) is the significance level. A larger one
+    is refused: the verdict could then name a winner while the printed interval covers 0.
+    When all differences are equal the t-test is undefined (:attr:`PairedComparison.all_equal`)
+    and the Wilcoxon signed-rank p judges instead, e.g. ``"AdamW has lower test error than
+    Adam by 0.1 points on every seed (all differences equal, so no t-test; Wilcoxon p =
+    0.031, n = 6 seeds)"``.
     """
+    threshold = 1.0 - comparison.confidence
+    if alpha is None:
+        alpha = threshold
+    elif alpha > threshold + ROUNDING:
+        raise ValueError(
+            f"Invalid alpha value: {alpha} (above 1 - confidence = {threshold:.3g}: a "
+            f"{comparison.confidence * 100:g}% interval covering 0 would come with a winner)"
+        )
     first, second = names
     n = comparison.n
-    if n < 2 or math.isnan(comparison.p_value):
+    if n < 2:
         return (
             f"Cannot compare {metric} between {first} and {second}: "
             f"need at least 2 paired seeds ({_seeds(n)})"
         )
-    if comparison.p_value >= alpha or comparison.mean_diff == 0.0:
-        return (
-            f"No significant difference in {metric} between {first} and {second} "
-            f"({_p(comparison.p_value)}, {_seeds(n)})"
-        )
+    p_value = comparison.wilcoxon_p if comparison.all_equal else comparison.p_value
     second_is_lower = comparison.mean_diff < 0.0
     second_wins = second_is_lower == lower_is_better
     winner, loser = (second, first) if second_wins else (first, second)
@@ -210,10 +250,27 @@ def verdict(
     else:
         size, low, high = comparison.mean_diff, comparison.low, comparison.high
     direction = "lower" if lower_is_better else "higher"
-    unit = " points" if as_percent else ""
+    advantage = f"{_number(size, as_percent)}{' points' if as_percent else ''}"
+    if comparison.all_equal:
+        if p_value >= alpha:
+            return (
+                f"No significant difference in {metric} between {first} and {second}: "
+                f"{winner} is {direction} by {advantage} on every seed, but with all "
+                f"differences equal there is no t-test and the Wilcoxon signed-rank test gives "
+                f"{_p(p_value)} ({_seeds(n)})"
+            )
+        return (
+            f"{winner} has {direction} {metric} than {loser} by {advantage} on every seed "
+            f"(all differences equal, so no t-test; Wilcoxon {_p(p_value)}, {_seeds(n)})"
+        )
+    if p_value >= alpha or comparison.mean_diff == 0.0:
+        return (
+            f"No significant difference in {metric} between {first} and {second} "
+            f"({_p(p_value)}, {_seeds(n)})"
+        )
     level = f"{comparison.confidence * 100:g}%"
     return (
-        f"{winner} has {direction} {metric} than {loser} by {_number(size, as_percent)}{unit} "
+        f"{winner} has {direction} {metric} than {loser} by {advantage} "
         f"({level} CI {_number(low, as_percent)} to {_number(high, as_percent)}, "
-        f"paired t-test {_p(comparison.p_value)}, {_seeds(n)})"
+        f"paired t-test {_p(p_value)}, {_seeds(n)})"
     )

@@ -4,193 +4,25 @@ Loshchilov & Hutter 2019 (Figure 2): for Adam + L2 the good region of the lr × 
 lies on a diagonal (lr and λ must be tuned together); for AdamW it is closer to axis-aligned.
 "Separable" is made measurable here by the slope of log(best λ) against log(lr) across the
 grid's rows (≈ −1 for a diagonal basin, ≈ 0 for a separable one) and by the share of cells
-within 10% of the best metric.
+within 10% of the best metric. A cell where any seed diverged counts as diverged: the mean of
+its surviving seeds would make a cell that is usually unstable look best.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import gmean
 
+from decoupled.lab.comparison import metric_scale
+from decoupled.lab.stats import ROUNDING
 from decoupled.lab.store import RunRecord
 from decoupled.lab.tasks import Task
-from decoupled.lab.train import OPTIMIZERS, RunSpec
-
-
-class RangeError(ValueError):
-    """A bad range or search space (the CLI turns it into exit status 2)."""
-
-
-def parse_range(text: str, name: str = "range") -> list[float]:
-    """Grid values from ``lo:hi:n`` (n log-spaced values, lo and hi included) or a comma list.
-
-    A comma list may hold 0 (e.g. ``0,1e-4,1e-3``: λ = 0 is the paper's reference point) and
-    is returned sorted without repeats; log ranges need 0 < lo ≤ hi and 1 ≤ n ≤ 10000, with
-    n = 1 exactly when lo = hi (``1e-3:1e-3:3`` would be three copies of one cell).
-    """
-    text = text.strip()
-    try:
-        if ":" in text:
-            parts = text.split(":")
-            if len(parts) != 3:
-                raise RangeError(f"{name}: expected lo:hi:n, got {text!r}")
-            lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
-            return log_range(lo, hi, n, name)
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as error:
-        if isinstance(error, RangeError):
-            raise
-        raise RangeError(f"{name}: not a range or list of numbers: {text!r}") from None
-    if not values:
-        raise RangeError(f"{name}: empty range {text!r}")
-    bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
-    if bad:
-        raise RangeError(f"{name}: values must be finite and >= 0, got {bad[0]}")
-    return sorted(set(values))
-
-
-MAX_VALUES = 10_000  # per axis: more is a typo (and np.geomspace would run out of memory)
-
-
-def log_range(lo: float, hi: float, num: int, name: str = "range") -> list[float]:
-    """``num`` distinct log-spaced values from ``lo`` to ``hi`` (both included)."""
-    if num < 1:
-        raise RangeError(f"{name}: empty range (n = {num})")
-    if num > MAX_VALUES:
-        raise RangeError(f"{name}: n = {num} values is more than {MAX_VALUES}")
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi <= 0:
-        raise RangeError(f"{name}: log-spaced bounds must be > 0, got {lo:g}:{hi:g}")
-    if lo > hi:
-        raise RangeError(f"{name}: lo > hi ({lo:g} > {hi:g})")
-    if num == 1:
-        if lo != hi:
-            raise RangeError(f"{name}: one value needs lo = hi, got {lo:g}:{hi:g}")
-        return [lo]
-    if lo == hi:
-        raise RangeError(
-            f"{name}: lo = hi ({lo:g}) gives one value, not n = {num} (use n = 1 or a wider range)"
-        )
-    values = [float(v) for v in np.geomspace(lo, hi, num)]
-    if len(set(values)) != num:
-        raise RangeError(f"{name}: {lo:g}:{hi:g} is too narrow for {num} distinct values")
-    return values
-
-
-SPACE_KEYS = ("lr", "weight_decay", *(f"wd_{name}" for name in OPTIMIZERS))
-
-
-def _shown(value: Any) -> str:
-    """A JSON value as the file spells it (``null``, ``"abc"``, ``[0.1]``)."""
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _number(value: Any, where: str) -> float:
-    """A finite JSON number (not a string, a bool or null)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RangeError(f"{where}: expected a number, got {_shown(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    if not math.isfinite(number):
-        raise RangeError(f"{where}: expected a finite number, got {_shown(value)}")
-    return number
-
-
-def _count(value: Any, where: str) -> int:
-    """An integer ≥ 1; a JSON float is accepted only if it is integral (3.0, not 2.7)."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RangeError(f"{where}: expected an integer >= 1, got {_shown(value)}")
-    return value
-
-
-def space_from_json(path: str | Path) -> dict[str, list[float]]:
-    """A search space file: ``{"lr": {"min": 1e-4, "max": 1e-2, "num": 7, "scaling": "log"},
-    "wd_adamw": {"values": [0, 0.01, 0.1]}}`` (AlgoPerf-style: search spaces are data).
-
-    Keys: ``lr``, ``weight_decay`` (every optimizer) or ``wd_<optimizer>``, nothing else. Each
-    is either ``{"values": [...]}``, a non-empty list of finite numbers (lr > 0, λ ≥ 0;
-    returned sorted without repeats), or ``{"min", "max", "num"[, "scaling": "log"]}`` with
-    finite numbers 0 < min ≤ max and an integer num ≥ 1 (a JSON number such as 3.0 counts if
-    it is integral; 2.7 does not). Anything else is a :class:`RangeError` naming the key and
-    the bad value."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise RangeError(f"search space {path}: {error}") from None
-    if not isinstance(raw, dict):
-        raise RangeError(f"search space {path}: expected a JSON object")
-    space = {}
-    for key, spec in raw.items():
-        where = f"search space {path}: {key}"
-        if key not in SPACE_KEYS:
-            raise RangeError(
-                f"search space {path}: unknown key {key!r} (allowed: {', '.join(SPACE_KEYS)})"
-            )
-        if not isinstance(spec, dict):
-            raise RangeError(
-                f"{where}: expected an object with min/max/num or values, got {_shown(spec)}"
-            )
-        if "values" in spec:
-            fields, expected = {"values"}, "values"
-        else:
-            fields, expected = {"min", "max", "num", "scaling"}, "min, max, num, scaling"
-        extra = sorted(set(spec) - fields)
-        if extra:
-            raise RangeError(f"{where}: unexpected field {extra[0]!r} (expected {expected})")
-        if "values" in spec:
-            values = spec["values"]
-            if not isinstance(values, list) or not values:
-                raise RangeError(
-                    f"{where}.values: expected a non-empty list of numbers, got {_shown(values)}"
-                )
-            numbers = [_number(v, f"{where}.values") for v in values]
-            if key == "lr":
-                bad = [v for v in numbers if v <= 0]
-                if bad:
-                    raise RangeError(f"{where}.values: learning rates must be > 0, got {bad[0]:g}")
-            else:
-                bad = [v for v in numbers if v < 0]
-                if bad:
-                    raise RangeError(f"{where}.values: weight decay must be >= 0, got {bad[0]:g}")
-            space[key] = sorted({v + 0.0 for v in numbers})  # + 0.0: -0.0 becomes 0.0
-            continue
-        missing = [field for field in ("min", "max", "num") if field not in spec]
-        if missing:
-            raise RangeError(f"{where}: missing {missing[0]!r}")
-        scaling = spec.get("scaling", "log")
-        if scaling != "log":
-            raise RangeError(f'{where}.scaling: only "log" is supported, got {_shown(scaling)}')
-        space[key] = log_range(
-            _number(spec["min"], f"{where}.min"),
-            _number(spec["max"], f"{where}.max"),
-            _count(spec["num"], f"{where}.num"),
-            where,
-        )
-    return space
-
-
-def default_lrs(task: Task, optimizer: str, num: int = 5) -> list[float]:
-    """lr grid around the task's tuned value: ×1/10 … ×10, log-spaced."""
-    lr = task.defaults[optimizer].lr
-    return log_range(lr / 10, lr * 10, num)
-
-
-def default_wds(task: Task, optimizer: str, num: int = 5) -> list[float]:
-    """λ grid around the task's tuned value: ×1/30 … ×30 (×1e-3 … ×1 of 1e-2 if it is 0)."""
-    wd = task.defaults[optimizer].weight_decay or 1e-3
-    return log_range(wd / 30, wd * 30, num)
+from decoupled.lab.train import RunSpec
 
 
 def plan_sweep(
@@ -230,12 +62,13 @@ EMPTY_REASONS = ("diverged", "failed", "running", "missing")
 @dataclass
 class Landscape:
     """One optimizer's grid: ``values[i, j]`` is the mean metric over seeds at lrs[i], wds[j]
-    (NaN where no seed has a finite result).
+    (NaN where any seed diverged, or where no seed has a finite result).
 
     ``reasons[i, j]`` says why a NaN cell is empty: ``"diverged"`` (every seed's run
-    diverged), else ``"failed"``, ``"running"`` or ``"missing"`` (the first that some seed's
-    run is, in that order); ``""`` for a cell with a value. :func:`landscapes` fills it; a
-    Landscape made without it labels its empty cells ``"no result"``."""
+    diverged), ``"k/n diverged"`` (k of its n seeds did), else ``"failed"``, ``"running"`` or
+    ``"missing"`` (the first that some seed's run is, in that order); ``""`` for a cell with
+    a value. :func:`landscapes` fills it; a Landscape made without it labels its empty cells
+    ``"no result"`` and counts every cell as having an outcome."""
 
     optimizer: str
     lrs: list[float]
@@ -251,6 +84,14 @@ class Landscape:
         if self.reasons is None or not self.reasons[i, j]:
             return "no result"
         return str(self.reasons[i, j])
+
+    def has_outcome(self) -> np.ndarray:
+        """Cells that finished or diverged (not failed, running or missing): what the share
+        near the best is a share of."""
+        if self.reasons is None:
+            return np.ones(self.values.shape, dtype=bool)
+        diverged = np.vectorize(lambda reason: str(reason).endswith("diverged"), otypes=[bool])
+        return np.isfinite(self.values) | diverged(self.reasons)
 
     def _score(self) -> np.ndarray:
         """Lower is better, NaN as worst."""
@@ -275,50 +116,103 @@ class Landscape:
         for axis, grid, index in (("lr", self.lrs, best[0]), ("wd", self.wds, best[1])):
             if len(grid) < 2:
                 continue
-            if index == 0 and not (axis == "wd" and grid[0] == 0):
-                found.append((axis, "low", grid[0]))
-            elif index == len(grid) - 1:
-                found.append((axis, "high", grid[-1]))
+            for side in _edge_sides(grid, [index], axis):
+                found.append((axis, side, grid[0] if side == "low" else grid[-1]))
         return found
 
     def best_on_edge(self) -> bool:
         return bool(self.edges())
 
+    def _tied_best(self) -> list[list[int] | None]:
+        """Per row, the λ indices tied for its best score (equal up to float rounding), or
+        None for a row without a finite cell."""
+        tied = []
+        for row in self._score():
+            best = row.min()
+            tied.append(
+                None
+                if not math.isfinite(best)
+                else [int(j) for j in np.flatnonzero(row <= best + ROUNDING * abs(best))]
+            )
+        return tied
+
     def best_wd_per_lr(self) -> list[float | None]:
-        score = self._score()
-        return [self.wds[int(np.argmin(row))] if np.isfinite(row).any() else None for row in score]
+        """Per row (lr), its best λ: the geometric mean of the λ values tied for the row's best
+        (a flat row, e.g. a metric in steps of one test example, is not pulled to either end;
+        a tie that includes λ = 0 gives 0). None for a row without a finite cell."""
+        best: list[float | None] = []
+        for indices in self._tied_best():
+            tied = [self.wds[j] for j in indices or []]
+            if len(tied) < 2 or min(tied) == 0:
+                best.append(min(tied) if tied else None)
+            else:
+                best.append(float(gmean(tied)))
+        return best
+
+    def slope_rows(self) -> list[int]:
+        """The rows the slope is fitted to: those whose best λ is finite and > 0 (a row that
+        prefers λ = 0, or has no finished cell, has no log λ*)."""
+        return [i for i, wd in enumerate(self.best_wd_per_lr()) if wd is not None and wd > 0]
+
+    def rows_at_wd_edge(self) -> list[tuple[int, str]]:
+        """``(row, side)`` for each row whose best λ (any of its tied ones) is at the low or
+        high end of the λ grid: the row's true best may lie beyond it, which clips the slope.
+        λ = 0 at the low end is not an edge, as in :meth:`edges`."""
+        if len(self.wds) < 2:
+            return []
+        return [
+            (row, side)
+            for row, indices in enumerate(self._tied_best())
+            if indices is not None
+            for side in _edge_sides(self.wds, indices, "wd")
+        ]
 
     def diagonal_slope(self) -> float:
-        """Least-squares slope of log(best λ) against log(lr) across rows (λ > 0 only):
-        ≈ −1 for a diagonal basin (γλ constant), ≈ 0 for a separable landscape."""
-        points = [
-            (math.log(lr), math.log(wd))
-            for lr, wd in zip(self.lrs, self.best_wd_per_lr())
-            if wd is not None and wd > 0
-        ]
+        """Least-squares slope of log(best λ) against log(lr) across :meth:`slope_rows`:
+        ≈ −1 for a diagonal basin (γλ constant), ≈ 0 for a separable landscape; NaN with
+        fewer than two rows."""
+        best_wds = self.best_wd_per_lr()
+        points = [(math.log(self.lrs[i]), math.log(best_wds[i])) for i in self.slope_rows()]
         if len(points) < 2 or len({x for x, _ in points}) < 2:
             return math.nan
         x, y = np.array(points).T
         return float(np.polyfit(x, y, 1)[0])
 
     def share_near_best(self, tolerance: float = 0.10) -> float:
-        """Share of cells whose metric is within ``tolerance`` (relative) of the best."""
+        """Share of the cells with an outcome (:meth:`has_outcome`; diverged ones count, and
+        are never near) whose metric is within ``tolerance`` × |best| of the best, on the
+        worse side. The tolerance is relative to the metric's own size, so it works for any
+        sign, but a best of 0 leaves no tolerance (only cells equal to it count), and an
+        accuracy of 0.9 allows 0.09 where the matching error 0.1 allows 0.01."""
         best = self.best()
         if best is None:
             return math.nan
         target = self.values[best]
+        slack = abs(target) * tolerance
         finite = np.isfinite(self.values)
         if self.higher_is_better:
-            near = self.values >= target * (1 - tolerance)
+            near = self.values >= target - slack
         else:
-            near = self.values <= target * (1 + tolerance)
-        return float((near & finite).sum() / self.values.size)
+            near = self.values <= target + slack
+        return float((near & finite).sum() / self.has_outcome().sum())
+
+
+def _edge_sides(grid: Sequence[float], indices: Sequence[int], axis: str) -> list[str]:
+    """``"low"``/``"high"`` for each end of ``grid`` that ``indices`` reach (λ = 0 first is no
+    edge: a log grid cannot go below it)."""
+    sides = []
+    if 0 in indices and not (axis == "wd" and grid[0] == 0):
+        sides.append("low")
+    if len(grid) - 1 in indices:
+        sides.append("high")
+    return sides
 
 
 def _empty_reason(outcomes: list[str]) -> str:
-    """Why a cell has no finite result, from its seeds' outcomes."""
-    if outcomes and all(outcome == "diverged" for outcome in outcomes):
-        return "diverged"
+    """Why a cell has no value, from its seeds' outcomes: diverged if any seed did."""
+    diverged = outcomes.count("diverged")
+    if diverged:
+        return "diverged" if diverged == len(outcomes) else f"{diverged}/{len(outcomes)} diverged"
     for reason in ("failed", "running", "missing"):
         if reason in outcomes:
             return reason
@@ -352,37 +246,77 @@ def landscapes(
         reasons = np.full((len(lrs), len(wds)), "", dtype=object)
         for (lr, wd), metrics in cells.items():
             finite = [m for m in metrics if math.isfinite(m)]
+            seen = outcomes[optimizer][(lr, wd)]
             i, j = lrs.index(lr), wds.index(wd)
-            if finite:
+            if finite and "diverged" not in seen:
                 values[i, j] = float(np.mean(finite))
             else:
-                reasons[i, j] = _empty_reason(outcomes[optimizer][(lr, wd)])
+                reasons[i, j] = _empty_reason(seen)
         result.append(Landscape(optimizer, lrs, wds, values, task.higher_is_better, reasons))
     return result
 
 
+def _values(values: Sequence[float]) -> str:
+    return ", ".join(f"{value:.3g}" for value in values)
+
+
 def format_landscapes(items: Sequence[Landscape], metric: str) -> str:
+    """The plain-text table `decoupled sweep` prints (the metric scaled as in the compare
+    table), then warnings (a best cell or a row's best λ on the grid's edge) and notes (rows
+    the slope leaves out, a partial grid, a best of 0)."""
+    scale, unit = metric_scale(metric)
     lines = [
-        f"{'optimizer':<10}{'best ' + metric:>22}{'at lr':>10}{'at λ':>10}"
+        f"{'optimizer':<10}{'best ' + metric.replace('_', ' '):>22}{'at lr':>10}{'at λ':>10}"
         f"{'slope log λ*/log lr':>22}{'cells within 10%':>18}"
     ]
-    warnings = []
+    warnings, notes = [], []
     for land in items:
         best = land.best()
         if best is None:
             lines.append(f"{land.optimizer:<10}{'no finished runs':>22}")
             continue
         i, j = best
+        rows = land.slope_rows()
+        slope = f"{round(land.diagonal_slope(), 2) + 0.0:.2f} ({len(rows)}/{len(land.lrs)} rows)"
         lines.append(
-            f"{land.optimizer:<10}{land.values[i, j]:>22.4g}{land.lrs[i]:>10.3g}"
-            f"{land.wds[j]:>10.3g}{round(land.diagonal_slope(), 2) + 0.0:>22.2f}"
+            f"{land.optimizer:<10}{f'{land.values[i, j] * scale:.4g}{unit}':>22}"
+            f"{land.lrs[i]:>10.3g}{land.wds[j]:>10.3g}{slope:>22}"
             f"{land.share_near_best():>17.0%}"
         )
+        wd_option = f"--wd-{land.optimizer}"
         for axis, side, value in land.edges():
-            name, option = ("lr", "--lr") if axis == "lr" else ("λ", f"--wd-{land.optimizer}")
+            name, option = ("lr", "--lr") if axis == "lr" else ("λ", wd_option)
             lowest, below = ("lowest", "below") if side == "low" else ("highest", "above")
             warnings.append(
                 f"warning: best {land.optimizer} cell is at the {lowest} {name} ({value:.3g}) "
                 f"of the grid: extend {option} {below} it"
             )
-    return "\n".join(lines + warnings)
+        for side in ("low", "high"):
+            at_edge = [land.lrs[row] for row, where in land.rows_at_wd_edge() if where == side]
+            if at_edge:
+                lowest, below = ("lowest", "below") if side == "low" else ("highest", "above")
+                value = land.wds[0] if side == "low" else land.wds[-1]
+                warnings.append(
+                    f"warning: {land.optimizer} rows at lr {_values(at_edge)} have their best λ "
+                    f"at the {lowest} λ ({value:.3g}) of the grid, which clips the slope: "
+                    f"extend {wd_option} {below} it"
+                )
+        left_out = [land.lrs[row] for row in range(len(land.lrs)) if row not in rows]
+        if left_out:
+            notes.append(
+                f"note: the {land.optimizer} slope leaves out the rows at lr {_values(left_out)} "
+                "(best λ = 0, or no finished cell)"
+            )
+        outcome = land.has_outcome()
+        if not outcome.all():
+            notes.append(
+                f"note: the {land.optimizer} grid is partial: {int((~outcome).sum())} of "
+                f"{outcome.size} cells have no outcome yet (failed, running or missing); the "
+                f"share within 10% is of the {int(outcome.sum())} that do"
+            )
+        if land.values[i, j] == 0:
+            notes.append(
+                f"note: the best {land.optimizer} {metric.replace('_', ' ')} is 0, so "
+                "within 10% of it means equal to it"
+            )
+    return "\n".join(lines + warnings + notes)

@@ -157,26 +157,39 @@ def sweep_task(
 
 
 def unfinished(specs, records) -> dict[str, list]:
-    """The planned runs that have no result among the store's ``records`` after executing:
-    ``failed`` (with their error) and ``running`` (owned by another process, at work or gone)."""
-    wanted = {spec_key(spec) for spec in specs}
+    """The planned runs that have no result among the store's ``records``: ``failed`` (their
+    records, with the error), ``running`` (records owned by another process, at work or gone)
+    and ``missing`` (specs never started, e.g. by a command interrupted before them)."""
+    wanted = {spec_key(spec): spec for spec in specs}
     outcome: dict[str, list] = {"failed": [], "running": []}
     for record in records:
         if record.key in wanted and record.status in outcome:
             outcome[record.status].append(record)
+    stored = {record.key for record in records}
+    outcome["missing"] = [spec for key, spec in wanted.items() if key not in stored]
     return outcome
+
+
+def _by_optimizer(specs, keys) -> str:
+    """``"adam 2, adamw 1"``: how many of the runs with these keys each optimizer has."""
+    counts: dict[str, int] = {}
+    for spec in specs:
+        if spec_key(spec) in keys:
+            counts[spec.optimizer] = counts.get(spec.optimizer, 0) + 1
+    return ", ".join(f"{name} {count}" for name, count in counts.items())
 
 
 def missing_runs(specs, records, db_path: Path) -> dict[str, str]:
     """What a person must know about planned runs missing from the report: one line per kind
-    (``"failed"``, ``"running"``), none when every planned run has its result."""
+    (``"failed"``, ``"running"``, ``"missing"``), none when every planned run has its result."""
     outcome, lines = unfinished(specs, records), {}
     if outcome["failed"]:
         last_line = (outcome["failed"][0].error or "").strip().splitlines()[-1:] or ["?"]
+        which = _by_optimizer(specs, {r.key for r in outcome["failed"]})
         lines["failed"] = (
-            f"{len(outcome['failed'])} of {len(specs)} runs failed and are left out of the "
-            f"report (first error: {last_line[0]}); their tracebacks are in the error column "
-            f"of {db_path}, and the next invocation retries them"
+            f"{len(outcome['failed'])} of {len(specs)} runs failed ({which}) and are left out "
+            f"of the report (first error: {last_line[0]}); their tracebacks are in the error "
+            f"column of {db_path}, and the next invocation retries them"
         )
     if outcome["running"]:
         owners = sorted({r.owner or "?" for r in outcome["running"]})
@@ -184,6 +197,12 @@ def missing_runs(specs, records, db_path: Path) -> dict[str, str]:
             f"{len(outcome['running'])} of {len(specs)} runs are claimed by another process "
             f"({', '.join(owners)}) and are left out of the report; run the command again "
             "when it has finished (a run of a dead process is redone)"
+        )
+    if outcome["missing"]:
+        which = _by_optimizer(outcome["missing"], {spec_key(s) for s in outcome["missing"]})
+        lines["missing"] = (
+            f"{len(outcome['missing'])} of {len(specs)} runs have not been run ({which}) and "
+            "are left out of the report; run the command again to run them"
         )
     return lines
 
@@ -203,12 +222,15 @@ def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Pat
         if task_name not in tasks:
             tasks[task_name] = _task_for(task_name, records)
         task = tasks[task_name]
+        missing = missing_runs(experiment.specs, records, db_path)
         if experiment.kind == "compare":
             comparison = summarize(task, experiment.specs, records, spec_key)
+            comparison.missing = missing
             blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
         else:
             grid = landscapes(task, experiment.specs, records, spec_key)
+            first = experiment.specs[0]
             blocks.extend(
-                sweep_blocks(experiment.name, task, grid, plot_dir, "plots", experiment.specs[0])
+                sweep_blocks(experiment.name, task, grid, plot_dir, "plots", first, missing)
             )
     return write_report(out, blocks)
