@@ -15,14 +15,17 @@ Both count in optimizer steps: call ``scheduler.step()`` after each ``optimizer.
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 
-def _check_steps(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _steps(name: str, value: int, minimum: int) -> int:
+    """``value`` as a Python int (NumPy integers accepted), or an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"Invalid {name} value: {value!r} (must be an integer >= {minimum})")
+    return int(value)
 
 
 def _cosine(base_lr: float, eta_min: float, position: int, length: int) -> float:
@@ -54,8 +57,8 @@ class WarmupCosine(LRScheduler):
         eta_min: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        _check_steps("warmup_steps", warmup_steps, 0)
-        _check_steps("total_steps", total_steps, max(warmup_steps, 1))
+        warmup_steps = _steps("warmup_steps", warmup_steps, 0)
+        total_steps = _steps("total_steps", total_steps, max(warmup_steps, 1))
         if not (math.isfinite(eta_min) and eta_min >= 0):
             raise ValueError(f"Invalid eta_min value: {eta_min} (must be finite and >= 0)")
         self.warmup_steps, self.total_steps, self.eta_min = warmup_steps, total_steps, eta_min
@@ -92,9 +95,8 @@ class CosineWarmRestarts(LRScheduler):
         warmup_steps: int = 0,
         last_epoch: int = -1,
     ) -> None:
-        _check_steps("T_0", T_0, 1)
-        _check_steps("T_mult", T_mult, 1)
-        _check_steps("warmup_steps", warmup_steps, 0)
+        T_0, T_mult = _steps("T_0", T_0, 1), _steps("T_mult", T_mult, 1)
+        warmup_steps = _steps("warmup_steps", warmup_steps, 0)
         if not (math.isfinite(eta_min) and eta_min >= 0):
             raise ValueError(f"Invalid eta_min value: {eta_min} (must be finite and >= 0)")
         self.T_0, self.T_mult, self.eta_min, self.warmup_steps = T_0, T_mult, eta_min, warmup_steps
@@ -102,12 +104,24 @@ class CosineWarmRestarts(LRScheduler):
 
     def period(self, step: int) -> tuple[int, int]:
         """(T_cur, T_i): the position in, and length of, the period holding ``step`` (counted
-        after warm-up)."""
-        position, length = step, self.T_0
-        while position >= length:
-            position -= length
-            length *= self.T_mult
-        return position, length
+        after warm-up).
+
+        Period n starts at S_n = T_0·(T_mult^n − 1)/(T_mult − 1) (n·T_0 for T_mult = 1), so n
+        is the largest with S_n ≤ step: found from the logarithm, then checked in exact
+        integers, so the cost does not grow with the number of past periods.
+        """
+        if self.T_mult == 1:
+            return step % self.T_0, self.T_0
+
+        def start(n: int) -> int:
+            return self.T_0 * (self.T_mult**n - 1) // (self.T_mult - 1)
+
+        n = int(math.log(step * (self.T_mult - 1) / self.T_0 + 1, self.T_mult))
+        while n > 0 and start(n) > step:
+            n -= 1
+        while start(n + 1) <= step:
+            n += 1
+        return step - start(n), self.T_0 * self.T_mult**n
 
     def get_lr(self) -> list[float]:
         t = self.last_epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -83,6 +84,68 @@ def test_groups_drive_an_optimizer_and_only_decay_the_decayed():
     optimizer.step()
     assert torch.equal(model.ln.weight, ln_before)
     torch.testing.assert_close(model.head.weight, head_before * (1 - 0.1 * 0.5))
+
+
+def test_every_bias_and_1d_tensor_is_exempt_whatever_its_name():
+    """As timm and Hugging Face's Trainer: MultiheadAttention's and LSTM's biases, LayerScale."""
+
+    class LayerScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(8))
+
+    model = nn.ModuleDict(
+        {
+            "attn": nn.MultiheadAttention(8, 2, add_bias_kv=True),
+            "rnn": nn.LSTM(8, 8),
+            "scale": LayerScale(),
+        }
+    )
+    mask = decay_mask(model)
+    assert {n for n, d in mask.items() if d} == {
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "rnn.weight_ih_l0",
+        "rnn.weight_hh_l0",
+    }
+    assert not mask["attn.bias_k"] and not mask["rnn.bias_ih_l0"] and not mask["scale.gamma"]
+
+
+def test_one_exclude_pattern_may_be_a_string():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert decay_mask(model, exclude="1.*") == decay_mask(model, exclude=["1.*"])
+    assert decay_mask(model, exclude="1.*") == {
+        "0.weight": True,
+        "0.bias": False,
+        "1.weight": False,
+        "1.bias": False,
+    }
+
+
+@pytest.mark.parametrize("embedding_first", [True, False])
+def test_a_tied_weight_is_exempt_if_any_of_its_names_is(embedding_first):
+    embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    modules = [("embed", embedding), ("head", head)]
+    model = nn.Sequential(OrderedDict(modules if embedding_first else modules[::-1]))
+    assert list(decay_mask(model, exclude_embeddings=True).values()) == [False]
+    assert list(decay_mask(model).values()) == [True]
+    assert list(decay_mask(model, exclude=["head.*"]).values()) == [False]
+
+
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
+def test_lambda_norm_leaves_the_no_decay_group_alone(cls):
+    """λ_norm replaces λ in the decayed group; the no-decay group (λ = 0) stays undecayed."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    groups = decoupled.param_groups(model, 0.05, verbose=False)
+    optimizer = cls(groups, lr=0.1, lambda_norm=0.5, decay_period=100)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # zero gradient: only decay can move a weight
+    optimizer.step()
+    weight, *exempt = model.parameters()
+    torch.testing.assert_close(weight, before[0] * (1 - 0.5 / 100**0.5))  # η = 1: c = λ
+    assert all(torch.equal(p, b) for p, b in zip(exempt, before[1:]))
 
 
 def test_tied_weights_are_listed_once():

@@ -1,9 +1,11 @@
 """param_groups(): which tensors are decayed, returned as torch parameter groups.
 
-The rule (as in timm's ``param_groups_weight_decay`` and nanoGPT's ``configure_optimizers``):
-decay the weights of linear, convolution and attention projections; do not decay biases,
-normalization layers' scales and shifts, and optionally embeddings. The mask has one
-meaning everywhere: True = decay.
+The rule (as in timm's ``param_groups_weight_decay`` and Hugging Face's Trainer, which
+exempt 1-D tensors and biases): decay the weights of linear, convolution and attention
+projections; do not decay biases (any parameter with "bias" in its name, such as
+MultiheadAttention's ``in_proj_bias`` or an LSTM's ``bias_ih_l0``), other 1-D tensors
+(LayerScale gains, custom norms' scales), normalization layers' parameters, and optionally
+embeddings. The mask has one meaning everywhere: True = decay.
 """
 
 from __future__ import annotations
@@ -63,23 +65,43 @@ class GroupSummary:
         )
 
 
+def _exempt(module: nn.Module, param_name: str, param, exclude_embeddings: bool) -> bool:
+    """Whether one (module, local name) alias of a parameter keeps it out of the decay."""
+    return (
+        "bias" in param_name
+        or param.ndim <= 1
+        or is_norm_layer(module)
+        or (exclude_embeddings and isinstance(module, (nn.Embedding, nn.EmbeddingBag)))
+    )
+
+
 def _classify(model, exclude_embeddings, exclude):
-    """(qualified name, parameter, decay?) for each trainable parameter, shared ones once."""
+    """(qualified name, parameter, decay?) for each trainable parameter, shared ones once.
+
+    A shared (tied) parameter is named by its first alias and exempt if any alias is (e.g.
+    an embedding tied to the output layer, with ``exclude_embeddings``), whatever the order
+    in which the modules were registered.
+    """
+    if isinstance(exclude, str):
+        exclude = (exclude,)  # one pattern, not its characters
     patterns = tuple(exclude)
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue  # frozen, or shared (tied) and already classified
-            seen.add(id(param))
+    names: dict[int, str] = {}
+    params: dict[int, nn.Parameter] = {}
+    exempt: dict[int, bool] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if not param.requires_grad:
+                continue
             name = f"{module_name}.{param_name}" if module_name else param_name
-            no_decay = (
-                param_name == "bias"
-                or is_norm_layer(module)
-                or (exclude_embeddings and isinstance(module, (nn.Embedding, nn.EmbeddingBag)))
+            key = id(param)
+            names.setdefault(key, name)
+            params[key] = param
+            exempt[key] = exempt.get(key, False) or (
+                _exempt(module, param_name, param, exclude_embeddings)
                 or any(fnmatch.fnmatchcase(name, p) for p in patterns)
             )
-            yield name, param, not no_decay
+    for key, name in names.items():
+        yield name, params[key], not exempt[key]
 
 
 def decay_mask(
@@ -90,9 +112,10 @@ def decay_mask(
 ) -> dict[str, bool]:
     """Map each trainable parameter's qualified name to True (decay) or False (no decay).
 
-    Not decayed: 1-D biases (any parameter named ``bias``), every parameter of a normalization
-    layer (see :func:`is_norm_layer`), embeddings if ``exclude_embeddings``, and names that
-    match any glob pattern in ``exclude`` (e.g. ``"*.pos_embed"``, ``"cls_token"``).
+    Not decayed: biases (any parameter with "bias" in its name), every 1-D tensor, every
+    parameter of a normalization layer (see :func:`is_norm_layer`), embeddings if
+    ``exclude_embeddings``, and names that match any glob pattern in ``exclude`` (e.g.
+    ``"*.pos_embed"``, ``"cls_token"``; one pattern may be given as a string).
     Parameters with ``requires_grad=False`` are left out of the mapping.
     """
     return {name: decay for name, _, decay in _classify(model, exclude_embeddings, exclude)}
