@@ -167,8 +167,9 @@ def test_edge_warning_names_the_axis_and_side():
         "extend --lr below it",
         "warning: best synthetic cell is at the highest λ (1) of the grid: "
         "extend --wd-synthetic above it",
-        "warning: synthetic rows at lr 0.0001, 0.001, 0.01, 0.1 have their best λ at the "
-        "highest λ (1) of the grid, which clips the slope: extend --wd-synthetic above it",
+        "warning: synthetic rows at lr 0.0001, 0.001, 0.01, 0.1 have a best λ (or one tied "
+        "for best) at the highest λ (1) of the grid, which may clip the slope: extend "
+        "--wd-synthetic above it",
     ]
     top = landscape(lambda x, y: -x + (y + 3) ** 2, LRS, WDS)  # highest lr, inner λ
     assert format_landscapes([top], "loss").splitlines()[2:] == [
@@ -361,8 +362,9 @@ def test_rows_whose_best_lambda_is_on_the_grid_edge_are_warned():
     assert land.rows_at_wd_edge() == [(0, "high"), (1, "high")]
     assert land.diagonal_slope() == pytest.approx(-0.7)  # clipped: the true slope is -1
     assert format_landscapes([land], "loss").splitlines()[2:] == [
-        "warning: synthetic rows at lr 0.0001, 0.001 have their best λ at the highest λ (0.01) "
-        "of the grid, which clips the slope: extend --wd-synthetic above it"
+        "warning: synthetic rows at lr 0.0001, 0.001 have a best λ (or one tied for best) at "
+        "the highest λ (0.01) of the grid, which may clip the slope: extend --wd-synthetic "
+        "above it"
     ]
 
 

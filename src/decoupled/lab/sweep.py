@@ -297,8 +297,9 @@ def format_landscapes(items: Sequence[Landscape], metric: str) -> str:
                 lowest, below = ("lowest", "below") if side == "low" else ("highest", "above")
                 value = land.wds[0] if side == "low" else land.wds[-1]
                 warnings.append(
-                    f"warning: {land.optimizer} rows at lr {_values(at_edge)} have their best λ "
-                    f"at the {lowest} λ ({value:.3g}) of the grid, which clips the slope: "
+                    f"warning: {land.optimizer} rows at lr {_values(at_edge)} have a best λ "
+                    f"(or one tied for best) at the {lowest} λ ({value:.3g}) of the grid, which "
+                    "may clip the slope: "
                     f"extend {wd_option} {below} it"
                 )
         left_out = [land.lrs[row] for row in range(len(land.lrs)) if row not in rows]
