@@ -5,6 +5,15 @@
 named after the CPU's instruction sets, the source and the Python and torch versions, so a
 binary is never loaded on a machine, or against a libtorch, it was not built for. Later
 processes load it in a fraction of a second. ``DECOUPLED_NO_KERNEL=1`` never builds it.
+
+Processes that build or load at the same time (a sweep's workers) take turns through an OS
+file lock (``fcntl.flock`` on ``decoupled.lock`` in the build folder), which the OS releases
+when its holder dies. torch's own guard, a ``lock`` file created while building and removed
+afterwards (``torch.utils.file_baton.FileBaton``), is left behind when the builder is killed
+(kill -9, out of memory), and every later process would wait for it forever in
+``FileBaton.wait()``. Holding the OS lock, a process knows that no other one
+is building, so a ``lock`` file still there is stale and is removed. Without ``fcntl``
+(Windows) torch's guard works alone, as before.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import platform
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,6 +61,20 @@ def kernel_ops():
     return _ops
 
 
+def build_folder() -> tuple[str, Path]:
+    """The extension's name and its build folder: one per CPU, source, Python and torch
+    version, so that a binary built from other code or against another libtorch is never
+    loaded."""
+    from torch.utils import cpp_extension
+
+    source = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:8]
+    name = f"decoupled_kernels_{_cpu_tag()}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    version = f"{source}_{python}_torch{torch.__version__}".replace("+", "_")
+    return name, Path(root, f"{name}_{version}")
+
+
 def _build() -> None:
     global _ops
     if os.environ.get("DECOUPLED_NO_KERNEL", "") not in ("", "0"):
@@ -57,14 +82,7 @@ def _build() -> None:
         return
     from torch.utils import cpp_extension
 
-    source = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:8]
-    name = f"decoupled_kernels_{_cpu_tag()}"
-    # one folder per CPU, source, Python and torch version: a binary built from other code or
-    # against another libtorch must never be loaded
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    version = f"{source}_{python}_torch{torch.__version__}".replace("+", "_")
-    folder = Path(root, f"{name}_{version}")
+    name, folder = build_folder()
     if not (folder / f"{name}.so").exists():
         print(
             "decoupled: building the one-pass CPU optimizer kernel (once per machine, ~30 s)",
@@ -73,13 +91,14 @@ def _build() -> None:
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _ops = cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            build_directory=str(folder),
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-        )
+        with _exclusive(folder):
+            _ops = cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                build_directory=str(folder),
+                extra_cflags=_FLAGS,
+                extra_ldflags=["-fopenmp"],
+            )
     except Exception as error:  # a missing compiler raises OSError, RuntimeError, ...
         _ops = None
         warnings.warn(
@@ -89,3 +108,34 @@ def _build() -> None:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold the OS lock of the build ``folder`` (waiting for another process to finish its
+    build or load), after removing a stale torch ``lock`` file (see the module docstring)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's FileBaton alone
+        yield
+        return
+    with open(folder / "decoupled.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS if this process dies
+        try:
+            _remove_stale_baton(folder)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale_baton(folder: Path) -> None:
+    """Remove torch's ``lock`` file from ``folder``: only a holder of the OS lock builds, so
+    one found by a holder was left by a builder that died."""
+    baton = folder / "lock"
+    if baton.exists():
+        warnings.warn(
+            f"decoupled: removing {baton}, left by a build that was interrupted",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        baton.unlink(missing_ok=True)
