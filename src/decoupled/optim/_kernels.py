@@ -12,16 +12,30 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
    float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
    ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
-   not for ``decay_to="init"``, complex parameters or bfloat16 state.
+   not for ``decay_to="init"``, complex parameters or bfloat16 state. Those kernels assume
+   that θ, g and the moments share one memory layout without checking it, so a gradient laid
+   out otherwise is copied into its parameter's layout first, and a parameter whose moments
+   are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
    rates (the lab's batched executor), tensor subclasses such as DTensor, CUDA tensors (torch
    keeps a fused kernel's step counters on the GPU, ours on the CPU), ``torch.compile``, and
-   groups the kernel refuses (parameters sharing memory, state laid out differently from its
-   parameter; a gradient laid out differently is first copied into its parameter's layout).
+   groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
+   differently from its parameter; a gradient laid out differently is first copied into its
+   parameter's layout). The optimizers re-lay loaded state (``load_state_dict``) and θ₀ of
+   ``decay_to="init"`` in their parameters' layout once, so that a checkpoint saved from a
+   contiguous model keeps the fast paths in a channels_last one.
 
-Results agree with the reference loop to float rounding, not bit for bit (operations are
-ordered the same, but torch's vectorized ``lerp`` uses a fused multiply-add); the tests hold
-float32 to 1e-6 relative after 100 steps, and bfloat16 state to one bfloat16 rounding.
+How close the C++ kernel comes to the reference loop: it computes each element with the
+reference's operations, in the reference's order, and rounds where torch's CPU operations
+round — with one fused multiply-add exactly where torch's vectorized loops use one (``lerp``,
+``add``/``add_`` with ``alpha``, ``addcmul``) and nowhere else. On CPUs with FMA instructions
+SGD/SGDW steps are therefore bit-identical to the reference (hence to torch.optim's
+single-tensor loop), and so are Adam's moments while the gradients are the same. Adam's
+parameters are not: torch's CPU ``sqrt`` is not always correctly rounded (in torch 2.13's x86
+wheel about one float32 result in six differs from IEEE ``sqrt`` by an ulp), the kernel's is,
+so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels (path 2) round
+differently again. The tests hold float32 to 1e-6 relative after 100 steps, bfloat16 state
+to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
 """
 
 from __future__ import annotations
@@ -127,13 +141,37 @@ def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor] | 
     """The gradients copied into their parameters' memory layout where it differs (e.g. a
     contiguous gradient of a channels_last weight), so that the kernel can take them: one
     copy is far cheaper than the reference loop. None when no layout differs (the kernel
-    refused for another reason). Only tried after a refusal: no cost on the usual path."""
-    relaid, changed = [], False
-    for grad, param in zip(grads, params):
-        if grad.stride() != param.stride() and grad.shape == param.shape and grad.is_cpu:
-            grad, changed = torch.empty_like(param, dtype=grad.dtype).copy_(grad), True
-        relaid.append(grad)
-    return relaid if changed else None
+    refused for another reason, such as a sparse gradient). Only tried after a refusal: no
+    cost on the usual path."""
+    relaid = [in_layout_of(param, grad) for grad, param in zip(grads, params)]
+    return relaid if any(r is not g for r, g in zip(relaid, grads)) else None
+
+
+def in_layout_of(param: Tensor, tensor: Tensor) -> Tensor:
+    """``tensor``, or a copy of it laid out like ``param`` (same strides) when it is not but
+    can be: same shape and device, and ``param`` dense (:func:`is_dense`). The fast paths take
+    only gradients and state laid out like their parameter."""
+    if tensor.layout != torch.strided or tensor.stride() == param.stride():
+        return tensor
+    if tensor.shape != param.shape or tensor.device != param.device or not is_dense(param):
+        return tensor
+    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory without gaps or overlaps, in any order of
+    dimensions (contiguous, channels_last, transposed): torch's "non-overlapping and dense",
+    which ``torch.empty_like`` preserves. Sorted by stride, each dimension of size > 1 must
+    step over exactly the elements of the dimensions inside it."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
 
 
 def can_fuse(
@@ -181,17 +219,40 @@ def fused_adam_update(
     maximize: bool = False,
     references: list[Tensor | None] | None = None,  # always None here (see can_fuse)
 ) -> None:
-    """The step of :func:`decoupled.optim.adam.adam_update` through torch's fused kernels."""
+    """The step of :func:`decoupled.optim.adam.adam_update` through torch's fused kernels.
+
+    torch's CPU kernels (torch 2.13) walk the memory of θ, g and the moments in step, element
+    by element, without checking that their strides agree: a contiguous gradient of a
+    channels_last weight, or moments loaded from a contiguous checkpoint, would update the
+    wrong elements, silently. So a gradient laid out unlike its parameter is first copied into
+    the parameter's layout (as for the C++ kernel), and a parameter that is not dense or whose
+    moments are laid out differently steps through the reference loop instead.
+    """
+    from decoupled.optim.adam import adam_update
+
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     kernel_decay = (decay / lr if decay else 0.0) if decoupled else weight_decay
-    groups: dict[tuple, list[int]] = {}
+    grads = list(grads)  # the caller's list is left as it was
+    moments = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    groups: dict[tuple | None, list[int]] = {}  # (device, dtype), or None: the reference loop
     for index, param in enumerate(params):
-        groups.setdefault((param.device, param.dtype), []).append(index)
-    for indices in groups.values():
+        grads[index] = in_layout_of(param, grads[index])
+        strides = {t[index].stride() for t in (grads, *moments)}
+        fusable = strides == {param.stride()} and is_dense(param)
+        groups.setdefault((param.device, param.dtype) if fusable else None, []).append(index)
+    for key, indices in groups.items():
 
         def pick(tensors: list[Tensor], indices: list[int] = indices) -> list[Tensor]:
             return [tensors[i] for i in indices]
 
+        if key is None:
+            adam_update(
+                pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+                pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                decay=decay, amsgrad=amsgrad, maximize=maximize,
+            )  # fmt: skip
+            continue
         steps = pick(state_steps)
         torch._foreach_add_(steps, 1)
         kernel(

@@ -1,8 +1,14 @@
 // One-pass CPU steps for Adam/AdamW and SGD/SGDW over a whole list of tensors.
 //
 // The arithmetic is the reference loops' (decoupled/optim/adam.py `adam_update`,
-// decoupled/optim/sgd.py `sgd_update`), element by element, in float32, in the same order
-// (-ffp-contract=off keeps the compiler from fusing a multiply and an add). What is faster:
+// decoupled/optim/sgd.py `sgd_update`), element by element, in float32, in the same order and
+// with the same roundings as torch's CPU operations that the reference calls: where torch's
+// vectorized loops use a fused multiply-add (`lerp`, `add`/`add_` with `alpha`, `addcmul`)
+// this code calls `fmadd`, and nowhere else (-ffp-contract=off keeps the compiler from fusing
+// any other multiply and add). On a CPU with FMA instructions, SGD's results and Adam's
+// moments are then bit-identical to the reference loop's, hence to torch.optim's single-tensor
+// path (tests/optim/test_fast_paths.py); Adam's θ may differ by an ulp, because torch's CPU
+// sqrt is not always correctly rounded and std::sqrt is. What is faster:
 //
 //   * one parallel region per step for every tensor of the group: the tensors are cut into
 //     chunks and the chunks shared among the threads, so a model of many small tensors pays
@@ -68,9 +74,18 @@ inline void store(uint16_t* out, float value, uint32_t random16) {
   *out = value != value ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN
 }
 
-// torch's lerp: a + w·(b − a) for |w| < 0.5, else b − (b − a)·(1 − w).
+// a·b + c rounded once, as torch's Vectorized<float>::fmadd (ATen/cpu/vec) where the CPU has
+// fused multiply-add instructions, and as its unfused fallback where it has none.
+#if defined(__FMA__) || defined(__aarch64__)
+inline float fmadd(float a, float b, float c) { return std::fma(a, b, c); }
+#else
+inline float fmadd(float a, float b, float c) { return a * b + c; }
+#endif
+
+// torch's vectorized lerp (ATen/native/Lerp.h, lerp_vec): a + w·(b − a) for |w| < 0.5, else
+// b + (w − 1)·(b − a), each with one fused multiply-add.
 inline float lerp(float a, float b, float w) {
-  return std::abs(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+  return std::abs(w) < 0.5f ? fmadd(w, b - a, a) : fmadd(w - 1.0f, b - a, b);
 }
 
 Decay decay_mode(bool decoupled, double weight_decay, double decay) {
@@ -97,7 +112,8 @@ template <Decay D, bool Ref>
 inline void apply_decay(float& grad, float& param, float g, const float* ref, int64_t k,
                   const DecayScalars& s) {
   grad = s.sign * g;
-  if constexpr (D == Decay::kL2) grad = grad + s.weight_decay * (Ref ? param - ref[k] : param);
+  // g.add(θ − θ₀, alpha=λ)
+  if constexpr (D == Decay::kL2) grad = fmadd(s.weight_decay, Ref ? param - ref[k] : param, grad);
   if constexpr (D == Decay::kDecoupled) {
     if constexpr (Ref) param = lerp(param, ref[k], s.rate);
     else param = param * s.keep;
@@ -127,8 +143,8 @@ __attribute__((always_inline)) inline void adam_elements(
     float grad, param = p[k];
     apply_decay<D, Ref>(grad, param, g[k], ref, k, s.decay);
     float exp_avg = lerp(load(m[k]), grad, s.beta1_weight);
-    float exp_avg_sq = load(v[k]) * s.beta2;
-    exp_avg_sq = exp_avg_sq + s.one_minus_beta2 * grad * grad;
+    // v.mul_(β2).addcmul_(g, g, value=1 − β2): torch fuses ((1 − β2)·g)·g + β2·v
+    float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, load(v[k]) * s.beta2);
     float second = exp_avg_sq;
     uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ s.key);
     if constexpr (Amsgrad) {
@@ -138,7 +154,7 @@ __attribute__((always_inline)) inline void adam_elements(
       store(&vmax[k], second, mix(random) & 0xFFFFU);
     }
     float denom = std::sqrt(second) / s.bias_correction2_sqrt + s.eps;
-    p[k] = param + s.lr_neg_step_size * exp_avg / denom;
+    p[k] = param + s.lr_neg_step_size * exp_avg / denom;  // addcdiv_: not fused in torch
     store(&m[k], exp_avg, random & 0xFFFFU);
     store(&v[k], exp_avg_sq, random >> 16);
   }
@@ -352,11 +368,12 @@ void sgd_chunk(float* __restrict p, const float* __restrict g, float* __restrict
     float grad, param = p[i];
     apply_decay<D, Ref>(grad, param, g[i], ref, i, s.decay);
     if constexpr (Momentum) {
-      float b = Fresh ? grad : buf[i] * s.momentum + s.one_minus_dampening * grad;
+      // b.mul_(μ).add_(g, alpha=1 − τ); g.add(b, alpha=μ); θ.add_(g, alpha=−γ)
+      float b = Fresh ? grad : fmadd(s.one_minus_dampening, grad, buf[i] * s.momentum);
       buf[i] = b;
-      grad = Nesterov ? grad + s.momentum * b : b;
+      grad = Nesterov ? fmadd(s.momentum, b, grad) : b;
     }
-    p[i] = param + s.neg_lr * grad;
+    p[i] = fmadd(s.neg_lr, grad, param);
   }
 }
 
