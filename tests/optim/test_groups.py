@@ -148,6 +148,25 @@ def test_lambda_norm_leaves_the_no_decay_group_alone(cls):
     assert all(torch.equal(p, b) for p, b in zip(exempt, before[1:]))
 
 
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
+def test_lambda_norm_decays_groups_that_leave_weight_decay_to_the_default(cls):
+    """Only a group that sets weight_decay=0 itself opts out: SGDW's default λ is 0 (torch's
+    SGD), and SGDW(params, lambda_norm=...) must still decay; so must a group with both."""
+    weights = [nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(3)]
+    groups = [
+        {"params": [weights[0]]},
+        {"params": [weights[1]], "weight_decay": 0.0, "lambda_norm": 0.2},
+        {"params": [weights[2]], "weight_decay": 0.0},
+    ]
+    optimizer = cls(groups, lr=0.1, lambda_norm=0.5, decay_period=100)
+    assert [g["decay_scale"] for g in optimizer.param_groups] == ["schedule"] * 3
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    optimizer.step()
+    factors = [w[0].item() for w in weights]
+    assert factors == pytest.approx([1 - 0.5 / 10, 1 - 0.2 / 10, 1.0], rel=1e-12)
+
+
 def test_tied_weights_are_listed_once():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     model[1].weight = model[0].weight

@@ -3,7 +3,7 @@
 The step template follows torch.optim (``torch/optim/adam.py``): ``step()`` gathers, per
 parameter group, the parameters that have a gradient and their state, then calls one
 functional core with keyword-only hyperparameters. Subclasses supply ``_init_state`` and
-``_update_group``; everything else (closures, sparse-gradient refusal, ``skip_nonfinite``)
+``_update_group``; everything else (closures, sparse-gradient checks, ``skip_nonfinite``)
 lives here once.
 """
 
@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from decoupled.optim._kernels import in_layout_of
 from decoupled.optim.decay import DECAY_SCALES, DECAY_TARGETS, decay_rate, weight_decay_at
 
 
@@ -166,6 +167,18 @@ def check_group(group: dict, decoupled: bool) -> None:
         )
 
 
+def _opts_out_of_lambda_norm(param_group: dict) -> bool:
+    """Whether a group, as given, sets ``weight_decay=0`` itself without a ``lambda_norm`` of
+    its own, as ``param_groups``' no-decay group does: an optimizer-wide ``lambda_norm``
+    replaces the value of λ, not the choice of which tensors decay, so that group stays
+    undecayed. A group that leaves ``weight_decay`` to the optimizer's default (0 for SGDW,
+    as for torch's SGD) takes λ_norm."""
+    weight_decay = param_group.get("weight_decay")
+    return (
+        "lambda_norm" not in param_group and is_number(weight_decay) and float(weight_decay) == 0.0
+    )
+
+
 class DecayTerms(NamedTuple):
     """What a param group's step needs to apply weight decay (``decay.py``)."""
 
@@ -191,6 +204,8 @@ class DecayOptimizer(torch.optim.Optimizer):
 
     #: State keys this optimizer creates lazily, in torch's names (documentation and tests).
     state_keys: tuple[str, ...] = ()
+    #: Whether steps take sparse gradients (``nn.Embedding(sparse=True)``), as torch's SGD.
+    sparse_grads: bool = False
 
     def __init__(self, params: Iterable, defaults: dict, *, skip_nonfinite: bool = False):
         check_params_argument(params)
@@ -202,11 +217,14 @@ class DecayOptimizer(torch.optim.Optimizer):
     family: tuple[str, str] = ("", "")
 
     def add_param_group(self, param_group: dict) -> None:
+        opts_out = _opts_out_of_lambda_norm(param_group)
         super().add_param_group(param_group)  # merges the defaults into the group
         group = self.param_groups[-1]
         if self.decoupled and group.get("decay_scale") is None:
             # the paper's λ_norm is in the "schedule" units (η_t·λ); a plain λ in torch's
             group["decay_scale"] = "schedule" if group.get("lambda_norm") is not None else "lr"
+        if opts_out:
+            group["lambda_norm"] = None
         try:
             self._check_group(group)
         except (ValueError, TypeError):
@@ -240,7 +258,11 @@ class DecayOptimizer(torch.optim.Optimizer):
         weight_decay = weight_decay_at(group, group["decay_steps"] + 1)
         rate = self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0
         if group.get("decay_to") == "init":
-            references = [self.state[p]["init_param"] for p in params]
+            references = []
+            for p in params:  # θ₀ is taken at construction, maybe before channels_last
+                state = self.state[p]
+                state["init_param"] = in_layout_of(p, state["init_param"])
+                references.append(state["init_param"])
         else:
             references = [None] * len(params)
         return DecayTerms(weight_decay, rate, references)
@@ -280,6 +302,9 @@ class DecayOptimizer(torch.optim.Optimizer):
             )
 
     # -- hooks for subclasses ------------------------------------------------------------
+    def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
+        """Refuse a step that a group cannot take, before any group has changed."""
+
     def _update_group(
         self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
     ) -> None:
@@ -292,7 +317,7 @@ class DecayOptimizer(torch.optim.Optimizer):
             grad = p.grad
             if grad is None:  # never touched, as in torch: no decay without a gradient
                 continue
-            if grad.is_sparse:
+            if grad.is_sparse and not self.sparse_grads:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients (parameter of "
                     f"shape {tuple(p.shape)}); use torch.optim.SparseAdam or a dense embedding"
@@ -303,7 +328,7 @@ class DecayOptimizer(torch.optim.Optimizer):
 
     def _all_grads_finite(self) -> bool:
         flags = [
-            torch.isfinite(p.grad).all()
+            torch.isfinite(p.grad.coalesce().values() if p.grad.is_sparse else p.grad).all()
             for group in self.param_groups
             for p in group["params"]
             if p.grad is not None
@@ -332,6 +357,8 @@ class DecayOptimizer(torch.optim.Optimizer):
         # every group's decay terms first: a bad value (a schedule's λ, an lr above the peak)
         # raises before any group has changed
         planned = [(g, p, gr, self._decay_terms(g, p)) for g, p, gr in gathered if p]
+        for group, _, grads, decay in planned:
+            self._check_step(group, grads, decay)
         for group, params, grads, decay in planned:
             self._update_group(group, params, grads, decay)
             group["decay_steps"] += 1
@@ -373,6 +400,8 @@ class DecayOptimizer(torch.optim.Optimizer):
         stored; a torch.optim dict would otherwise turn compact state back into float32) and
         its ``weight_decay`` schedule, if the checkpoint was saved with one. Groups saved by
         the other algorithm (Adam vs AdamW, SGD vs SGDW) are refused before anything changes.
+        State tensors are copied into their parameter's memory layout where it differs (values
+        unchanged; ``_lay_out_state_like``).
         """
         self._check_decay_kind(state_dict["param_groups"])
         kept = [
@@ -380,12 +409,25 @@ class DecayOptimizer(torch.optim.Optimizer):
             for group in self.param_groups
         ]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                self._lay_out_state_like(param)
         for group, local in zip(self.param_groups, kept):
             group["fused"] = local["fused"]
             if "state_dtype" in group or local["state_dtype"] is not None:
                 group["state_dtype"] = local["state_dtype"]
             if group.pop("weight_decay_schedule", False) and callable(local["weight_decay"]):
                 group["weight_decay"] = local["weight_decay"]
+
+    def _lay_out_state_like(self, param: Tensor) -> None:
+        """Copy once into ``param``'s memory layout the state tensors shaped like it but laid
+        out otherwise, e.g. moments saved from a contiguous model and loaded into a
+        channels_last one: the fast paths take only state laid out like its parameter
+        (``_kernels.py``), and would refuse it at every step. Values are unchanged."""
+        state = self.state.get(param, {})
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = in_layout_of(param, value)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -101,7 +101,7 @@ def adam_update(
         else:
             second_moment = exp_avg_sq
         denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v̂) + ε
-        if isinstance(step_size, Tensor) and step_size.numel() > 1:  # one lr per stacked run
+        if isinstance(step_size, Tensor) and step_size.dim() > 0:  # one lr per stacked run
             param.sub_(step_size * exp_avg / denom)
         else:
             param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)

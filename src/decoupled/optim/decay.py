@@ -113,23 +113,17 @@ def convert_weight_decay(
     return value * _rate_per_unit(src, lr, peak_lr) / _rate_per_unit(dst, lr, peak_lr)
 
 
-def _exempt_group(group: dict) -> bool:
-    """A group given ``weight_decay=0``: no decay, whatever else is set."""
-    weight_decay = group["weight_decay"]
-    return not callable(weight_decay) and float(weight_decay) == 0.0
-
-
 def weight_decay_at(group: dict, step: int) -> float:
     """λ for this step of a parameter group: a number, a schedule ``step -> λ``, or λ_norm.
 
     With ``lambda_norm`` set, λ = λ_norm / sqrt(decay_period), decay_period being the number
     of steps in the current run or warm-restart period: the paper's λ_norm·sqrt(b/(N·T)),
     since N·T/b is that number of steps (``decoupled.rules.normalized_weight_decay``). A group
-    whose ``weight_decay`` is 0, such as ``param_groups``' no-decay group, is not decayed even
-    then: λ_norm replaces the value of λ, not the choice of which tensors decay.
+    given its own ``weight_decay=0``, such as ``param_groups``' no-decay group, has its
+    ``lambda_norm`` cleared when it is added (``_base.py``), so it stays undecayed.
     """
     lambda_norm = group.get("lambda_norm")
-    if lambda_norm is not None and not _exempt_group(group):
+    if lambda_norm is not None:
         period = group.get("decay_period")
         if not period:
             raise ValueError(

@@ -27,6 +27,16 @@ from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 __all__ = ["SGD", "SGDW", "sgd_update"]
 
 
+def check_no_sparse_l2(grads: list[Tensor], weight_decay: float, decoupled: bool) -> None:
+    """Refuse sparse gradients with an L2 ``weight_decay``: the term λθ is dense (torch.optim.SGD
+    fails there too, in ``grad.add(param)``: sparse + dense)."""
+    if not decoupled and not is_zero(weight_decay) and any(g.is_sparse for g in grads):
+        raise RuntimeError(
+            f"SGD does not support sparse gradients with weight_decay={weight_decay}: the L2 "
+            "term λθ is dense (as in torch.optim.SGD); use weight_decay=0, or SGDW"
+        )
+
+
 def sgd_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -43,13 +53,15 @@ def sgd_update(
     maximize: bool = False,
 ) -> None:
     """One SGD step over a list of tensors, in place; new momentum buffers are written back
-    into ``momentum_buffers`` (the algorithm box of :class:`SGD`).
+    into ``momentum_buffers`` (the algorithm box of :class:`SGD`). Gradients may be sparse
+    (then so are new momentum buffers, as in torch), except with an L2 ``weight_decay``.
 
     Args:
         weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
         decay: the per-step decoupled rate ``c`` (see ``decay.py``); used when ``decoupled``.
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
     """
+    check_no_sparse_l2(grads, weight_decay, decoupled)
     references = references or [None] * len(params)
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
@@ -71,7 +83,7 @@ def sgd_update(
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
 
-        if isinstance(lr, Tensor) and lr.numel() > 1:  # one lr per stacked run
+        if isinstance(lr, Tensor) and lr.dim() > 0:  # one lr per stacked run
             param.addcmul_(grad, lr, value=-1)
         else:
             param.add_(grad, alpha=-lr)
@@ -111,16 +123,23 @@ class SGD(DecayOptimizer):
         maximize: ascend instead of descend.
         skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
         fused: ``None`` (default): float32 CPU parameters step through a one-pass C++ kernel
-            (``_kernels.py``), equal to the reference up to float rounding; ``False``: the
-            reference loop, bit-identical to torch.optim's single-tensor path.
+            (``_kernels.py``), bit-identical to the reference on CPUs with fused multiply-add
+            instructions; ``False``: the reference loop, bit-identical to torch.optim's
+            single-tensor path.
         foreach, differentiable: torch.optim's switches, accepted so that torch code runs
             unchanged: ``foreach=False`` means ``fused=False``; ``differentiable=True`` is
             refused.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``) are taken as by ``torch.optim.SGD``, through
+    the reference loop, with sparse momentum buffers; like torch, SGD refuses them when an L2
+    ``weight_decay`` is set (the term λθ is dense). SGDW's decoupled decay takes them: it
+    shrinks every row, not only those with a gradient.
     """
 
     decoupled = False
     family = ("SGD", "SGDW")
     state_keys = ("momentum_buffer",)
+    sparse_grads = True
 
     def __init__(
         self,
@@ -171,6 +190,9 @@ class SGD(DecayOptimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
+
+    def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
+        check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
 
     def _update_group(
         self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
