@@ -235,7 +235,8 @@ def test_bring_your_own_model(tmp_path):
 
 
 def _summarized(by_optimizer, seeds=5):
-    """A comparison of adam and adamw on mnist1d from per-seed metrics (None: diverged)."""
+    """A comparison of adam and adamw on mnist1d from per-seed metrics (None: diverged,
+    "missing": no finished record, as for a failed run)."""
     from decoupled.lab.comparison import plan, summarize
     from decoupled.lab.store import RunRecord
     from decoupled.lab.tasks import get_task
@@ -245,6 +246,8 @@ def _summarized(by_optimizer, seeds=5):
     records = []
     for spec in specs:
         value = by_optimizer[spec.optimizer][spec.seed]
+        if value == "missing":
+            continue
         status, metrics = (
             ("diverged", {"metric": float("nan")})
             if value is None
@@ -284,6 +287,21 @@ def test_equal_divergence_keeps_the_verdict_but_says_which_seeds_were_dropped():
         "lower test error than Adam by "
     )
     assert "less stable" not in line and paired.n == 4
+
+
+def test_the_less_stable_arm_is_the_one_that_lost_the_larger_share_of_its_seeds():
+    """Adam lost 2 of 5 seeds, AdamW 1 of its 2 (3 failed): AdamW, by share, not by count."""
+    comparison = _summarized(
+        {"adam": [0.02, 0.021, 0.019, None, None], "adamw": [0.015, None, *["missing"] * 3]}
+    )
+    [(_, _, _, line)] = comparison.paired
+    assert line.startswith(
+        "AdamW diverged on 1 of 2 seeds, Adam on 2 of 5: AdamW is less stable at these settings"
+    )
+    tied = _summarized(
+        {"adam": [0.02, None, None, 0.02, "missing"], "adamw": [0.015, None, *["missing"] * 3]}
+    )  # 2 of 4 against 1 of 2: the same share
+    assert "less stable" not in tied.paired[0][3]
 
 
 def test_too_few_survivors_to_compare_still_say_who_diverged():

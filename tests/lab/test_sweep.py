@@ -368,6 +368,15 @@ def test_rows_whose_best_lambda_is_on_the_grid_edge_are_warned():
     ]
 
 
+def test_a_row_tied_at_lambdas_apart_has_no_best_lambda_and_leaves_the_slope():
+    """Row 0 ties at λ = 1e-4 and 1e-2 with a worse cell between: their mean, 1e-3, would be
+    that row's worst cell."""
+    values = np.array([[0.10, 0.14, 0.10], [0.10, 0.08, 0.12], [0.12, 0.08, 0.10]])
+    land = Landscape("adamw", [1e-3, 1e-2, 1e-1], [1e-4, 1e-3, 1e-2], values)
+    assert land.best_wd_per_lr() == [None, 1e-3, 1e-3]
+    assert land.slope_rows() == [1, 2] and land.diagonal_slope() == pytest.approx(0.0)
+
+
 def test_ties_in_a_row_resolve_to_the_geometric_mean_of_the_tied_lambdas():
     # a quantized metric: rows 0 and 1 tie between λ = 1e-4 and 1e-3
     values = np.array(

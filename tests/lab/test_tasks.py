@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,6 +173,21 @@ def test_cifar10_refuses_malformed_batches_naming_the_file(tmp_path, change, mes
     with pytest.raises(ValueError, match=message) as error:
         get_task("cifar10").load(str(tmp_path))
     assert "data_batch_3" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [np.zeros((4, 3072), np.uint8), {b"data": [[1, 2], [3]], b"labels": [0, 1]}],
+    ids=["an-array-not-a-dict", "ragged-data"],
+)
+def test_cifar10_refuses_other_pickles_naming_the_file(tmp_path, content):
+    from decoupled.lab.tasks.cifar10 import write_fake_cifar10
+
+    write_fake_cifar10(tmp_path, 4, 4)
+    with open(tmp_path / "data_batch_2", "wb") as file:
+        pickle.dump(content, file, protocol=2)
+    with pytest.raises(ValueError, match=r"data_batch_2 is not a CIFAR-10 python batch"):
+        get_task("cifar10").load(str(tmp_path))
 
 
 def test_cifar10_refuses_a_truncated_file(tmp_path):

@@ -151,11 +151,12 @@ def _pair(task: Task, first: Arm, second: Arm):
     prefix = ""
     counts = [(first.diverged(), len(a), first.name), (second.diverged(), len(b), second.name)]
     if counts[0][0] or counts[1][0]:
-        (k, n, most), (j, m, other) = sorted(counts, key=lambda count: -count[0])
+        # by the share of seeds lost, not the count: arms may have finished different numbers
+        (k, n, most), (j, m, other) = sorted(counts, key=lambda count: -count[0] / count[1])
         prefix = f"{most} diverged on {k} of {n} seeds, {other} on {j}" + (
             "" if m == n else f" of {m}"
         )
-        if k != j:
+        if k * m != j * n:
             prefix += f": {most} is less stable at these settings"
         prefix += f"; on the {len(seeds)} seed{'' if len(seeds) == 1 else 's'} both finished: "
     if len(seeds) < 2:

@@ -138,12 +138,17 @@ class Landscape:
 
     def best_wd_per_lr(self) -> list[float | None]:
         """Per row (lr), its best λ: the geometric mean of the λ values tied for the row's best
-        (a flat row, e.g. a metric in steps of one test example, is not pulled to either end;
-        a tie that includes λ = 0 gives 0). None for a row without a finite cell."""
+        when they are neighbours on the grid (a flat stretch, e.g. of a metric in steps of one
+        test example, is not pulled to either end; a tie that includes λ = 0 gives 0). None
+        for a row without a finite cell, and for a row whose tied λ values are apart (worse
+        cells between them: two optima, and their mean would be one of the worse cells), so
+        that the slope leaves it out."""
         best: list[float | None] = []
         for indices in self._tied_best():
             tied = [self.wds[j] for j in indices or []]
-            if len(tied) < 2 or min(tied) == 0:
+            if indices and indices[-1] - indices[0] + 1 != len(indices):
+                best.append(None)
+            elif len(tied) < 2 or min(tied) == 0:
                 best.append(min(tied) if tied else None)
             else:
                 best.append(float(gmean(tied)))
@@ -151,7 +156,7 @@ class Landscape:
 
     def slope_rows(self) -> list[int]:
         """The rows the slope is fitted to: those whose best λ is finite and > 0 (a row that
-        prefers λ = 0, or has no finished cell, has no log λ*)."""
+        prefers λ = 0, has no finished cell or ties at λ values apart has no one log λ*)."""
         return [i for i, wd in enumerate(self.best_wd_per_lr()) if wd is not None and wd > 0]
 
     def rows_at_wd_edge(self) -> list[tuple[int, str]]:

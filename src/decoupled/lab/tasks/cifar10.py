@@ -78,13 +78,15 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
     try:
         with open(path, "rb") as file:
             batch = pickle.load(file, encoding="bytes")
-        data, labels = batch[b"data"], batch[b"labels"]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as error:
+        images, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except (
+        pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, IndexError,
+        ValueError,  # e.g. a pickled ndarray indexed by bytes, ragged lists as b"data"
+    ) as error:  # fmt: skip
         raise ValueError(
             f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and "
             f"b'labels'): {type(error).__name__}: {error}"
         ) from error
-    images, labels = np.asarray(data), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
         raise ValueError(
             f"{path}: b'data' must be uint8 of shape (N, 3072), got {images.dtype} of shape "
