@@ -167,6 +167,29 @@ def test_lambda_norm_decays_groups_that_leave_weight_decay_to_the_default(cls):
     assert factors == pytest.approx([1 - 0.5 / 10, 1 - 0.2 / 10, 1.0], rel=1e-12)
 
 
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
+def test_a_checkpoint_from_before_the_opt_out_keeps_the_no_decay_group_undecayed(cls):
+    """Older checkpoints saved the optimizer-wide lambda_norm in the no-decay group too; the
+    loading optimizer's opt-out stands, as its fused and state_dtype do."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    groups = decoupled.param_groups(model, 0.05, verbose=False)
+    optimizer = cls(groups, lr=0.1, lambda_norm=0.5, decay_period=100)
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group["lambda_norm"] = 0.5  # as saved before the opt-out rule
+    optimizer.load_state_dict(saved)
+    assert [g["lambda_norm"] for g in optimizer.param_groups] == [0.5, None]
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(list(model.parameters())[1:], before[1:]))
+    # an optimizer built without lambda_norm takes the checkpoint's, as torch would
+    plain = cls(decoupled.param_groups(model, 0.05, verbose=False), lr=0.1)
+    plain.load_state_dict(saved)
+    assert [g["lambda_norm"] for g in plain.param_groups] == [0.5, 0.5]
+
+
 def test_tied_weights_are_listed_once():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     model[1].weight = model[0].weight

@@ -398,7 +398,10 @@ class DecayOptimizer(torch.optim.Optimizer):
         """As torch's, except for what is this process's choice rather than the checkpoint's:
         each group keeps its ``fused`` and ``state_dtype`` (how steps run and how moments are
         stored; a torch.optim dict would otherwise turn compact state back into float32) and
-        its ``weight_decay`` schedule, if the checkpoint was saved with one. Groups saved by
+        its ``weight_decay`` schedule, if the checkpoint was saved with one. A group that opted
+        out of ``lambda_norm`` (``_opts_out_of_lambda_norm``) stays out: checkpoints saved
+        before that rule existed hold the optimizer-wide ``lambda_norm`` in ``param_groups``'
+        no-decay group too, and would decay biases and norm layers again. Groups saved by
         the other algorithm (Adam vs AdamW, SGD vs SGDW) are refused before anything changes.
         State tensors are copied into their parameter's memory layout where it differs (values
         unchanged; ``_lay_out_state_like``).
@@ -406,6 +409,7 @@ class DecayOptimizer(torch.optim.Optimizer):
         self._check_decay_kind(state_dict["param_groups"])
         kept = [
             {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay")}
+            | {"opted_out": self._opted_out_of_lambda_norm(group)}
             for group in self.param_groups
         ]
         super().load_state_dict(state_dict)
@@ -418,6 +422,14 @@ class DecayOptimizer(torch.optim.Optimizer):
                 group["state_dtype"] = local["state_dtype"]
             if group.pop("weight_decay_schedule", False) and callable(local["weight_decay"]):
                 group["weight_decay"] = local["weight_decay"]
+            if local["opted_out"] and _opts_out_of_lambda_norm(
+                {"weight_decay": group["weight_decay"]}
+            ):
+                group["lambda_norm"] = None
+
+    def _opted_out_of_lambda_norm(self, group: dict) -> bool:
+        """Whether ``group`` was cleared of the optimizer-wide ``lambda_norm`` when added."""
+        return self.defaults.get("lambda_norm") is not None and group.get("lambda_norm") is None
 
     def _lay_out_state_like(self, param: Tensor) -> None:
         """Copy once into ``param``'s memory layout the state tensors shaped like it but laid

@@ -120,7 +120,16 @@ def _exclusive(folder: Path) -> Iterator[None]:
         yield
         return
     with open(folder / "decoupled.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS if this process dies
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS if this process dies
+        except OSError as error:  # a file system without flock (Lustre without -o flock, ...)
+            warnings.warn(
+                f"decoupled: no file lock in {folder} ({error}); relying on torch's lock file",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            yield  # torch's guard alone, as on Windows; nothing is removed
+            return
         try:
             _remove_stale_baton(folder)
             yield
