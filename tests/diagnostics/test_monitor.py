@@ -193,6 +193,25 @@ def test_a_bias_is_cancelled_only_if_it_reaches_the_batchnorm_unchanged(between,
     assert ("0.weight" in scale_invariant_tensors(model, mse, regression_batch())) is invariant
 
 
+@pytest.mark.parametrize(
+    "pool,invariant",
+    [
+        (nn.AvgPool1d(3, 1), True),
+        (nn.AvgPool1d(3, 1, padding=1, count_include_pad=False), True),
+        (nn.AvgPool1d(3, 1, padding=1), False),  # zeros counted: the bias shrinks at the ends
+        (nn.MaxPool1d(3, 1, padding=1), True),  # max pads with −inf: a constant passes
+    ],
+    ids=["avg", "avg-pad-excluded", "avg-pad-counted", "max-pad"],
+)
+def test_a_conv_bias_is_cancelled_only_through_pools_that_pass_a_constant(pool, invariant):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), pool, nn.BatchNorm1d(4), nn.Flatten())
+    length = 6 if pool.padding in (0, (0,)) else 8  # 10 → conv 8 → pool
+    batch = (torch.randn(8, 2, 10), torch.randn(8, 4 * length))
+    assert ("0.weight" in structurally_scale_invariant(model)) is invariant
+    assert ("0.weight" in scale_invariant_tensors(model, mse, batch)) is invariant
+
+
 def test_local_response_norm_is_not_a_scale_invariant_normalization():
     model = nn.Sequential(nn.Conv1d(2, 4, 3, bias=False), nn.LocalResponseNorm(2), nn.Flatten())
     batch = (torch.randn(8, 2, 10), torch.randn(8, 32))

@@ -102,29 +102,31 @@ def test_uniform_rates(make, expected):
     ],
     ids=["plain", "momentum", "dampening", "nesterov", "torch-dampening"],
 )
-@pytest.mark.parametrize("steps_before", [5, 0], ids=["later-step", "first-step"])
-def test_sgd_l2_rate_is_the_share_this_steps_l2_term_removes(cls, options, steps_before):
-    """Measured, not derived: two runs from the same state take the same gradient, one with
-    this step's L2 term and one without; the difference over θ is the rate reported."""
+@pytest.mark.parametrize("steps", [1, 2, 6, 300], ids=lambda t: f"step-{t}")
+def test_sgd_l2_rate_is_what_the_l2_term_removes_through_the_buffer(cls, options, steps):
+    """Measured, not derived: two runs take the same gradients, one with L2 and one without,
+    and both are put back at θ₀ after every step, so that the L2 term is the same λθ₀ each
+    time; the difference after step t, over θ₀, is the whole L2 share the step applied."""
     torch.manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
-    optimizer = cls([param], lr=0.1, weight_decay=0.01, **options)
-    for _ in range(steps_before):
-        step_with(optimizer, param, torch.randn(6, dtype=torch.float64))
-    twin = torch.nn.Parameter(param.detach().clone())
-    without_l2 = cls([twin], lr=0.1, weight_decay=0.0, **options)
-    if options.get("momentum") and steps_before:
-        without_l2.state[twin]["momentum_buffer"] = optimizer.state[param][
-            "momentum_buffer"
-        ].clone()
-    theta, grad = param.detach().clone(), torch.randn(6, dtype=torch.float64)
-    step_with(optimizer, param, grad)
-    step_with(without_l2, twin, grad)
-    removed = (twin.detach() - param.detach()) / theta
-    rate, _ = element_decay_rates(optimizer, param)
-    if cls is torch.optim.SGD and steps_before == 0:
-        pytest.skip("torch's SGD groups do not say which step it is")
+    theta = torch.randn(6, dtype=torch.float64)
+    params = [torch.nn.Parameter(theta.clone()) for _ in range(2)]
+    with_l2 = cls([params[0]], lr=0.1, weight_decay=0.01, **options)
+    without_l2 = cls([params[1]], lr=0.1, weight_decay=0.0, **options)
+    for _ in range(steps):
+        grad = torch.randn(6, dtype=torch.float64)
+        for param in params:
+            param.data.copy_(theta)
+        step_with(with_l2, params[0], grad)
+        step_with(without_l2, params[1], grad)
+    removed = (params[1].detach() - params[0].detach()) / theta
+    rate, _ = element_decay_rates(with_l2, params[0])
+    if cls is torch.optim.SGD and steps < 300:
+        pytest.skip("torch's SGD groups do not say which step it is: read as steady state")
     torch.testing.assert_close(removed, torch.full_like(removed, rate), rtol=1e-9, atol=0)
+    if options.get("momentum") and steps == 300:  # (1 − τ)/(1 − μ): 10× at μ = 0.9
+        damped = 1 - options.get("dampening", 0.0)
+        share = 1 + 0.9 * damped / 0.1 if options.get("nesterov") else damped / 0.1
+        assert rate == pytest.approx(0.1 * 0.01 * share, rel=1e-9)
 
 
 def test_decay_kinds():

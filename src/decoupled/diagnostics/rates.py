@@ -10,17 +10,22 @@ weight-decay term removes in this step, read off the update rule:
   denominator the update uses. The first-moment bias correction 1/(1−β1^t) cancels the EMA's
   weights, which sum to 1−β1^t (Loshchilov & Hutter 2019, arXiv 1711.05101, §2; SCIENCE.md
   §8, prediction 1);
-* SGD + L2: λθ is added to the gradient and multiplied by γ_t: r_i = γ_t·λ, times the share of
-  this step's gradient that the step applies: 1 without momentum; with momentum μ and
-  dampening τ, (1 − τ) through the buffer b ← μb + (1 − τ)g, and 1 + μ(1 − τ) with Nesterov's
-  g + μb (torch's first step stores g in the buffer undamped, where the share is 1 or 1 + μ).
+* SGD + L2: λθ is added to the gradient and reaches θ through the momentum buffer
+  b ← μb + (1 − τ)g (torch's convention; its first step stores g undamped), so after t steps
+  the buffer holds λθ with total weight s_t = μ^(t−1) + (1 − τ)(1 − μ^(t−1))/(1 − μ), and
+  r_i = γ_t·λ·s_t: 1 without momentum, (1 − τ)/(1 − μ) once t ≫ 1/(1 − μ) (10× at μ = 0.9),
+  and 1 + μ·s_t with Nesterov's g + μb. This is the same footing as Adam's, whose
+  bias-corrected EMA weights sum to 1: the whole L2 term the step applies, not the share of
+  this step's gradient alone. torch.optim's SGD groups do not say which step it is; they are
+  read as in the steady state.
 
-What this leaves out: with momentum, the L2 term reaches θ through the moving average, so the
-shrink applied at step t is a β1-weighted average of λθ over recent steps (for SGD + L2 with
-momentum μ it adds up to γλ/(1−μ) per step once θ changes slowly), not λθ_t; and under Adam the
-L2 term also enters v, so it feeds back on its own denominator. The definition measures the
-*rate* at which the optimizer is set to decay each element now, which is what differs
-between L2 and decoupled decay.
+What this leaves out: the buffer holds λθ of recent steps, not of this one, so r is exact while
+θ changes slowly against the buffer's memory of 1/(1 − μ) steps (a zero-gradient run with
+μ = 0.9 shrinks by 0.010009% per step at γλ = 1e-5, where r = 0.01%, but by 1.11% at
+γλ = 1e-3, where r = 1%: the buffer's older θ are larger); and under Adam the L2 term also
+enters v, so it feeds back on its own denominator. The definition measures the *rate* at which
+the optimizer is set to decay each element now, which is what differs between L2 and
+decoupled decay.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ class DecayKind:
 def decay_kind(optimizer: torch.optim.Optimizer, group: dict | None = None) -> DecayKind:
     """The :class:`DecayKind` of a ``decoupled`` or ``torch.optim`` Adam/AdamW/SGD/SGDW."""
     group = group if group is not None else optimizer.param_groups[0]
-    if isinstance(optimizer, (Adam, torch.optim.Adam)):  # AdamW subclasses Adam in both
+    # AdamW subclasses Adam in decoupled and in recent torch, not in torch before 2.7
+    if isinstance(optimizer, (Adam, torch.optim.Adam, torch.optim.AdamW)):
         family = "adam"
     elif isinstance(optimizer, (SGD, torch.optim.SGD)):
         family = "sgd"
@@ -65,8 +71,10 @@ def decay_kind(optimizer: torch.optim.Optimizer, group: dict | None = None) -> D
         )
     if hasattr(type(optimizer), "decoupled"):  # decoupled's optimizers say it themselves
         is_decoupled = bool(type(optimizer).decoupled)
-    else:  # torch.optim.AdamW sets the flag in its groups; torch's SGD has only L2
-        is_decoupled = bool(group.get("decoupled_weight_decay", False))
+    else:  # torch.optim.AdamW (whose groups carry the flag since torch 2.7); SGD: only L2
+        is_decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(
+            group.get("decoupled_weight_decay", False)
+        )
     return DecayKind(family, is_decoupled)
 
 
@@ -154,15 +162,17 @@ def element_decay_rates(
 
 
 def _sgd_gradient_share(group: dict) -> float:
-    """How much of this step's gradient SGD applies in this step (module docstring). The
-    first step is known only for decoupled's optimizers (``decay_steps``); torch.optim's SGD
-    groups are read as past it."""
+    """The total weight s_t of the L2 term λθ in SGD's step t (module docstring): the step
+    count is known for decoupled's optimizers (``decay_steps``, already counting this step);
+    torch.optim's SGD groups are read as in the steady state, t → ∞."""
     momentum = group.get("momentum", 0.0)
     if momentum == 0:
         return 1.0
-    first_step = group.get("decay_steps") == 1  # the buffer was just created from g, undamped
-    through_buffer = 1.0 if first_step else 1 - group.get("dampening", 0.0)
-    return 1 + momentum * through_buffer if group.get("nesterov") else through_buffer
+    damped = 1 - group.get("dampening", 0.0)
+    steps = group.get("decay_steps")
+    fresh = momentum ** (steps - 1) if steps else 0.0  # the first buffer, g itself, decayed
+    in_buffer = fresh + damped * (1 - fresh) / (1 - momentum)
+    return 1 + momentum * in_buffer if group.get("nesterov") else in_buffer
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> dict:

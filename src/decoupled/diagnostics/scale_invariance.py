@@ -69,11 +69,25 @@ def structurally_scale_invariant(model: nn.Module) -> set[str]:
         if norm is None or not is_norm_layer(norm) or isinstance(norm, _NOT_SCALE_INVARIANT):
             continue
         bias_cancelled = isinstance(norm, _CHANNEL_MEAN_NORMS) and all(
-            isinstance(m, _BIAS_TRANSPARENT) for m in between
+            _passes_bias(m) for m in between
         )
         if module.bias is None or bias_cancelled:
             invariant.add(f"{name}.weight" if name else "weight")
     return invariant
+
+
+def _passes_bias(module: nn.Module) -> bool:
+    """Whether a per-channel constant added before ``module`` comes out of it unchanged. An
+    average pool with zero padding counted in its divisor (PyTorch's default,
+    ``count_include_pad=True``), or with a ``divisor_override``, scales it down at the
+    borders (to 6/9 in a 3×3 corner window), so the constant no longer is one."""
+    if not isinstance(module, _BIAS_TRANSPARENT):
+        return False
+    if isinstance(module, nn.modules.pooling._AvgPoolNd):
+        padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
+        padded = any(pad != 0 for pad in padding) and getattr(module, "count_include_pad", True)
+        return not padded and getattr(module, "divisor_override", None) is None
+    return True
 
 
 @torch.no_grad()
