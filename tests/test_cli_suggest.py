@@ -109,6 +109,9 @@ def test_table_and_warnings(capsys):
         (["--epochs", "10", "--lambda-norm", "1e308"], "argument --lambda-norm: 1e+308 is out"),
         (["--epochs", "1e308"], "argument --epochs: 1e+308 is out of range"),
         ([], "the following arguments are required: --epochs"),
+        (["--epochs", "10", "--max-lr", "1e-4"], "argument --max-lr: 0.0001 is below --lr 0.001"),
+        (["--epochs", "10", "--batch-size", "10" * 3], "argument --batch-size: 101010 is larger"),
+        (["--epochs", "10", "--batch-size", "9" * 400], "argument --batch-size: must be at most"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(extra, message):

@@ -56,6 +56,7 @@ def test_inspect_fixed_points(tmp_path, capsys):
         (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
         (["--steps", "ten"], "argument --steps: not a valid int: 'ten'"),
         (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+        (["--seed", "1" * 20], "argument --seed: must be at most 2**63 - 1"),
         (["--steps", "10", "--every", "20"], "argument --every: 20 is more than --steps (10)"),
         (["fixed-points", "--weight-decay", "-1"], "argument --weight-decay: must be > 0"),
         (["fixed-points", "--every", "5"], "argument --every: only for `inspect train`"),

@@ -87,6 +87,10 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
         (["--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),
         (["--task", "cifar10", "--data-dir", "EMPTY"], "argument --data-dir:"),
         (["--out", "FILE/sub"], "argument --out:"),
+        (["--out", " "], "argument --out: empty"),
+        (["--wd-sgd", "0.1"], "argument --wd-sgd: sgd is not being compared (--optimizers adam"),
+        (["--seeds", "9" * 400], "argument --seeds: must be at most 2**63 - 1"),
+        (["--seeds", "99999999999"], "argument --seeds: 99999999999 is more than 1000"),
         (
             ["--optimizers", "sgd,sgdw", "--state-dtype", "bfloat16"],
             "argument --state-dtype: only for adam/adamw (they keep moments), not sgd, sgdw",
@@ -161,6 +165,17 @@ def test_a_second_plan_into_the_same_folder_is_reported_beside_the_first(tmp_pat
 def test_report_without_a_store_is_a_clear_error(tmp_path):
     result = run_cli("report", "--out", str(tmp_path), timeout=60)
     assert result.returncode == 2 and "no results store" in result.stderr
+    result = run_cli("report", "--out", "", timeout=60)
+    assert result.returncode == 2 and "argument --out: empty" in result.stderr
+
+
+def test_report_on_a_store_without_experiments_says_there_is_nothing_to_report(tmp_path):
+    from decoupled.lab.executor import open_store
+
+    open_store(tmp_path / "results.db")  # an empty store, as an inspect folder's
+    result = run_cli("report", "--out", str(tmp_path), timeout=60)
+    assert result.returncode == 2 and "holds no compare or sweep experiment" in result.stderr
+    assert not (tmp_path / "report.md").exists()
 
 
 def _foreign_sqlite(path):

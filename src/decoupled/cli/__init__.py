@@ -56,11 +56,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: Integers above this (seeds, counts, steps) are typos, not plans: torch's seeds are 64-bit.
+MAX_INT = 2**63 - 1
+
+
 def _number(text: str, kind):
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+    if kind is int and abs(value) > MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {text}")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text}")
     return value

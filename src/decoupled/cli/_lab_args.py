@@ -10,10 +10,9 @@ from decoupled.cli import CommandError
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a valid int: {text!r}") from None
+    from decoupled.cli import _number
+
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -50,6 +49,29 @@ def parse_optimizers(text: str) -> list[str]:
     return names
 
 
+#: More seeds than this is a typo (each seed is a run per optimizer), refused before planning.
+MAX_SEEDS = 1000
+
+
+def check_seeds(seeds: int) -> None:
+    if seeds > MAX_SEEDS:
+        raise CommandError(
+            f"argument --seeds: {seeds} is more than {MAX_SEEDS} (a run per seed and optimizer)"
+        )
+
+
+def refuse_unused_weight_decays(args: argparse.Namespace, optimizers: list[str], doing: str):
+    """A ``--wd-<name>`` for an optimizer that is not run would be dropped without a word."""
+    from decoupled.lab.train import OPTIMIZERS
+
+    for name in OPTIMIZERS:
+        if name not in optimizers and getattr(args, f"wd_{name}") is not None:
+            raise CommandError(
+                f"argument --wd-{name}: {name} is not being {doing} "
+                f"(--optimizers {', '.join(optimizers)})"
+            )
+
+
 def output_folder(path: str) -> Path:
     """The output folder, created if needed, with a usable results store in it: a
     ``results.db`` that is not one (another program's database, a damaged file, a folder) is
@@ -58,6 +80,8 @@ def output_folder(path: str) -> Path:
     from decoupled.lab.store import StoreError
     from decoupled.lab.workflow import DB_NAME, prepare_out_dir
 
+    if not path.strip():
+        raise CommandError("argument --out: empty (give a folder; '.' for this one)")
     try:
         out = prepare_out_dir(path)
         open_store(out / DB_NAME)  # kept open for the command's runs, as they all are

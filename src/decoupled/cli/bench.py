@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [name for name in layouts if name not in LAYOUTS]
     if unknown or not layouts:
         raise CommandError(
-            f"argument --layouts: unknown {unknown} (choose from {', '.join(LAYOUTS)})"
+            f"argument --layouts: {f'unknown {unknown}' if unknown else 'empty'} "
+            f"(choose from {', '.join(LAYOUTS)})"
         )
     if args.device not in (None, "cpu") and not (
         args.device.startswith("cuda") and torch.cuda.is_available()

@@ -13,9 +13,11 @@ import argparse
 from decoupled.cli import CommandError, nonnegative_float, positive_float, positive_int
 from decoupled.cli._lab_args import (
     add_run_arguments,
+    check_seeds,
     nonnegative_int,
     output_folder,
     parse_optimizers,
+    refuse_unused_weight_decays,
     report_missing,
     resolve_task,
     steps_for,
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     # Everything is checked before anything is written.
     task = resolve_task(args.task, args.data_dir)
     optimizers = parse_optimizers(args.optimizers)
+    refuse_unused_weight_decays(args, optimizers, "compared")
+    check_seeds(args.seeds)
     steps = steps_for(args, task)
     if args.warmup >= steps:
         raise CommandError(f"argument --warmup: {args.warmup} must be below the budget ({steps})")

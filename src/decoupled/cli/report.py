@@ -18,11 +18,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from decoupled.lab.executor import open_store
+    from decoupled.lab.experiments import load_experiments
     from decoupled.lab.store import StoreError
-    from decoupled.lab.workflow import rebuild_reports
+    from decoupled.lab.workflow import DB_NAME, rebuild_reports
 
+    if not args.out.strip():
+        raise CommandError("argument --out: empty (give the folder holding results.db)")
+    out = Path(args.out)
     try:
-        paths = rebuild_reports(Path(args.out))
+        db_path = out / DB_NAME
+        if db_path.is_file():
+            open_store(db_path)  # first: it refuses a results.db that is no usable store
+        if db_path.is_file() and not load_experiments(db_path):
+            raise CommandError(
+                f"argument --out: {db_path} holds no compare or sweep experiment: "
+                "nothing to report (an inspect folder's monitor rows are read by inspect)"
+            )
+        paths = rebuild_reports(out)
     except (OSError, StoreError) as error:  # missing, a folder, damaged, unreadable
         raise CommandError(f"argument --out: {error}") from None
     print("wrote " + ", ".join(str(p) for p in paths))

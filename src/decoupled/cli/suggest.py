@@ -79,6 +79,13 @@ def suggestions(args: argparse.Namespace) -> dict:
     divides by zero or over/underflows float64 (e.g. ``--lr 1e-300``: γ² is 0).
     """
     lr, b, n, epochs = args.lr, args.batch_size, args.dataset_size, args.epochs
+    if b > n:
+        raise CommandError(f"argument --batch-size: {b} is larger than --dataset-size {n}")
+    if args.max_lr is not None and args.max_lr < lr:
+        raise CommandError(
+            f"argument --max-lr: {args.max_lr:g} is below --lr {lr:g} (the peak lr α is the "
+            "schedule's highest, so γ/α ≤ 1)"
+        )
     steps = n * epochs / b
     if not math.isfinite(steps):
         raise CommandError(f"argument --epochs: {epochs:g} is out of range: N·T/b overflows")

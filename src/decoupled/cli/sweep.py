@@ -17,8 +17,10 @@ import argparse
 from decoupled.cli import CommandError, positive_int
 from decoupled.cli._lab_args import (
     add_run_arguments,
+    check_seeds,
     output_folder,
     parse_optimizers,
+    refuse_unused_weight_decays,
     report_missing,
     resolve_task,
     steps_for,
@@ -73,15 +75,11 @@ def _grids(args, task, optimizers):
         space = space_from_json(args.space) if args.space else {}
     except RangeError as error:
         raise CommandError(str(error)) from None
+    refuse_unused_weight_decays(args, optimizers, "swept")
+    check_seeds(args.seeds)
     swept = ", ".join(optimizers)
     for name in OPTIMIZERS:
-        if name in optimizers:
-            continue
-        if getattr(args, f"wd_{name}") is not None:
-            raise CommandError(
-                f"argument --wd-{name}: {name} is not being swept (--optimizers {swept})"
-            )
-        if f"wd_{name}" in space:
+        if name not in optimizers and f"wd_{name}" in space:
             raise CommandError(
                 f"search space {args.space}: key 'wd_{name}': {name} is not being swept "
                 f"(--optimizers {swept})"

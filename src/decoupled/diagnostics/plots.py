@@ -80,6 +80,15 @@ def _cut_log_axis(axis, tables: list[DecayTable], column: str, top_column: str =
         axis.set_ylim(min(low) / 2, max(high) * 1.5)
 
 
+def _legend_or_note(axis, **options) -> None:
+    """The panel's legend; a panel with nothing labelled (a run with λ = 0 decays no tensor)
+    says so instead."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(**options)
+    else:
+        axis.text(0.5, 0.5, "no decayed tensor (λ = 0)", transform=axis.transAxes, ha="center")
+
+
 def _shade_window(axis, table: DecayTable) -> None:
     """Grey band: the steps the printed comparison table averages over."""
     steps = comparison_window(table).column("step")
@@ -100,7 +109,7 @@ def _per_optimizer_panels(runs, draw, path: Path, *, ylabel, title, xlabel="opti
         axis.set_xlabel(xlabel)
         axis.set_yscale("log")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left", markerscale=3)
+        _legend_or_note(axis, fontsize=7, loc="lower left", markerscale=3)
     axes[0][0].set_ylabel(ylabel)
     figure.suptitle(title)
     figure.tight_layout()
@@ -128,6 +137,9 @@ def plot_decay_distributions(runs: list[InspectedRun], path: Path) -> Path:
     for index, run in enumerate(runs):
         shown = [(i, n) for i, n in enumerate(names) if n in run.elements]
         optimizer = run.spec.optimizer
+        if not shown:  # λ = 0 (charlm's and minilm's tuned Adam): nothing to draw
+            axis.plot([], [], " ", label=f"{_title(run)}: no decayed tensor")
+            continue
         parts = axis.boxplot(
             [run.elements[n][0] for _, n in shown],
             positions=[i + (index - (len(runs) - 1) / 2) * width for i, _ in shown],
@@ -144,7 +156,11 @@ def plot_decay_distributions(runs: list[InspectedRun], path: Path) -> Path:
         )
     axis.set_yscale("log")
     labels = [_layer_label(runs[0].table, n).replace(" (", "\n(") for n in names]
-    axis.set_xticks(range(len(names)), labels, fontsize=8)
+    many = len(names) > 6  # a Transformer's tensors: slanted, or their names overlap
+    axis.set_xticks(
+        range(len(names)), labels, fontsize=7 if many else 8, rotation=30 if many else 0,
+        ha="right" if many else "center",
+    )  # fmt: skip
     axis.set_ylabel("effective decay per step\n(fraction of the weight removed, log scale)")
     axis.set_xlabel("decayed tensor (normalized: feeds a BatchNorm/LayerNorm, scale-invariant)")
     axis.set_title(
@@ -275,7 +291,7 @@ def plot_decay_over_time(runs: list[InspectedRun], path: Path) -> Path:
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("effective decay per step (log scale)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="best")
+        _legend_or_note(axis, fontsize=7, loc="best")
     schedule = axes[-1]
     for run in runs:
         rows = run.table.for_tensor(run.table.tensors()[0])

@@ -311,7 +311,7 @@ def format_landscapes(items: Sequence[Landscape], metric: str) -> str:
         if left_out:
             notes.append(
                 f"note: the {land.optimizer} slope leaves out the rows at lr {_values(left_out)} "
-                "(best λ = 0, or no finished cell)"
+                "(best λ = 0, tied best λ values apart, or no finished cell)"
             )
         outcome = land.has_outcome()
         if not outcome.all():
