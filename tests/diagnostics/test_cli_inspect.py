@@ -37,6 +37,18 @@ def test_inspect_writes_plots_table_and_monitor_rows(tmp_path, capsys):
     assert all(row.rate_grad_rms_spearman < -0.9 for row in adam.where(decayed=True))
 
 
+def test_inspect_a_task_whose_adam_has_no_decay(tmp_path, capsys):
+    """charlm's tuned Adam + L2 has λ = 0, so it decays no tensor: the plots still come."""
+    out = tmp_path / "inspect"
+    assert (
+        main(["inspect", "--task", "charlm", "--steps", "4", "--every", "2", "--out", str(out)])
+        == 0
+    )
+    assert "0.01, 0" in capsys.readouterr().out  # peak lr γ, λ of Adam + L2
+    for name in PLOTS:
+        assert (out / name).stat().st_size > 10_000, name
+
+
 def test_inspect_fixed_points(tmp_path, capsys):
     out = tmp_path / "fp"
     assert main(["inspect", "fixed-points", "--steps", "2000", "--out", str(out)]) == 0
