@@ -88,6 +88,7 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
         (["--task", "cifar10", "--data-dir", "EMPTY"], "argument --data-dir:"),
         (["--out", "FILE/sub"], "argument --out:"),
         (["--out", " "], "argument --out: empty"),
+        (["--lr", "-1e-3"], "argument --lr: must be > 0, got -1e-3"),  # a value, not an option
         (["--wd-sgd", "0.1"], "argument --wd-sgd: sgd is not being compared (--optimizers adam"),
         (["--seeds", "9" * 400], "argument --seeds: must be at most 2**63 - 1"),
         (["--seeds", "99999999999"], "argument --seeds: 99999999999 is more than 1000"),
