@@ -346,8 +346,8 @@ def test_slope_says_how_many_rows_it_used_and_which_it_left_out():
     row, *notes = format_landscapes([land], "loss").splitlines()[1:]
     assert row.split()[4:7] == ["-1.00", "(2/4", "rows)"]
     assert notes[-1:] == [
-        "note: the adam slope leaves out the rows at lr 0.0001, 0.001 (best λ = 0, or no "
-        "finished cell)"
+        "note: the adam slope leaves out the rows at lr 0.0001, 0.001 (best λ = 0, tied best "
+        "λ values apart, or no finished cell)"
     ]
 
 
