@@ -94,7 +94,17 @@ class RunSpec:
         config = {**asdict(self), "version": decoupled.__version__}
         if DECAY_KIND.get(self.optimizer) == "L2":
             config["decay_scale"] = "lr"
+        identity = _data_identity(self.task, self.data_dir)
+        if identity is not None:
+            config["data"] = identity
         return config
+
+
+def _data_identity(task_name: str, data_dir: str | None) -> str | None:
+    """The registered task's :meth:`Task.data_identity` (None for custom tasks)."""
+    from decoupled.lab.tasks import get_task, task_names
+
+    return get_task(task_name).data_identity(data_dir) if task_name in task_names() else None
 
 
 @dataclass

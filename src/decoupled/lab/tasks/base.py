@@ -80,6 +80,13 @@ class Task:
     def evaluate(self, model: nn.Module, data: TaskData) -> float:
         raise NotImplementedError
 
+    def data_identity(self, data_dir: str | None = None) -> str | None:
+        """What identifies this task's data beyond the code and the package versions, or
+        None: it goes into every run's store key, so that results on other data (files
+        replaced behind the same ``--data-dir``, another interpreter's standard library)
+        are never reused as if they were these."""
+        return None
+
 
 def shuffled_batches(
     inputs: Tensor, targets: Tensor, batch_size: int, generator: torch.Generator

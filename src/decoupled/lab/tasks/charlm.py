@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import platform
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,11 @@ def read_bytes(root: Path, relative_paths: list[str], budget: int) -> Tensor:
         chunks.append(chunk)
         total += len(chunk)
     return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+def stdlib_identity() -> str:
+    """Which standard library the corpus is read from: its folder and Python's version."""
+    return f"python {platform.python_version()} stdlib {sysconfig.get_paths()['stdlib']}"
 
 
 def load_corpus(root: str | Path | None = None) -> TaskData:
@@ -152,6 +158,9 @@ class CharLM(Task):
         "sgd": Hyperparameters(lr=5e-1, weight_decay=0.0, momentum=0.9),
         "sgdw": Hyperparameters(lr=5e-1, weight_decay=1e-3, momentum=0.9),
     }
+
+    def data_identity(self, data_dir: str | None = None) -> str | None:
+        return stdlib_identity()
 
     def load(self, data_dir: str | None = None) -> TaskData:
         return load_corpus()

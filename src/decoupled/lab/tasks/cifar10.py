@@ -232,6 +232,16 @@ class CIFAR10(ClassificationTask):
         "sgdw": Hyperparameters(lr=1e-1, weight_decay=5e-3, momentum=0.9),
     }
 
+    def data_identity(self, data_dir: str | None = None) -> str | None:
+        """The batch files' absolute folder, sizes and modification times (cheap to read at
+        every key; a file replaced or rewritten changes its time)."""
+        try:
+            folder = find_cifar10(data_dir).resolve()
+        except FileNotFoundError:
+            return None  # the run fails when it loads, and says why
+        stats = [(folder / name).stat() for name in (*TRAIN_FILES, TEST_FILE)]
+        return f"{folder} " + " ".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats)
+
     def load(self, data_dir: str | None = None) -> TaskData:
         folder = find_cifar10(data_dir)
         train = [read_batch(folder / name) for name in TRAIN_FILES]

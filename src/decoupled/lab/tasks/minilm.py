@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from decoupled.lab.tasks.base import Hyperparameters, Task, TaskData
-from decoupled.lab.tasks.charlm import is_validation_file, stdlib_sources
+from decoupled.lab.tasks.charlm import is_validation_file, stdlib_identity, stdlib_sources
 
 SEQUENCE_LENGTH = 32  # tokens per packed sequence, [CLS] and [SEP] included
 TRAIN_DOCSTRINGS = 3000  # caps on what is parsed, to keep loading to a few seconds
@@ -139,6 +139,9 @@ class MiniLM(Task):
         "sgd": Hyperparameters(lr=1e-2, weight_decay=0.0, momentum=0.9),
         "sgdw": Hyperparameters(lr=1e-2, weight_decay=1e-3, momentum=0.9),
     }
+
+    def data_identity(self, data_dir: str | None = None) -> str | None:
+        return stdlib_identity()
 
     def load(self, data_dir: str | None = None) -> TaskData:
         root = Path(sysconfig.get_paths()["stdlib"])
