@@ -297,3 +297,27 @@ def test_mnist1d_is_deterministic_and_keeps_global_random_state():
     assert first["x"].shape == (4000, 40) and first["x_test"].shape == (1000, 40)
     for key in ("x", "y", "x_test", "y_test"):
         assert np.array_equal(first[key], second[key])
+
+
+# ---- MiniLM: nothing held out is trained on -----------------------------------------------
+
+
+def test_minilm_trains_on_no_held_out_docstring_and_draws_epochs_without_repeats():
+    """asyncio/transports.py (held out) and sslproto.py (trained on) share docstrings: the
+    copies are dropped from training. Batches go through epochs without repeats."""
+    import sysconfig
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    from decoupled.lab.tasks.minilm import collect_docstrings
+
+    train, validation = collect_docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    assert validation and not set(train) & set(validation)
+    task = get_task("minilm")
+    data = task.load()
+    batches = task.batches(data, torch.Generator().manual_seed(0))
+    per_epoch = data["train"].shape[0] // task.batch_size
+    seen = [next(batches) for _ in range(min(per_epoch, 40))]
+    rows = {tuple(row.tolist()) for masked, labels in seen for row in torch.where(
+        labels == -100, masked, labels)}  # fmt: skip
+    assert len(rows) == len(seen) * task.batch_size  # no sequence twice within the epoch
