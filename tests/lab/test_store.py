@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,6 +257,21 @@ def test_run_of_dead_process_is_taken_over(store):
     assert not store.heartbeat(key)  # this process no longer owns it
     assert store.claim(key, CONFIG)
     assert store.get(key).owner == this_owner()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc start times")
+def test_a_run_whose_pid_now_belongs_to_another_process_is_taken_over(store):
+    """A restarted container's sweep may get its dead predecessor's pid (pid 1 again): the
+    owner's start time tells the two apart. Here the live pid is this process's own."""
+    key = config_key(CONFIG)
+    assert store.claim(key, CONFIG)
+    host, _, process = this_owner().rpartition(":")
+    pid, _, start = process.partition("/")
+    _set_owner(store.path, key, f"{host}:{pid}/{int(start) - 1}")  # same pid, older process
+    assert ResultStore(store.path).claim(key, CONFIG)
+    assert store.get(key).owner == this_owner()
+    # the same pid with its own start time is alive: not taken over
+    assert not ResultStore(store.path).claim(key, CONFIG)
 
 
 def test_run_on_another_host_is_taken_over_only_when_silent(store):

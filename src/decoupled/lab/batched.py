@@ -241,8 +241,12 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
             counts["skipped"] += len(group) - len(claimed)
             if not claimed:
                 continue
+            # a lone cell (the rest of its seed cached, failed or claimed elsewhere) trains
+            # beside a throwaway twin: a group of one rounds otherwise than one of several,
+            # and its result must be the one its key would give in a full group
+            padded = claimed if len(claimed) > 1 else claimed * 2
             try:
-                results = run_batched(claimed, task, data)
+                results = run_batched(padded, task, data)[: len(claimed)]
             except KeyboardInterrupt:
                 for spec in claimed:
                     store.mark_interrupted(spec_key(spec))

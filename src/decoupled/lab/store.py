@@ -144,8 +144,23 @@ class RunRecord:
 
 
 def this_owner() -> str:
-    """``hostname:pid`` of the current process, the owner written on the rows it claims."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``hostname:pid/start`` of the current process, the owner written on the rows it claims.
+
+    ``start`` is the process's start time where the OS tells it (Linux: ``/proc``), so that
+    a pid reused by another process (a restarted container's sweep is pid 1 again) is not
+    taken for the owner still running; elsewhere it is ``hostname:pid``."""
+    start = _start_time(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"/{start}" if start else "")
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) ": field 3 on
+    return fields[19] if len(fields) > 19 else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -322,9 +337,12 @@ class ResultStore:
     # ---------------------------------------------------------------- writing
 
     def _owner_is_gone(self, owner: str | None, heartbeat: float | None, now: float) -> bool:
-        host, _, pid = (owner or "").rpartition(":")
+        host, _, process = (owner or "").rpartition(":")
+        pid, _, start = process.partition("/")
         if host == socket.gethostname() and pid.isdigit():
-            return not _pid_alive(int(pid))
+            if not _pid_alive(int(pid)):
+                return True
+            return bool(start) and _start_time(int(pid)) not in (None, start)  # pid reused
         # Another host: we cannot see its processes, only how long it has been silent.
         return heartbeat is None or now - heartbeat > self.stale_after
 
