@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -594,3 +595,45 @@ def test_a_lone_pending_cell_trains_beside_a_twin(tmp_path, monkeypatch):
     counts = batched.execute_batched([spec], tmp_path / "results.db", progress=False)
     assert groups == [2] and counts["done"] == 1
     assert len(ResultStore(tmp_path / "results.db").records()) == 1
+
+
+def test_a_worker_killed_mid_run_fails_its_run_and_the_sweep_goes_on(tmp_path):
+    """kill -9 of one pool worker (as the OOM killer would): the pool breaks and stops every
+    worker; their runs are marked failed (retried next time), the others still run, and the
+    command ends with status 1 and a warning, not a BrokenProcessPool traceback."""
+    import sqlite3
+    import time
+    from contextlib import closing
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "decoupled", *SMALL_SWEEP, "--budget", "300"]
+    process = subprocess.Popen(
+        [*args, "--workers", "2", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim, deadline = None, time.time() + 120
+    while victim is None and time.time() < deadline:  # a worker's pid, from a running row
+        if (out / "results.db").exists():
+            with closing(sqlite3.connect(out / "results.db", timeout=5)) as connection:
+                with contextlib.suppress(sqlite3.OperationalError):
+                    row = connection.execute(
+                        "SELECT owner FROM runs WHERE status = 'running'"
+                    ).fetchone()
+                    if row:
+                        victim = int(row[0].rpartition(":")[2].partition("/")[0])
+        time.sleep(0.05)
+    assert victim is not None and victim != process.pid
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr
+    assert "Traceback" not in stderr and "failed" in stderr
+    records = ResultStore(out / "results.db").records()
+    failed = [r for r in records if r.status == "failed"]
+    assert len(records) == 8 and 1 <= len(failed) <= 2
+    assert all("worker process died" in r.error for r in failed)
+    assert all(r.status == "done" for r in records if r not in failed)
+    rerun = run_cli(*SMALL_SWEEP, "--budget", "300", "--workers", "2", "--out", str(out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert all(r.status == "done" for r in ResultStore(out / "results.db").records())

@@ -18,11 +18,12 @@ import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
 
-from decoupled.lab.store import ResultStore, config_key
+from decoupled.lab.store import FINISHED, ResultStore, config_key
 from decoupled.lab.tasks import Task, TaskData, get_task
 from decoupled.lab.train import RunSpec, run
 from decoupled.optim._build import kernel_ops
@@ -155,13 +156,20 @@ def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
         workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
     )
     futures: set[Future] = set()
+    spec_of: dict[Future, RunSpec] = {}
     try:
-        futures = {pool.submit(run_into_store, spec, db_path) for spec in pending}
+        spec_of = {pool.submit(run_into_store, spec, db_path): spec for spec in pending}
+        futures = set(spec_of)
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for future in finished:
                 counts[future.result()] += 1
                 bar.update(1)
+                del spec_of[future]
+    except BrokenProcessPool:  # a worker died (kill -9, out of memory, a crash)
+        pool.shutdown(wait=True, cancel_futures=True)
+        _after_a_worker_died(list(spec_of.values()), db_path, workers, counts, bar)
+        return
     except BaseException:
         for future in futures:
             future.cancel()
@@ -172,6 +180,32 @@ def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+WORKER_DIED = (
+    "its worker process died while running it (killed, out of memory or crashed; the pool "
+    "then stops every worker, so a run beside it is marked too); it is retried next time"
+)
+
+
+def _after_a_worker_died(unfinished, db_path, workers, counts, bar) -> None:
+    """The pool is broken: the runs its workers held are marked failed (their owners are
+    gone), those finished meanwhile are counted, and the rest run in a new pool. A run that
+    kills its worker every time fails each time, instead of aborting the whole command."""
+    store, rest = open_store(db_path), []
+    for spec in unfinished:
+        key = spec_key(spec)
+        record = store.get(key)
+        if store.fail_abandoned(key, WORKER_DIED):
+            counts["failed"] += 1
+            bar.update(1)
+        elif record is not None and record.status in FINISHED:
+            counts[record.status] += 1
+            bar.update(1)
+        else:
+            rest.append(spec)
+    if rest:
+        _execute_in_pool(rest, db_path, min(workers, len(rest)), counts, bar)
 
 
 class _NoBar:

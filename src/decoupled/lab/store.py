@@ -433,6 +433,23 @@ class ResultStore:
         """
         return self._end(key, own_only=True, status="failed", error=str(error_text))
 
+    def fail_abandoned(self, key: str, error_text: str) -> bool:
+        """Turn a ``running`` row whose owner is gone into ``failed`` (``error_text`` kept),
+        e.g. the run of a pool worker that died; False, changing nothing, otherwise."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT status, owner, heartbeat FROM runs WHERE key = ?", (key,)
+            ).fetchone()
+            if row is None or row[0] != "running":
+                return False
+            if not self._owner_is_gone(row[1], row[2], time.time()):
+                return False
+            db.execute(
+                "UPDATE runs SET status = 'failed', error = ?, finished = ? WHERE key = ?",
+                (str(error_text), time.time(), key),
+            )
+        return True
+
     def mark_interrupted(self, key: str) -> bool:
         """Turn this process's ``running`` row into ``failed`` ("interrupted"): it will be redone.
 
