@@ -586,15 +586,16 @@ def test_a_lone_pending_cell_trains_beside_a_twin(tmp_path, monkeypatch):
     groups = []
     real = batched.run_batched
 
-    def spy(specs, task, data):
+    def spy(specs, task, data, on_evaluation):
         groups.append(len(specs))
-        return real(specs, task, data)
+        return real(specs, task, data, on_evaluation)
 
     monkeypatch.setattr(batched, "run_batched", spy)
     spec = RunSpec("mnist1d", "adamw", 1e-2, 1e-2, seed=0, steps=6, batched=True)
     counts = batched.execute_batched([spec], tmp_path / "results.db", progress=False)
     assert groups == [2] and counts["done"] == 1
-    assert len(ResultStore(tmp_path / "results.db").records()) == 1
+    [record] = ResultStore(tmp_path / "results.db").records()
+    assert record.heartbeat > record.started  # beat at its evaluations (none did before)
 
 
 def test_a_worker_killed_mid_run_fails_its_run_and_the_sweep_goes_on(tmp_path):

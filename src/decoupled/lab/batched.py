@@ -77,14 +77,19 @@ def _per_cell(values: Sequence[float], like: Tensor) -> Tensor:
     )
 
 
-def run_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[RunResult]:
+def run_batched(
+    specs: Sequence[RunSpec], task: Task, data: TaskData, on_evaluation=None
+) -> list[RunResult]:
     """Train the cells ``specs`` (same :func:`batch_key`) together, with ``threads`` torch
-    threads; one RunResult per cell."""
+    threads; one RunResult per cell. ``on_evaluation()`` is called after each evaluation
+    (the executor sends its heartbeats there)."""
     with torch_threads(specs[0].threads):
-        return _train_batched(specs, task, data)
+        return _train_batched(specs, task, data, on_evaluation)
 
 
-def _train_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list[RunResult]:
+def _train_batched(
+    specs: Sequence[RunSpec], task: Task, data: TaskData, on_evaluation=None
+) -> list[RunResult]:
     base, cells = specs[0], len(specs)
     if base.state_dtype is not None:
         raise ValueError(
@@ -143,6 +148,8 @@ def _train_batched(specs: Sequence[RunSpec], task: Task, data: TaskData) -> list
                 curves[k]["train_loss"].append(float(loss_sums[k]) / since_eval)
                 curves[k]["metric"].append(_evaluate_cell(model, task, data, weights, stats, k))
                 curves[k]["lr"].append(spec.lr * factors[step - 1])
+            if on_evaluation is not None:
+                on_evaluation()
             loss_sums.zero_()
             since_eval = 0
     wall = (time.perf_counter() - started) / cells
@@ -246,7 +253,10 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
             # and its result must be the one its key would give in a full group
             padded = claimed if len(claimed) > 1 else claimed * 2
             try:
-                results = run_batched(padded, task, data)[: len(claimed)]
+                keys = [spec_key(s) for s in claimed]
+                results = run_batched(
+                    padded, task, data, lambda keys=keys: [store.heartbeat(k) for k in keys]
+                )[: len(claimed)]  # heartbeats: a process on another host sees them alive
             except KeyboardInterrupt:
                 for spec in claimed:
                     store.mark_interrupted(spec_key(spec))
