@@ -638,3 +638,25 @@ def test_a_worker_killed_mid_run_fails_its_run_and_the_sweep_goes_on(tmp_path):
     rerun = run_cli(*SMALL_SWEEP, "--budget", "300", "--workers", "2", "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr
     assert all(r.status == "done" for r in ResultStore(out / "results.db").records())
+
+
+def test_a_cell_that_diverges_in_its_group_is_decided_by_a_run_of_its_own(tmp_path):
+    """At lr 1e3 the vmapped BatchNorm backward overflows to NaN where a separate run's stays
+    finite (measured): the group said "diverged", the cell finishes. Each stored status is
+    the separate run's."""
+    from decoupled.lab.batched import execute_batched
+    from decoupled.lab.train import run
+
+    specs = [
+        RunSpec("mnist1d", "sgd", lr, wd, seed=0, steps=100, momentum=0.9, batched=True)
+        for lr in (1e-2, 1e3)
+        for wd in (0.0, 1e-3)
+    ]
+    execute_batched(specs, tmp_path / "results.db", progress=False)
+    stored = {(r.config["lr"], r.config["weight_decay"]): r for r in ResultStore(
+        tmp_path / "results.db").records()}  # fmt: skip
+    for spec in specs[2:]:
+        separate = run(spec)
+        record = stored[(spec.lr, spec.weight_decay)]
+        assert record.status == separate.status == "done"
+        assert record.metrics["metric"] == separate.metric
