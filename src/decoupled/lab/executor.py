@@ -64,11 +64,21 @@ def run_into_store(spec: RunSpec, db_path: str) -> str:
     """Claim, run and record one spec; returns its final status (or "skipped")."""
     if _STOPPING.is_set():  # an interrupted pool worker takes no queued run
         return "skipped"
-    store, key = open_store(db_path), spec_key(spec)
-    if not store.claim(key, spec.config()):
+    store = open_store(db_path)
+    if not store.claim(spec_key(spec), spec.config()):
         return "skipped"
+    return run_claimed(spec, store)
+
+
+def run_claimed(
+    spec: RunSpec, store: ResultStore, task: Task | None = None, data: TaskData | None = None
+) -> str:
+    """Run a spec this process has claimed in ``store`` and record its outcome; returns its
+    status. ``task`` and ``data`` default to the spec's own (loaded once per process)."""
+    key = spec_key(spec)
     try:
-        task, data = _task_and_data(spec)
+        if task is None or data is None:
+            task, data = _task_and_data(spec)
         # a heartbeat at every evaluation: a process on another host sees the run is alive
         result = run(spec, task=task, data=data, on_progress=lambda *_: store.heartbeat(key))
     except KeyboardInterrupt:
