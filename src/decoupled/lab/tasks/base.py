@@ -88,18 +88,23 @@ class Task:
         return None
 
 
-def shuffled_batches(
-    inputs: Tensor, targets: Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless epochs of shuffled mini-batches (the last partial batch of an epoch dropped)."""
-    n = inputs.shape[0]
+def shuffled_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless epochs of shuffled index batches over ``n`` examples: none repeats within an
+    epoch, and the last partial batch of an epoch is dropped."""
     if n < batch_size:
         raise ValueError(f"Invalid batch_size value: {batch_size} (only {n} training examples)")
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1, batch_size):
-            index = order[start : start + batch_size]
-            yield inputs[index], targets[index]
+            yield order[start : start + batch_size]
+
+
+def shuffled_batches(
+    inputs: Tensor, targets: Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless epochs of shuffled mini-batches (:func:`shuffled_indices`)."""
+    for index in shuffled_indices(inputs.shape[0], batch_size, generator):
+        yield inputs[index], targets[index]
 
 
 @torch.no_grad()

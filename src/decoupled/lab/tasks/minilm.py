@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from decoupled.lab.tasks.base import Hyperparameters, Task, TaskData
+from decoupled.lab.tasks.base import Hyperparameters, Task, TaskData, shuffled_indices
 from decoupled.lab.tasks.charlm import is_validation_file, stdlib_identity, stdlib_sources
 
 SEQUENCE_LENGTH = 32  # tokens per packed sequence, [CLS] and [SEP] included
@@ -200,11 +200,9 @@ class MiniLM(Task):
 
     def batches(self, data: TaskData, generator: torch.Generator) -> Iterator[tuple[Tensor, ...]]:
         train, special = data["train"], data.info["special"]
-        while True:  # epochs without repeats, as shuffled_batches; fresh masks at every draw
-            order = torch.randperm(train.shape[0], generator=generator)  # (RoBERTa's dynamic
-            for start in range(0, len(order) - self.batch_size + 1, self.batch_size):  # masking)
-                index = order[start : start + self.batch_size]
-                yield mask_tokens(train[index], generator, special)
+        # fresh masks at every draw: RoBERTa's dynamic masking (arXiv 1907.11692)
+        for index in shuffled_indices(train.shape[0], self.batch_size, generator):
+            yield mask_tokens(train[index], generator, special)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         return mlm_loss(model, *batch)
