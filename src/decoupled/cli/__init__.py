@@ -56,6 +56,13 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = _number(text, int)
     if value <= 0:

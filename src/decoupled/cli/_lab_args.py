@@ -9,15 +9,6 @@ from pathlib import Path
 from decoupled.cli import CommandError
 
 
-def nonnegative_int(text: str) -> int:
-    from decoupled.cli import _number
-
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def resolve_task(name: str, data_dir: str | None = None):
     """The task object; a task that needs files (cifar10) is loaded once to check them."""
     from decoupled.lab.tasks import get_task

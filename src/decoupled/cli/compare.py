@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 
-from decoupled.cli import CommandError, nonnegative_float, positive_float, positive_int
+from decoupled.cli import (
+    CommandError,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from decoupled.cli._lab_args import (
     add_run_arguments,
     check_seeds,
-    nonnegative_int,
     output_folder,
     parse_optimizers,
     refuse_unused_weight_decays,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from decoupled.cli import CommandError, positive_float, positive_int
-from decoupled.cli._lab_args import nonnegative_int, output_folder, resolve_task
+from decoupled.cli import CommandError, nonnegative_int, positive_float, positive_int
+from decoupled.cli._lab_args import output_folder, resolve_task
 
 DEFAULT_STEPS = 3000
 DEFAULT_SEED = 0
