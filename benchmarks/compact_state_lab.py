@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from decoupled.lab.comparison import plan
-from decoupled.lab.executor import execute, spec_key
+from decoupled.lab.executor import execute
 from decoupled.lab.stats import paired_difference
 from decoupled.lab.store import ResultStore
 from decoupled.lab.tasks import DEFAULT_TASK, get_task
@@ -50,7 +50,7 @@ def main() -> None:
     for name in optimizers:
         values = {
             dtype: np.array(
-                [records[spec_key(s)].metrics["metric"] for s in specs if s.optimizer == name]
+                [records[s.key()].metrics["metric"] for s in specs if s.optimizer == name]
             )
             for dtype, specs in plans.items()
         }

@@ -136,14 +136,13 @@ def test_failed_runs_are_reported_and_the_exit_status_is_1(tmp_path, capsys, mon
 def test_runs_owned_by_another_live_process_are_named(tmp_path, capsys):
     from decoupled.cli import main
     from decoupled.lab.comparison import plan
-    from decoupled.lab.executor import spec_key
     from decoupled.lab.tasks import get_task
     from decoupled.lab.workflow import threads_per_run
 
     task = get_task("mnist1d")
     spec = plan(task, ["adam"], 1, task.quick_steps, threads=threads_per_run(1))[0]
     store = ResultStore(tmp_path / "results.db")
-    assert store.claim(spec_key(spec), spec.config())  # this (live) process owns it
+    assert store.claim(spec.key(), spec.config())  # this (live) process owns it
     status = main(["compare", "--quick", "--seeds", "1", "--optimizers", "adam", "--workers",
                    "1", "--no-progress", "--out", str(tmp_path)])  # fmt: skip
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
@@ -358,7 +357,6 @@ def test_per_seed_plot_marks_diverged_seeds(tmp_path, monkeypatch):
 
 def test_a_rebuilt_report_names_the_failed_runs(tmp_path):
     from decoupled.lab.comparison import plan
-    from decoupled.lab.executor import spec_key
     from decoupled.lab.experiments import save_experiment
     from decoupled.lab.tasks import get_task
     from decoupled.lab.workflow import rebuild_reports
@@ -369,7 +367,7 @@ def test_a_rebuilt_report_names_the_failed_runs(tmp_path):
     store = ResultStore(db)
     save_experiment(db, "compare-mnist1d-test", "compare", specs)
     for spec in specs:
-        key = spec_key(spec)
+        key = spec.key()
         if spec.seed == 4 and spec.optimizer == "adamw":
             continue  # never started
         assert store.claim(key, spec.config())

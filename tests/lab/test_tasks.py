@@ -128,21 +128,20 @@ def test_runs_on_replaced_data_files_get_other_store_keys(tmp_path):
     elsewhere; rereading unchanged files gives the same key."""
     import os
 
-    from decoupled.lab.executor import spec_key
     from decoupled.lab.tasks.cifar10 import TEST_FILE, write_fake_cifar10
     from decoupled.lab.train import RunSpec
 
     write_fake_cifar10(tmp_path / "a", 4, 4, seed=0)
     spec = RunSpec("cifar10", "adamw", 1e-3, 0.1, seed=0, steps=5, data_dir=str(tmp_path / "a"))
-    key = spec_key(spec)
-    assert spec_key(spec) == key
+    key = spec.key()
+    assert spec.key() == key
     test_file = tmp_path / "a" / TEST_FILE
     stat = test_file.stat()
     write_fake_cifar10(tmp_path / "a", 4, 4, seed=7)  # same sizes: only the time tells
     os.utime(test_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert spec_key(spec) != key
+    assert spec.key() != key
     write_fake_cifar10(tmp_path / "b", 4, 4, seed=0)
-    assert spec_key(RunSpec(**{**spec.__dict__, "data_dir": str(tmp_path / "b")})) != key
+    assert RunSpec(**{**spec.__dict__, "data_dir": str(tmp_path / "b")}).key() != key
 
 
 def test_stdlib_tasks_key_their_runs_by_the_interpreters_library():

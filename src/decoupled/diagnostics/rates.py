@@ -88,8 +88,8 @@ def step_weight_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
 def step_decoupled_rate(optimizer: torch.optim.Optimizer, group: dict) -> float:
     """c, the decoupled rate of the group's latest step (``θ ← θ − c·θ``)."""
     weight_decay = step_weight_decay(optimizer, group)
-    if hasattr(optimizer, "_decoupled_rate"):  # honours decay_scale ("lr", "schedule", ...)
-        return float(optimizer._decoupled_rate(group, weight_decay))
+    if hasattr(optimizer, "decoupled_rate"):  # honours decay_scale ("lr", "schedule", ...)
+        return float(optimizer.decoupled_rate(group, weight_decay))
     return float(group["lr"]) * weight_decay  # torch.optim.AdamW: always γ·λ
 
 

@@ -30,7 +30,6 @@ from decoupled.lab.executor import (
     progress_bar,
     run_claimed,
     run_into_store,
-    spec_key,
 )
 from decoupled.lab.tasks import Task, TaskData
 from decoupled.lab.train import (
@@ -245,7 +244,7 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
                     counts[run_into_store(spec, db_path)] += 1
                     bar.update(1)
                 continue
-            claimed = [s for s in group if store.claim(spec_key(s), s.config())]
+            claimed = [s for s in group if store.claim(s.key(), s.config())]
             counts["skipped"] += len(group) - len(claimed)
             if not claimed:
                 continue
@@ -254,17 +253,17 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
             # and its result must be the one its key would give in a full group
             padded = claimed if len(claimed) > 1 else claimed * 2
             try:
-                keys = [spec_key(s) for s in claimed]
+                keys = [s.key() for s in claimed]
                 results = run_batched(
                     padded, task, data, lambda keys=keys: [store.heartbeat(k) for k in keys]
                 )[: len(claimed)]  # heartbeats: a process on another host sees them alive
             except KeyboardInterrupt:
                 for spec in claimed:
-                    store.mark_interrupted(spec_key(spec))
+                    store.mark_interrupted(spec.key())
                 raise
             except Exception:
                 for spec in claimed:
-                    store.fail(spec_key(spec), traceback.format_exc())
+                    store.fail(spec.key(), traceback.format_exc())
                 counts["failed"] += len(claimed)
                 continue
             for result in results:
@@ -275,7 +274,7 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
                     # stored; a run that truly diverges stops at its first non-finite loss
                     counts[run_claimed(result.spec, store, task, data)] += 1
                     continue
-                store.finish(spec_key(result.spec), result.status, result.metrics(), result.curves)
+                store.finish(result.spec.key(), result.status, result.metrics(), result.curves)
                 counts[result.status] += 1
             bar.update(len(claimed))
     finally:

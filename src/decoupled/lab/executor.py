@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from decoupled.lab.store import FINISHED, ResultStore, config_key
+from decoupled.lab.store import FINISHED, ResultStore
 from decoupled.lab.tasks import Task, TaskData, get_task
 from decoupled.lab.train import RunSpec, run
 from decoupled.optim._build import kernel_ops
@@ -31,10 +31,6 @@ from decoupled.optim._build import kernel_ops
 # Per process: loaded tasks and data (keyed by task name and data dir), and open stores.
 _TASKS: dict[tuple[str, str | None], tuple[Task, TaskData]] = {}
 _STORES: dict[str, ResultStore] = {}
-
-
-def spec_key(spec: RunSpec) -> str:
-    return config_key(spec.config())
 
 
 def _task_and_data(spec: RunSpec) -> tuple[Task, TaskData]:
@@ -65,7 +61,7 @@ def run_into_store(spec: RunSpec, db_path: str) -> str:
     if _STOPPING.is_set():  # an interrupted pool worker takes no queued run
         return "skipped"
     store = open_store(db_path)
-    if not store.claim(spec_key(spec), spec.config()):
+    if not store.claim(spec.key(), spec.config()):
         return "skipped"
     return run_claimed(spec, store)
 
@@ -75,7 +71,7 @@ def run_claimed(
 ) -> str:
     """Run a spec this process has claimed in ``store`` and record its outcome; returns its
     status. ``task`` and ``data`` default to the spec's own (loaded once per process)."""
-    key = spec_key(spec)
+    key = spec.key()
     try:
         if task is None or data is None:
             task, data = _task_and_data(spec)
@@ -95,7 +91,7 @@ def pending_runs(specs: Sequence[RunSpec], store: ResultStore) -> tuple[list[Run
     """The specs not yet finished in the store, and a fresh count per outcome (``cached``:
     already finished)."""
     done = store.done_keys()
-    pending = [spec for spec in specs if spec_key(spec) not in done]
+    pending = [spec for spec in specs if spec.key() not in done]
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": 0}
     counts["cached"] = len(specs) - len(pending)
     return pending, counts
@@ -204,7 +200,7 @@ def _after_a_worker_died(unfinished, db_path, workers, counts, bar) -> None:
     kills its worker every time fails each time, instead of aborting the whole command."""
     store, rest = open_store(db_path), []
     for spec in unfinished:
-        key = spec_key(spec)
+        key = spec.key()
         record = store.get(key)
         if store.fail_abandoned(key, WORKER_DIED):
             counts["failed"] += 1

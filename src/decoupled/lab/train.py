@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map_only
 
 import decoupled
 from decoupled.diagnostics.rates import element_decay_rates, summarize_rates
+from decoupled.lab.store import config_key
 from decoupled.lab.tasks import Task, TaskData, get_task
 from decoupled.schedules import WarmupCosine
 
@@ -98,6 +99,10 @@ class RunSpec:
         if identity is not None:
             config["data"] = identity
         return config
+
+    def key(self) -> str:
+        """The run's store key: a hash of :meth:`config` (``store.config_key``)."""
+        return config_key(self.config())
 
 
 def _data_identity(task_name: str, data_dir: str | None) -> str | None:
@@ -191,7 +196,7 @@ def decay_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     for group in optimizer.param_groups:
         if not group["weight_decay"]:
             continue
-        peak_lr = optimizer._peak_lr(group)
+        peak_lr = optimizer.peak_lr(group)
         for p in group["params"]:
             rate, _ = element_decay_rates(optimizer, p, group, with_grad_rms=False, lr=peak_lr)
             if isinstance(rate, Tensor):

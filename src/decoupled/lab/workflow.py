@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from decoupled.lab.comparison import Comparison, plan, summarize
-from decoupled.lab.executor import execute, open_store, spec_key
+from decoupled.lab.executor import execute, open_store
 from decoupled.lab.experiments import load_experiments, save_experiment
 from decoupled.lab.report import Block, compare_blocks, sweep_blocks, write_report
 from decoupled.lab.sweep import Landscape, landscapes, plan_sweep
 from decoupled.lab.tasks import Task, get_task
+from decoupled.lab.train import RunSpec
 
 DB_NAME = "results.db"
 
@@ -41,7 +42,7 @@ def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
 def plan_name(prefix: str, specs) -> str:
     """``compare-mnist1d-1a2b3c4d``: the same plan (e.g. a resumed one) keeps its name and
     its place in the report; another plan into the same folder is added beside it."""
-    digest = sha256(" ".join(sorted(spec_key(spec) for spec in specs)).encode()).hexdigest()
+    digest = sha256(" ".join(sorted(spec.key() for spec in specs)).encode()).hexdigest()
     return f"{prefix}-{digest[:8]}"
 
 
@@ -81,7 +82,7 @@ def compare_task(
         description=f"{task.name}: {' vs '.join(optimizers)}",
     )
     records = store.records()
-    comparison = summarize(task, specs, records, spec_key)
+    comparison = summarize(task, specs, records, RunSpec.key)
     comparison.missing = missing_runs(specs, records, db_path)
     rebuild_reports(out, tasks={task.name: task})
     return comparison
@@ -151,7 +152,7 @@ def sweep_task(
     else:
         execute(specs, db_path, workers=workers, progress=progress, description=description)
     records = store.records()
-    grid = landscapes(task, specs, records, spec_key)
+    grid = landscapes(task, specs, records, RunSpec.key)
     rebuild_reports(out, tasks={task.name: task})
     return grid, missing_runs(specs, records, db_path)
 
@@ -160,7 +161,7 @@ def unfinished(specs, records) -> dict[str, list]:
     """The planned runs that have no result among the store's ``records``: ``failed`` (their
     records, with the error), ``running`` (records owned by another process, at work or gone)
     and ``missing`` (specs never started, e.g. by a command interrupted before them)."""
-    wanted = {spec_key(spec): spec for spec in specs}
+    wanted = {spec.key(): spec for spec in specs}
     outcome: dict[str, list] = {"failed": [], "running": []}
     for record in records:
         if record.key in wanted and record.status in outcome:
@@ -174,7 +175,7 @@ def _by_optimizer(specs, keys) -> str:
     """``"adam 2, adamw 1"``: how many of the runs with these keys each optimizer has."""
     counts: dict[str, int] = {}
     for spec in specs:
-        if spec_key(spec) in keys:
+        if spec.key() in keys:
             counts[spec.optimizer] = counts.get(spec.optimizer, 0) + 1
     return ", ".join(f"{name} {count}" for name, count in counts.items())
 
@@ -199,7 +200,7 @@ def missing_runs(specs, records, db_path: Path) -> dict[str, str]:
             "when it has finished (a run of a dead process is redone)"
         )
     if outcome["missing"]:
-        which = _by_optimizer(outcome["missing"], {spec_key(s) for s in outcome["missing"]})
+        which = _by_optimizer(outcome["missing"], {s.key() for s in outcome["missing"]})
         lines["missing"] = (
             f"{len(outcome['missing'])} of {len(specs)} runs have not been run ({which}) and "
             "are left out of the report; run the command again to run them"
@@ -224,11 +225,11 @@ def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Pat
         task = tasks[task_name]
         missing = missing_runs(experiment.specs, records, db_path)
         if experiment.kind == "compare":
-            comparison = summarize(task, experiment.specs, records, spec_key)
+            comparison = summarize(task, experiment.specs, records, RunSpec.key)
             comparison.missing = missing
             blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
         else:
-            grid = landscapes(task, experiment.specs, records, spec_key)
+            grid = landscapes(task, experiment.specs, records, RunSpec.key)
             first = experiment.specs[0]
             blocks.extend(
                 sweep_blocks(experiment.name, task, grid, plot_dir, "plots", first, missing)

@@ -256,7 +256,7 @@ class DecayOptimizer(torch.optim.Optimizer):
         """This step's λ, decoupled rate c and each parameter's θ₀ (for step
         ``decay_steps + 1``: the count advances only after the step succeeded)."""
         weight_decay = weight_decay_at(group, group["decay_steps"] + 1)
-        rate = self._decoupled_rate(group, weight_decay) if self.decoupled else 0.0
+        rate = self.decoupled_rate(group, weight_decay) if self.decoupled else 0.0
         if group.get("decay_to") == "init":
             references = []
             for p in params:  # θ₀ is taken at construction, maybe before channels_last
@@ -267,18 +267,18 @@ class DecayOptimizer(torch.optim.Optimizer):
             references = [None] * len(params)
         return DecayTerms(weight_decay, rate, references)
 
-    def _decoupled_rate(self, group: dict, weight_decay: float) -> float | Tensor:
+    def decoupled_rate(self, group: dict, weight_decay: float) -> float | Tensor:
         """This step's decoupled rate c for the group's ``decay_scale`` (``decay.py``)."""
         if weight_decay == 0:  # no decay op at all, as torch's `if weight_decay != 0`
             return 0.0
         scale, peak_lr = group["decay_scale"], None
         if scale in ("schedule", "corrected"):
-            peak_lr = self._peak_lr(group)
+            peak_lr = self.peak_lr(group)
             if not torch.compiler.is_compiling():
                 self._check_below_peak(group, peak_lr)
         return decay_rate(weight_decay, group["lr"], decay_scale=scale, peak_lr=peak_lr)
 
-    def _peak_lr(self, group: dict) -> float:
+    def peak_lr(self, group: dict) -> float:
         """α: the group's ``max_lr`` if set (OneCycleLR sets it too), else torch schedulers'
         ``initial_lr``, else the lr at construction."""
         return as_float(group[self._peak_lr_source(group)])
