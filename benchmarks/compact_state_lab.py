@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from decoupled.lab.comparison import plan
 from decoupled.lab.executor import execute
+from decoupled.lab.plan import plan_compare
 from decoupled.lab.stats import paired_difference
 from decoupled.lab.store import ResultStore
 from decoupled.lab.tasks import DEFAULT_TASK, get_task
@@ -37,7 +37,7 @@ def main() -> None:
     db_path = Path(args.out) / "results.db"
     db_path.parent.mkdir(parents=True, exist_ok=True)
     plans = {
-        dtype: plan(task, optimizers, args.seeds, steps, state_dtype=dtype)
+        dtype: plan_compare(task, optimizers, args.seeds, steps, state_dtype=dtype)
         for dtype in (None, "bfloat16")
     }
     execute([s for specs in plans.values() for s in specs], db_path, description="f32 vs bf16")

@@ -120,12 +120,12 @@ def test_failed_runs_are_reported_and_the_exit_status_is_1(tmp_path, capsys, mon
     """A run that raises is stored as failed, left out of the report, named in one warning
     line, and the command exits 1 (not 0 with a table of dashes)."""
     from decoupled.cli import main
-    from decoupled.lab import train
+    from decoupled.optim.registry import REGISTRY
 
     def broken(*args, **kwargs):
         raise RuntimeError("no such luck")
 
-    monkeypatch.setattr(train.OPTIMIZERS["adamw"], "step", broken)
+    monkeypatch.setattr(REGISTRY["adamw"].cls, "step", broken)
     status = main(["compare", "--quick", "--seeds", "1", "--workers", "1", "--no-progress",
                    "--out", str(tmp_path)])  # fmt: skip
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
@@ -135,12 +135,12 @@ def test_failed_runs_are_reported_and_the_exit_status_is_1(tmp_path, capsys, mon
 
 def test_runs_owned_by_another_live_process_are_named(tmp_path, capsys):
     from decoupled.cli import main
-    from decoupled.lab.comparison import plan
+    from decoupled.lab.plan import plan_compare
     from decoupled.lab.tasks import get_task
     from decoupled.lab.workflow import threads_per_run
 
     task = get_task("mnist1d")
-    spec = plan(task, ["adam"], 1, task.quick_steps, threads=threads_per_run(1))[0]
+    spec = plan_compare(task, ["adam"], 1, task.quick_steps, threads=threads_per_run(1))[0]
     store = ResultStore(tmp_path / "results.db")
     assert store.claim(spec.key(), spec.config())  # this (live) process owns it
     status = main(["compare", "--quick", "--seeds", "1", "--optimizers", "adam", "--workers",
@@ -252,12 +252,13 @@ def test_bring_your_own_model(tmp_path):
 def _summarized(by_optimizer, seeds=5):
     """A comparison of adam and adamw on mnist1d from per-seed metrics (None: diverged,
     "missing": no finished record, as for a failed run)."""
-    from decoupled.lab.comparison import plan, summarize
+    from decoupled.lab.comparison import summarize
+    from decoupled.lab.plan import plan_compare
     from decoupled.lab.store import RunRecord
     from decoupled.lab.tasks import get_task
 
     task = get_task("mnist1d")
-    specs = plan(task, ["adam", "adamw"], seeds, 100)
+    specs = plan_compare(task, ["adam", "adamw"], seeds, 100)
     records = []
     for spec in specs:
         value = by_optimizer[spec.optimizer][spec.seed]
@@ -339,7 +340,7 @@ def test_no_divergence_leaves_the_verdict_as_it_was():
 def test_per_seed_plot_marks_diverged_seeds(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
-    from decoupled.lab.report import plot_per_seed
+    from decoupled.lab.figures import plot_per_seed
 
     texts = []
     original = Axes.text
@@ -356,13 +357,13 @@ def test_per_seed_plot_marks_diverged_seeds(tmp_path, monkeypatch):
 
 
 def test_a_rebuilt_report_names_the_failed_runs(tmp_path):
-    from decoupled.lab.comparison import plan
     from decoupled.lab.experiments import save_experiment
+    from decoupled.lab.plan import plan_compare
     from decoupled.lab.tasks import get_task
     from decoupled.lab.workflow import rebuild_reports
 
     task = get_task("mnist1d")
-    specs = plan(task, ["adam", "adamw"], 5, 100)
+    specs = plan_compare(task, ["adam", "adamw"], 5, 100)
     db = tmp_path / "results.db"
     store = ResultStore(db)
     save_experiment(db, "compare-mnist1d-test", "compare", specs)

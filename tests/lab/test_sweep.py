@@ -230,7 +230,7 @@ def _cell_records(specs, outcome):
 def test_a_cell_where_some_seeds_diverged_is_never_the_best(tmp_path, monkeypatch):
     """2 of 3 seeds diverge at the high lr and λ; the lucky seed's 1.5% must not make that
     cell the best, the share's denominator counts it, and the heatmap says "2/3 diverged"."""
-    from decoupled.lab.sweep import plan_sweep
+    from decoupled.lab.plan import plan_sweep
     from decoupled.lab.tasks import get_task
 
     task = get_task("mnist1d")

@@ -220,7 +220,7 @@ def test_an_empty_loader_says_so():
 def test_batches_may_be_named_tuples_or_dicts():
     from collections import namedtuple
 
-    from decoupled.lab.train import _to_device
+    from decoupled.lab.loop import to_device as _to_device
 
     Batch = namedtuple("Batch", "inputs targets")
     x, y = _fixed_batches(1)[0]

@@ -27,7 +27,7 @@ def resolve_task(name: str, data_dir: str | None = None):
 
 def parse_optimizers(text: str) -> list[str]:
     """Distinct optimizer names from a comma-separated list."""
-    from decoupled.lab.train import OPTIMIZERS
+    from decoupled.optim.registry import NAMES as OPTIMIZERS
 
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in OPTIMIZERS]
@@ -53,7 +53,7 @@ def check_seeds(seeds: int) -> None:
 
 def refuse_unused_weight_decays(args: argparse.Namespace, optimizers: list[str], doing: str):
     """A ``--wd-<name>`` for an optimizer that is not run would be dropped without a word."""
-    from decoupled.lab.train import OPTIMIZERS
+    from decoupled.optim.registry import NAMES as OPTIMIZERS
 
     for name in OPTIMIZERS:
         if name not in optimizers and getattr(args, f"wd_{name}") is not None:
@@ -85,8 +85,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every training command shares: what to train, how long, where to write."""
     from decoupled.cli import positive_int
     from decoupled.lab.tasks import DEFAULT_TASK, task_names
-    from decoupled.lab.train import OPTIMIZERS, SCHEDULES
+    from decoupled.lab.train import SCHEDULES
     from decoupled.optim.decay import DECAY_SCALES
+    from decoupled.optim.registry import NAMES as OPTIMIZERS
 
     parser.add_argument(
         "--task",

@@ -27,7 +27,7 @@ from decoupled.cli._lab_args import (
     resolve_task,
     steps_for,
 )
-from decoupled.lab.train import OPTIMIZERS
+from decoupled.optim.registry import REGISTRY
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="learning rate for every optimizer (default: each one's tuned lr)",
     )
-    for name in OPTIMIZERS:
+    for name in REGISTRY:
         parser.add_argument(
             f"--wd-{name}",
             type=nonnegative_float,
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     steps = steps_for(args, task)
     if args.warmup >= steps:
         raise CommandError(f"argument --warmup: {args.warmup} must be below the budget ({steps})")
-    no_moments = [name for name in optimizers if name not in ("adam", "adamw")]
+    no_moments = [name for name in optimizers if not REGISTRY[name].state_dtype]
     if args.state_dtype is not None and no_moments:
         raise CommandError(
             f"argument --state-dtype: only for adam/adamw (they keep moments), not "

@@ -99,8 +99,9 @@ def run_train(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(f"argument --data-dir: {error}") from None
     out = output_folder(args.out)
-    from decoupled.diagnostics.inspection import format_comparison, inspect_task
+    from decoupled.diagnostics.inspection import format_comparison
     from decoupled.diagnostics.plots import plot_inspection
+    from decoupled.lab.inspection import inspect_task
 
     print(
         f"decoupled inspect: task {task.name}, Adam + L2 vs AdamW (task defaults), "

@@ -25,7 +25,7 @@ from decoupled.cli._lab_args import (
     resolve_task,
     steps_for,
 )
-from decoupled.lab.train import OPTIMIZERS
+from decoupled.optim.registry import NAMES as OPTIMIZERS
 
 EXECUTORS = ("local", "batched", "ray")
 

@@ -1,45 +1,41 @@
-"""Train Adam + L2 and AdamW side by side with a DecayMonitor attached, and compare what their
-weight decay did: how uniform it is, whether it follows the gradient scale, and how evenly
-layers rotate (SCIENCE.md §8, predictions 1 and 2). Used by ``decoupled inspect``.
-
-Both runs use the task's default hyperparameters for each optimizer, the same seed (same
-initial weights) and the same batches, through the lab's own optimizer and schedule
-builders (``decoupled.lab.train``): biases and normalization layers are not decayed, the lr
-follows a cosine decay to 0.
+"""Compare what weight decay did in monitored runs (Adam + L2 against AdamW): how uniform it
+is, whether it follows the gradient scale, and how evenly layers rotate (SCIENCE.md §8,
+predictions 1 and 2). Used by ``decoupled inspect``, whose runs the lab trains
+(``lab/inspection.py``): this layer only reads what a :class:`DecayMonitor` and an
+optimizer's state hold, and never imports the lab.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from decoupled.diagnostics.monitor import DecayMonitor
 from decoupled.diagnostics.rates import element_decay_rates, sample_elements
 from decoupled.diagnostics.table import DecayTable
 from decoupled.diagnostics.theory import equilibrium_steps
-from decoupled.lab.tasks import Task, TaskData
-from decoupled.lab.train import (
-    DECAY_KIND,
-    RunSpec,
-    build_optimizer,
-    build_scheduler,
-    torch_threads,
-)
+from decoupled.optim.registry import REGISTRY
 
-LABELS = {"adam": "Adam + L2", "adamw": "AdamW"}
 #: per-element samples kept for the scatter plot and the distributions, per tensor
 ELEMENT_SAMPLE = 2000
+
+
+class RunSettings(Protocol):
+    """What the comparison reads of a run's settings (the lab's ``RunSpec`` has them)."""
+
+    optimizer: str  # a name in decoupled.optim.registry
+    lr: float  # peak lr γ
+    weight_decay: float  # λ
 
 
 @dataclass
 class InspectedRun:
     """One monitored training run."""
 
-    spec: RunSpec
+    spec: RunSettings
     table: DecayTable
     metric: float  # the task's metric at the end
     metric_name: str
@@ -50,43 +46,14 @@ class InspectedRun:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.spec.optimizer, self.spec.optimizer)
+        info = REGISTRY.get(self.spec.optimizer)
+        return info.described if info else self.spec.optimizer
 
 
-def train_monitored(
-    task: Task, data: TaskData, spec: RunSpec, *, every: int, sample_at: int | None = None
-) -> InspectedRun:
-    """Train ``spec`` on the CPU with ``spec.threads`` torch threads and a monitor; sample
-    per-element rates at ``sample_at``."""
-    started = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    model = task.build_model()
-    optimizer = build_optimizer(spec, model)
-    scheduler = build_scheduler(spec, optimizer)
-    batches = task.batches(data, torch.Generator().manual_seed(spec.seed))
-    sample_at = sample_at or max(1, spec.steps // 2)
-    elements = {}
-    model.train()
-    # the spec's thread count, as the lab's runner uses: the same numbers on every machine
-    with torch_threads(spec.threads), DecayMonitor(optimizer, model, every=every) as monitor:
-        for step in range(1, spec.steps + 1):
-            loss = task.loss(model, next(batches))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{spec.optimizer}: loss is {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step == sample_at:  # before the scheduler moves the lr on
-                elements = _element_samples(optimizer, monitor)
-            if scheduler is not None:
-                scheduler.step()
-    metric = task.evaluate(model, data)
-    return InspectedRun(
-        spec, monitor.table, metric, task.metric, time.perf_counter() - started, elements, sample_at
-    )
-
-
-def _element_samples(optimizer, monitor: DecayMonitor) -> dict:
+def element_samples(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:
+    """Per decayed tensor with Adam state, ``ELEMENT_SAMPLE`` elements' (effective decay
+    rate, sqrt(v̂)) as two arrays drawn at the same elements; keyed by ``names[id(param)]``
+    (a monitor's ``names``)."""
     samples = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -98,36 +65,8 @@ def _element_samples(optimizer, monitor: DecayMonitor) -> dict:
                 rate_sample = sample_elements(rates, ELEMENT_SAMPLE).double().numpy()
             else:
                 rate_sample = np.full_like(rms_sample, rates)
-            samples[monitor.names[id(param)]] = (rate_sample, rms_sample)
+            samples[names[id(param)]] = (rate_sample, rms_sample)
     return samples
-
-
-def inspect_task(
-    task: Task,
-    data: TaskData,
-    *,
-    steps: int,
-    seed: int = 0,
-    every: int = 10,
-    optimizers: tuple[str, ...] = ("adam", "adamw"),
-) -> list[InspectedRun]:
-    """Monitored runs of each optimizer with the task's defaults (same seed, same batches)."""
-    runs = []
-    for name in optimizers:
-        if name not in task.defaults:
-            raise ValueError(f"task {task.name} has no default hyperparameters for {name}")
-        hyper = task.defaults[name]
-        spec = RunSpec(
-            task=task.name,
-            optimizer=name,
-            lr=hyper.lr,
-            weight_decay=hyper.weight_decay,
-            seed=seed,
-            steps=steps,
-            momentum=hyper.momentum,
-        )
-        runs.append(train_monitored(task, data, spec, every=every))
-    return runs
 
 
 # -- the comparison -----------------------------------------------------------------------
@@ -167,7 +106,7 @@ def comparison(runs: list[InspectedRun]) -> dict[str, dict[str, float | str]]:
     """Measured numbers per run (label -> values), over each run's comparison window."""
     result = {}
     for run in runs:
-        coupled = DECAY_KIND[run.spec.optimizer] == "L2"
+        coupled = REGISTRY[run.spec.optimizer].decay == "L2"
         decayed = comparison_window(run.table).where(decayed=True)
         normalized = {"decayed": True, "scale_invariant": True}
         angles = layer_means(run.table, "angular_update", **normalized)

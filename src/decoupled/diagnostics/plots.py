@@ -1,8 +1,9 @@
-"""The figures of `decoupled inspect` (PNG files). matplotlib is imported here and in
-``fixed_points_plot.py`` only, when a figure is drawn.
+"""The figures of `decoupled inspect` (PNG files), drawn through ``decoupled.plotting`` (the
+package's one pyplot entry point) when a figure is drawn.
 
-Colors follow the lab's reports: Adam + L2 red, AdamW blue. Within one optimizer's panel,
-layers take the colors of the "Dark2" palette, the same layer the same color in every figure.
+Colors are the optimizer registry's, as in the lab's reports: Adam + L2 red, AdamW blue.
+Within one optimizer's panel, layers take the colors of the "Dark2" palette, the same layer
+the same color in every figure.
 Log axes are cut below at a fraction of the smallest value seen before the last tenth of the
 run, so that a schedule's final fall to lr = 0 does not squeeze the rest of the plot.
 """
@@ -13,28 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+from decoupled import plotting
 from decoupled.diagnostics.inspection import InspectedRun, comparison_window
 from decoupled.diagnostics.table import DecayTable
+from decoupled.optim.registry import COLORS as OPTIMIZER_COLORS
+from decoupled.optim.registry import DARK_COLORS
+from decoupled.plotting import pyplot
 
-OPTIMIZER_COLORS = {"adam": "#d62728", "adamw": "#1f77b4", "sgd": "#ff7f0e", "sgdw": "#2ca02c"}
-DARK_COLORS = {"adam": "#7a1112", "adamw": "#0b3a5c", "sgd": "#8a4500", "sgdw": "#145214"}
 DPI = 100
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(figure, path: Path) -> Path:
-    figure.savefig(path, dpi=DPI)
-    pyplot().close(figure)
-    return path
+    """Write and close an inspect figure (at :data:`DPI`)."""
+    return plotting.save_figure(figure, path, DPI)
 
 
 def _decayed_tensors(runs: list[InspectedRun]) -> list[str]:

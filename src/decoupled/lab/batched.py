@@ -31,12 +31,11 @@ from decoupled.lab.executor import (
     run_claimed,
     run_into_store,
 )
+from decoupled.lab.loop import add_point, new_curves, run_loop, schedule_factors
 from decoupled.lab.tasks import Task, TaskData
 from decoupled.lab.train import (
-    DECAY_KIND,
     RunResult,
     RunSpec,
-    build_scheduler,
     eval_interval,
     finished_finite,
     torch_threads,
@@ -45,6 +44,7 @@ from decoupled.lab.train import (
 from decoupled.optim.adam import adam_update
 from decoupled.optim.decay import decay_rate
 from decoupled.optim.groups import decay_mask
+from decoupled.optim.registry import REGISTRY
 from decoupled.optim.sgd import sgd_update
 
 
@@ -55,19 +55,6 @@ def batch_key(spec: RunSpec) -> tuple:
 
 def has_randomness(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
-
-
-def _schedule_factors(spec: RunSpec) -> list[float]:
-    """The lr multiplier of every step, read off the runner's own scheduler at base lr 1."""
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    scheduler = build_scheduler(replace(spec, lr=1.0), dummy)
-    factors = []
-    for _ in range(spec.steps):
-        factors.append(float(dummy.param_groups[0]["lr"]))
-        dummy.step()
-        if scheduler is not None:
-            scheduler.step()
-    return factors
 
 
 def _per_cell(values: Sequence[float], like: Tensor) -> Tensor:
@@ -91,6 +78,11 @@ def _train_batched(
     specs: Sequence[RunSpec], task: Task, data: TaskData, on_evaluation=None
 ) -> list[RunResult]:
     base, cells = specs[0], len(specs)
+    if not REGISTRY[base.optimizer].batched:
+        raise ValueError(
+            f"Invalid optimizer value: {base.optimizer!r} for the batched executor (use the "
+            "local executor)"
+        )
     if base.state_dtype is not None:
         raise ValueError(
             f"Invalid state_dtype value: {base.state_dtype!r} for the batched executor (its "
@@ -110,7 +102,7 @@ def _train_batched(
     exp_avg_sqs = {n: torch.zeros_like(w) for n, w in weights.items()}
     momentum_buffers: dict[str, Tensor | None] = {n: None for n in weights}
     steps_t = {n: torch.tensor(0.0) for n in weights}
-    factors = _schedule_factors(base)
+    factors = schedule_factors(base)
     eval_every = eval_interval(base, task)
 
     def loss_of(cell_weights, cell_stats, batch):
@@ -119,10 +111,12 @@ def _train_batched(
 
     grads_and_losses = vmap(grad_and_value(loss_of), in_dims=(0, 0, None))
     batches = task.batches(data, torch.Generator().manual_seed(base.seed))
-    curves = [{"step": [], "train_loss": [], "metric": [], "lr": []} for _ in specs]
+    curves = [new_curves() for _ in specs]
     loss_sums, diverged_at = torch.zeros(cells, dtype=torch.float64), [None] * cells
     since_eval = 0
-    for step in range(1, base.steps + 1):
+
+    def take_step(step: int) -> bool:
+        nonlocal since_eval
         grads, losses = grads_and_losses(weights, stats, next(batches))
         for k in range(cells):
             if diverged_at[k] is None and not math.isfinite(float(losses[k])):
@@ -138,20 +132,24 @@ def _train_batched(
             decayed,
             factors[step - 1],
         )
-        loss_sums += losses.detach().double()
+        loss_sums.add_(losses.detach().double())
         since_eval += 1
-        if step % eval_every == 0 or step == base.steps:
-            for k, spec in enumerate(specs):
-                if diverged_at[k] is not None:
-                    continue
-                curves[k]["step"].append(step)
-                curves[k]["train_loss"].append(float(loss_sums[k]) / since_eval)
-                curves[k]["metric"].append(_evaluate_cell(model, task, data, weights, stats, k))
-                curves[k]["lr"].append(spec.lr * factors[step - 1])
-            if on_evaluation is not None:
-                on_evaluation()
-            loss_sums.zero_()
-            since_eval = 0
+        return True  # a cell that diverges stops counting; the others go on
+
+    def evaluate(step: int) -> None:
+        nonlocal since_eval
+        for k, spec in enumerate(specs):
+            if diverged_at[k] is not None:
+                continue
+            train_loss = float(loss_sums[k]) / since_eval
+            metric = _evaluate_cell(model, task, data, weights, stats, k)
+            add_point(curves[k], step, train_loss, metric, spec.lr * factors[step - 1])
+        if on_evaluation is not None:
+            on_evaluation()
+        loss_sums.zero_()
+        since_eval = 0
+
+    run_loop(base.steps, eval_every, take_step, evaluate)
     wall = (time.perf_counter() - started) / cells
     for k in range(cells):
         cell_weights = (w[k] for w in weights.values())
@@ -179,13 +177,14 @@ def _optimizer_step(
 ) -> None:
     """One step of the specs' optimizer on every stacked tensor, per-cell lr and λ."""
     base = specs[0]
-    decoupled = DECAY_KIND[base.optimizer] == "decoupled"
+    info = REGISTRY[base.optimizer]
+    decoupled = info.decoupled
     for name, weight in weights.items():
         lr = _per_cell([s.lr * factor for s in specs], weight)
         peak = _per_cell([s.lr for s in specs], weight)
         wd = _per_cell([s.weight_decay if decayed[name] else 0.0 for s in specs], weight)
         rate = decay_rate(wd, lr, decay_scale=base.decay_scale, peak_lr=peak) if decoupled else 0.0
-        if base.optimizer in ("adam", "adamw"):
+        if info.family == "adam":
             adam_update(
                 [weight],
                 [grads[name]],
@@ -194,9 +193,7 @@ def _optimizer_step(
                 [],
                 [steps_t[name]],
                 lr=lr,
-                beta1=0.9,
-                beta2=0.999,
-                eps=1e-8,
+                **info.defaults,
                 weight_decay=wd,
                 decoupled=decoupled,
                 decay=rate,
@@ -209,8 +206,7 @@ def _optimizer_step(
                 buffers,
                 lr=lr,
                 momentum=base.momentum,
-                dampening=0.0,
-                nesterov=False,
+                **info.defaults,
                 weight_decay=wd,
                 decoupled=decoupled,
                 decay=rate,

@@ -1,8 +1,8 @@
-"""The compare protocol: several optimizers, the same seeds, the same data order; statistics.
+"""A compare's summary: the store's runs grouped into arms, paired by seed, tested, tabled.
 
-Each optimizer ("arm") is trained over seeds 0..K-1 at the task's documented defaults or
-the given settings. Because a seed fixes both the initial weights and the batch order, arms
-are paired by seed and compared with a paired test (``stats.paired_difference``).
+Each optimizer ("arm") ran over seeds 0..K-1 (``plan.plan_compare``). Because a seed fixes
+both the initial weights and the batch order, arms are paired by seed and compared with a
+paired test (``stats.paired_difference``).
 """
 
 from __future__ import annotations
@@ -10,55 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from decoupled.lab.stats import Interval, PairedComparison, mean_ci, paired_difference, verdict
-from decoupled.lab.store import RunRecord
+from decoupled.lab.store import FINISHED, RunRecord
 from decoupled.lab.tasks import Task
-from decoupled.lab.train import DECAY_KIND, OPTIMIZERS, RunSpec
-
-NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "sgdw": "SGDW"}
-# The pairs a comparison reports: each L2 optimizer against its decoupled twin.
-PAIRS = (("adam", "adamw"), ("sgd", "sgdw"))
+from decoupled.lab.train import RunSpec
+from decoupled.optim.registry import REGISTRY, pairs
 
 
 def metric_scale(metric: str) -> tuple[float, str]:
     """How tables show a metric: an error rate (name ending in "error") as a percentage,
     ``(100.0, "%")``; anything else as it is, ``(1.0, "")``."""
     return (100.0, "%") if metric.endswith("error") else (1.0, "")
-
-
-def plan(
-    task: Task,
-    optimizers: Sequence[str],
-    seeds: int,
-    steps: int,
-    overrides: dict[str, dict[str, float]] | None = None,
-    **common: Any,
-) -> list[RunSpec]:
-    """The runs of a comparison: for each optimizer (task defaults updated by ``overrides``,
-    e.g. ``{"adamw": {"weight_decay": 0.05}}``) one run per seed."""
-    overrides = overrides or {}
-    specs = []
-    for name in optimizers:
-        if name not in OPTIMIZERS:
-            raise ValueError(
-                f"Invalid optimizer value: {name!r} (choose from {', '.join(OPTIMIZERS)})"
-            )
-        defaults = task.defaults[name]
-        settings = {
-            "lr": defaults.lr,
-            "weight_decay": defaults.weight_decay,
-            "momentum": defaults.momentum,
-            **overrides.get(name, {}),
-        }
-        for seed in range(seeds):
-            spec = RunSpec(
-                task=task.name, optimizer=name, seed=seed, steps=steps, **settings, **common
-            )
-            spec.validate()
-            specs.append(spec)
-    return specs
 
 
 @dataclass
@@ -71,7 +34,8 @@ class Arm:
 
     @property
     def name(self) -> str:
-        return NAMES.get(self.optimizer, self.optimizer)
+        info = REGISTRY.get(self.optimizer)
+        return info.label if info else self.optimizer
 
     def metrics_by_seed(self) -> dict[int, float]:
         """Final metric per seed for runs that finished (diverged runs: NaN)."""
@@ -108,7 +72,9 @@ class Comparison:
     task: Task
     arms: list[Arm]
     paired: list[tuple[Arm, Arm, PairedComparison | None, str]]
-    #: planned runs without a result, one line per kind ("failed", "running")
+    #: planned runs without a result, one line per kind (``workflow.missing_runs``): the
+    #: store's unfinished statuses, "failed" and "running" (``store.STATUSES`` outside
+    #: ``store.FINISHED``), and "missing" for runs never started
     missing: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -128,10 +94,10 @@ def summarize(
     for spec in specs:
         arm = arms.setdefault(spec.optimizer, Arm(spec.optimizer, replace(spec, seed=0)))
         record = by_key.get(key_of(spec))
-        if record is not None and record.status in ("done", "diverged"):
+        if record is not None and record.status in FINISHED:
             arm.records[spec.seed] = record
     paired = []
-    for first, second in PAIRS:
+    for first, second in pairs():
         if first in arms and second in arms:
             paired.append(_pair(task, arms[first], arms[second]))
     if not paired and len(arms) >= 2:  # e.g. adam vs sgdw: compare the first two given
@@ -178,7 +144,7 @@ def _pair(task: Task, first: Arm, second: Arm):
 
 def _after(prefix: str, sentence: str) -> str:
     """``sentence`` continuing ``prefix``: its first letter lowercased unless it is a name."""
-    if not prefix or sentence.startswith(tuple(NAMES.values())):
+    if not prefix or sentence.startswith(tuple(info.label for info in REGISTRY.values())):
         return prefix + sentence
     return prefix + sentence[0].lower() + sentence[1:]
 
@@ -201,7 +167,7 @@ def format_table(comparison: Comparison) -> str:
         else:
             cell = f"{interval.mean * scale:.2f}{unit} ± {interval.half_width * scale:.2f}"
         lines.append(
-            f"{arm.optimizer:<10}{DECAY_KIND[arm.optimizer]:<11}{arm.spec.lr:>9.3g}"
+            f"{arm.optimizer:<10}{REGISTRY[arm.optimizer].decay:<11}{arm.spec.lr:>9.3g}"
             f"{arm.spec.weight_decay:>14.3g}  {cell:<32}{len(arm.records):>6}"
             f"{arm.diverged():>10}"
         )

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from decoupled.lab.tasks import Task
-from decoupled.lab.train import OPTIMIZERS
+from decoupled.optim.registry import NAMES as OPTIMIZERS
 
 
 class RangeError(ValueError):

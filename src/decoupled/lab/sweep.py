@@ -1,4 +1,5 @@
-"""Sweeps: the paper's lr × weight-decay grid, and numbers that say whether it is separable.
+"""A sweep's summary: the paper's lr × weight-decay grid, and numbers that say whether it is
+separable (the runs are planned by ``plan.plan_sweep``).
 
 Loshchilov & Hutter 2019 (Figure 2): for Adam + L2 the good region of the lr × λ landscape
 lies on a diagonal (lr and λ must be tuned together); for AdamW it is closer to axis-aligned.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy.stats import gmean
@@ -23,38 +23,6 @@ from decoupled.lab.stats import ROUNDING
 from decoupled.lab.store import RunRecord
 from decoupled.lab.tasks import Task
 from decoupled.lab.train import RunSpec
-
-
-def plan_sweep(
-    task: Task,
-    optimizers: Sequence[str],
-    lrs: dict[str, list[float]],
-    wds: dict[str, list[float]],
-    seeds: int,
-    steps: int,
-    **common: Any,
-) -> list[RunSpec]:
-    """One run per optimizer × lr × λ × seed (SGD/SGDW keep the task's momentum)."""
-    specs = []
-    for name in optimizers:
-        momentum = task.defaults[name].momentum
-        for lr in lrs[name]:
-            for wd in wds[name]:
-                for seed in range(seeds):
-                    spec = RunSpec(
-                        task=task.name,
-                        optimizer=name,
-                        lr=lr,
-                        weight_decay=wd,
-                        seed=seed,
-                        steps=steps,
-                        momentum=momentum,
-                        **common,
-                    )
-                    spec.validate()
-                    specs.append(spec)
-    return specs
-
 
 EMPTY_REASONS = ("diverged", "failed", "running", "missing")
 

@@ -19,24 +19,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map_only
 
 import decoupled
 from decoupled.diagnostics.rates import element_decay_rates, summarize_rates
+from decoupled.lab.loop import (
+    SCHEDULES,
+    MeanLoss,
+    ModelStep,
+    add_point,
+    build_scheduler,
+    new_curves,
+    run_loop,
+)
 from decoupled.lab.store import config_key
 from decoupled.lab.tasks import Task, TaskData, get_task
-from decoupled.schedules import WarmupCosine
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": decoupled.Adam,
-    "adamw": decoupled.AdamW,
-    "sgd": decoupled.SGD,
-    "sgdw": decoupled.SGDW,
-}
-#: how each optimizer applies weight decay, for tables and reports
-DECAY_KIND = {"adam": "L2", "adamw": "decoupled", "sgd": "L2", "sgdw": "decoupled"}
-SCHEDULES = ("cosine", "constant")
-
+from decoupled.optim.registry import REGISTRY, check_optimizer
 
 # Compact moments (decoupled.optim._compact); None keeps them in the parameters' dtype.
 STATE_DTYPES = (None, "bfloat16")
@@ -47,7 +44,7 @@ class RunSpec:
     """Everything that determines a run (its store key is a hash of :meth:`config`)."""
 
     task: str
-    optimizer: str  # adam | adamw | sgd | sgdw
+    optimizer: str  # a name in decoupled.optim.registry: adam | adamw | sgd | sgdw
     lr: float
     weight_decay: float
     seed: int
@@ -63,10 +60,7 @@ class RunSpec:
     batched: bool = False  # trained with other cells at once (lab/batched.py): other rounding
 
     def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"Invalid optimizer value: {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
-            )
+        check_optimizer(self.optimizer)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule value: {self.schedule!r} (choose from {SCHEDULES})")
         for name in ("steps", "seed", "warmup_steps", "eval_every", "threads"):
@@ -93,7 +87,7 @@ class RunSpec:
         version are kept apart). An L2 optimizer's ``decay_scale`` is recorded as "lr":
         it does not use it, so ``--decay-scale`` does not retrain identical Adam/SGD runs."""
         config = {**asdict(self), "version": decoupled.__version__}
-        if DECAY_KIND.get(self.optimizer) == "L2":
+        if self.optimizer in REGISTRY and REGISTRY[self.optimizer].decay == "L2":
             config["decay_scale"] = "lr"
         identity = _data_identity(self.task, self.data_dir)
         if identity is not None:
@@ -140,31 +134,16 @@ class RunResult:
 
 def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of a spec; biases and normalization layers are never decayed."""
+    info = REGISTRY[spec.optimizer]
     groups = decoupled.param_groups(model, spec.weight_decay, verbose=False)
     kwargs: dict[str, Any] = {"lr": spec.lr}
-    if spec.optimizer in ("sgd", "sgdw"):
+    if info.momentum:
         kwargs["momentum"] = spec.momentum
-    if spec.optimizer in ("adamw", "sgdw"):
+    if info.decay_scale:
         kwargs["decay_scale"] = spec.decay_scale
     if spec.state_dtype is not None:
         kwargs["state_dtype"] = getattr(torch, spec.state_dtype)
-    return OPTIMIZERS[spec.optimizer](groups, **kwargs)
-
-
-def build_scheduler(spec: RunSpec, optimizer: torch.optim.Optimizer):
-    if spec.schedule == "constant" and spec.warmup_steps == 0:
-        return None
-    if spec.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: min(1.0, t / spec.warmup_steps)
-        )
-    return WarmupCosine(optimizer, spec.warmup_steps, spec.steps)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor in a batch (a tensor, or tuples, named tuples, lists and dicts of them)
-    moved to ``device``; anything else is left as it is."""
-    return tree_map_only(Tensor, lambda t: t.to(device, non_blocking=True), batch)
+    return info.cls(groups, **kwargs)
 
 
 def eval_interval(spec: RunSpec, task: Task) -> int:
@@ -270,31 +249,17 @@ def _train(spec, task, data, device, on_progress) -> RunResult:
     scheduler = build_scheduler(spec, optimizer)
     batches = task.batches(data, torch.Generator().manual_seed(spec.seed))
 
-    curves: dict[str, list[float]] = {"step": [], "train_loss": [], "metric": [], "lr": []}
-    loss_sum, loss_count, status = 0.0, 0, "done"
+    curves, train_loss = new_curves(), MeanLoss()
     model.train()
-    for step in range(1, spec.steps + 1):
-        loss = task.loss(model, _to_device(next(batches), device))
-        if not torch.isfinite(loss):
-            status = "diverged"
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        curves_lr = float(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        if step % eval_every == 0 or step == spec.steps:
-            curves["step"].append(step)
-            curves["train_loss"].append(loss_sum / loss_count)
-            curves["metric"].append(task.evaluate(model, data))
-            curves["lr"].append(curves_lr)
-            model.train()
-            loss_sum, loss_count = 0.0, 0
-            if on_progress:
-                on_progress(step, spec.steps)
+    take_step = ModelStep(task, model, optimizer, scheduler, batches, device, train_loss.add)
 
+    def evaluate(step: int) -> None:
+        add_point(curves, step, train_loss.take(), task.evaluate(model, data), take_step.lr)
+        model.train()
+        if on_progress:
+            on_progress(step, spec.steps)
+
+    status = "done" if run_loop(spec.steps, eval_every, take_step, evaluate) is None else "diverged"
     if status == "done" and not finished_finite(model.parameters(), curves["metric"][-1]):
         status = "diverged"
     metric = curves["metric"][-1] if status == "done" else math.nan

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
-from decoupled.lab.comparison import Comparison, plan, summarize
+from decoupled.lab.comparison import Comparison, summarize
 from decoupled.lab.executor import execute, open_store
 from decoupled.lab.experiments import load_experiments, save_experiment
-from decoupled.lab.report import Block, compare_blocks, sweep_blocks, write_report
-from decoupled.lab.sweep import Landscape, landscapes, plan_sweep
+from decoupled.lab.plan import plan_compare, plan_sweep
+from decoupled.lab.render import Block, write_report
+from decoupled.lab.report import compare_blocks, sweep_blocks
+from decoupled.lab.sweep import Landscape, landscapes
 from decoupled.lab.tasks import Task, get_task
 from decoupled.lab.train import RunSpec
 
@@ -69,11 +71,11 @@ def compare_task(
 ) -> Comparison:
     """Plan, run (skipping runs already stored), summarize and report one comparison."""
     common.setdefault("threads", threads_per_run(workers))  # a caller's own count wins
-    specs = plan(task, optimizers, seeds, steps, overrides, **common)
+    specs = plan_compare(task, optimizers, seeds, steps, overrides, **common)
     db_path = out / DB_NAME
-    store = open_store(db_path)
-    prefix = name or f"compare-{task.name}"
-    save_experiment(db_path, plan_name(prefix, specs), "compare", specs)
+    open_store(db_path)
+    experiment = plan_name(name or f"compare-{task.name}", specs)
+    save_experiment(db_path, experiment, "compare", specs)
     execute(
         specs,
         db_path,
@@ -81,11 +83,9 @@ def compare_task(
         progress=progress,
         description=f"{task.name}: {' vs '.join(optimizers)}",
     )
-    records = store.records()
-    comparison = summarize(task, specs, records, RunSpec.key)
-    comparison.missing = missing_runs(specs, records, db_path)
-    rebuild_reports(out, tasks={task.name: task})
-    return comparison
+    summaries: dict[str, Any] = {}
+    rebuild_reports(out, tasks={task.name: task}, summaries=summaries)
+    return summaries[experiment]
 
 
 class StoredTask(Task):
@@ -132,8 +132,9 @@ def sweep_task(
         common.setdefault("threads", threads_per_run(workers))
     specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
     db_path = out / DB_NAME
-    store = open_store(db_path)
-    save_experiment(db_path, plan_name(f"sweep-{task.name}", specs), "sweep", specs)
+    open_store(db_path)
+    experiment = plan_name(f"sweep-{task.name}", specs)
+    save_experiment(db_path, experiment, "sweep", specs)
     description = f"{task.name} sweep"
     if executor == "ray":
         from decoupled.lab.ray_executor import execute_on_ray
@@ -144,17 +145,16 @@ def sweep_task(
 
         if not torch.cuda.is_available():
             print(
-                "decoupled sweep: note: the batched executor is meant for GPUs; on a 2-core CPU "
-                "it ran at 0.6x the speed of one-after-another runs (README, Executors)",
+                "decoupled sweep: note: the batched executor is meant for GPUs; on a CPU it is "
+                "usually slower than one-after-another runs (README, Executors)",
                 file=sys.stderr,
             )
         execute_batched(specs, db_path, progress=progress)
     else:
         execute(specs, db_path, workers=workers, progress=progress, description=description)
-    records = store.records()
-    grid = landscapes(task, specs, records, RunSpec.key)
-    rebuild_reports(out, tasks={task.name: task})
-    return grid, missing_runs(specs, records, db_path)
+    summaries: dict[str, Any] = {}
+    rebuild_reports(out, tasks={task.name: task}, summaries=summaries)
+    return summaries[experiment]
 
 
 def unfinished(specs, records) -> dict[str, list]:
@@ -208,8 +208,12 @@ def missing_runs(specs, records, db_path: Path) -> dict[str, str]:
     return lines
 
 
-def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Path]:
-    """Rebuild report.md/report.html from the store alone (no training)."""
+def rebuild_reports(
+    out: Path, tasks: dict[str, Task] | None = None, summaries: dict[str, Any] | None = None
+) -> list[Path]:
+    """Rebuild report.md/report.html from the store alone (no training); ``summaries``, if
+    given, receives each experiment's summary by name: a compare's Comparison, a sweep's
+    (landscapes, missing_runs)."""
     db_path = out / DB_NAME
     if not db_path.exists():
         raise FileNotFoundError(f"no results store in {out} (expected {db_path})")
@@ -228,10 +232,14 @@ def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Pat
             comparison = summarize(task, experiment.specs, records, RunSpec.key)
             comparison.missing = missing
             blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
+            summary: Any = comparison
         else:
             grid = landscapes(task, experiment.specs, records, RunSpec.key)
             first = experiment.specs[0]
             blocks.extend(
                 sweep_blocks(experiment.name, task, grid, plot_dir, "plots", first, missing)
             )
+            summary = (grid, missing)
+        if summaries is not None:
+            summaries[experiment.name] = summary
     return write_report(out, blocks)

@@ -1,0 +1,119 @@
+"""The optimizers the lab knows, one entry each: what every table, plot, runner and command
+line reads about an optimizer (in the spirit of timm's ``OptimInfo`` and torch's ``optim_db``).
+
+Adding a variant is one :class:`OptimizerInfo` in :data:`REGISTRY` plus its class. Colours
+are matplotlib colour strings (plain data: nothing here imports a plotting library); the
+pairs red/blue and orange/green are matplotlib's "tab10" colours, so each L2 optimizer and
+its decoupled twin are told apart at a glance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from decoupled.optim.adam import Adam, AdamW
+from decoupled.optim.sgd import SGD, SGDW
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One optimizer as the lab uses it.
+
+    ``decay`` is ``"L2"`` (λθ added to the gradient, before any scaling) or ``"decoupled"``
+    (θ ← θ − γλθ apart from the gradient step; Loshchilov & Hutter 2019). ``family`` names
+    the functional core (``adam_update`` or ``sgd_update``) the batched executor calls, and
+    ``defaults`` the hyperparameters the lab never varies, passed to that core as they are
+    (they equal the class's own defaults, so a batched cell and a separate run agree).
+    """
+
+    name: str  # the lab's key: "adamw"
+    cls: type[torch.optim.Optimizer]
+    decay: str  # "L2" | "decoupled"
+    family: str  # "adam" | "sgd"
+    label: str  # "AdamW"
+    color: str  # matplotlib colour of its curves and points
+    dark_color: str  # a darker shade of ``color`` (median lines drawn over its boxes)
+    torch_twin: type[torch.optim.Optimizer] | None  # the torch.optim class with its algorithm
+    twin: str  # the optimizer with the same update and the other kind of decay
+    momentum: bool = False  # takes ``momentum`` (SGD's heavy ball)
+    state_dtype: bool = False  # keeps moments that may be compact (``state_dtype=bfloat16``)
+    batched: bool = True  # the batched executor can train it (lab/batched.py)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def decoupled(self) -> bool:
+        return self.decay == "decoupled"
+
+    @property
+    def decay_scale(self) -> bool:
+        """Whether it takes ``decay_scale`` (only decoupled decay has a convention to pick)."""
+        return self.decoupled
+
+    @property
+    def described(self) -> str:
+        """The label with its decay when that is L2 ("Adam + L2"); a decoupled optimizer's
+        name already says it ("AdamW")."""
+        return f"{self.label} + L2" if self.decay == "L2" else self.label
+
+
+_ADAM_DEFAULTS = MappingProxyType({"beta1": 0.9, "beta2": 0.999, "eps": 1e-8})
+_SGD_DEFAULTS = MappingProxyType({"dampening": 0.0, "nesterov": False})
+
+REGISTRY: Mapping[str, OptimizerInfo] = MappingProxyType(
+    {
+        info.name: info
+        for info in (
+            OptimizerInfo(
+                "adam", Adam, "L2", "adam", "Adam", "#d62728", "#7a1112", torch.optim.Adam,
+                twin="adamw", state_dtype=True, defaults=_ADAM_DEFAULTS,
+            ),
+            OptimizerInfo(
+                "adamw", AdamW, "decoupled", "adam", "AdamW", "#1f77b4", "#0b3a5c",
+                torch.optim.AdamW, twin="adam", state_dtype=True, defaults=_ADAM_DEFAULTS,
+            ),
+            OptimizerInfo(
+                "sgd", SGD, "L2", "sgd", "SGD", "#ff7f0e", "#8a4500", torch.optim.SGD,
+                twin="sgdw", momentum=True, defaults=_SGD_DEFAULTS,
+            ),
+            # torch has no SGD with decoupled decay
+            OptimizerInfo(
+                "sgdw", SGDW, "decoupled", "sgd", "SGDW", "#2ca02c", "#145214", None,
+                twin="sgd", momentum=True, defaults=_SGD_DEFAULTS,
+            ),
+        )
+    }
+)  # fmt: skip
+
+#: the optimizers' names, in the registry's order
+NAMES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get_optimizer_info(name: str) -> OptimizerInfo:
+    """The entry of ``name``; ``ValueError: Invalid optimizer value: 'adan' (choose from
+    adam, adamw, sgd, sgdw)`` for an unknown one."""
+    check_optimizer(name)
+    return REGISTRY[name]
+
+
+def check_optimizer(name: object) -> None:
+    """Raise the one error for an optimizer name the registry does not hold."""
+    if name not in REGISTRY:
+        raise ValueError(f"Invalid optimizer value: {name!r} (choose from {', '.join(REGISTRY)})")
+
+
+def pairs() -> Iterator[tuple[str, str]]:
+    """Each L2 optimizer with its decoupled twin, in the registry's order: the pairs a
+    comparison reports."""
+    for info in REGISTRY.values():
+        if info.decay == "L2" and info.twin in REGISTRY:
+            yield info.name, info.twin
+
+
+#: matplotlib colour per optimizer name
+COLORS: Mapping[str, str] = MappingProxyType({n: i.color for n, i in REGISTRY.items()})
+DARK_COLORS: Mapping[str, str] = MappingProxyType({n: i.dark_color for n, i in REGISTRY.items()})
