@@ -246,6 +246,40 @@ def test_bring_your_own_model(tmp_path):
     assert "compare-toy" in Path(tmp_path / "report.md").read_text()
 
 
+def test_a_compare_is_summarized_once_for_its_result_and_its_report(tmp_path, monkeypatch):
+    """compare_task returns the very Comparison its report was built from: one summary."""
+    from decoupled.lab import workflow
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return summarize(*args, **kwargs)
+
+    summarize = workflow.summarize
+    monkeypatch.setattr(workflow, "summarize", counted)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def train_batches(seed):
+        return [(x[:32], y[:32]), (x[32:], y[32:])]
+
+    result = compare(
+        lambda: nn.Linear(3, 2),
+        train_batches,
+        lambda model: (model(x).argmax(1) != y).float().mean().item(),
+        steps=4,
+        seeds=2,
+        out=tmp_path,
+        progress=False,
+        name="once",
+        threads=1,
+    )
+    assert len(calls) == 1
+    assert [len(arm.records) for arm in result.arms] == [2, 2]
+    assert format_table(result) in (tmp_path / "report.md").read_text()
+
+
 # ---------------------------------------------------------------- divergence and failures
 
 

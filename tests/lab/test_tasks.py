@@ -322,3 +322,20 @@ def test_minilm_trains_on_no_held_out_docstring_and_draws_epochs_without_repeats
     rows = {tuple(row.tolist()) for masked, labels in seen for row in torch.where(
         labels == -100, masked, labels)}  # fmt: skip
     assert len(rows) == len(seen) * task.batch_size  # no sequence twice within the epoch
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_each_task_points_to_its_tuning_notes(name):
+    """A task's docstring says what it is and points to docs/TUNING.md, which has a section
+    for it (the tuning logs live there, not in the code)."""
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    import decoupled.lab.tasks as tasks
+
+    module_name, class_name = tasks._REGISTRY[name].split(":")
+    source = Path(find_spec(module_name).origin).read_text()  # no optional import needed
+    docstring = source.split(f"class {class_name}(", 1)[1].split('"""')[1]
+    assert f"docs/TUNING.md ({name})" in " ".join(docstring.split())
+    tuning = Path(__file__).parents[2] / "docs" / "TUNING.md"
+    assert f"\n## {name}\n" in tuning.read_text()

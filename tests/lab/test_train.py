@@ -302,3 +302,83 @@ def test_biases_and_norms_are_not_decayed_by_the_runner(mnist1d):
     bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)][0]
     assert any(p is bn.weight for p in no_decay["params"])
     assert decay_summary(optimizer) != {}
+
+
+# ---------------------------------------------------------------- the optimizer registry
+
+
+def test_the_registry_describes_each_optimizer_as_its_class_behaves():
+    """Each entry's decay kind is what its class does, its torch twin runs the same update,
+    and the defaults the batched executor passes to the functional core are the class's."""
+    import inspect
+
+    from decoupled.diagnostics.rates import decay_kind
+    from decoupled.optim.registry import REGISTRY, pairs
+
+    assert list(REGISTRY) == ["adam", "adamw", "sgd", "sgdw"]
+    assert list(pairs()) == [("adam", "adamw"), ("sgd", "sgdw")]
+    for name, info in REGISTRY.items():
+        model = nn.Linear(3, 2)
+        optimizer = info.cls(model.parameters(), lr=0.1, weight_decay=0.1)
+        assert decay_kind(optimizer).decoupled == info.decoupled, name
+        assert decay_kind(optimizer).family == info.family, name
+        assert REGISTRY[info.twin].twin == name and REGISTRY[info.twin].decay != info.decay
+        signature = inspect.signature(info.cls).parameters
+        if info.family == "adam":
+            assert signature["betas"].default == (info.defaults["beta1"], info.defaults["beta2"])
+            assert signature["eps"].default == info.defaults["eps"]
+        else:
+            assert {k: signature[k].default for k in info.defaults} == dict(info.defaults)
+        assert ("momentum" in signature) == info.momentum
+        assert ("state_dtype" in signature) == info.state_dtype
+        if info.torch_twin is not None:
+            torch.manual_seed(0)
+            ours, theirs = nn.Linear(3, 2), nn.Linear(3, 2)
+            theirs.load_state_dict(ours.state_dict())
+            first = info.cls(ours.parameters(), lr=0.1, weight_decay=0.1)
+            second = info.torch_twin(theirs.parameters(), lr=0.1, weight_decay=0.1)
+            for _ in range(3):
+                for net, opt in ((ours, first), (theirs, second)):
+                    opt.zero_grad()
+                    net(torch.ones(4, 3)).square().sum().backward()
+                    opt.step()
+            torch.testing.assert_close(ours.weight, theirs.weight)
+
+
+def test_an_unknown_optimizer_is_one_error_everywhere(mnist1d):
+    import re
+
+    from decoupled.lab.plan import plan_compare
+
+    message = re.escape("Invalid optimizer value: 'adan' (choose from adam, adamw, sgd, sgdw)")
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        spec(optimizer="adan").validate()
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        plan_compare(mnist1d[0], ["adan"], 1, 10)
+
+
+# ---------------------------------------------------------------- the one training loop
+
+
+def test_inspect_trains_exactly_as_the_runner_does(mnist1d):
+    """The monitored run of `decoupled inspect` and the runner share one loop: the same spec
+    ends at the same metric (the monitor only reads)."""
+    from decoupled.lab.inspection import train_monitored
+
+    task, data = mnist1d
+    runner_spec = spec(optimizer="adam", steps=12)
+    result = run(runner_spec, task=task, data=data, device="cpu")
+    inspected = train_monitored(task, data, runner_spec, every=4)
+    assert inspected.metric == result.metric
+    assert len(inspected.table) and inspected.label == "Adam + L2"
+
+
+def test_the_loop_stops_at_the_step_that_diverged_and_evaluates_on_schedule():
+    from decoupled.lab.loop import run_loop
+
+    evaluated = []
+    assert run_loop(10, 4, lambda step: True, evaluated.append) is None
+    assert evaluated == [4, 8, 10]
+    evaluated.clear()
+    assert run_loop(10, 4, lambda step: step < 6, evaluated.append) == 6
+    assert evaluated == [4]

@@ -9,7 +9,8 @@ against theory (SCIENCE.md §4, §5, §8).
 * ``theory`` — equilibrium predictions (angular update, norm) and :func:`angle_between`.
 * ``fixed_points`` — where Adam + L2, SGD + L2 and AdamW converge on a convex problem.
 
-matplotlib is needed only to draw: ``plots`` (inspect) and ``fixed_points_plot``.
+matplotlib is needed only to draw: ``plots`` (inspect) and ``fixed_points_plot``, both through
+``decoupled.plotting``, the package's one pyplot entry point.
 """
 
 from decoupled.diagnostics.monitor import DecayMonitor

@@ -4,10 +4,12 @@ Cells that differ only in lr and λ share everything else — the seed, hence th
 weights and the batch order. Their parameters are stacked along a new first dimension
 (K cells), the forward and backward passes run once for all of them through
 ``torch.func.vmap`` over ``grad_and_value``, and the optimizer's own functional core
-(``adam_update``/``sgd_update``) updates the stacked tensors with per-cell lr and λ as
-broadcast tensors. Each cell's result equals a separate run with the same seed up to float
-rounding (tested). Models with dropout are run one by one instead (their random masks
-could not match separate runs).
+(``adam_update``/``sgd_update``, with the registry's fixed hyperparameters: its
+``OptimizerInfo.defaults``) updates the stacked tensors with per-cell lr and λ as broadcast
+tensors. The steps and evaluations follow the lab's one loop (``loop.run_loop``) and the lr
+follows the runner's schedule, replayed once (``loop.schedule_factors``). Each cell's result
+equals a separate run with the same seed up to float rounding (tested). Models with dropout
+are run one by one instead (their random masks could not match separate runs).
 """
 
 from __future__ import annotations

@@ -142,12 +142,8 @@ class CharLM(Task):
     """Byte-level language model of the Python standard library; metric: validation bits per
     byte (cross-entropy / ln 2) on 128 fixed windows of validation files.
 
-    Budget: 1200 steps of 32 random windows of 64 bytes. Defaults are sensible, lightly
-    tuned values (seed 0, the runner's cosine schedule): lr 1e-2 for 1200 steps beat lr 3e-3
-    for 1500 steps for Adam (λ 0: 2.34 vs 2.48 bits per byte) and AdamW (λ 0.1: 2.24 vs
-    2.45), measured on the corpus without ``encodings/``; SGD with momentum 0.9 needs a much
-    larger lr (0.5: 2.84; 0.1: 3.42, measured with ``encodings/`` still in). For scale, the
-    unigram entropy of the corpus is 4.50 bits per byte.
+    Budget: 1200 steps of 32 random windows of 64 bytes. How the defaults were chosen:
+    docs/TUNING.md (charlm).
     """
 
     name = "charlm"

@@ -209,12 +209,8 @@ class CIFAR10(ClassificationTask):
     """CIFAR-10 (50000 train / 10000 test) from ``--data-dir``, small ResNet with BatchNorm,
     crop + flip augmentation; metric: test error on the 10000 test images.
 
-    Budget: 500 steps of batch 128 (1.3 epochs), sized for a CPU, where an evaluation on
-    the 10000 test images takes about 2–3 s; on a GPU raise it (the paper trains for 100
-    epochs and more). Defaults are sensible values from the literature, not tuned here (the
-    lab was built without the real data): AdamW near fast.ai's CIFAR-10 setting (lr 3e-3,
-    λ 0.1), SGD the classic lr 0.1, momentum 0.9, L2 5e-4 (He et al. 2016), SGDW its
-    equivalent λ = 5e-4 / (1 − μ), Adam lr 1e-3 with the same L2.
+    Budget: 500 steps of batch 128 (1.3 epochs), sized for a CPU; on a GPU raise it. How the
+    defaults were chosen: docs/TUNING.md (cifar10).
     """
 
     name = "cifar10"

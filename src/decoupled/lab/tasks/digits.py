@@ -73,8 +73,7 @@ class DigitsCNN(nn.Module):
 class Digits(ClassificationTask):
     """8×8 digits (1347 train / 450 test), small 2-D CNN; metric: test error.
 
-    Budget: 1500 steps of batch 64 (about 71 epochs). Defaults are sensible, lightly tuned
-    values (a short check that the loss falls and the test error reaches a few percent).
+    Budget: 1500 steps of batch 64. How the defaults were chosen: docs/TUNING.md (digits).
     """
 
     name = "digits"

@@ -134,8 +134,8 @@ class MiniLM(Task):
     evenly over the held-out files' docstrings (none of which is trained on, even where the
     stdlib repeats one in a training file).
 
-    Budget: 80 steps of 16 sequences (a CPU-sized fine-tuning run). Defaults are sensible,
-    lightly tuned values in the usual BERT fine-tuning range.
+    Budget: 80 steps of 16 sequences (a CPU-sized fine-tuning run). How the defaults were
+    chosen: docs/TUNING.md (minilm).
     """
 
     name = "minilm"

@@ -75,39 +75,7 @@ class MNIST1DNet(nn.Module):
 class MNIST1D(ClassificationTask):
     """MNIST-1D classification, 1-D CNN with BatchNorm; metric: test error (1000 signals).
 
-    Budget: 3000 steps of batch 128 (96 epochs of the 4000 training signals); about 7 s on
-    one CPU thread.
-
-    How the Adam and AdamW defaults were chosen: full 3000-step runs with the runner's
-    default schedule (cosine decay from the peak lr to 0, no warm-up), weights decayed as
-    ``param_groups`` does (conv and linear weights; not biases or BatchNorm), AdamW's λ in
-    torch's units (shrink γ_t·λ per step), seeds 0 and 1; the table is the final test error
-    in %, averaged over the two seeds (the two seeds never differed by more than 0.9)::
-
-        Adam + L2, λ =    0     1e-4   1e-3   1e-2   3e-2
-        lr 1e-3         3.20   3.55   3.35   2.45
-        lr 3e-3         3.55   2.95   2.80  [1.45]  1.55
-        lr 1e-2         2.95   2.45   1.70   1.70   1.55
-
-        AdamW, λ =      1e-3   1e-2   5e-2   0.1    0.3    1.0    3.0
-        lr 1e-3         3.40   3.55   3.55   3.50   3.10
-        lr 3e-3         3.00   3.20   2.85   2.85   2.05
-        lr 1e-2         2.50   2.60   2.05   2.15   1.65  [1.35]  1.75
-        lr 3e-2                                     1.55
-
-    The first grid was lr × {0, 1e-4, 1e-3, 1e-2} (Adam) and × {1e-3 … 0.3} (AdamW); both bests
-    lay on its edge in λ, so it was extended until each had a worse neighbour in λ (AdamW's lr
-    1e-2 was checked against 3e-2 at one λ only). Neighbouring cells differ by a few tenths of a
-    percent (a few test signals): read the defaults as a good region, not a sharp optimum. (The
-    grid was measured with an earlier version of the runner; 0.3.0 on one thread gives 1.65 and
-    1.60 for the two bracketed cells, seeds 0–1.) AdamW's λ = 1.0 looks large only in torch's
-    units: the shrink per step is γλ = 0.01 at the peak (λ = 0.01 in the paper's "schedule"
-    units). At a constant lr the same kind of grid (seeds 0–3 for the best cells) preferred less
-    decay (Adam 3e-3/1e-3, AdamW 3e-3/0.1, mean final errors 2.3% and 3.0%) and its final errors
-    were noisy: BatchNorm spikes up to 12% at single evaluations. SGD/SGDW (momentum 0.9) were
-    only lightly tuned, seed 0, cosine: lr 3e-2 gave 3.4% for both; lr 0.1 gave SGD 2.7%
-    (λ 5e-4) and 1.8% (λ 5e-3), SGDW 2.6% (λ 5e-3) and 1.6% (λ 5e-2). SGDW's λ is SGD's ×
-    1/(1 − μ), the decay that L2 reaches through the momentum buffer.
+    Budget: 3000 steps of batch 128. How the defaults were tuned: docs/TUNING.md (mnist1d).
     """
 
     name = "mnist1d"

@@ -58,13 +58,9 @@ class TinyViT(nn.Module):
 class ViT(Digits):
     """8×8 digits (1347 train / 450 test), 2-block ViT (dim 64, 4 heads); metric: test error.
 
-    Budget: 1500 steps of batch 64 (about 71 epochs). Defaults are sensible values, barely
-    tuned: with seed 0, the runner's cosine schedule and one thread, lr 3e-3 vs 1e-3 gave
-    Adam (λ 1e-4) 4.0% vs 4.4% test error and AdamW (λ 0.05) 3.8% at both (re-measured with
-    0.3.0; an earlier version's 3.6%/2.2% at 3e-3 did not reproduce). One test image is
-    0.22%, so these differ by at most two images: read lr 3e-3 as reasonable, not optimal.
-    The class token and position embeddings are ``nn.Parameter`` tensors outside any
-    Linear/Norm module, so ``param_groups`` decays them like weights.
+    Budget: 1500 steps of batch 64. How the defaults were chosen: docs/TUNING.md (vit). The
+    class token and position embeddings are ``nn.Parameter`` tensors outside any Linear/Norm
+    module, so ``param_groups`` decays them like weights.
     """
 
     name = "vit"
