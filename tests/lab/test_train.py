@@ -331,6 +331,7 @@ def test_the_registry_describes_each_optimizer_as_its_class_behaves():
             assert {k: signature[k].default for k in info.defaults} == dict(info.defaults)
         assert ("momentum" in signature) == info.momentum
         assert ("state_dtype" in signature) == info.state_dtype
+        assert ("decay_scale" in signature) == info.takes_decay_scale
         if info.torch_twin is not None:
             torch.manual_seed(0)
             ours, theirs = nn.Linear(3, 2), nn.Linear(3, 2)

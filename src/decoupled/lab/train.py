@@ -139,7 +139,7 @@ def build_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     kwargs: dict[str, Any] = {"lr": spec.lr}
     if info.momentum:
         kwargs["momentum"] = spec.momentum
-    if info.decay_scale:
+    if info.takes_decay_scale:
         kwargs["decay_scale"] = spec.decay_scale
     if spec.state_dtype is not None:
         kwargs["state_dtype"] = getattr(torch, spec.state_dtype)

@@ -50,7 +50,7 @@ class OptimizerInfo:
         return self.decay == "decoupled"
 
     @property
-    def decay_scale(self) -> bool:
+    def takes_decay_scale(self) -> bool:
         """Whether it takes ``decay_scale`` (only decoupled decay has a convention to pick)."""
         return self.decoupled
 
