@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from decoupled.lab import executor
 from decoupled.lab.comparison import Comparison
 from decoupled.lab.tasks.base import Hyperparameters, Task, TaskData
+from decoupled.optim.registry import REGISTRY
 
 
 def cross_entropy_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -114,20 +115,16 @@ def compare(
     with ``decoupled.lab.comparison.format_table``) and writes the report into ``out``.
 
     ``settings`` gives each optimizer's ``lr``/``weight_decay``/``momentum``; missing ones
-    default to lr 1e-3 with λ 1e-4 (Adam's L2) or 1e-2 (AdamW, torch's default), and for
-    SGD/SGDW lr 0.01 and momentum 0.9, with λ 5e-4 for SGD's L2 and 5e-3 for SGDW (SGD's
-    × 1/(1 − μ), the decay that L2 reaches through the momentum buffer, as in the built-in
-    tasks). ``metric`` names what ``evaluate`` returns (a name ending in ``error`` is shown
-    in percent). Runs execute in this process.
+    default to the registry's ``untuned`` values (``decoupled.optim.registry``): lr 1e-3
+    with λ 1e-4 (Adam's L2) or 1e-2 (AdamW, torch's default), and for SGD/SGDW lr 0.01 and
+    momentum 0.9, with λ 5e-4 for SGD's L2 and 5e-3 for SGDW (SGD's × 1/(1 − μ), the decay
+    that L2 reaches through the momentum buffer, as in the built-in tasks). ``metric`` names
+    what ``evaluate`` returns (a name ending in ``error`` is shown in percent). Runs execute
+    in this process.
     """
     from decoupled.lab.workflow import compare_task, prepare_out_dir
 
-    base = {
-        "adam": Hyperparameters(1e-3, 1e-4),
-        "adamw": Hyperparameters(1e-3, 1e-2),
-        "sgd": Hyperparameters(1e-2, 5e-4, 0.9),
-        "sgdw": Hyperparameters(1e-2, 5e-3, 0.9),
-    }
+    base = {name: Hyperparameters(**info.untuned) for name, info in REGISTRY.items()}
     task_name = f"custom:{name}"
     task = CustomTask(
         task_name,

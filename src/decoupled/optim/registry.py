@@ -29,6 +29,9 @@ class OptimizerInfo:
     the functional core (``adam_update`` or ``sgd_update``) the batched executor calls, and
     ``defaults`` the hyperparameters the lab never varies, passed to that core as they are
     (they equal the class's own defaults, so a batched cell and a separate run agree).
+    ``untuned`` are common starting values: Adam's lr 1e-3 with λ 1e-4 as L2 or torch's
+    AdamW default 1e-2; SGD's lr 0.01, momentum 0.9 and L2 5e-4, and SGDW's λ 5e-3, SGD's
+    × 1/(1 − μ): the decay L2 reaches through the momentum buffer.
     """
 
     name: str  # the lab's key: "adamw"
@@ -44,6 +47,9 @@ class OptimizerInfo:
     state_dtype: bool = False  # keeps moments that may be compact (``state_dtype=bfloat16``)
     batched: bool = True  # the batched executor can train it (lab/batched.py)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    # lr, weight_decay (and momentum) for a model without tuned values (the lab's
+    # bring-your-own-model compare); λ in the class's own units
+    untuned: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def decoupled(self) -> bool:
@@ -71,19 +77,23 @@ REGISTRY: Mapping[str, OptimizerInfo] = MappingProxyType(
             OptimizerInfo(
                 "adam", Adam, "L2", "adam", "Adam", "#d62728", "#7a1112", torch.optim.Adam,
                 twin="adamw", state_dtype=True, defaults=_ADAM_DEFAULTS,
+                untuned={"lr": 1e-3, "weight_decay": 1e-4},
             ),
             OptimizerInfo(
                 "adamw", AdamW, "decoupled", "adam", "AdamW", "#1f77b4", "#0b3a5c",
                 torch.optim.AdamW, twin="adam", state_dtype=True, defaults=_ADAM_DEFAULTS,
+                untuned={"lr": 1e-3, "weight_decay": 1e-2},
             ),
             OptimizerInfo(
                 "sgd", SGD, "L2", "sgd", "SGD", "#ff7f0e", "#8a4500", torch.optim.SGD,
                 twin="sgdw", momentum=True, defaults=_SGD_DEFAULTS,
+                untuned={"lr": 1e-2, "weight_decay": 5e-4, "momentum": 0.9},
             ),
             # torch has no SGD with decoupled decay
             OptimizerInfo(
                 "sgdw", SGDW, "decoupled", "sgd", "SGDW", "#2ca02c", "#145214", None,
                 twin="sgd", momentum=True, defaults=_SGD_DEFAULTS,
+                untuned={"lr": 1e-2, "weight_decay": 5e-3, "momentum": 0.9},
             ),
         )
     }
