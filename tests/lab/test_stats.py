@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from decoupled.lab.stats import Interval, PairedComparison, mean_ci, paired_difference, verdict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decoupled.lab.stats import (
+    Interval,
+    PairedComparison,
+    holm,
+    mean_ci,
+    paired_difference,
+    verdict,
+)
 
 SAMPLES = [
     [0.12, 0.15, 0.11, 0.14, 0.13],
@@ -266,3 +276,53 @@ def test_verdict_with_one_seed_or_no_difference():
 def test_verdict_uses_the_comparison_confidence():
     comparison = paired_difference(ADAM, ADAMW, confidence=0.9)
     assert "(90% CI " in verdict(comparison)
+
+
+# Values on a 0.01 grid, as test error moves in steps of one test example: ties between
+# differences, zero differences and n = 2 all come up.
+_grid_values = st.lists(st.integers(0, 6), min_size=2, max_size=12).map(
+    lambda ints: [0.1 + 0.01 * i for i in ints]
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_statistics_match_scipy_with_ties_zeros_and_two_pairs(data):
+    a = data.draw(_grid_values)
+    b = data.draw(st.lists(st.integers(0, 6), min_size=len(a), max_size=len(a)))
+    b = [0.1 + 0.01 * i for i in b]
+    differences = np.subtract(b, a)
+    comparison = paired_difference(a, b)
+    varies = comparison.low != comparison.high  # not every difference equal (up to rounding)
+    if varies:
+        ttest = stats.ttest_rel(b, a)
+        low, high = stats.t.interval(
+            0.95, len(a) - 1, loc=differences.mean(), scale=stats.sem(differences)
+        )
+        assert comparison.p_value == pytest.approx(ttest.pvalue, rel=1e-9)
+        assert comparison.t_stat == pytest.approx(ttest.statistic, rel=1e-9)
+        assert (comparison.low, comparison.high) == pytest.approx((low, high), rel=1e-9)
+        interval = mean_ci(a)
+        if interval.low != interval.high:
+            expected = stats.t.interval(0.95, len(a) - 1, loc=np.mean(a), scale=stats.sem(a))
+            assert (interval.low, interval.high) == pytest.approx(expected, rel=1e-9)
+    if np.any(np.abs(differences) > 1e-9):
+        expected_w = stats.wilcoxon(differences).pvalue
+        assert comparison.wilcoxon_p == pytest.approx(expected_w, rel=1e-12)
+    else:
+        assert comparison.wilcoxon_p == 1.0
+
+
+@pytest.mark.parametrize(
+    "p_values, expected",
+    [
+        ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),  # the step-down and its max
+        ([0.5], [0.5]),
+        ([0.3, 0.6], [0.6, 0.6]),
+        ([0.02, math.nan, 0.04], [0.04, math.nan, 0.04]),  # NaN does not count in m
+        ([0.9, 0.8, 0.7], [1.0, 1.0, 1.0]),  # capped at 1
+        ([0.9, 0.2, 0.3], [0.9, 0.6, 0.6]),
+    ],
+)
+def test_holm_adjustment(p_values, expected):
+    assert holm(p_values) == pytest.approx(expected, nan_ok=True)

@@ -274,3 +274,19 @@ def verdict(
         f"({level} CI {_number(low, as_percent)} to {_number(high, as_percent)}, "
         f"paired t-test {_p(p_value)}, {_seeds(n)})"
     )
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (Holm 1979, "A simple sequentially
+    rejective multiple test procedure", *Scand. J. Statist.* 6): sorted ascending, the j-th
+    smallest (from 1) becomes max over i <= j of min(1, (m - i + 1) p_(i)). Rejecting where
+    the adjusted p is below alpha keeps the chance of any false rejection <= alpha, for any
+    dependence between the tests. NaN p-values stay NaN and do not count in m."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running, m = 0.0, len(finite)
+    for rank, (p_value, index) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p_value))
+        adjusted[index] = running
+    return adjusted
+
