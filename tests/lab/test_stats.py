@@ -7,10 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from decoupled.lab.stats import (
     Interval,

@@ -68,9 +68,7 @@ def bayes_factor(t_stat: np.ndarray, n: np.ndarray, g: float = MIXTURE_G) -> np.
     t_stat, n = np.asarray(t_stat, dtype=np.float64), np.asarray(n, dtype=np.float64)
     df = np.maximum(n - 1.0, 1.0)
     a = 1.0 + n * g
-    log_b = -0.5 * np.log(a) + 0.5 * n * (
-        np.log1p(t_stat**2 / df) - np.log1p(t_stat**2 / (a * df))
-    )
+    log_b = -0.5 * np.log(a) + 0.5 * n * (np.log1p(t_stat**2 / df) - np.log1p(t_stat**2 / (a * df)))
     return np.where(n >= 2, np.exp(log_b), 1.0)
 
 

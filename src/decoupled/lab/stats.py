@@ -289,4 +289,3 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p_value))
         adjusted[index] = running
     return adjusted
-
