@@ -3,15 +3,31 @@
 Each optimizer ("arm") ran over seeds 0..K-1 (``plan.plan_compare``). Because a seed fixes
 both the initial weights and the batch order, arms are paired by seed and compared with a
 paired test (``stats.paired_difference``).
+
+The pairs reported are each L2 optimizer with its decoupled twin (the registry's ``pairs``)
+plus any the user names (``--pairs``); with more than one, every p-value is Holm-adjusted
+across them (``stats.holm``). Every verdict comes with the power of its test
+(``power.py``); a ``--seeds auto`` compare adds its sequential verdict (``sequential.py``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from decoupled.lab.stats import Interval, PairedComparison, mean_ci, paired_difference, verdict
+from decoupled.lab.power import power_line, power_summary
+from decoupled.lab.sequential import MIN_SEEDS as MIN_LOOK
+from decoupled.lab.sequential import PROCEDURE, Look, looks, stop_reason
+from decoupled.lab.stats import (
+    Interval,
+    PairedComparison,
+    holm,
+    mean_ci,
+    paired_difference,
+    verdict,
+)
 from decoupled.lab.store import FINISHED, RunRecord
 from decoupled.lab.tasks import Task
 from decoupled.lab.train import RunSpec
@@ -65,6 +81,59 @@ class Arm:
         return {k: sum(s[k] for s in summaries) / len(summaries) for k in sorted(keys)}
 
 
+@dataclass(frozen=True)
+class Sequential:
+    """The design of a ``--seeds auto`` compare: at most ``max_seeds`` seeds; stop when
+    every pair's confidence sequence excludes 0 or is narrower than ``resolution`` (in the
+    metric's own units, e.g. 0.005 for half a point of error; None: no such stop)."""
+
+    max_seeds: int
+    resolution: float | None = None
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class SequentialPair:
+    """One pair's confidence sequence: its last look, why it stops (None: go on), looks."""
+
+    look: Look
+    reason: str | None
+    looks: int
+
+
+#: ``Experiment.kind`` of a compare; its options (extra pairs, sequential design) follow
+#: after a space as JSON, so that a report rebuilt from the store alone shows them.
+COMPARE_KIND = "compare"
+
+
+def compare_kind(pairs: Sequence[tuple[str, str]] = (), sequential: Sequential | None = None):
+    """The experiment kind recording these options (plain "compare" without any)."""
+    options: dict = {}
+    if pairs:
+        options["pairs"] = [list(pair) for pair in pairs]
+    if sequential is not None:
+        options["sequential"] = {
+            "max_seeds": sequential.max_seeds,
+            "resolution": sequential.resolution,
+            "alpha": sequential.alpha,
+        }
+    return COMPARE_KIND + (" " + json.dumps(options, sort_keys=True) if options else "")
+
+
+def is_compare(kind: str) -> bool:
+    return kind.split(" ", 1)[0] == COMPARE_KIND
+
+
+def compare_options(kind: str) -> dict:
+    """``summarize`` keyword arguments from an experiment kind written by ``compare_kind``."""
+    _, _, text = kind.partition(" ")
+    options = json.loads(text) if text else {}
+    result: dict = {"extra_pairs": [tuple(pair) for pair in options.get("pairs", [])]}
+    if "sequential" in options:
+        result["sequential"] = Sequential(**options["sequential"])
+    return result
+
+
 @dataclass
 class Comparison:
     """The outcome of a compare: arms, paired comparisons and their verdicts."""
@@ -76,10 +145,26 @@ class Comparison:
     #: store's unfinished statuses, "failed" and "running" (``store.STATUSES`` outside
     #: ``store.FINISHED``), and "missing" for runs never started
     missing: dict[str, str] = field(default_factory=dict)
+    #: per pair (as ``paired``): the power sentence of ``power.power_line``, None if undefined
+    power: list[str | None] = field(default_factory=list)
+    #: per pair, for a ``--seeds auto`` compare: its confidence sequence (None: < 2 seeds)
+    sequential: list[SequentialPair | None] = field(default_factory=list)
+    design: Sequential | None = None
 
     @property
     def as_percent(self) -> bool:
         return metric_scale(self.task.metric)[1] == "%"
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether the p-values are Holm-adjusted (more than one pair tested)."""
+        return sum(paired is not None for _, _, paired, _ in self.paired) > 1
+
+    def should_stop(self) -> bool:
+        """A ``--seeds auto`` compare is done when every pair has a reason to stop."""
+        return bool(self.sequential) and all(
+            pair is not None and pair.reason is not None for pair in self.sequential
+        )
 
 
 def summarize(
@@ -87,8 +172,11 @@ def summarize(
     specs: Sequence[RunSpec],
     records: Iterable[RunRecord],
     key_of: Callable[[RunSpec], str],
+    extra_pairs: Sequence[tuple[str, str]] = (),
+    sequential: Sequential | None = None,
 ) -> Comparison:
-    """Group the store's records into arms, pair them by seed, and test each pair."""
+    """Group the store's records into arms, pair them by seed, and test each pair: the
+    registry's L2/decoupled pairs among the arms, then ``extra_pairs`` (first, second)."""
     by_key = {r.key: r for r in records}
     arms: dict[str, Arm] = {}
     for spec in specs:
@@ -96,24 +184,91 @@ def summarize(
         record = by_key.get(key_of(spec))
         if record is not None and record.status in FINISHED:
             arm.records[spec.seed] = record
-    paired = []
-    for first, second in pairs():
-        if first in arms and second in arms:
-            paired.append(_pair(task, arms[first], arms[second]))
-    if not paired and len(arms) >= 2:  # e.g. adam vs sgdw: compare the first two given
-        first, second = list(arms.values())[:2]
-        paired.append(_pair(task, first, second))
-    return Comparison(task, list(arms.values()), paired)
+    chosen = [(a, b) for a, b in pairs() if a in arms and b in arms]
+    if not chosen and not extra_pairs and len(arms) >= 2:  # e.g. adam vs sgdw: the first two
+        chosen.append(tuple(list(arms)[:2]))
+    for a, b in extra_pairs:
+        if {(a, b), (b, a)}.isdisjoint(chosen) and a in arms and b in arms:
+            chosen.append((a, b))
+    tested = [_compare_arms(arms[a], arms[b]) for a, b in chosen]
+    alpha = sequential.alpha if sequential else 0.05
+    adjusted = _holm_adjusted([comparison for _, comparison in tested])
+    paired, power, sequences = [], [], []
+    for (a, b), (prefix, comparison), final in zip(chosen, tested, adjusted, strict=True):
+        first, second = arms[a], arms[b]
+        line = _verdict_line(task, first, second, prefix, final)
+        if sequential is not None:
+            pair = _sequence(first, second, sequential, len(chosen))
+            sequences.append(pair)
+            line = _after(
+                prefix, sequential_verdict(task, first, second, pair, sequential, len(chosen))
+            )
+        paired.append((first, second, final, line))
+        power.append(_power(task, comparison, final, alpha, len(chosen)))
+    return Comparison(
+        task, list(arms.values()), paired, power=power, sequential=sequences, design=sequential
+    )
 
 
-def _pair(task: Task, first: Arm, second: Arm):
-    """Pair two arms over the seeds where both finished; the verdict says which seeds each
-    arm lost to divergence, and a difference in divergence is reported as one in stability
-    before the paired comparison of the survivors (which alone would flatter the arm that
-    diverged: its hard seeds are gone)."""
+def _holm_adjusted(comparisons: list[PairedComparison | None]) -> list[PairedComparison | None]:
+    """Each comparison with its p-values Holm-adjusted across those tested: the p its
+    verdict reads (the t-test's, or Wilcoxon's when every difference is equal) as one
+    family, the Wilcoxon column as another."""
+    tested = [c for c in comparisons if c is not None]
+    if len(tested) < 2:
+        return comparisons
+    deciding = holm([c.wilcoxon_p if c.all_equal else c.p_value for c in tested])
+    wilcoxon = holm([c.wilcoxon_p for c in tested])
+    adjusted = iter(
+        replace(
+            c,
+            p_value=c.p_value if c.all_equal else decided,
+            wilcoxon_p=decided if c.all_equal else w,
+            adjusted_over=len(tested),
+        )
+        for c, decided, w in zip(tested, deciding, wilcoxon, strict=True)
+    )
+    return [None if c is None else next(adjusted) for c in comparisons]
+
+
+def _power(task, raw: PairedComparison | None, final, alpha: float, pairs: int) -> str | None:
+    """The power sentence of a pair; with several pairs, at Holm's strictest level
+    alpha / pairs (the level its first step tests at)."""
+    if raw is None or raw.n < 2:
+        return None
+    summary = power_summary(raw.mean_diff, raw.sd, raw.n, alpha / max(1, pairs))
+    if summary is None:
+        return None
+    scale, unit = metric_scale(task.metric)
+    p_value = final.wilcoxon_p if final.all_equal else final.p_value
+    return power_line(summary, p_value < alpha, scale, " points" if unit == "%" else "")
+
+
+def _sequence(first: Arm, second: Arm, design: Sequential, pairs: int) -> SequentialPair | None:
+    """The pair's confidence sequence over the seeds both finished, in seed order, at level
+    alpha / pairs (Bonferroni: every pair's sequence holds at once)."""
+    a, b = first.metrics_by_seed(), second.metrics_by_seed()
+    seeds = sorted(s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s]))
+    if len(seeds) < 2:
+        return None
+    all_looks = looks([b[s] - a[s] for s in seeds], design.alpha / pairs, start=2)
+    last = all_looks[-1]
+    # Every arm has run its seeds: a pair short of max_seeds because seeds diverged stops
+    # at max_seeds all the same.
+    ran = max(len(first.metrics_by_seed()), len(second.metrics_by_seed()))
+    reason = stop_reason(last, design.resolution, design.max_seeds)
+    if reason is None and ran >= design.max_seeds:
+        reason = "max seeds"
+    return SequentialPair(last, reason, sum(look.n >= MIN_LOOK for look in all_looks))
+
+
+def _compare_arms(first: Arm, second: Arm) -> tuple[str, PairedComparison | None]:
+    """Pair two arms over the seeds where both finished: the verdict's prefix on divergence,
+    and the paired comparison (None with fewer than 2 such seeds). A difference in
+    divergence is reported as one in stability before the paired comparison of the
+    survivors (which alone would flatter the arm that diverged: its hard seeds are gone)."""
     a, b = first.metrics_by_seed(), second.metrics_by_seed()
     seeds = [s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
-    metric = task.metric.replace("_", " ")
     prefix = ""
     counts = [(first.diverged(), len(a), first.name), (second.diverged(), len(b), second.name)]
     if counts[0][0] or counts[1][0]:
@@ -126,12 +281,23 @@ def _pair(task: Task, first: Arm, second: Arm):
             prefix += f": {most} is less stable at these settings"
         prefix += f"; on the {len(seeds)} seed{'' if len(seeds) == 1 else 's'} both finished: "
     if len(seeds) < 2:
+        return prefix, None
+    return prefix, paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def _verdict_line(task, first: Arm, second: Arm, prefix: str, comparison) -> str:
+    """The verdict of a pair, after the divergence prefix of ``_compare_arms``."""
+    if comparison is None:
+        both = sum(
+            math.isfinite(v) and math.isfinite(second.metrics_by_seed().get(s, math.nan))
+            for s, v in first.metrics_by_seed().items()
+        )
         line = (
             f"Cannot compare {first.name} and {second.name}: need at least 2 seeds where "
-            f"both finished (have {len(seeds)})"
+            f"both finished (have {both})"
         )
-        return first, second, None, _after(prefix, line)
-    comparison = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
+        return _after(prefix, line)
+    metric = task.metric.replace("_", " ")
     line = verdict(
         comparison,
         names=(first.name, second.name),
@@ -139,7 +305,7 @@ def _pair(task: Task, first: Arm, second: Arm):
         lower_is_better=not task.higher_is_better,
         as_percent=metric_scale(task.metric)[1] == "%",
     )
-    return first, second, comparison, _after(prefix, line)
+    return _after(prefix, line)
 
 
 def _after(prefix: str, sentence: str) -> str:
@@ -147,6 +313,11 @@ def _after(prefix: str, sentence: str) -> str:
     if not prefix or sentence.startswith(tuple(info.label for info in REGISTRY.values())):
         return prefix + sentence
     return prefix + sentence[0].lower() + sentence[1:]
+
+
+#: After the fixed-n statistics of a ``--seeds auto`` compare: a t-test read after choosing
+#: when to stop is not valid (its p is too small), so the verdict reads the sequence instead.
+FIXED_N_NOTE = " (fixed-n, for reference; the verdict reads the confidence sequence)"
 
 
 def format_table(comparison: Comparison) -> str:
@@ -171,20 +342,80 @@ def format_table(comparison: Comparison) -> str:
             f"{arm.spec.weight_decay:>14.3g}  {cell:<32}{len(arm.records):>6}"
             f"{arm.diverged():>10}"
         )
-    for first, second, paired, line in comparison.paired:
+    holm = " (Holm)" if comparison.adjusted else ""
+    for index, (first, second, paired, line) in enumerate(comparison.paired):
         lines.append("")
         if paired is not None:
             points = " points" if percent else ""
             t_test = (
                 "paired t-test undefined (all differences equal)"
                 if paired.all_equal
-                else f"paired t-test p = {paired.p_value:.3g}"
+                else f"paired t-test p{holm} = {paired.p_value:.3g}"
             )
             lines.append(
                 f"paired difference ({second.name} − {first.name}, by seed): "
                 f"{paired.mean_diff * scale:+.2f}{points}, 95% CI [{paired.low * scale:+.2f}, "
                 f"{paired.high * scale:+.2f}], {t_test}, "
-                f"Wilcoxon p = {paired.wilcoxon_p:.3g}, n = {paired.n}"
+                f"Wilcoxon p{holm} = {paired.wilcoxon_p:.3g}, n = {paired.n}"
+                + (FIXED_N_NOTE if comparison.design is not None else "")
             )
         lines.append(f"verdict: {line}")
+        power = comparison.power[index] if index < len(comparison.power) else None
+        if power is not None:
+            lines.append(f"power: {power}")
+    if comparison.adjusted:
+        tested = sum(paired is not None for _, _, paired, _ in comparison.paired)
+        lines.append("")
+        lines.append(
+            f"p-values marked (Holm) and in the verdicts are Holm-adjusted across the {tested} "
+            "pairs reported; the 95% CIs are not adjusted"
+        )
     return "\n".join(lines)
+
+
+def sequential_verdict(task: Task, first: Arm, second: Arm, pair, design, pairs: int) -> str:
+    """The verdict of a ``--seeds auto`` pair, read from its confidence sequence: who is
+    better (or that neither is shown to be), the interval, why the seeds stopped, the
+    procedure and its number of looks."""
+    metric = task.metric.replace("_", " ")
+    if pair is None:
+        return (
+            f"Cannot compare {first.name} and {second.name}: need at least 2 seeds where "
+            "both finished"
+        )
+    scale, unit = metric_scale(task.metric)
+    points = " points" if unit == "%" else ""
+    look, level = pair.look, design.alpha / pairs
+    if math.isinf(look.width):
+        interval = "(−∞, +∞), too few seeds to bound it"
+    else:
+        interval = f"[{look.low * scale:+.2f}, {look.high * scale:+.2f}]{points}"
+    sequence = (
+        f"the {(1 - level) * 100:.3g}% confidence sequence for {second.name} − {first.name} "
+        f"is {interval} after {look.n} seeds"
+    )
+    p_value = min(1.0, look.p_value * pairs)  # Bonferroni: each sequence ran at alpha / pairs
+    family = f", Bonferroni over {pairs} pairs" if pairs > 1 else ""
+    procedure = (
+        f"{PROCEDURE}, {pair.looks} look{'' if pair.looks == 1 else 's'}, "
+        f"anytime-valid p = {p_value:.2g}{family}"
+    )
+    if pair.reason == "excludes 0":
+        second_lower = look.mean < 0
+        second_wins = second_lower == (not task.higher_is_better)
+        winner, loser = (second, first) if second_wins else (first, second)
+        direction = "higher" if task.higher_is_better else "lower"
+        return (
+            f"{winner.name} has {direction} {metric} than {loser.name}: {sequence}, which "
+            f"excludes 0 ({procedure})"
+        )
+    resolution = f"{(design.resolution or 0.0) * scale:g}{points}"
+    stopped = {
+        "resolution": f"stopped as it is narrower than the resolution {resolution}",
+        "max seeds": f"stopped at the maximum of {design.max_seeds} seeds",
+        None: "not decided yet: run the command again to add seeds",
+    }[pair.reason]
+    return (
+        f"No significant difference in {metric} between {first.name} and {second.name}: "
+        f"{sequence}, covering 0; {stopped} ({procedure})"
+    )

@@ -140,7 +140,7 @@ def power_line(summary: PowerSummary, significant: bool, scale: float, unit: str
     detectable = f"{summary.detectable * scale:.2g}{unit}"
     line = (
         f"{summary.n} seeds detect a difference of ±{detectable} with "
-        f"{summary.power * 100:g}% power at α = {summary.alpha:g} (sd of the differences "
+        f"{summary.power * 100:g}% power at α = {summary.alpha:.3g} (sd of the differences "
         f"{summary.sd * scale:.2g}{unit})"
     )
     if significant:

@@ -60,7 +60,9 @@ class PairedComparison:
     ``low``/``high`` bound ``mean_diff``; ``p_value`` is the two-sided paired t-test and
     ``wilcoxon_p`` the two-sided Wilcoxon signed-rank test. With ``n < 2`` the interval,
     ``t_stat`` and both p-values are NaN; with ``n >= 2`` equal nonzero differences
-    (:attr:`all_equal`) ``t_stat`` and ``p_value`` are NaN.
+    (:attr:`all_equal`) ``t_stat`` and ``p_value`` are NaN. ``sd`` is the differences'
+    standard deviation (0 when they are equal up to rounding, NaN for one pair).
+    ``adjusted_over`` > 1: the p-values are Holm-adjusted over that many pairs (:func:`holm`).
     """
 
     mean_diff: float
@@ -71,6 +73,8 @@ class PairedComparison:
     p_value: float
     wilcoxon_p: float
     confidence: float = 0.95
+    sd: float = math.nan
+    adjusted_over: int = 1
 
     @property
     def all_equal(self) -> bool:
@@ -166,10 +170,12 @@ def paired_difference(
     n = int(differences.size)
     scale = float(max(np.abs(first).max(), np.abs(second).max()))
     mean_diff, low, high = _t_interval(differences, confidence, scale)
+    sd = math.nan
     if n < 2:
         t_stat = p_value = wilcoxon_p = math.nan
     else:
         standard_error = _standard_error(differences, scale)
+        sd = standard_error * math.sqrt(n)
         if standard_error == 0.0:  # all differences equal: t = mean/0 is undefined
             no_difference = abs(mean_diff) <= ROUNDING * scale
             t_stat, p_value = (0.0, 1.0) if no_difference else (math.nan, math.nan)
@@ -186,6 +192,7 @@ def paired_difference(
         p_value=p_value,
         wilcoxon_p=wilcoxon_p,
         confidence=confidence,
+        sd=sd,
     )
 
 
@@ -194,8 +201,9 @@ def _number(value: float, as_percent: bool) -> str:
     return f"{value * 100:.3g}" if as_percent else f"{value:.3g}"
 
 
-def _p(p_value: float) -> str:
-    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.2g}"
+def _p(p_value: float, adjusted_over: int = 1) -> str:
+    text = "p < 0.001" if p_value < 0.001 else f"p = {p_value:.2g}"
+    return text + (f" (Holm-adjusted over {adjusted_over} pairs)" if adjusted_over > 1 else "")
 
 
 def _seeds(n: int) -> str:
@@ -235,6 +243,7 @@ def verdict(
         )
     first, second = names
     n = comparison.n
+    m = comparison.adjusted_over
     if n < 2:
         return (
             f"Cannot compare {metric} between {first} and {second}: "
@@ -257,22 +266,22 @@ def verdict(
                 f"No significant difference in {metric} between {first} and {second}: "
                 f"{winner} is {direction} by {advantage} on every seed, but with all "
                 f"differences equal there is no t-test and the Wilcoxon signed-rank test gives "
-                f"{_p(p_value)} ({_seeds(n)})"
+                f"{_p(p_value, m)} ({_seeds(n)})"
             )
         return (
             f"{winner} has {direction} {metric} than {loser} by {advantage} on every seed "
-            f"(all differences equal, so no t-test; Wilcoxon {_p(p_value)}, {_seeds(n)})"
+            f"(all differences equal, so no t-test; Wilcoxon {_p(p_value, m)}, {_seeds(n)})"
         )
     if p_value >= alpha or comparison.mean_diff == 0.0:
         return (
             f"No significant difference in {metric} between {first} and {second} "
-            f"({_p(p_value)}, {_seeds(n)})"
+            f"({_p(p_value, m)}, {_seeds(n)})"
         )
     level = f"{comparison.confidence * 100:g}%"
     return (
         f"{winner} has {direction} {metric} than {loser} by {advantage} "
         f"({level} CI {_number(low, as_percent)} to {_number(high, as_percent)}, "
-        f"paired t-test {_p(p_value)}, {_seeds(n)})"
+        f"paired t-test {_p(p_value, m)}, {_seeds(n)})"
     )
 
 
