@@ -1,9 +1,11 @@
 """Train Adam (L2) and AdamW (decoupled) — or SGD and SGDW — on a task over several seeds,
 paired by seed, and report the difference with confidence intervals and a paired test.
 
-Runs already in the store (same complete configuration) are not trained again, so an
-interrupted compare continues where it stopped. Writes results.db, report.md, report.html
-and plots/ into --out.
+``--seeds auto[:MAX]`` adds one seed to every optimizer per round and stops when an
+always-valid confidence sequence decides (``lab/sequential.py``). Runs already in the store
+(same complete configuration) are not trained again, so an interrupted compare, fixed or
+sequential, continues where it stopped. Writes results.db, report.md, report.html and
+plots/ into --out.
 """
 
 from __future__ import annotations
@@ -30,13 +32,71 @@ from decoupled.cli._lab_args import (
 from decoupled.optim.registry import REGISTRY
 
 
+def seeds_argument(text: str) -> int | tuple[str, int]:
+    """``--seeds``: a count, or ``auto`` / ``auto:MAX`` as ``("auto", MAX)``."""
+    from decoupled.lab.sequential import DEFAULT_MAX_SEEDS, MIN_SEEDS
+
+    if text != "auto" and not text.startswith("auto:"):
+        return positive_int(text)
+    maximum = text.partition(":")[2] if ":" in text else str(DEFAULT_MAX_SEEDS)
+    try:
+        value = int(maximum)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid maximum in {text!r} (auto:MAX, MAX a whole number of seeds)"
+        ) from None
+    if value < MIN_SEEDS:
+        raise argparse.ArgumentTypeError(
+            f"maximum {value} in {text!r} is below {MIN_SEEDS}, the seeds before the first look"
+        )
+    return ("auto", value)
+
+
+def parse_pairs(text: str | None, optimizers: list[str]) -> list[tuple[str, str]]:
+    """``--pairs adam:adamw,sgd:adam``: (first, second) pairs of compared optimizers."""
+    if text is None:
+        return []
+    result = []
+    for item in text.split(","):
+        first, colon, second = (part.strip() for part in item.partition(":"))
+        if not colon or not first or not second or first == second:
+            raise CommandError(
+                f"argument --pairs: malformed pair {item.strip()!r} in {text!r} "
+                "(FIRST:SECOND, two different optimizers, e.g. adam:adamw,sgd:adam)"
+            )
+        for name in (first, second):
+            if name not in optimizers:
+                raise CommandError(
+                    f"argument --pairs: {name!r} in {text!r} is not compared "
+                    f"(--optimizers {','.join(optimizers)})"
+                )
+        result.append((first, second))
+    return result
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument(
         "--seeds",
-        type=positive_int,
+        type=seeds_argument,
         default=5,
-        help="seeds per optimizer, paired across optimizers (default 5)",
+        metavar="N|auto[:MAX]",
+        help="seeds per optimizer, paired across optimizers (default 5); auto: add seeds "
+        "until an always-valid confidence sequence decides, at most MAX (default 20)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=positive_float,
+        default=None,
+        help="with --seeds auto: also stop once the interval is narrower than this, in the "
+        "metric's units as printed (points for an error rate)",
+    )
+    parser.add_argument(
+        "--pairs",
+        default=None,
+        metavar="A:B,...",
+        help="more pairs to compare (B − A), e.g. sgd:adam; p-values are Holm-adjusted "
+        "across all pairs reported",
     )
     parser.add_argument(
         "--lr",
@@ -62,14 +122,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from decoupled.lab.comparison import format_table
+    from decoupled.lab.comparison import Sequential, format_table, metric_scale
+    from decoupled.lab.sequential import MIN_SEEDS
     from decoupled.lab.workflow import compare_task
 
     # Everything is checked before anything is written.
     task = resolve_task(args.task, args.data_dir)
     optimizers = parse_optimizers(args.optimizers)
     refuse_unused_weight_decays(args, optimizers, "compared")
-    check_seeds(args.seeds)
+    auto = isinstance(args.seeds, tuple)
+    check_seeds(args.seeds[1] if auto else args.seeds)
+    if args.resolution is not None and not auto:
+        raise CommandError(
+            f"argument --resolution: {args.resolution:g} is only used with --seeds auto"
+        )
+    extra_pairs = parse_pairs(args.pairs, optimizers)
+    sequential = None
+    if auto:
+        scale = metric_scale(task.metric)[0]
+        resolution = None if args.resolution is None else args.resolution / scale
+        sequential = Sequential(max_seeds=args.seeds[1], resolution=resolution)
     steps = steps_for(args, task)
     if args.warmup >= steps:
         raise CommandError(f"argument --warmup: {args.warmup} must be below the budget ({steps})")
@@ -89,14 +161,13 @@ def run(args: argparse.Namespace) -> int:
         overrides[name] = settings
     out = output_folder(args.out)
 
+    seeds = f"seeds auto (at most {sequential.max_seeds})" if sequential else f"{args.seeds} seeds"
     print(
         f"decoupled compare: task {task.name} ({task.metric}), {', '.join(optimizers)}, "
-        f"{args.seeds} seeds x {steps} steps -> {out}"
+        f"{seeds} x {steps} steps -> {out}"
     )
-    comparison = compare_task(
-        task,
+    settings = dict(
         optimizers=optimizers,
-        seeds=args.seeds,
         steps=steps,
         out=out,
         overrides=overrides,
@@ -107,8 +178,40 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup,
         data_dir=args.data_dir,
         state_dtype=args.state_dtype,
+        extra_pairs=extra_pairs,
     )
+    if sequential is None:
+        comparison = compare_task(task, seeds=args.seeds, **settings)
+    else:
+        # One round per seed, every optimizer in it, so that the pairs stay paired; a
+        # resumed compare replays its rounds from the store without training them again.
+        for count in range(MIN_SEEDS, sequential.max_seeds + 1):
+            comparison = compare_task(task, seeds=count, sequential=sequential, **settings)
+            print(f"after {count} seeds: {_round_summary(comparison)}")
+            if comparison.should_stop() or comparison.missing:
+                break
     print()
     print(format_table(comparison))
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
     return report_missing("compare", comparison.missing)
+
+
+def _round_summary(comparison) -> str:
+    """One line per round of ``--seeds auto``: each pair's interval and whether it stops."""
+    from decoupled.lab.comparison import metric_scale
+
+    scale, unit = metric_scale(comparison.task.metric)
+    points = " points" if unit == "%" else ""
+    parts = []
+    for (first, second, _, _), pair in zip(comparison.paired, comparison.sequential, strict=True):
+        if pair is None:
+            parts.append(f"{second.name} − {first.name}: fewer than 2 finished seeds")
+            continue
+        look = pair.look
+        interval = (
+            "(−∞, +∞)"
+            if look.width == float("inf")
+            else f"[{look.low * scale:+.2f}, {look.high * scale:+.2f}]{points}"
+        )
+        parts.append(f"{second.name} − {first.name} {interval}, {pair.reason or 'going on'}")
+    return "; ".join(parts)
