@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from decoupled.optim._kernels import in_layout_of
+from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim.decay import DECAY_SCALES, DECAY_TARGETS, decay_rate, weight_decay_at
 
 
@@ -407,6 +408,7 @@ class DecayOptimizer(torch.optim.Optimizer):
         unchanged; ``_lay_out_state_like``).
         """
         self._check_decay_kind(state_dict["param_groups"])
+        self._check_loaded_states(state_dict)
         kept = [
             {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay")}
             | {"opted_out": self._opted_out_of_lambda_norm(group)}
@@ -426,6 +428,25 @@ class DecayOptimizer(torch.optim.Optimizer):
                 {"weight_decay": group["weight_decay"]}
             ):
                 group["lambda_norm"] = None
+
+    def _check_loaded_states(self, state_dict: dict) -> None:
+        """Check each saved parameter's state against the parameter it will be loaded into
+        (torch pairs them by position, group by group). Group count and size mismatches are
+        left to torch's own error."""
+        saved_states = state_dict["state"]
+        for group_index, (saved_group, group) in enumerate(
+            zip(state_dict["param_groups"], self.param_groups)
+        ):
+            for key, param in zip(saved_group["params"], group["params"]):
+                if key in saved_states:
+                    where = f"parameter {key} (group {group_index})"
+                    self._check_loaded_state(where, param, saved_group, saved_states[key])
+
+    def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
+        """Refuse one parameter's damaged saved ``state`` (``_loaded_state.py``); ``group`` is
+        the saved param group. Subclasses check their own keys and call this one."""
+        if "init_param" in state:
+            check_like_param(where, "init_param", state["init_param"], param)
 
     def _opted_out_of_lambda_norm(self, group: dict) -> bool:
         """Whether ``group`` was cleared of the optimizer-wide ``lambda_norm`` when added."""

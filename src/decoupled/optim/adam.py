@@ -26,6 +26,7 @@ from decoupled.optim._base import (
 )
 from decoupled.optim._compact import CompactMoments, check_state_dtype
 from decoupled.optim._kernels import choose_adam_update
+from decoupled.optim._loaded_state import check_like_param, check_step, refuse
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["Adam", "AdamW", "adam_update"]
@@ -219,6 +220,19 @@ class Adam(DecayOptimizer):
             values.append(as_float(beta, f"betas[{index}]"))
             check_argument(f"betas[{index}]", beta, 0.0 <= values[-1] < 1.0, "must be in [0, 1)")
         group["betas"] = tuple(values)
+
+    def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
+        super()._check_loaded_state(where, param, group, state)
+        if "step" not in state:  # no step taken yet: moments are created at the first one
+            return
+        check_step(where, state["step"])
+        required = self.state_keys[1 : 4 if group.get("amsgrad") else 3]
+        for key in self.state_keys[1:]:
+            if key in state:
+                nonnegative = key != "exp_avg"  # v and max(v) are averages of g²
+                check_like_param(where, key, state[key], param, nonnegative=nonnegative)
+            elif key in required:
+                refuse(where, key, "missing", "required once a step has been taken")
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

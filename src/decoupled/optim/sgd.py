@@ -22,6 +22,7 @@ from decoupled.optim._base import (
     torch_implementation_options,
 )
 from decoupled.optim._kernels import choose_sgd_update
+from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
@@ -190,6 +191,12 @@ class SGD(DecayOptimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
+
+    def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
+        super()._check_loaded_state(where, param, group, state)
+        buffer = state.get("momentum_buffer")
+        if buffer is not None:  # torch saves None when momentum is 0
+            check_like_param(where, "momentum_buffer", buffer, param)
 
     def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)

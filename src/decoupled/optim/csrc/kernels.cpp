@@ -22,8 +22,8 @@
 // decoupled/optim/_compact.py, so the reference path and this kernel round alike.
 //
 // Each op checks every tensor before touching any and returns false (changing nothing) when
-// a tensor is not a dense CPU float32 tensor laid out like its parameter: the caller then takes
-// the reference path.
+// a tensor is not a dense CPU float32 tensor laid out like its parameter, or a step count is
+// negative or not finite: the caller then takes the reference path.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -313,6 +313,10 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
         step.is_inference()) {
       return false;
     }
+    // A negative or non-finite count would make 1 − β1ᵗ zero or NaN and write NaN into θ;
+    // the reference loop raises there (ZeroDivisionError, as torch's loop does).
+    const float count = *step.data_ptr<float>();
+    if (!std::isfinite(count) || count < 0) return false;
   }
 
   const Decay mode = decay_mode(decoupled, weight_decay, decay);
