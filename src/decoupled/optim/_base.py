@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from decoupled.optim._kernels import in_layout_of
+from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim.decay import DECAY_SCALES, DECAY_TARGETS, decay_rate, weight_decay_at
 

@@ -41,6 +41,7 @@ to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial, update_wrapper
 from operator import attrgetter
 
 import torch
@@ -48,6 +49,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from decoupled.optim._build import kernel_ops
+from decoupled.optim._layout import in_layout_of, is_dense
 
 _PLAIN = {Parameter, Tensor}
 _FLOAT32 = {torch.float32}
@@ -79,12 +81,12 @@ def kernel_adam_update(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    *,
+    fallback: Callable,
     **options,
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
-    through ``adam_update`` itself when the kernel refuses a tensor."""
-    from decoupled.optim.adam import adam_update
-
+    through ``fallback`` (``adam_update`` itself) when the kernel refuses a tensor."""
     o = {"references": None, "decay": 0.0, "amsgrad": False, "maximize": False, **options}
 
     def step(grads: list[Tensor]) -> bool:
@@ -97,17 +99,20 @@ def kernel_adam_update(
 
     done = _step_any_layout(step, grads, params)
     if not done:
-        adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
+        fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
 
 
 def kernel_sgd_update(
-    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], **options
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    fallback: Callable,
+    **options,
 ) -> None:
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the C++ kernel, or
-    through ``sgd_update`` itself when the kernel refuses a tensor; new momentum buffers are
-    written back into ``momentum_buffers`` as the reference does."""
-    from decoupled.optim.sgd import sgd_update
-
+    through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
+    momentum buffers are written back into ``momentum_buffers`` as the reference does."""
     o = {"references": None, "decay": 0.0, "maximize": False, **options}
     fresh = [b is None for b in momentum_buffers]
     buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
@@ -123,7 +128,7 @@ def kernel_sgd_update(
     if done:
         momentum_buffers[:] = buffers
     else:
-        sgd_update(params, grads, momentum_buffers, **options)
+        fallback(params, grads, momentum_buffers, **options)
 
 
 def _step_any_layout(
@@ -145,33 +150,6 @@ def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor] | 
     cost on the usual path."""
     relaid = [in_layout_of(param, grad) for grad, param in zip(grads, params)]
     return relaid if any(r is not g for r, g in zip(relaid, grads)) else None
-
-
-def in_layout_of(param: Tensor, tensor: Tensor) -> Tensor:
-    """``tensor``, or a copy of it laid out like ``param`` (same strides) when it is not but
-    can be: same shape and device, and ``param`` dense (:func:`is_dense`). The fast paths take
-    only gradients and state laid out like their parameter."""
-    if tensor.layout != torch.strided or tensor.stride() == param.stride():
-        return tensor
-    if tensor.shape != param.shape or tensor.device != param.device or not is_dense(param):
-        return tensor
-    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
-
-
-def is_dense(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill its memory without gaps or overlaps, in any order of
-    dimensions (contiguous, channels_last, transposed): torch's "non-overlapping and dense",
-    which ``torch.empty_like`` preserves. Sorted by stride, each dimension of size > 1 must
-    step over exactly the elements of the dimensions inside it."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
-        if size != 1:
-            if stride != expected:
-                return False
-            expected *= size
-    return True
 
 
 def can_fuse(
@@ -208,6 +186,7 @@ def fused_adam_update(
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
+    fallback: Callable,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -226,10 +205,8 @@ def fused_adam_update(
     channels_last weight, or moments loaded from a contiguous checkpoint, would update the
     wrong elements, silently. So a gradient laid out unlike its parameter is first copied into
     the parameter's layout (as for the C++ kernel), and a parameter that is not dense or whose
-    moments are laid out differently steps through the reference loop instead.
+    moments are laid out differently steps through the reference loop (``fallback``) instead.
     """
-    from decoupled.optim.adam import adam_update
-
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     kernel_decay = (decay / lr if decay else 0.0) if decoupled else weight_decay
     grads = list(grads)  # the caller's list is left as it was
@@ -246,7 +223,7 @@ def fused_adam_update(
             return [tensors[i] for i in indices]
 
         if key is None:
-            adam_update(
+            fallback(
                 pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                 pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
@@ -286,20 +263,29 @@ def choose_adam_update(
     references: list[Tensor | None],
     compact: bool,
 ) -> Callable:
-    """The first path of the module docstring's list that applies to this step."""
+    """The first path of the module docstring's list that applies to this step; a fast path
+    falls back on ``reference`` for the tensors it cannot take."""
     if fused is False:
         return reference
     if _kernel_applies(params, lr):
-        return kernel_adam_update
+        return _falling_back(kernel_adam_update, reference)
     if not compact and can_fuse(params, lr, decay, decoupled, references, explicit=bool(fused)):
-        return fused_adam_update
+        return _falling_back(fused_adam_update, reference)
     return reference
 
 
 def choose_sgd_update(
     fused: bool | None, reference: Callable, params: list[Tensor], grads: list[Tensor], lr
 ) -> Callable:
-    """The C++ kernel when it applies (``fused`` not False), else the reference loop."""
+    """The C++ kernel when it applies (``fused`` not False), falling back on ``reference`` for
+    the tensors it refuses; else ``reference``, the reference loop."""
     if fused is not False and _kernel_applies(params, lr):
-        return kernel_sgd_update
+        return _falling_back(kernel_sgd_update, reference)
     return reference
+
+
+def _falling_back(fast: Callable, reference: Callable) -> Callable:
+    """``fast`` with its ``fallback`` bound to ``reference`` (and ``fast``'s name, which tests
+    read to see which path stepped). The reference loops are passed in, not imported: they
+    live in ``adam.py``/``sgd.py``, which import this module."""
+    return update_wrapper(partial(fast, fallback=reference), fast)
