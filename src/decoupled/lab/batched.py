@@ -199,7 +199,7 @@ def _optimizer_step(
                 eps=1e-8,
                 weight_decay=wd,
                 decoupled=decoupled,
-                decay=rate,
+                decay_rate=rate,
             )
         else:
             buffers = [momentum_buffers[name]] if base.momentum else []
@@ -213,7 +213,7 @@ def _optimizer_step(
                 nesterov=False,
                 weight_decay=wd,
                 decoupled=decoupled,
-                decay=rate,
+                decay_rate=rate,
             )
             if base.momentum:
                 momentum_buffers[name] = buffers[0]

@@ -17,7 +17,7 @@ afterwards (``torch.utils.file_baton.FileBaton``), is left behind when the build
 (kill -9, out of memory), and every later process would wait for it forever in
 ``FileBaton.wait()``. Holding the OS lock, a process knows that no other one
 is building, so a ``lock`` file still there is stale and is removed. Without ``fcntl``
-(Windows) torch's guard works alone, as before.
+(Windows) torch's guard works alone.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 How close the C++ kernel comes to the reference loop: it computes each element with the
 reference's operations, in the reference's order, and rounds where torch's CPU operations
 round — with one fused multiply-add exactly where torch's vectorized loops use one (``lerp``,
-``add``/``add_`` with ``alpha``, ``addcmul``) and nowhere else. On CPUs with FMA instructions
+``add``/``add_`` with ``alpha``, ``addcmul``) and nowhere else (it is compiled with
+``-ffp-contract=off``, so the compiler fuses no other multiply and add). On CPUs with FMA instructions
 SGD/SGDW steps are therefore bit-identical to the reference (hence to torch.optim's
 single-tensor loop), and so are Adam's moments while the gradients are the same. Adam's
 parameters are not: torch's CPU ``sqrt`` is not always correctly rounded (in torch 2.13's x86
@@ -83,23 +84,25 @@ def kernel_adam_update(
     state_steps: list[Tensor],
     *,
     fallback: Callable,
-    **options,
+    **given,
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``adam_update`` itself) when the kernel refuses a tensor."""
-    o = {"references": None, "decay": 0.0, "amsgrad": False, "maximize": False, **options}
+    defaults = {"references": None, "decay_rate": 0.0, "amsgrad": False, "maximize": False}
+    options = defaults | given
 
     def step(grads: list[Tensor]) -> bool:
+        amsgrad = options["amsgrad"]
         return kernel_ops().adam_step_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if o["amsgrad"] else [],
-            _kernel_references(o["references"]), state_steps, float(o["lr"]), o["beta1"],
-            o["beta2"], o["eps"], float(o["weight_decay"]), float(o["decay"]), o["decoupled"],
-            o["amsgrad"], o["maximize"],
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+            _kernel_references(options["references"]), state_steps, float(options["lr"]),
+            options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
+            float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
     if not done:
-        fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
+        fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
 
 
 def kernel_sgd_update(
@@ -108,27 +111,28 @@ def kernel_sgd_update(
     momentum_buffers: list[Tensor | None],
     *,
     fallback: Callable,
-    **options,
+    **given,
 ) -> None:
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
     momentum buffers are written back into ``momentum_buffers`` as the reference does."""
-    o = {"references": None, "decay": 0.0, "maximize": False, **options}
+    options = {"references": None, "decay_rate": 0.0, "maximize": False} | given
     fresh = [b is None for b in momentum_buffers]
     buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
 
     def step(grads: list[Tensor]) -> bool:
         return kernel_ops().sgd_step_(
-            params, grads, buffers, fresh, _kernel_references(o["references"]), float(o["lr"]),
-            o["momentum"], o["dampening"], o["nesterov"], float(o["weight_decay"]),
-            float(o["decay"]), o["decoupled"], o["maximize"],
+            params, grads, buffers, fresh, _kernel_references(options["references"]),
+            float(options["lr"]), options["momentum"], options["dampening"],
+            options["nesterov"], float(options["weight_decay"]), float(options["decay_rate"]),
+            options["decoupled"], options["maximize"],
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
     if done:
         momentum_buffers[:] = buffers
     else:
-        fallback(params, grads, momentum_buffers, **options)
+        fallback(params, grads, momentum_buffers, **given)
 
 
 def _step_any_layout(
@@ -155,7 +159,7 @@ def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor] | 
 def can_fuse(
     params: list[Tensor],
     lr: float | Tensor,
-    decay: float | Tensor,
+    decay_rate: float | Tensor,
     decoupled: bool,
     references: list[Tensor | None],
     explicit: bool = False,
@@ -173,9 +177,9 @@ def can_fuse(
             return False
         if not explicit and p.dtype not in wide:
             return False
-    if decoupled and not isinstance(decay, Tensor) and decay != 0:
+    if decoupled and not isinstance(decay_rate, Tensor) and decay_rate != 0:
         return not isinstance(lr, Tensor) and lr > 0  # λ' = c / lr needs lr > 0
-    return not (decoupled and isinstance(decay, Tensor))
+    return not (decoupled and isinstance(decay_rate, Tensor))
 
 
 def fused_adam_update(
@@ -193,7 +197,7 @@ def fused_adam_update(
     eps: float,
     weight_decay: float,
     decoupled: bool,
-    decay: float = 0.0,
+    decay_rate: float = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
     references: list[Tensor | None] | None = None,  # always None here (see can_fuse)
@@ -208,7 +212,7 @@ def fused_adam_update(
     moments are laid out differently steps through the reference loop (``fallback``) instead.
     """
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    kernel_decay = (decay / lr if decay else 0.0) if decoupled else weight_decay
+    kernel_decay = (decay_rate / lr if decay_rate else 0.0) if decoupled else weight_decay
     grads = list(grads)  # the caller's list is left as it was
     moments = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     groups: dict[tuple | None, list[int]] = {}  # (device, dtype), or None: the reference loop
@@ -227,7 +231,7 @@ def fused_adam_update(
                 pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                 pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                decay=decay, amsgrad=amsgrad, maximize=maximize,
+                decay_rate=decay_rate, amsgrad=amsgrad, maximize=maximize,
             )  # fmt: skip
             continue
         steps = pick(state_steps)
@@ -258,7 +262,7 @@ def choose_adam_update(
     grads: list[Tensor],
     *,
     lr: float | Tensor,
-    decay: float | Tensor,
+    decay_rate: float | Tensor,
     decoupled: bool,
     references: list[Tensor | None],
     compact: bool,
@@ -269,7 +273,8 @@ def choose_adam_update(
         return reference
     if _kernel_applies(params, lr):
         return _falling_back(kernel_adam_update, reference)
-    if not compact and can_fuse(params, lr, decay, decoupled, references, explicit=bool(fused)):
+    explicit = bool(fused)
+    if not compact and can_fuse(params, lr, decay_rate, decoupled, references, explicit):
         return _falling_back(fused_adam_update, reference)
     return reference
 

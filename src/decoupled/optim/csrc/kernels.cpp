@@ -2,13 +2,10 @@
 //
 // The arithmetic is the reference loops' (decoupled/optim/adam.py `adam_update`,
 // decoupled/optim/sgd.py `sgd_update`), element by element, in float32, in the same order and
-// with the same roundings as torch's CPU operations that the reference calls: where torch's
-// vectorized loops use a fused multiply-add (`lerp`, `add`/`add_` with `alpha`, `addcmul`)
-// this code calls `fmadd`, and nowhere else (-ffp-contract=off keeps the compiler from fusing
-// any other multiply and add). On a CPU with FMA instructions, SGD's results and Adam's
-// moments are then bit-identical to the reference loop's, hence to torch.optim's single-tensor
-// path (tests/optim/test_fast_paths.py); Adam's θ may differ by an ulp, because torch's CPU
-// sqrt is not always correctly rounded and std::sqrt is. What is faster:
+// with the same roundings as the torch CPU operations that the reference calls. How close
+// that comes (fused multiply-adds, sqrt) is told once, in decoupled/optim/_kernels.py's module
+// docstring; here `fmadd` marks each place where torch's vectorized loops fuse, and
+// -ffp-contract=off keeps the compiler from fusing any other multiply and add. What is faster:
 //
 //   * one parallel region per step for every tensor of the group: the tensors are cut into
 //     chunks and the chunks shared among the threads, so a model of many small tensors pays
