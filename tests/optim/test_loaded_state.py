@@ -8,19 +8,9 @@ import pytest
 import torch
 
 import decoupled
+from tests.optim.optim_db import cases
 
 ADAMS = (decoupled.Adam, decoupled.AdamW)
-SGDS = (decoupled.SGD, decoupled.SGDW)
-
-# How each path is selected: constructor kwargs, and whether the C++ kernel is hidden.
-PATHS = {
-    "reference": ({"fused": False}, False),
-    "kernel": ({}, False),
-    "torch-fused": ({}, True),  # Adam: torch's fused kernels; SGD: the reference loop
-    "compact": ({"state_dtype": torch.bfloat16}, False),
-}
-ADAM_PATHS = list(PATHS)
-SGD_PATHS = ["reference", "kernel", "torch-fused"]
 
 
 def damage_step(value):
@@ -85,22 +75,18 @@ SHARED_DAMAGES = [
     ("init_param", set_key("init_param", lambda t: torch.zeros(5)), r"init_param shape = \(5,\)"),
 ]
 
+DAMAGES = {"adam": ADAM_DAMAGES + SHARED_DAMAGES, "sgd": SGD_DAMAGES + SHARED_DAMAGES}
 CASES = [
-    pytest.param(cls, path, field, damage, regex, id=f"{cls.__name__}-{path}-{field}-{n}")
-    for classes, paths, damages in (
-        (ADAMS, ADAM_PATHS, ADAM_DAMAGES + SHARED_DAMAGES),
-        (SGDS, SGD_PATHS, SGD_DAMAGES + SHARED_DAMAGES),
-    )
-    for cls in classes
-    for path in paths
-    for n, (field, damage, regex) in enumerate(damages)
+    pytest.param(*case.values, field, damage, regex, id=f"{case.id}-{field}-{n}")
+    for case in cases()
+    for n, (field, damage, regex) in enumerate(DAMAGES[case.values[0].family])
 ]
 
 
 def trained(cls, path, monkeypatch):
     """An optimizer over two groups (three parameters) after two steps on ``path``."""
-    kwargs, hide_kernel = PATHS[path]
-    if hide_kernel:
+    kwargs = path.kwargs
+    if path.hide_kernel:
         monkeypatch.setattr(decoupled.optim._build, "_ops", None)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(3,), (2, 2), (4,)]]
@@ -131,11 +117,11 @@ def assert_same(a, b):
         assert a == b
 
 
-@pytest.mark.parametrize("cls,path,field,damage,regex", CASES)
+@pytest.mark.parametrize("info,path,field,damage,regex", CASES)
 def test_a_damaged_state_is_refused_and_nothing_changes(
-    cls, path, field, damage, regex, monkeypatch
+    info, path, field, damage, regex, monkeypatch
 ):
-    optimizer, params = trained(cls, path, monkeypatch)
+    optimizer, params = trained(info.cls, path, monkeypatch)
     damaged = copy.deepcopy(optimizer.state_dict())
     damage(damaged["state"][2])
     damaged["param_groups"][0]["lr"] = 0.5  # a change that must not be loaded either
@@ -188,22 +174,11 @@ def test_a_negative_step_written_into_live_state_raises_on_every_path(fused):
     assert torch.isfinite(p).all()
 
 
-TWINS = [
-    (decoupled.Adam, torch.optim.Adam, {"amsgrad": True}, ADAM_PATHS),
-    (decoupled.AdamW, torch.optim.AdamW, {}, ADAM_PATHS),
-    (decoupled.SGD, torch.optim.SGD, {"momentum": 0.9}, SGD_PATHS),
-]
-
-
-@pytest.mark.parametrize(
-    "ours_cls,torch_cls,kwargs,path",
-    [pytest.param(*t[:3], path, id=f"{t[0].__name__}-{path}") for t in TWINS for path in t[3]],
-)
-def test_a_valid_torch_state_dict_still_loads_both_ways(
-    ours_cls, torch_cls, kwargs, path, monkeypatch
-):
-    path_kwargs, hide_kernel = PATHS[path]
-    if hide_kernel:
+@pytest.mark.parametrize("info,path", cases(entries=lambda info: info.torch_cls))
+def test_a_valid_torch_state_dict_still_loads_both_ways(info, path, monkeypatch):
+    ours_cls, torch_cls, path_kwargs = info.cls, info.torch_cls, path.kwargs
+    kwargs = {"amsgrad": True} if info.family == "adam" else {"momentum": 0.9}
+    if path.hide_kernel:
         monkeypatch.setattr(decoupled.optim._build, "_ops", None)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
