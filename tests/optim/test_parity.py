@@ -17,6 +17,8 @@ import decoupled
 from tests.helpers import MODEL_BUILDERS, assert_same_training_state, train, twin_models
 from tests.optim.optim_db import PATH, cases
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # every entry with a torch twin, on the paths bit-identical to torch's single-tensor loop
 CASES = cases(inputs="inputs", paths=lambda path: path.exact_twin, entries=lambda i: i.torch_cls)
 
