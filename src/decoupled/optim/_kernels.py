@@ -29,14 +29,14 @@ How close the C++ kernel comes to the reference loop: it computes each element w
 reference's operations, in the reference's order, and rounds where torch's CPU operations
 round — with one fused multiply-add exactly where torch's vectorized loops use one (``lerp``,
 ``add``/``add_`` with ``alpha``, ``addcmul``) and nowhere else (it is compiled with
-``-ffp-contract=off``, so the compiler fuses no other multiply and add). On CPUs with FMA instructions
-SGD/SGDW steps are therefore bit-identical to the reference (hence to torch.optim's
-single-tensor loop), and so are Adam's moments while the gradients are the same. Adam's
-parameters are not: torch's CPU ``sqrt`` is not always correctly rounded (in torch 2.13's x86
-wheel about one float32 result in six differs from IEEE ``sqrt`` by an ulp), the kernel's is,
-so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels (path 2) round
-differently again. The tests hold float32 to 1e-6 relative after 100 steps, bfloat16 state
-to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
+``-ffp-contract=off``, so the compiler fuses no other multiply and add). On CPUs with FMA
+instructions SGD/SGDW steps are therefore bit-identical to the reference (hence to
+torch.optim's single-tensor loop), and so are Adam's moments while the gradients are the
+same. Adam's parameters are not: torch's CPU ``sqrt`` is not always correctly rounded (in
+torch 2.13's x86 wheel about one float32 result in six differs from IEEE ``sqrt`` by an ulp),
+the kernel's is, so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels
+(path 2) round differently again. The tests hold float32 to 1e-6 relative after 100 steps,
+bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
 """
 
 from __future__ import annotations

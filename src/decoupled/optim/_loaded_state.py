@@ -65,7 +65,13 @@ def check_like_param(
     bad = ~torch.isfinite(values)
     if nonnegative:
         bad |= values < 0
-    if bool(bad.any()):
-        first = values[bad].flatten()[0].item()
+    if bool(bad.any()):  # a DTensor's any() reduces over its mesh: every rank refuses alike
+        shown = _local(values)[_local(bad)].flatten()[:1].tolist()
+        value = f"{shown[0]} (an element)" if shown else "a bad element (in another shard)"
         rule = "must be finite and >= 0" if nonnegative else "must be finite"
-        refuse(where, field, f"{first} (an element)", rule)
+        refuse(where, field, value, rule)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A sharded tensor's (DTensor, FSDP2) local shard; any other tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
