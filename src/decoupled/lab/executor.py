@@ -26,7 +26,7 @@ import torch
 from decoupled.lab.store import FINISHED, ResultStore
 from decoupled.lab.tasks import Task, TaskData, get_task
 from decoupled.lab.train import RunSpec, run
-from decoupled.optim._build import kernel_ops
+from decoupled.optim import kernel_available
 
 # Per process: loaded tasks and data (keyed by task name and data dir), and open stores.
 _TASKS: dict[tuple[str, str | None], tuple[Task, TaskData]] = {}
@@ -156,7 +156,7 @@ def execute(
 
 def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
     if not torch.cuda.is_available():
-        kernel_ops()  # built (or found) once here, so the workers only load it
+        kernel_available()  # built (or found) once here, so the workers only load it
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     pool = ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)

@@ -289,6 +289,12 @@ def choose_sgd_update(
     return reference
 
 
+def kernel_available() -> bool:
+    """True when the one-pass C++ kernel (path 1 above) is built or loads on this machine, so
+    that float32 CPU parameters step through it by default. The first call builds it."""
+    return kernel_ops() is not None
+
+
 def _falling_back(fast: Callable, reference: Callable) -> Callable:
     """``fast`` with its ``fallback`` bound to ``reference`` (and ``fast``'s name, which tests
     read to see which path stepped). The reference loops are passed in, not imported: they
