@@ -47,12 +47,13 @@ def preload(task: Task, data: TaskData, data_dir: str | None = None) -> None:
     _TASKS[(task.name, data_dir)] = (task, data)
 
 
-def open_store(path: str | Path) -> ResultStore:
+def open_store(path: str | Path, *, create: bool = True) -> ResultStore:
     """This process's store at ``path``, opened once and kept open: closing a connection
-    while other processes use the file is where SQLite's WAL bookkeeping is most fragile."""
+    while other processes use the file is where SQLite's WAL bookkeeping is most fragile.
+    ``create=False`` refuses a missing or empty file instead of making it a store."""
     path = str(path)
     if path not in _STORES:
-        _STORES[path] = ResultStore(path)
+        _STORES[path] = ResultStore(path, create=create)
     return _STORES[path]
 
 

@@ -73,7 +73,7 @@ def compare_task(
     db_path = out / DB_NAME
     store = open_store(db_path)
     prefix = name or f"compare-{task.name}"
-    save_experiment(db_path, plan_name(prefix, specs), "compare", specs)
+    save_experiment(store, plan_name(prefix, specs), "compare", specs)
     execute(
         specs,
         db_path,
@@ -81,6 +81,7 @@ def compare_task(
         progress=progress,
         description=f"{task.name}: {' vs '.join(optimizers)}",
     )
+    store.checkpoint()
     records = store.records()
     comparison = summarize(task, specs, records, RunSpec.key)
     comparison.missing = missing_runs(specs, records, db_path)
@@ -122,9 +123,11 @@ def sweep_task(
     workers: int | None = None,
     progress: bool = True,
     ray_address: str | None = None,
+    write_reports: bool = True,
     **common: Any,
 ) -> tuple[list[Landscape], dict[str, str]]:
-    """Plan, run (only missing cells), and report an lr × λ sweep; returns the landscapes and
+    """Plan, run (only missing cells), and report an lr × λ sweep (unless ``write_reports``
+    is False: the caller then calls :func:`rebuild_reports`); returns the landscapes and
     :func:`missing_runs`."""
     if executor == "batched":  # one process, all its threads (unless given), cells together
         common = {"threads": torch.get_num_threads(), **common, "batched": True}
@@ -133,7 +136,7 @@ def sweep_task(
     specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
     db_path = out / DB_NAME
     store = open_store(db_path)
-    save_experiment(db_path, plan_name(f"sweep-{task.name}", specs), "sweep", specs)
+    save_experiment(store, plan_name(f"sweep-{task.name}", specs), "sweep", specs)
     description = f"{task.name} sweep"
     if executor == "ray":
         from decoupled.lab.ray_executor import execute_on_ray
@@ -151,9 +154,11 @@ def sweep_task(
         execute_batched(specs, db_path, progress=progress)
     else:
         execute(specs, db_path, workers=workers, progress=progress, description=description)
+    store.checkpoint()  # the command's runs are in results.db itself, not only in its WAL
     records = store.records()
     grid = landscapes(task, specs, records, RunSpec.key)
-    rebuild_reports(out, tasks={task.name: task})
+    if write_reports:
+        rebuild_reports(out, tasks={task.name: task})
     return grid, missing_runs(specs, records, db_path)
 
 
@@ -213,12 +218,13 @@ def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Pat
     db_path = out / DB_NAME
     if not db_path.exists():
         raise FileNotFoundError(f"no results store in {out} (expected {db_path})")
-    records = open_store(db_path).records()
+    store = open_store(db_path)
+    records = store.records()
     plot_dir = out / "plots"
     plot_dir.mkdir(exist_ok=True)
     blocks = [Block("h1", "decoupled: Adam (L2) vs AdamW (decoupled weight decay)")]
     tasks = dict(tasks or {})
-    for experiment in load_experiments(db_path):
+    for experiment in load_experiments(store):
         task_name = experiment.specs[0].task
         if task_name not in tasks:
             tasks[task_name] = _task_for(task_name, records)
