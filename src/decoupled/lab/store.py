@@ -82,7 +82,9 @@ def _check_file(path: Path, create: bool) -> None:
     SQLite connections, and another process could then checkpoint and delete the WAL under
     them (https://sqlite.org/howtocorrupt.html, section 2.2)."""
     if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "results store is a folder, not a file", str(path))
+        raise IsADirectoryError(
+            errno.EISDIR, "cannot open the results store (it is a folder)", str(path)
+        )
     if path.exists() and not path.is_file():
         raise StoreError(f"{path} is not a regular file; refusing to use it as a results store")
     if not create and not path.exists():
