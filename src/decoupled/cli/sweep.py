@@ -6,8 +6,10 @@ comma lists (which may hold 0), e.g. --lr 1e-4:1e-2:7 --wd-adamw 0,1e-3:1 is inv
 --wd-adamw 0,1e-3,1e-2 works. --space FILE takes a JSON search space instead: {"lr": {"min":
 1e-4, "max": 1e-2, "num": 7, "scaling": "log"}, "wd_adamw": {"values": [0, 0.01, 0.1]}} (keys
 lr, weight_decay, wd_<optimizer>; num an integer >= 1). A --wd-<name> option or wd_<name> key
-for an optimizer not in --optimizers is refused. Every cell is a run in the store: a sweep that
-is stopped (Ctrl-C or kill -9) and started again runs only what is missing.
+for an optimizer not in --optimizers is refused, and so is a grid of more than 10,000 cells
+(lr x λ, summed over optimizers) unless --max-cells raises the bound. Every cell is a run in
+the store: a sweep that is stopped (Ctrl-C or kill -9) and started again runs only what is
+missing.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per cell (default 1)")
     parser.add_argument(
+        "--max-cells",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="refuse grids of more than N cells, lr x λ summed over optimizers (default 10000)",
+    )
+    parser.add_argument(
         "--executor",
         choices=EXECUTORS,
         default="local",
@@ -64,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _grids(args, task, optimizers):
     from decoupled.lab.grid import (
+        MAX_CELLS,
         RangeError,
+        check_grid_size,
         default_lrs,
         default_wds,
         parse_range,
@@ -104,6 +115,7 @@ def _grids(args, task, optimizers):
                 wds[name] = default_wds(task, name)
             if any(v <= 0 for v in lrs[name]):
                 raise RangeError("argument --lr: learning rates must be > 0")
+        check_grid_size(lrs, wds, args.max_cells or MAX_CELLS)
     except RangeError as error:
         raise CommandError(str(error)) from None
     return lrs, wds
@@ -111,7 +123,7 @@ def _grids(args, task, optimizers):
 
 def run(args: argparse.Namespace) -> int:
     from decoupled.lab.sweep import format_landscapes
-    from decoupled.lab.workflow import sweep_task
+    from decoupled.lab.workflow import rebuild_reports, sweep_task
 
     optimizers = parse_optimizers(args.optimizers)
     task = resolve_task(args.task, args.data_dir)
@@ -146,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             ray_address=args.ray_address,
+            write_reports=False,  # below, after the table: a full disk then loses no result
             decay_scale=args.decay_scale,
             schedule=args.schedule,
             data_dir=args.data_dir,
@@ -153,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     except RayUnavailable as error:
         raise CommandError(f"argument --ray-address: {error}") from None
     print()
-    print(format_landscapes(grid, task.metric))
+    print(format_landscapes(grid, task.metric), flush=True)
+    rebuild_reports(out, tasks={task.name: task})
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
     return report_missing("sweep", missing)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from decoupled.lab.store import FINISHED, ResultStore
+from decoupled.lab.store import FINISHED, ResultStore, StoreUnavailable
 from decoupled.lab.tasks import Task, TaskData, get_task
 from decoupled.lab.train import RunSpec, run
 from decoupled.optim._build import kernel_ops
@@ -80,6 +80,8 @@ def run_claimed(
         result = run(spec, task=task, data=data, on_progress=lambda *_: store.heartbeat(key))
     except KeyboardInterrupt:
         store.mark_interrupted(key)
+        raise
+    except StoreUnavailable:  # the disk, not the run, failed: every other run would too
         raise
     except Exception:  # recorded with its traceback; the other runs go on
         store.fail(key, traceback.format_exc())
