@@ -79,9 +79,7 @@ def one_line(capsys) -> str:
     return lines[0]
 
 
-def test_creating_the_store_on_a_full_disk_is_one_line_and_leaves_no_empty_file(
-    small_disk, capsys
-):
+def test_creating_the_store_on_a_full_disk_is_one_line_and_leaves_no_empty_file(small_disk, capsys):
     fill(small_disk)
     out = small_disk / "runs"
     out.mkdir()

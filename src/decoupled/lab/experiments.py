@@ -104,6 +104,8 @@ def load_experiments(store: ResultStore, kind: str | None = None) -> list[Experi
             continue
         try:
             specs = decode_plan(plan)
+            if not specs:
+                raise ValueError("no runs")
         except (KeyError, TypeError, ValueError) as damage:  # JSON, but not a plan
             warnings.warn(
                 f"experiment {name}: damaged plan in {store.path} ({damage!r}); left out",
