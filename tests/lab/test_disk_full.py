@@ -112,8 +112,16 @@ def test_a_disk_full_during_the_runs_keeps_them_and_the_sweep_resumes(
         assert [record.status for record in store.records()] == ["done", "done"]
 
 
+COMPARE = ["compare", "--task", "digits", "--budget", "5", "--optimizers", "adamw"]
+
+
+@pytest.mark.parametrize(
+    "command, table",
+    [(SWEEP, "best test error"), ([*COMPARE, "--seeds", "2", "--no-progress"], "weight_decay")],
+    ids=["sweep", "compare"],
+)
 def test_a_disk_full_when_writing_plots_prints_the_table_then_one_line(
-    small_disk, capsys, monkeypatch
+    small_disk, capsys, monkeypatch, command, table
 ):
     out = small_disk / "runs"
     real_rebuild = workflow.rebuild_reports
@@ -123,11 +131,11 @@ def test_a_disk_full_when_writing_plots_prints_the_table_then_one_line(
         return real_rebuild(*args, **kwargs)
 
     monkeypatch.setattr(workflow, "rebuild_reports", fill_then_rebuild)
-    assert main([*SWEEP, "--workers", "1", "--out", str(out)]) == EXIT_STORAGE
+    assert main([*command, "--workers", "1", "--out", str(out)]) == EXIT_STORAGE
     captured = capsys.readouterr()
-    assert "best test error" in captured.out  # the results table came first
+    assert table in captured.out  # the results table came first
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("decoupled sweep: error:"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"decoupled {command[0]}: error:"), lines
     assert "No space left on device" in lines[0] and "kept" in lines[0], lines
     _close_stores_under(small_disk)
     with ResultStore(out / "results.db", create=False) as store:

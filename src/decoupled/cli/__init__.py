@@ -123,7 +123,8 @@ def storage_failure(error: BaseException) -> bool:
 def _storage_message(error: BaseException, out: str | None) -> str:
     if not isinstance(error, OSError):  # StoreUnavailable: its message says it all
         return str(error)
-    where = f" ({error.filename})" if error.filename else ""
+    written = error.filename or out  # matplotlib's failed write does not name its file
+    where = f" (writing into {written})" if written else ""
     kept = f" in {out}/results.db" if out else ""
     return (
         f"{error.strerror or error}{where}; the runs finished so far are kept{kept}: free "

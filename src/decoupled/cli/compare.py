@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from decoupled.lab.comparison import format_table
-    from decoupled.lab.workflow import compare_task
+    from decoupled.lab.workflow import compare_task, rebuild_reports
 
     # Everything is checked before anything is written.
     task = resolve_task(args.task, args.data_dir)
@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup,
         data_dir=args.data_dir,
         state_dtype=args.state_dtype,
+        write_reports=False,  # below, after the table: a full disk then loses no result
     )
     print()
-    print(format_table(comparison))
+    print(format_table(comparison), flush=True)
+    rebuild_reports(out, tasks={task.name: task})
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
     return report_missing("compare", comparison.missing)

@@ -65,6 +65,7 @@ def compare_task(
     workers: int | None = None,
     progress: bool = True,
     name: str | None = None,  # the experiment's name before its plan digest
+    write_reports: bool = True,  # False: the caller calls rebuild_reports
     **common: Any,
 ) -> Comparison:
     """Plan, run (skipping runs already stored), summarize and report one comparison."""
@@ -85,7 +86,8 @@ def compare_task(
     records = store.records()
     comparison = summarize(task, specs, records, RunSpec.key)
     comparison.missing = missing_runs(specs, records, db_path)
-    rebuild_reports(out, tasks={task.name: task})
+    if write_reports:
+        rebuild_reports(out, tasks={task.name: task})
     return comparison
 
 
