@@ -18,6 +18,13 @@ Several worker *processes* may claim and finish runs at once. That is safe becau
 Life of a row: ``claim`` inserts it as ``running``; the runner calls ``heartbeat`` now and
 then and ends with ``finish`` (``done`` or ``diverged``) or ``fail`` (keeps the traceback).
 A ``running`` row whose owner is gone, or a ``failed`` row, may be claimed again.
+
+All SQL on ``results.db`` is here: the ``runs`` rows, each experiment's plan
+(``experiments``; ``lab/experiments.py`` encodes it) and the diagnostics' ``decay_monitor``
+rows. The tables and the checks that a file is a store are in ``store_schema.py``; keys, JSON
+and owners in ``store_records.py``. The disk failing under the store (full, or an I/O error)
+raises :class:`StoreUnavailable`; a file that is not a usable store raises
+:class:`StoreError` before anything is written into it.
 """
 
 from __future__ import annotations
@@ -218,7 +225,10 @@ class ResultStore:
                     "the rest"
                 ) from error
             raise
-        except sqlite3.DatabaseError as error:  # malformed, not a database: nothing is written
+        except sqlite3.DatabaseError as error:
+            if type(error) is not sqlite3.DatabaseError:  # e.g. IntegrityError: a caller's bug
+                raise
+            # "file is not a database", "database disk image is malformed"
             raise StoreError(
                 f"{self.path} is not an SQLite database or is damaged ({error}); refusing to "
                 "use it as a results store"
