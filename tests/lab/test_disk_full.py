@@ -90,8 +90,10 @@ def test_creating_the_store_on_a_full_disk_is_one_line_and_leaves_no_empty_file(
 
 
 def test_a_disk_full_during_the_runs_keeps_them_and_the_sweep_resumes(
-    small_disk, capsys, monkeypatch
+    small_disk, capfd, monkeypatch
 ):
+    """capfd: the pool workers' stderr counts too (an idle worker stopped by the parent once
+    printed a KeyboardInterrupt traceback there)."""
     out = small_disk / "runs"
     real_execute = workflow.execute
 
@@ -101,7 +103,7 @@ def test_a_disk_full_during_the_runs_keeps_them_and_the_sweep_resumes(
 
     monkeypatch.setattr(workflow, "execute", fill_then_execute)
     assert main([*SWEEP, "--workers", "2", "--out", str(out)]) == EXIT_STORAGE
-    line = one_line(capsys)
+    line = one_line(capfd)
     assert "is full" in line and "run the command again to resume" in line, line
 
     monkeypatch.setattr(workflow, "execute", real_execute)

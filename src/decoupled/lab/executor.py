@@ -61,10 +61,14 @@ def run_into_store(spec: RunSpec, db_path: str) -> str:
     """Claim, run and record one spec; returns its final status (or "skipped")."""
     if _STOPPING.is_set():  # an interrupted pool worker takes no queued run
         return "skipped"
-    store = open_store(db_path)
-    if not store.claim(spec.key(), spec.config()):
-        return "skipped"
-    return run_claimed(spec, store)
+    _WORKING.set()
+    try:
+        store = open_store(db_path)
+        if not store.claim(spec.key(), spec.config()):
+            return "skipped"
+        return run_claimed(spec, store)
+    finally:
+        _WORKING.clear()
 
 
 def run_claimed(
@@ -102,12 +106,17 @@ def pending_runs(specs: Sequence[RunSpec], store: ResultStore) -> tuple[list[Run
 
 # Set in a pool worker at its first Ctrl-C: it finishes marking its run and takes no other.
 _STOPPING = threading.Event()
+# Set while a pool worker claims or runs a spec (an idle one waits for the pool's next item).
+_WORKING = threading.Event()
 
 
 def _stop_taking_runs(signum: int, frame: object) -> None:
     if not _STOPPING.is_set():  # a second signal must not interrupt the marking of the first
         _STOPPING.set()
-        raise KeyboardInterrupt
+        # An idle worker has no run to mark, and an interrupt inside the pool's queue read
+        # would print a traceback on stderr; it exits when the pool shuts down.
+        if _WORKING.is_set():
+            raise KeyboardInterrupt
 
 
 def _init_worker(parent: int) -> None:
