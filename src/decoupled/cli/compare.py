@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup,
         data_dir=args.data_dir,
         state_dtype=args.state_dtype,
+        # the table before the reports: a disk that fills up at the plots loses no result
+        before_reports=lambda comparison: print(f"\n{format_table(comparison)}", flush=True),
     )
-    print()
-    print(format_table(comparison))
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
     return report_missing("compare", comparison.missing)
