@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from decoupled.cli import main
-from decoupled.diagnostics import DecayTable, monitor_runs
+from decoupled.lab.store import ResultStore
 
 PLOTS = (
     "decay_distribution.png",
@@ -27,13 +27,14 @@ def test_inspect_writes_plots_table_and_monitor_rows(tmp_path, capsys):
         assert expected in text
     for name in PLOTS:
         assert (out / name).stat().st_size > 10_000, name
-    assert sorted(monitor_runs(out / "results.db")) == [
+    store = ResultStore(out / "results.db", create=False)
+    assert store.decay_table_runs() == [
         "inspect-mnist1d-adam",
         "inspect-mnist1d-adamw",
     ]
-    adamw = DecayTable.read_sqlite(out / "results.db", "inspect-mnist1d-adamw")
+    adamw = store.load_decay_table("inspect-mnist1d-adamw")
     assert {row.rate_cv for row in adamw.where(decayed=True)} == {0.0}
-    adam = DecayTable.read_sqlite(out / "results.db", "inspect-mnist1d-adam")
+    adam = store.load_decay_table("inspect-mnist1d-adam")
     assert all(row.rate_grad_rms_spearman < -0.9 for row in adam.where(decayed=True))
 
 

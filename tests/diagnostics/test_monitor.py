@@ -16,7 +16,6 @@ from decoupled.diagnostics import (
     DecayTable,
     adamw_angular_update,
     angle_between,
-    monitor_runs,
     scale_invariant_tensors,
     sgd_l2_angular_update,
     sgdw_angular_update,
@@ -122,13 +121,14 @@ def test_table_round_trips_through_csv_and_sqlite(tmp_path):
     assert DecayTable.read_csv(monitor.to_csv(tmp_path / "decay.csv")) == table
 
     db = tmp_path / "results.db"
-    ResultStore(db).records()  # a real results store: the table goes beside `runs`
-    monitor.to_sqlite(db, "adam-run")
-    table.to_sqlite(db, "adam-run")  # written again: replaced, not doubled
-    DecayTable(table.rows[:3]).to_sqlite(db, "other")
-    assert DecayTable.read_sqlite(db, "adam-run") == table
-    assert len(DecayTable.read_sqlite(db, "other")) == 3
-    assert sorted(monitor_runs(db)) == ["adam-run", "other"]
+    store = ResultStore(db)  # a real results store: the table goes beside `runs`
+    store.save_decay_table("adam-run", monitor.table)
+    store.save_decay_table("adam-run", table)  # written again: replaced, not doubled
+    store.save_decay_table("other", DecayTable(table.rows[:3]))
+    assert store.load_decay_table("adam-run") == table
+    assert len(store.load_decay_table("other")) == 3
+    assert store.decay_table_runs() == ["adam-run", "other"]
+    store.close()
     with sqlite3.connect(db) as connection:
         tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
     assert {"runs", "decay_monitor"} <= tables
@@ -136,10 +136,12 @@ def test_table_round_trips_through_csv_and_sqlite(tmp_path):
 
     fresh = tmp_path / "fresh" / "results.db"  # a new file becomes a proper results store
     fresh.parent.mkdir()
-    table.to_sqlite(fresh, "run")
-    assert ResultStore(fresh).records() == [] and len(DecayTable.read_sqlite(fresh, "run"))
+    with ResultStore(fresh) as new_store:
+        new_store.save_decay_table("run", table)
+    with ResultStore(fresh, create=False) as reopened:
+        assert reopened.records() == [] and len(reopened.load_decay_table("run"))
     with pytest.raises(FileNotFoundError):
-        DecayTable.read_sqlite(tmp_path / "missing.db", "run")
+        ResultStore(tmp_path / "missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
 
 

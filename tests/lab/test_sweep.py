@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from decoupled.lab.grid import RangeError, parse_range, space_from_json
+from decoupled.lab.grid import RangeError, check_grid_size, parse_range, space_from_json
 from decoupled.lab.store import ResultStore, RunRecord
 from decoupled.lab.sweep import Landscape, format_landscapes, landscapes
 from decoupled.lab.train import RunSpec
@@ -398,6 +398,13 @@ def test_ties_in_a_row_resolve_to_the_geometric_mean_of_the_tied_lambdas():
     assert mirrored.diagonal_slope() == pytest.approx(-land.diagonal_slope())
 
 
+def test_max_cells_raises_the_bound_on_a_grid():
+    lrs, wds = {"adamw": [1.0] * 1000}, {"adamw": [0.0] * 1000}
+    with pytest.raises(RangeError, match="1000000 cells"):
+        check_grid_size(lrs, wds)
+    assert check_grid_size(lrs, wds, max_cells=1_000_000) == 1_000_000
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -412,6 +419,17 @@ def test_ties_in_a_row_resolve_to_the_geometric_mean_of_the_tied_lambdas():
             ["--optimizers", "adam", "--wd-adamw", "0,1e-2"],
             "argument --wd-adamw: adamw is not being swept (--optimizers adam)",
         ),
+        (
+            ["--lr", "1e-4:1:1000", "--wd-adamw", "1e-4:1:1000"],
+            "the grid has 1005000 cells (lr x weight decay: adam 1000 x 5, adamw 1000 x 1000), "
+            "more than 10000; pass --max-cells 1005000",
+        ),
+        (
+            ["--optimizers", "adamw", "--lr", "1e-3,1e-2", "--wd-adamw", "0,1e-2"]
+            + ["--max-cells", "3"],
+            "the grid has 4 cells (lr x weight decay: adamw 2 x 2), more than 3",
+        ),
+        (["--max-cells", "0"], "argument --max-cells: must be a positive integer"),
     ],
 )
 def test_bad_sweep_arguments_exit_2_with_one_line(tmp_path, args, message):

@@ -383,3 +383,54 @@ def test_the_loop_stops_at_the_step_that_diverged_and_evaluates_on_schedule():
     evaluated.clear()
     assert run_loop(10, 4, lambda step: step < 6, evaluated.append) == 6
     assert evaluated == [4]
+
+
+PATH_OF_UPDATE = {"kernel": "kernel", "fused": "torch-fused"}  # by the update's name prefix
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
+@pytest.mark.parametrize(
+    "changes",
+    [{"optimizer": "adamw"}, {"optimizer": "adam"}, {"optimizer": "sgdw", "momentum": 0.9},
+     {"optimizer": "adamw", "state_dtype": "bfloat16"}],
+    ids=["adamw", "adam", "sgdw", "adamw-bf16"],
+)  # fmt: skip
+def test_the_run_key_names_the_path_that_really_steps(mnist1d, monkeypatch, kernel, changes):
+    """The kernel and the other paths round differently (final losses 0.43001533349 vs
+    0.43001533647), so a run's key holds the path that stepped it: each path the optimizers
+    chose during a run is the one its spec names, and the key changes with it."""
+    import decoupled.optim._kernels as kernels
+    from decoupled.optim import adam as adam_module
+    from decoupled.optim import sgd as sgd_module
+
+    if not kernel:
+        monkeypatch.setattr(kernels, "kernel_ops", lambda: None)
+    elif not decoupled.optim.kernel_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    chosen = []
+
+    def spying(choose):
+        def choose_and_record(*args, **kwargs):
+            update = choose(*args, **kwargs)
+            prefix = update.__name__.split("_")[0]
+            chosen.append(PATH_OF_UPDATE.get(prefix, "reference"))
+            return update
+
+        return choose_and_record
+
+    for module, name in ((adam_module, "choose_adam_update"), (sgd_module, "choose_sgd_update")):
+        monkeypatch.setattr(module, name, spying(getattr(module, name)))
+    run_spec = spec(steps=3, **changes)
+    task, data = mnist1d
+    run(run_spec, task=task, data=data)
+    assert chosen and set(chosen) == {run_spec.step_path()}
+    assert run_spec.config()["step_path"] == run_spec.step_path()
+    expected = {"adamw": "torch-fused", "adam": "torch-fused"}.get(
+        run_spec.optimizer if run_spec.state_dtype is None else "", "reference"
+    )
+    assert run_spec.step_path() == ("kernel" if kernel else expected)
+
+
+def test_a_batched_run_is_keyed_by_the_reference_path():
+    assert spec(batched=True).step_path() == "reference"
+    assert spec(batched=True).key() != spec().key()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import decoupled
 from decoupled.optim import _build, _kernels
@@ -62,3 +63,15 @@ def path_log(monkeypatch):
 def without_kernel(monkeypatch):
     """As on a machine where the C++ kernel cannot be built."""
     monkeypatch.setattr(_build, "_ops", None)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test's torch ops on one thread. For the parity tests' tiny models, and on a busy
+    machine, each op's thread-pool handshake costs about ten times the work itself (measured:
+    0.1 s instead of 1 s per convnet case). Both sides of each comparison (ours and torch's)
+    still run with the same threads, so what is compared is unchanged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,6 +5,12 @@ take milliseconds instead of a compile."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,3 +96,110 @@ def test_a_file_system_without_flock_falls_back_to_torchs_guard(monkeypatch, tmp
         with _build._exclusive(tmp_path):
             entered = True
     assert entered and (tmp_path / "lock").exists()
+
+
+# -- a read-only kernel cache --------------------------------------------------------------
+# Tests run as root, which ignores permission bits, so a read-only cache is either a real
+# read-only bind mount (in a private mount namespace, when the OS permits one) or a file
+# system whose every write fails with EROFS at the OS call (``os.open``, ``os.mkdir``).
+
+READ_ONLY = OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+@pytest.fixture
+def prebuilt_cache(tmp_path):
+    """A cache folder holding a copy of this session's built kernel (built once, reused)."""
+    if _build.kernel_ops() is None:
+        pytest.skip("no C++ kernel on this machine")
+    name, folder = _build.build_folder()
+    copy = tmp_path / "cache" / folder.name
+    copy.mkdir(parents=True)
+    shutil.copy2(folder / f"{name}.so", copy / f"{name}.so")
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def read_only_os(monkeypatch, tmp_path):
+    """Every write below ``tmp_path`` fails with EROFS, as on a read-only mount."""
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def fake_open(path, flags, *args, **kwargs):
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writing and str(path).startswith(str(tmp_path)):
+            raise READ_ONLY
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)) and not Path(path).is_dir():
+            raise READ_ONLY
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    monkeypatch.setattr(cpp_extension, "load", lambda **_: pytest.fail("tried to build"))
+    monkeypatch.setattr(_build, "_ops", _build._NOT_TRIED)
+    monkeypatch.delenv("DECOUPLED_NO_KERNEL", raising=False)
+
+
+def test_a_prebuilt_kernel_loads_from_a_read_only_cache(
+    prebuilt_cache, read_only_os, monkeypatch, recwarn
+):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(prebuilt_cache))
+    ops = _build.kernel_ops()
+    assert ops is not None and hasattr(ops, "adam_step_") and hasattr(ops, "sgd_step_")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_read_only_cache_without_a_kernel_says_so(read_only_os, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
+    _, folder = _build.build_folder()
+    expected = (
+        rf"kernel was not built: the kernel cache {re.escape(str(folder))} is not writable "
+        r"\(Read-only file system\) and holds no prebuilt kernel"
+    )
+    with pytest.warns(RuntimeWarning, match=expected):
+        assert _build.kernel_ops() is None
+
+
+_READ_ONLY_SCRIPT = """
+import os, sys, warnings
+import torch
+from decoupled.optim import _build
+warnings.simplefilter("error", RuntimeWarning)
+assert _build.kernel_ops() is not None, "prebuilt kernel not loaded"
+p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
+assert _build.kernel_ops().adam_step_([p], [p.grad], [torch.zeros(3)], [torch.zeros(3)], [], [],
+    [torch.tensor(0.0)], 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False)
+assert p.lt(1).all()
+_build._ops = _build._NOT_TRIED
+os.environ["TORCH_EXTENSIONS_DIR"] = sys.argv[1] + "/empty"
+warnings.simplefilter("default", RuntimeWarning)
+with warnings.catch_warnings(record=True) as caught:
+    assert _build.kernel_ops() is None
+assert "not writable (Read-only file system)" in str(caught[0].message), caught[0].message
+print("read-only cache ok")
+"""
+
+
+def test_a_real_read_only_mount(prebuilt_cache):
+    """The same on a read-only bind mount, in a private mount namespace (``unshare``)."""
+    root = prebuilt_cache.parent
+    (root / "empty").mkdir()
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    mount = f"mount --bind {root} {root} && mount -o remount,ro,bind {root} {root}"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private read-only mount here: {probe.stderr.decode().strip()}")
+    command = f'{mount} && exec "$0" -c "$1" "$2"'
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(prebuilt_cache)}
+    env.pop("DECOUPLED_NO_KERNEL", None)
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command, sys.executable, _READ_ONLY_SCRIPT, str(root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "read-only cache ok" in result.stdout

@@ -20,50 +20,15 @@ from hypothesis import strategies as st
 
 import decoupled
 from decoupled.optim import _build, _kernels
-from tests.helpers import OptimizerInput, train, twin_models
+from tests.helpers import train, twin_models
+from tests.optim.optim_db import cases
 
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (1,), (40_000,)]  # the last spans two kernel chunks
 
-ADAM_INPUTS = [
-    OptimizerInput({"weight_decay": 0.1}, "decay"),
-    OptimizerInput({"weight_decay": 0.1, "amsgrad": True}, "amsgrad"),
-    OptimizerInput({"weight_decay": 0.05, "maximize": True}, "maximize"),
-    OptimizerInput({"betas": (0.3, 0.9), "eps": 1e-3}, "small beta1"),  # lerp's other branch
-    OptimizerInput({"lr": torch.tensor(0.01), "weight_decay": 0.2}, "tensor lr"),
-    OptimizerInput({"weight_decay": lambda step: 0.1 / step**0.5}, "decay schedule"),
-    OptimizerInput({"weight_decay": 0.3, "decay_to": "init"}, "decay to init"),
-    OptimizerInput({"weight_decay": 0.0}, "no decay"),
-]
-DECOUPLED_ONLY = [
-    OptimizerInput({"weight_decay": 0.5, "decay_scale": "schedule"}, "schedule"),
-    OptimizerInput({"weight_decay": 1e-4, "decay_scale": "constant"}, "constant"),
-    OptimizerInput({"weight_decay": 0.5, "decay_scale": "corrected"}, "corrected"),
-    OptimizerInput({"weight_decay": 0.5, "decay_to": "init", "decay_scale": "constant"}, "c>0.5"),
-]
-SGD_INPUTS = [
-    OptimizerInput({"lr": 0.05, "weight_decay": 0.1}, "plain"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}, "momentum"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01}, "damp"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}, "nag"),
-    OptimizerInput({"lr": 0.01, "momentum": 0.5, "maximize": True, "weight_decay": 0.1}, "max"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "weight_decay": 0.2, "decay_to": "init"}, "init"),
-    OptimizerInput({"lr": torch.tensor(0.05), "momentum": 0.9, "weight_decay": 0.1}, "tensor lr"),
-]
-SGDW_ONLY = [
-    OptimizerInput(
-        {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.5, "decay_scale": "schedule"}, "schedule"
-    ),
-    OptimizerInput(
-        {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "decay_scale": "constant"}, "constant"
-    ),
-]
-CASES = (
-    [(cls, inp) for cls in (decoupled.Adam, decoupled.AdamW) for inp in ADAM_INPUTS]
-    + [(decoupled.AdamW, inp) for inp in DECOUPLED_ONLY]
-    + [(cls, inp) for cls in (decoupled.SGD, decoupled.SGDW) for inp in SGD_INPUTS]
-    + [(decoupled.SGDW, inp) for inp in SGDW_ONLY]
-)
+# every entry's fast-path rows on every path compared with the reference loop, per dtype
+FAST_CASES = cases(inputs="fast_inputs", dtypes=True)
+KERNEL_CASES = cases(inputs="fast_inputs", paths=lambda path: path.name == "kernel")
 
 
 class Params(torch.nn.Module):
@@ -75,11 +40,14 @@ class Params(torch.nn.Module):
         )
 
 
-def run_both(cls, kwargs, dtype, steps=100, fused=None, shapes=SHAPES, scheduler=True):
+def run_both(
+    cls, kwargs, dtype, steps=100, fused=None, shapes=SHAPES, scheduler=True, path_kwargs=None
+):
     """(fast optimizer, reference optimizer, fast params, reference params)."""
     model_fast, model_reference = Params(dtype, shapes), Params(dtype, shapes)
     kwargs = {"lr": 1e-2, **kwargs}
-    fast = cls(model_fast.parameters(), fused=fused, **copy.deepcopy(kwargs))  # own tensor lr
+    fast_kwargs = {"fused": fused} if path_kwargs is None else path_kwargs
+    fast = cls(model_fast.parameters(), **fast_kwargs, **copy.deepcopy(kwargs))  # own tensor lr
     reference = cls(model_reference.parameters(), fused=False, **kwargs)
     make = lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, steps)  # noqa: E731
     schedulers = [make(o) for o in (fast, reference)] if scheduler else []
@@ -121,50 +89,38 @@ def test_the_kernel_builds_on_this_machine():
     assert _kernels.kernel_ops() is not None
 
 
-@pytest.mark.parametrize("cls,inp", CASES, ids=lambda v: getattr(v, "__name__", repr(v)))
-def test_kernel_matches_the_reference_loop(cls, inp, path_log):
-    results = run_both(cls, inp.kwargs, torch.float32)
-    assert set(path_log[::2]) == {"kernel_adam_update" if "Adam" in cls.__name__
-                                  else "kernel_sgd_update"}  # fmt: skip
-    assert_close_paths(*results, TOLERANCE[torch.float32])
+@pytest.mark.parametrize("info,path,inp,dtype", FAST_CASES)
+def test_fast_path_matches_the_reference_loop(info, path, inp, dtype, path_log, monkeypatch):
+    if path.hide_kernel:
+        monkeypatch.setattr(_build, "_ops", None)
+    results = run_both(info.cls, inp.kwargs, dtype, path_kwargs=path.kwargs)
+    assert set(path_log[::2]) == {path.logged(info.family)}
+    assert_close_paths(*results, TOLERANCE[dtype])
 
 
 # Adam's L2 term carries θ's ulps (see below) into its moments: not bitwise there
 BITWISE_CASES = [
-    (c, i) for c, i in CASES if c is not decoupled.Adam or not i.kwargs.get("weight_decay")
+    case
+    for case in KERNEL_CASES
+    if case.values[0].cls is not decoupled.Adam or not case.values[2].kwargs.get("weight_decay")
 ]
 
 
-@pytest.mark.parametrize("cls,inp", BITWISE_CASES, ids=lambda v: getattr(v, "__name__", v))
-def test_kernel_rounds_as_torch_where_torch_fuses_multiply_adds(cls, inp, path_log):
+@pytest.mark.parametrize("info,path,inp", BITWISE_CASES)
+def test_kernel_rounds_as_torch_where_torch_fuses_multiply_adds(info, path, inp, path_log):
     """The kernel fuses a multiply and an add exactly where torch's vectorized loops do, so
     SGD/SGDW and Adam's moments are bit-identical to the reference loop (hence to torch.optim's
     single-tensor path). Adam's θ may differ by an ulp: torch's sqrt is not always correctly
     rounded."""
-    fast, reference, params_f, params_r = run_both(cls, inp.kwargs, torch.float32, steps=20)
+    fast, reference, params_f, params_r = run_both(
+        info.cls, inp.kwargs, torch.float32, steps=20, path_kwargs=path.kwargs
+    )
     assert "(refused)" not in " ".join(path_log)
-    if "SGD" in cls.__name__:
+    if info.family == "sgd":
         assert all(torch.equal(p, q) for p, q in zip(params_f, params_r))
     for key in reference.state[params_r[0]].keys() - {"step", "init_param"}:
         assert all(torch.equal(fast.state[p][key], reference.state[q][key])
                    for p, q in zip(params_f, params_r)), key  # fmt: skip
-
-
-TORCH_FUSED_CASES = [
-    (cls, inp)
-    for cls, inp in CASES
-    if "Adam" in cls.__name__
-    and "decay_to" not in inp.kwargs  # torch's kernels decay toward zero only
-    and not (cls is decoupled.AdamW and inp.desc == "tensor lr")  # rate c = lr·λ is a tensor
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("cls,inp", TORCH_FUSED_CASES, ids=lambda v: getattr(v, "__name__", v))
-def test_torch_fused_path_matches_the_reference_loop(cls, inp, dtype, path_log, without_kernel):
-    results = run_both(cls, inp.kwargs, dtype)
-    assert set(path_log[::2]) == {"fused_adam_update"}
-    assert_close_paths(*results, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("cls", [decoupled.Adam, decoupled.SGDW])

@@ -168,15 +168,15 @@ def test_lambda_norm_decays_groups_that_leave_weight_decay_to_the_default(cls):
 
 
 @pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
-def test_a_checkpoint_from_before_the_opt_out_keeps_the_no_decay_group_undecayed(cls):
-    """Older checkpoints saved the optimizer-wide lambda_norm in the no-decay group too; the
+def test_a_checkpoint_with_lambda_norm_in_every_group_keeps_the_no_decay_group_undecayed(cls):
+    """A checkpoint may hold the optimizer-wide lambda_norm in the no-decay group too; the
     loading optimizer's opt-out stands, as its fused and state_dtype do."""
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     groups = decoupled.param_groups(model, 0.05, verbose=False)
     optimizer = cls(groups, lr=0.1, lambda_norm=0.5, decay_period=100)
     saved = optimizer.state_dict()
     for group in saved["param_groups"]:
-        group["lambda_norm"] = 0.5  # as saved before the opt-out rule
+        group["lambda_norm"] = 0.5  # the optimizer-wide value, in the no-decay group too
     optimizer.load_state_dict(saved)
     assert [g["lambda_norm"] for g in optimizer.param_groups] == [0.5, None]
     before = [p.detach().clone() for p in model.parameters()]

@@ -14,51 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decoupled
-from tests.helpers import (
-    MODEL_BUILDERS,
-    OptimizerInput,
-    assert_same_training_state,
-    train,
-    twin_models,
-)
+from tests.helpers import MODEL_BUILDERS, assert_same_training_state, train, twin_models
+from tests.optim.optim_db import PATH, cases
 
-ADAM_INPUTS = [
-    OptimizerInput({}, "defaults"),
-    OptimizerInput({"lr": 3e-2}, "large lr"),
-    OptimizerInput({"weight_decay": 0.1}, "weight decay"),
-    OptimizerInput({"weight_decay": 0.1, "amsgrad": True}, "amsgrad + decay"),
-    OptimizerInput({"betas": (0.5, 0.9), "eps": 1e-4}, "betas and eps"),
-    OptimizerInput({"betas": (0.0, 0.99)}, "no first moment"),
-    OptimizerInput({"weight_decay": 0.05, "maximize": True}, "maximize"),
-    OptimizerInput({"lr": torch.tensor(0.01), "weight_decay": 0.2}, "tensor lr"),
-    OptimizerInput({"weight_decay": 0.0}, "no decay"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-SGD_INPUTS = [
-    OptimizerInput({"lr": 0.05}, "plain"),
-    OptimizerInput({"lr": 0.05, "weight_decay": 0.1}, "weight decay"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9}, "momentum"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.01}, "damp"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, "nag"),
-    OptimizerInput({"lr": 0.01, "momentum": 0.5, "maximize": True, "weight_decay": 0.1}, "max"),
-    OptimizerInput({"lr": torch.tensor(0.05), "momentum": 0.9}, "tensor lr"),
-]
-
-PAIRS = [
-    (decoupled.Adam, torch.optim.Adam, ADAM_INPUTS),
-    (decoupled.AdamW, torch.optim.AdamW, ADAM_INPUTS),
-    (decoupled.SGD, torch.optim.SGD, SGD_INPUTS),
-]
-CASES = [
-    pytest.param(ours, theirs, inp, id=f"{ours.__name__}-{inp.desc}")
-    for ours, theirs, inputs in PAIRS
-    for inp in inputs
-]
+# every entry with a torch twin, on the paths bit-identical to torch's single-tensor loop
+CASES = cases(inputs="inputs", paths=lambda path: path.exact_twin, entries=lambda i: i.torch_cls)
 
 
-def run_pair(ours_cls, torch_cls, kwargs, model_name, dtype, steps, scheduler=None):
+def run_pair(ours_cls, torch_cls, kwargs, model_name, dtype, steps, scheduler=None, path=None):
     model_ours, model_torch, input_shape = twin_models(model_name, dtype)
-    ours = ours_cls(model_ours.parameters(), fused=False, **kwargs)  # the reference loop
+    path_kwargs = (path or PATH["reference"]).kwargs
+    ours = ours_cls(model_ours.parameters(), **path_kwargs, **kwargs)
     theirs = torch_cls(model_torch.parameters(), foreach=False, **kwargs)
     sched_ours = scheduler(ours) if scheduler else None
     sched_theirs = scheduler(theirs) if scheduler else None
@@ -69,10 +37,10 @@ def run_pair(ours_cls, torch_cls, kwargs, model_name, dtype, steps, scheduler=No
 
 @pytest.mark.parametrize("model_name", list(MODEL_BUILDERS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("ours_cls,torch_cls,inp", CASES)
-def test_matches_torch_exactly(ours_cls, torch_cls, inp, model_name, dtype):
+@pytest.mark.parametrize("info,path,inp", CASES)
+def test_matches_torch_exactly(info, path, inp, model_name, dtype):
     ours, theirs, m_ours, m_torch = run_pair(
-        ours_cls, torch_cls, inp.kwargs, model_name, dtype, 100
+        info.cls, info.torch_cls, inp.kwargs, model_name, dtype, 100, path=path
     )
     assert_same_training_state(ours, theirs, m_ours, m_torch)
 

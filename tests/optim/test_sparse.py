@@ -8,25 +8,21 @@ import pytest
 import torch
 
 import decoupled
-from tests.helpers import OptimizerInput
-from tests.optim.test_parity import SGD_INPUTS
+from tests.optim.optim_db import INFO, cases
 
-SPARSE_INPUTS = [inp for inp in SGD_INPUTS if not inp.kwargs.get("weight_decay")] + [
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "dampening": 0.5}, "damp"),
-    OptimizerInput({"lr": 0.05, "momentum": 0.9, "nesterov": True}, "nag"),
-    OptimizerInput({"lr": 0.01, "momentum": 0.5, "maximize": True}, "max"),
-]
+# every path of the entries that take sparse gradients (the kernel refuses them: reference)
+SPARSE_CASES = cases(inputs="sparse_inputs", entries=lambda info: info.sparse_inputs)
+SGD_PATHS = [pytest.param(path, id=path.name) for path in INFO[decoupled.SGD].paths]
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "reference"])
-@pytest.mark.parametrize("inp", SPARSE_INPUTS, ids=lambda inp: inp.desc)
-def test_sgd_takes_sparse_gradients_as_torch(inp, fused):
+@pytest.mark.parametrize("info,path,inp", SPARSE_CASES)
+def test_sgd_takes_sparse_gradients_as_torch(info, path, inp):
     """nn.Embedding(sparse=True): same parameters and (sparse) momentum buffers as
     torch.optim.SGD."""
     embeddings = [torch.nn.Embedding(50, 4, sparse=True) for _ in range(2)]
     embeddings[1].load_state_dict(embeddings[0].state_dict())
-    ours = decoupled.SGD(embeddings[0].parameters(), fused=fused, **inp.kwargs)
-    theirs = torch.optim.SGD(embeddings[1].parameters(), **inp.kwargs)
+    ours = info.cls(embeddings[0].parameters(), **path.kwargs, **inp.kwargs)
+    theirs = info.torch_cls(embeddings[1].parameters(), **inp.kwargs)
     generator = torch.Generator().manual_seed(0)
     for _ in range(10):
         rows = torch.randint(0, 50, (8,), generator=generator)  # repeated rows too
@@ -51,12 +47,12 @@ def test_sgdw_decays_every_row_with_sparse_gradients():
     assert torch.equal(embedding.weight[1:], before[1:] * (1 - 0.1 * 0.5))
 
 
-@pytest.mark.parametrize("fused", [None, False], ids=["default", "reference"])
-def test_sgd_refuses_sparse_gradients_with_l2_decay_before_changing_anything(fused):
+@pytest.mark.parametrize("path", SGD_PATHS)
+def test_sgd_refuses_sparse_gradients_with_l2_decay_before_changing_anything(path):
     """As torch.optim.SGD (whose g + λθ fails on a sparse g), but saying why."""
     embedding = torch.nn.Embedding(10, 3, sparse=True)
     before = embedding.weight.detach().clone()
-    optimizer = decoupled.SGD(embedding.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
+    optimizer = decoupled.SGD(embedding.parameters(), lr=0.1, weight_decay=0.1, **path.kwargs)
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients with weight_decay=0.1.*SGDW"):
         optimizer.step()

@@ -12,13 +12,11 @@ import torch
 
 import decoupled
 from tests.helpers import assert_same_training_state, train, twin_models
+from tests.optim.optim_db import cases
 
-PAIRS = [
-    (decoupled.AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
-    (decoupled.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}),
-    (decoupled.SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}),
-]
-IDS = [ours.__name__ for ours, _, _ in PAIRS]
+# the entries with a torch twin and state-test kwargs; interop on the paths exact with torch
+INTEROP_CASES = cases(paths=lambda path: path.exact_twin, entries=lambda info: info.state_kwargs)
+ROUND_TRIP_CASES = cases(entries=lambda info: info.state_kwargs)
 
 
 def save_and_load(state_dict):
@@ -28,15 +26,16 @@ def save_and_load(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", PAIRS, ids=IDS)
+@pytest.mark.parametrize("info,path", INTEROP_CASES)
 @pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
-def test_state_dict_interop_continues_identically(ours_cls, torch_cls, kwargs, direction):
+def test_state_dict_interop_continues_identically(info, path, direction):
     """Train 20 steps with one library, save, load into the other, train 20 more: the result
     equals 40 uninterrupted steps of torch.optim."""
+    ours_cls, torch_cls, kwargs = info.cls, info.torch_cls, info.state_kwargs
     first_cls, second_cls = (
         (torch_cls, ours_cls) if direction == "torch->ours" else (ours_cls, torch_cls)
     )
-    extra = lambda cls: {"foreach": False} if cls is torch_cls else {"fused": False}  # noqa: E731
+    extra = lambda cls: {"foreach": False} if cls is torch_cls else path.kwargs  # noqa: E731
     model, model_ref, shape = twin_models("convnet", torch.float64)
 
     first = first_cls(model.parameters(), **kwargs, **extra(first_cls))
@@ -54,8 +53,11 @@ def test_state_dict_interop_continues_identically(ours_cls, torch_cls, kwargs, d
     assert_same_training_state(second, reference, model, model_ref)
 
 
-@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", PAIRS, ids=IDS)
-def test_round_trip_deepcopy_and_pickle(ours_cls, torch_cls, kwargs):
+@pytest.mark.parametrize("info,path", ROUND_TRIP_CASES)
+def test_round_trip_deepcopy_and_pickle(info, path, monkeypatch):
+    if path.hide_kernel:
+        monkeypatch.setattr(decoupled.optim._build, "_ops", None)
+    ours_cls, kwargs = info.cls, {**info.state_kwargs, **path.kwargs}
     model, _, shape = twin_models("mlp", torch.float64)
     optimizer = ours_cls(model.parameters(), **kwargs)
     train(model, optimizer, shape, 5, torch.float64)

@@ -1,15 +1,21 @@
 """The `decoupled` command: one module per subcommand, each with `add_parser` and `run`.
 
-Bad arguments exit with status 2 and one line on stderr (`decoupled suggest: error: ...`).
+Exit statuses: 0 done; 1 some runs failed (named in a warning line); 2 bad arguments, or an
+``--out`` whose results.db is not a usable store (one line on stderr,
+`decoupled suggest: error: ...`); 3 the disk failed under the output folder (full, or an I/O
+error): one line, and the runs finished so far are kept in results.db, so the same command
+resumes once space is freed; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import math
 import re
 import sys
+import warnings
 
 from decoupled import __version__
 
@@ -103,6 +109,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status when the disk fails under the output folder; finished runs are kept.
+EXIT_STORAGE = 3
+#: OSError numbers that mean the disk, not the arguments, failed: full, over quota, I/O.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the disk failing (exit status 3) rather than a bad argument."""
+    return isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
+
+
+def _storage_message(error: BaseException, out: str | None) -> str:
+    if not isinstance(error, OSError):  # StoreUnavailable: its message says it all
+        return str(error)
+    written = error.filename or out  # matplotlib's failed write does not name its file
+    where = f" (writing into {written})" if written else ""
+    kept = f" in {out}/results.db" if out else ""
+    return (
+        f"{error.strerror or error}{where}; the runs finished so far are kept{kept}: free "
+        "space and run the command again (finished runs are not redone), or rebuild the "
+        "reports alone with `decoupled report`"
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from decoupled.lab.store_schema import StoreUnavailable, StoreWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, StoreWarning):  # one line, like the other warnings
+            print(f"decoupled {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    default_show = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return args.run(args)
+        except (StoreUnavailable, OSError) as error:
+            if not (isinstance(error, StoreUnavailable) or storage_failure(error)):
+                raise
+            message = _storage_message(error, getattr(args, "out", None))
+            print(f"decoupled {args.command}: error: {message}", file=sys.stderr)
+            return EXIT_STORAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -110,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.run(args)
+        return _run(args)
     except CommandError as error:
         args.parser.error(str(error))
     except KeyboardInterrupt:

@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from decoupled.lab.comparison import Sequential, format_table, metric_scale
+    from decoupled.lab.comparison import Sequential, metric_scale
     from decoupled.lab.sequential import MIN_SEEDS
     from decoupled.lab.workflow import compare_task
 
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         f"decoupled compare: task {task.name} ({task.metric}), {', '.join(optimizers)}, "
         f"{seeds} x {steps} steps -> {out}"
     )
-    settings = dict(
+    options = dict(
         optimizers=optimizers,
         steps=steps,
         out=out,
@@ -181,19 +181,40 @@ def run(args: argparse.Namespace) -> int:
         extra_pairs=extra_pairs,
     )
     if sequential is None:
-        comparison = compare_task(task, seeds=args.seeds, **settings)
+        # the table before the reports: a disk that fills up at the plots loses no result
+        comparison = compare_task(task, seeds=args.seeds, before_reports=_print_table, **options)
     else:
         # One round per seed, every optimizer in it, so that the pairs stay paired; a
         # resumed compare replays its rounds from the store without training them again.
         for count in range(MIN_SEEDS, sequential.max_seeds + 1):
-            comparison = compare_task(task, seeds=count, sequential=sequential, **settings)
-            print(f"after {count} seeds: {_round_summary(comparison)}")
-            if comparison.should_stop() or comparison.missing:
+            comparison = compare_task(
+                task,
+                seeds=count,
+                sequential=sequential,
+                before_reports=lambda comparison, count=count: _after_round(comparison, count),
+                **options,
+            )
+            if _last_round(comparison):
                 break
-    print()
-    print(format_table(comparison))
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
     return report_missing("compare", comparison.missing)
+
+
+def _print_table(comparison) -> None:
+    from decoupled.lab.comparison import format_table
+
+    print(f"\n{format_table(comparison)}", flush=True)
+
+
+def _last_round(comparison) -> bool:
+    """Every pair has decided, or runs failed (the next invocation retries them)."""
+    return comparison.should_stop() or bool(comparison.missing)
+
+
+def _after_round(comparison, count: int) -> None:
+    print(f"after {count} seeds: {_round_summary(comparison)}", flush=True)
+    if _last_round(comparison):
+        _print_table(comparison)
 
 
 def _round_summary(comparison) -> str:

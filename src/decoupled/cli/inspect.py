@@ -112,8 +112,12 @@ def run_train(args: argparse.Namespace) -> int:
     except FloatingPointError as error:  # a diverged run: a result, reported in one line
         print(f"decoupled inspect: {error}", file=sys.stderr)
         return 1
+    from decoupled.lab.executor import open_store
+
     for run in runs:
-        run.table.to_sqlite(out / "results.db", f"inspect-{task.name}-{run.spec.optimizer}")
+        open_store(out / "results.db").save_decay_table(
+            f"inspect-{task.name}-{run.spec.optimizer}", run.table
+        )
         print(f"  {run.label}: {len(run.table)} monitor rows, {run.wall_time:.1f} s")
     print()
     print(format_comparison(runs))

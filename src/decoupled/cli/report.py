@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from decoupled.cli import CommandError
+from decoupled.cli import CommandError, storage_failure
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,15 +28,18 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         db_path = out / DB_NAME
-        if db_path.is_file():
-            open_store(db_path)  # first: it refuses a results.db that is no usable store
-        if db_path.is_file() and not load_experiments(db_path):
+        if db_path.exists() or db_path.is_symlink():
+            # first: it refuses a results.db that is no usable store, and writes nothing then
+            store = open_store(db_path, create=False)
+        if db_path.exists() and not load_experiments(store):
             raise CommandError(
                 f"argument --out: {db_path} holds no compare or sweep experiment: "
                 "nothing to report (an inspect folder's monitor rows are read by inspect)"
             )
         paths = rebuild_reports(out)
     except (OSError, StoreError) as error:  # missing, a folder, damaged, unreadable
+        if storage_failure(error):  # the disk, not the argument: exit status 3
+            raise
         raise CommandError(f"argument --out: {error}") from None
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -6,8 +6,10 @@ comma lists (which may hold 0), e.g. --lr 1e-4:1e-2:7 --wd-adamw 0,1e-3:1 is inv
 --wd-adamw 0,1e-3,1e-2 works. --space FILE takes a JSON search space instead: {"lr": {"min":
 1e-4, "max": 1e-2, "num": 7, "scaling": "log"}, "wd_adamw": {"values": [0, 0.01, 0.1]}} (keys
 lr, weight_decay, wd_<optimizer>; num an integer >= 1). A --wd-<name> option or wd_<name> key
-for an optimizer not in --optimizers is refused. Every cell is a run in the store: a sweep that
-is stopped (Ctrl-C or kill -9) and started again runs only what is missing.
+for an optimizer not in --optimizers is refused, and so is a grid of more than 10,000 cells
+(lr x λ, summed over optimizers) unless --max-cells raises the bound. Every cell is a run in
+the store: a sweep that is stopped (Ctrl-C or kill -9) and started again runs only what is
+missing.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per cell (default 1)")
     parser.add_argument(
+        "--max-cells",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="refuse grids of more than N cells, lr x λ summed over optimizers (default 10000)",
+    )
+    parser.add_argument(
         "--executor",
         choices=EXECUTORS,
         default="local",
@@ -64,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _grids(args, task, optimizers):
     from decoupled.lab.grid import (
+        MAX_CELLS,
         RangeError,
+        check_grid_size,
         default_lrs,
         default_wds,
         parse_range,
@@ -104,6 +115,7 @@ def _grids(args, task, optimizers):
                 wds[name] = default_wds(task, name)
             if any(v <= 0 for v in lrs[name]):
                 raise RangeError("argument --lr: learning rates must be > 0")
+        check_grid_size(lrs, wds, args.max_cells or MAX_CELLS)
     except RangeError as error:
         raise CommandError(str(error)) from None
     return lrs, wds
@@ -146,13 +158,15 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             ray_address=args.ray_address,
+            # the table before the reports: a disk that fills up at the plots loses no result
+            before_reports=lambda summary: print(
+                f"\n{format_landscapes(summary[0], task.metric)}", flush=True
+            ),
             decay_scale=args.decay_scale,
             schedule=args.schedule,
             data_dir=args.data_dir,
         )
     except RayUnavailable as error:
         raise CommandError(f"argument --ray-address: {error}") from None
-    print()
-    print(format_landscapes(grid, task.metric))
     print(f"\nreports: {out / 'report.md'}, {out / 'report.html'}")
     return report_missing("sweep", missing)

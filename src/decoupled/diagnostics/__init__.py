@@ -2,7 +2,8 @@
 against theory (SCIENCE.md §4, §5, §8).
 
 * :class:`DecayMonitor` — attach to an optimizer; records effective decay rates, norms and
-  angular updates per tensor into a :class:`DecayTable` (CSV, or the lab's results.db).
+  angular updates per tensor into a :class:`DecayTable` (CSV, or the lab's results.db through
+  ``ResultStore.save_decay_table``).
 * :func:`element_decay_rates` — the effective decay rate of every element after a step.
 * :func:`structurally_scale_invariant`, :func:`scale_invariant_tensors` — which tensors the
   loss does not care about the scale of.
@@ -19,7 +20,7 @@ from decoupled.diagnostics.scale_invariance import (
     scale_invariant_tensors,
     structurally_scale_invariant,
 )
-from decoupled.diagnostics.table import COLUMNS, DecayRecord, DecayTable, monitor_runs
+from decoupled.diagnostics.table import COLUMNS, DecayRecord, DecayTable
 from decoupled.diagnostics.theory import (
     adamw_angular_update,
     adamw_equilibrium_norm,
@@ -39,7 +40,6 @@ __all__ = [
     "angle_between",
     "decay_kind",
     "element_decay_rates",
-    "monitor_runs",
     "scale_invariant_tensors",
     "sgd_l2_angular_update",
     "sgdw_angular_update",

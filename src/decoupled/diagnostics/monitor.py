@@ -104,9 +104,6 @@ class DecayMonitor:
     def to_csv(self, path: str | Path) -> Path:
         return self.table.to_csv(path)
 
-    def to_sqlite(self, db_path: str | Path, run_name: str) -> None:
-        self.table.to_sqlite(db_path, run_name)
-
     # -- the hooks -----------------------------------------------------------------------
     def _recording(self, step: int) -> bool:
         return step % self.every == 0

@@ -1,15 +1,15 @@
 """The monitor's tidy table: one row per recorded step × parameter tensor.
 
-Saved as CSV, or into the lab's results store (``<out>/results.db``) as a ``decay_monitor``
-table beside ``runs`` and ``experiments``, keyed by (run, step, tensor). NaN means "not
-defined here" (e.g. no theory prediction for this tensor); SQLite stores it as NULL.
+Saved as CSV here, or as plain rows (:meth:`DecayTable.to_rows`) that the lab's results store
+keeps in its ``decay_monitor`` table (``ResultStore.save_decay_table``), keyed by (run, step,
+tensor). NaN means "not defined here" (e.g. no theory prediction for this tensor); SQLite stores
+it as NULL.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,13 +48,9 @@ class DecayRecord:
 
 COLUMNS = tuple(f.name for f in fields(DecayRecord))
 _TYPES = {f.name: f.type for f in fields(DecayRecord)}
-_SQL_TYPES = {"int": "INTEGER", "bool": "INTEGER", "str": "TEXT", "float": "REAL"}
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS decay_monitor (run TEXT NOT NULL, "
-    + ", ".join(f"{name} {_SQL_TYPES[_TYPES[name]]}" for name in COLUMNS)
-    + ", PRIMARY KEY (run, step, tensor))"
-)
+_SQL_AFFINITY = {"int": "INTEGER", "bool": "INTEGER", "str": "TEXT", "float": "REAL"}
+#: Each column's SQLite type, for the results store's ``decay_monitor`` table.
+SQL_TYPES = {name: _SQL_AFFINITY[_TYPES[name]] for name in COLUMNS}
 
 
 def _parse(name: str, value) -> int | float | bool | str:
@@ -70,7 +66,7 @@ def _parse(name: str, value) -> int | float | bool | str:
 
 
 class DecayTable:
-    """A list of :class:`DecayRecord` rows with column access and CSV/SQLite round-trips."""
+    """A list of :class:`DecayRecord` rows with column access, CSV round-trips and plain rows."""
 
     def __init__(self, rows: Iterable[DecayRecord] = ()):
         self.rows = list(rows)
@@ -124,58 +120,15 @@ class DecayTable:
                 for row in csv.DictReader(handle)
             )
 
-    def to_sqlite(self, db_path: str | Path, run_name: str) -> None:
-        """Write the rows as run ``run_name`` into the ``decay_monitor`` table of a results
-        store, replacing that run's earlier rows (one transaction: never half-written).
-
-        The file is opened as a :class:`~decoupled.lab.store.ResultStore` first, which creates
-        it (with the store's own tables) if it is new and refuses a file that is not a results
-        store, so the lab's commands can use it afterwards.
-        """
-        from decoupled.lab.store import ResultStore  # the lab is imported only when saving
-
-        ResultStore(db_path).close()
-        connection = sqlite3.connect(db_path, timeout=30.0)
-        try:
-            with connection:
-                connection.execute(_SCHEMA)
-                connection.execute("DELETE FROM decay_monitor WHERE run = ?", (run_name,))
-                placeholders = ", ".join("?" * (len(COLUMNS) + 1))
-                connection.executemany(
-                    f"INSERT INTO decay_monitor (run, {', '.join(COLUMNS)}) "
-                    f"VALUES ({placeholders})",
-                    [(run_name, *(getattr(row, c) for c in COLUMNS)) for row in self.rows],
-                )
-        finally:
-            connection.close()
+    def to_rows(self) -> list[tuple]:
+        """The rows as plain tuples in :data:`COLUMNS` order (what the results store saves,
+        ``ResultStore.save_decay_table``)."""
+        return [tuple(getattr(row, name) for name in COLUMNS) for row in self.rows]
 
     @classmethod
-    def read_sqlite(cls, db_path: str | Path, run_name: str) -> DecayTable:
-        """The rows of run ``run_name`` (empty if the store has none)."""
-        rows = _query(
-            db_path,
-            f"SELECT {', '.join(COLUMNS)} FROM decay_monitor WHERE run = ? ORDER BY step, rowid",
-            (run_name,),
-        )
+    def from_rows(cls, rows: Iterable[tuple]) -> DecayTable:
+        """The table from plain tuples in :data:`COLUMNS` order; None (SQL NULL) reads as NaN."""
         return cls(DecayRecord(**{k: _parse(k, v) for k, v in zip(COLUMNS, row)}) for row in rows)
-
-
-def monitor_runs(db_path: str | Path) -> list[str]:
-    """The run names that have rows in the ``decay_monitor`` table of a results store."""
-    return [row[0] for row in _query(db_path, "SELECT DISTINCT run FROM decay_monitor")]
-
-
-def _query(db_path: str | Path, sql: str, parameters: tuple = ()) -> list[tuple]:
-    """Read-only: a missing file is an error, a store without the table has no rows."""
-    path = Path(db_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no results store at {path}")
-    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
-    try:
-        tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
-        return connection.execute(sql, parameters).fetchall() if "decay_monitor" in tables else []
-    finally:
-        connection.close()
 
 
 def _same(a: dict, b: dict) -> bool:

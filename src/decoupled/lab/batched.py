@@ -198,7 +198,7 @@ def _optimizer_step(
                 **info.defaults,
                 weight_decay=wd,
                 decoupled=decoupled,
-                decay=rate,
+                decay_rate=rate,
             )
         else:
             buffers = [momentum_buffers[name]] if base.momentum else []
@@ -211,7 +211,7 @@ def _optimizer_step(
                 **info.defaults,
                 weight_decay=wd,
                 decoupled=decoupled,
-                decay=rate,
+                decay_rate=rate,
             )
             if base.momentum:
                 momentum_buffers[name] = buffers[0]

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from decoupled.lab.store import FINISHED, ResultStore
+from decoupled.lab.store import FINISHED, ResultStore, StoreUnavailable
 from decoupled.lab.tasks import Task, TaskData, get_task
 from decoupled.lab.train import RunSpec, run
-from decoupled.optim._build import kernel_ops
+from decoupled.optim import kernel_available
 
 # Per process: loaded tasks and data (keyed by task name and data dir), and open stores.
 _TASKS: dict[tuple[str, str | None], tuple[Task, TaskData]] = {}
@@ -47,12 +47,13 @@ def preload(task: Task, data: TaskData, data_dir: str | None = None) -> None:
     _TASKS[(task.name, data_dir)] = (task, data)
 
 
-def open_store(path: str | Path) -> ResultStore:
+def open_store(path: str | Path, *, create: bool = True) -> ResultStore:
     """This process's store at ``path``, opened once and kept open: closing a connection
-    while other processes use the file is where SQLite's WAL bookkeeping is most fragile."""
+    while other processes use the file is where SQLite's WAL bookkeeping is most fragile.
+    ``create=False`` refuses a missing or empty file instead of making it a store."""
     path = str(path)
     if path not in _STORES:
-        _STORES[path] = ResultStore(path)
+        _STORES[path] = ResultStore(path, create=create)
     return _STORES[path]
 
 
@@ -60,10 +61,14 @@ def run_into_store(spec: RunSpec, db_path: str) -> str:
     """Claim, run and record one spec; returns its final status (or "skipped")."""
     if _STOPPING.is_set():  # an interrupted pool worker takes no queued run
         return "skipped"
-    store = open_store(db_path)
-    if not store.claim(spec.key(), spec.config()):
-        return "skipped"
-    return run_claimed(spec, store)
+    _WORKING.set()
+    try:
+        store = open_store(db_path)
+        if not store.claim(spec.key(), spec.config()):
+            return "skipped"
+        return run_claimed(spec, store)
+    finally:
+        _WORKING.clear()
 
 
 def run_claimed(
@@ -79,6 +84,8 @@ def run_claimed(
         result = run(spec, task=task, data=data, on_progress=lambda *_: store.heartbeat(key))
     except KeyboardInterrupt:
         store.mark_interrupted(key)
+        raise
+    except StoreUnavailable:  # the disk, not the run, failed: every other run would too
         raise
     except Exception:  # recorded with its traceback; the other runs go on
         store.fail(key, traceback.format_exc())
@@ -99,12 +106,17 @@ def pending_runs(specs: Sequence[RunSpec], store: ResultStore) -> tuple[list[Run
 
 # Set in a pool worker at its first Ctrl-C: it finishes marking its run and takes no other.
 _STOPPING = threading.Event()
+# Set while a pool worker claims or runs a spec (an idle one waits for the pool's next item).
+_WORKING = threading.Event()
 
 
 def _stop_taking_runs(signum: int, frame: object) -> None:
     if not _STOPPING.is_set():  # a second signal must not interrupt the marking of the first
         _STOPPING.set()
-        raise KeyboardInterrupt
+        # An idle worker has no run to mark, and an interrupt inside the pool's queue read
+        # would print a traceback on stderr; it exits when the pool shuts down.
+        if _WORKING.is_set():
+            raise KeyboardInterrupt
 
 
 def _init_worker(parent: int) -> None:
@@ -156,7 +168,7 @@ def execute(
 
 def _execute_in_pool(pending, db_path, workers, counts, bar) -> None:
     if not torch.cuda.is_available():
-        kernel_ops()  # built (or found) once here, so the workers only load it
+        kernel_available()  # built (or found) once here, so the workers only load it
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     pool = ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)

@@ -48,6 +48,24 @@ def parse_range(text: str, name: str = "range") -> list[float]:
 
 
 MAX_VALUES = 10_000  # per axis: more is a typo (and np.geomspace would run out of memory)
+#: Cells (lr × λ summed over optimizers) a sweep may have unless the caller raises the bound:
+#: 1000 × 1000 values is a typo that would plan a million runs.
+MAX_CELLS = 10_000
+
+
+def check_grid_size(
+    lrs: dict[str, list[float]], wds: dict[str, list[float]], max_cells: int = MAX_CELLS
+) -> int:
+    """The number of cells, Σ over optimizers of len(lrs) × len(wds); a :class:`RangeError`
+    naming it and each optimizer's shape when it is above ``max_cells``."""
+    cells = sum(len(lrs[name]) * len(wds[name]) for name in lrs)
+    if cells > max_cells:
+        shapes = ", ".join(f"{name} {len(lrs[name])} x {len(wds[name])}" for name in lrs)
+        raise RangeError(
+            f"the grid has {cells} cells (lr x weight decay: {shapes}), more than "
+            f"{max_cells}; pass --max-cells {cells} if you mean it"
+        )
+    return cells
 
 
 def log_range(lo: float, hi: float, num: int, name: str = "range") -> list[float]:

@@ -18,170 +18,86 @@ Several worker *processes* may claim and finish runs at once. That is safe becau
 Life of a row: ``claim`` inserts it as ``running``; the runner calls ``heartbeat`` now and
 then and ends with ``finish`` (``done`` or ``diverged``) or ``fail`` (keeps the traceback).
 A ``running`` row whose owner is gone, or a ``failed`` row, may be claimed again.
+
+All SQL on ``results.db`` is here: the ``runs`` rows, each experiment's plan
+(``experiments``; ``lab/experiments.py`` encodes it) and the diagnostics' ``decay_monitor``
+rows. The tables and the checks that a file is a store are in ``store_schema.py``; keys, JSON
+and owners in ``store_records.py``. The disk failing under the store (full, or an I/O error)
+raises :class:`StoreUnavailable`; a file that is not a usable store raises
+:class:`StoreError` before anything is written into it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
-import math
 import os
-import socket
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from decoupled.diagnostics.table import COLUMNS as DECAY_COLUMNS
+from decoupled.diagnostics.table import DecayTable
+from decoupled.lab.store_records import (
+    RunRecord,
+    _canonical,
+    _from_json,
+    _to_json,
+    config_key,
+    owner_is_gone,
+    this_owner,
+)
+from decoupled.lab.store_schema import (
+    SCHEMA_VERSION,
+    STATEMENTS,
+    StoreError,
+    StoreUnavailable,
+    StoreWarning,
+    check_contents,
+)
+
+__all__ = [
+    "FINISHED",
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "ResultStore",
+    "RunRecord",
+    "StoreError",
+    "StoreUnavailable",
+    "StoreWarning",
+    "config_key",
+    "this_owner",
+]
+
 STATUSES = ("running", "done", "failed", "diverged")
 FINISHED = ("done", "diverged")  # never redone; a failed run is
 BUSY_TIMEOUT_S = 30.0
 STALE_AFTER_S = 600.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    key       TEXT PRIMARY KEY,
-    config    TEXT NOT NULL,
-    status    TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'diverged')),
-    metrics   TEXT,
-    curves    TEXT,
-    error     TEXT,
-    started   REAL,
-    finished  REAL,
-    owner     TEXT,
-    heartbeat REAL
-);
-CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
-"""
 
-
-class StoreError(RuntimeError):
-    """The file exists but cannot be used as a results store (not SQLite, newer schema...)."""
-
-
-def _canonical(value: Any) -> Any:
-    """The value with numpy scalars/arrays, tuples and integral floats put in one form.
-
-    Integral floats become ints so that the key follows Python equality: ``{"epochs": 3}``
-    and ``{"epochs": 3.0}`` compare equal as dicts and get the same key.
-    """
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalar/array
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {str(name): _canonical(item) for name, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(item) for item in value]
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def config_key(config: Mapping[str, Any]) -> str:
-    """The run's key: the first 16 hex digits of sha256 over the config's canonical JSON.
-
-    Canonical JSON: keys sorted, no whitespace, non-ASCII kept as UTF-8, floats written by
-    ``repr`` (the shortest string that round-trips, so the same float always gives the same
-    text, on every platform). Key order never matters; any changed value changes the key.
-    The caller puts everything that affects the result in ``config``, the package version
-    included, so an upgrade reruns rather than mixes results.
-    """
-    text = json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _json_default(value: Any) -> Any:
-    """What ``json.dumps`` cannot write by itself: numpy scalars and arrays, paths."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot store a {type(value).__name__} as JSON: {value!r}")
-
-
-def _to_json(value: Any) -> str | None:
-    # Stored as given (not canonicalized), so 1.0 reads back as 1.0. NaN/inf are allowed:
-    # a diverged run's loss is NaN and must still be stored.
-    if value is None:
-        return None
-    return json.dumps(value, ensure_ascii=False, default=_json_default)
-
-
-def _from_json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One row of ``runs``, with its JSON fields parsed. Times are Unix seconds."""
-
-    key: str
-    config: dict[str, Any]
-    status: str
-    metrics: dict[str, Any] | None
-    curves: dict[str, Any] | None
-    error: str | None
-    started: float | None
-    finished: float | None
-    owner: str | None
-    heartbeat: float | None
-
-    @property
-    def duration(self) -> float | None:
-        """Seconds from start to finish, or None while running."""
-        if self.started is None or self.finished is None:
-            return None
-        return self.finished - self.started
-
-
-def this_owner() -> str:
-    """``hostname:pid/start`` of the current process, the owner written on the rows it claims.
-
-    ``start`` is the process's start time where the OS tells it (Linux: ``/proc``), so that
-    a pid reused by another process (a restarted container's sweep is pid 1 again) is not
-    taken for the owner still running; elsewhere it is ``hostname:pid``."""
-    start = _start_time(os.getpid())
-    return f"{socket.gethostname()}:{os.getpid()}" + (f"/{start}" if start else "")
-
-
-def _start_time(pid: int) -> str | None:
-    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) ": field 3 on
-    return fields[19] if len(fields) > 19 else None
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (signal 0 only checks)."""
-    if os.name == "nt":  # os.kill on Windows terminates the process: never probe there
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists but belongs to another user
-        return True
-    return True
-
-
-def _check_file(path: Path) -> None:
-    """Refuse a file that is not readable and writable. Whether it is an SQLite database is
-    asked of SQLite itself (``_check_schema``), never by opening the file here: closing any
-    descriptor of a file drops every POSIX lock this process holds on it, including those of
-    its open SQLite connections, and another process could then checkpoint and delete the
-    WAL under them (https://sqlite.org/howtocorrupt.html, section 2.2)."""
+def _check_file(path: Path, create: bool) -> None:
+    """Refuse what is not a readable, writable regular file (a device such as ``/dev/zero``
+    behind a symlink, a FIFO), and, unless ``create``, a missing or 0-byte file (nothing
+    stored). Whether it is an SQLite database is asked of SQLite itself
+    (``store_schema.check_contents``), never by opening the file here: closing any descriptor
+    of a file drops every POSIX lock this process holds on it, including those of its open
+    SQLite connections, and another process could then checkpoint and delete the WAL under
+    them (https://sqlite.org/howtocorrupt.html, section 2.2)."""
+    if path.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR, "cannot open the results store (it is a folder)", str(path)
+        )
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{path} is not a regular file; refusing to use it as a results store")
+    if not create and not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no results store", str(path))
+    if not create and path.stat().st_size == 0:
+        raise StoreError(f"{path} is empty (0 bytes): no runs are stored in it")
     if path.is_file() and not os.access(path, os.R_OK | os.W_OK):
         raise PermissionError(errno.EACCES, "results store is not readable and writable", str(path))
 
@@ -202,6 +118,18 @@ def _prepare_folder(path: Path) -> None:
         raise PermissionError(errno.EACCES, "results folder is not writable", str(folder))
 
 
+def _remove_empty(path: Path) -> None:
+    """Remove a store file that this process created and could not write anything into (a
+    full disk), so that no 0-byte ``results.db`` is left behind; its -wal/-shm go with it."""
+    try:
+        if path.stat().st_size != 0:
+            return
+        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            leftover.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 class ResultStore:
     """The SQLite results store at ``path`` (usually ``<out>/results.db``).
 
@@ -211,12 +139,21 @@ class ResultStore:
             process on *another* host is considered abandoned (a process on this host is
             checked directly by pid).
         timeout: seconds a writer waits for the lock before giving up.
+        create: create the store if the file is missing or empty (0 bytes); with False such a
+            file is refused (FileNotFoundError, StoreError) and nothing is written.
 
     Raises:
         OSError (PermissionError, NotADirectoryError...): the folder cannot be created or
             written; the message names it.
-        StoreError: the file is not an SQLite database, belongs to something else, or was
-            written by a newer version of this package. The file is left untouched.
+        StoreError: the file is not an SQLite database, belongs to something else (tables
+            of ours with other columns), has a schema version that is not a number or is
+            newer than this package's. The file is left untouched, byte for byte.
+        StoreUnavailable: the disk is full, or SQLite reports an I/O error (e.g. the -wal
+            file was deleted while a process was writing).
+
+    Every finished run is checkpointed from the write-ahead log into the database file
+    (``PRAGMA wal_checkpoint(PASSIVE)``, https://sqlite.org/pragma.html#pragma_wal_checkpoint),
+    so that losing ``results.db-wal`` loses at most the runs in progress.
 
     One connection per object and per process: a store object inherited through ``fork``
     opens its own connection on first use in the child.
@@ -228,15 +165,24 @@ class ResultStore:
         *,
         stale_after: float = STALE_AFTER_S,
         timeout: float = BUSY_TIMEOUT_S,
+        create: bool = True,
     ) -> None:
         self.path = Path(path)
         self.stale_after = float(stale_after)
         self.timeout = float(timeout)
         self._connection: sqlite3.Connection | None = None
         self._pid = -1
-        _prepare_folder(self.path)
-        _check_file(self.path)
-        self._initialize()
+        self._warned: set[str] = set()
+        if create:
+            _prepare_folder(self.path)
+        _check_file(self.path, create)
+        existed = self.path.exists()
+        try:
+            self._initialize()
+        except BaseException:
+            if not existed:
+                _remove_empty(self.path)
+            raise
 
     # ---------------------------------------------------------------- connection & schema
 
@@ -257,42 +203,60 @@ class ResultStore:
                 errno.EIO, f"cannot open the results store ({error})", str(self.path)
             ) from error
 
+    @contextmanager
+    def _sql_errors(self) -> Iterator[None]:
+        """SQLite's failures of the disk or the file, as one line saying what happened and
+        what is kept (``StoreUnavailable``, ``StoreError``)."""
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            text = str(error)
+            if "full" in text:
+                raise StoreUnavailable(
+                    f"the disk holding {self.path} is full ({text}); the runs finished so far "
+                    "are kept in it: free space and run the command again to resume"
+                ) from error
+            if "disk I/O error" in text:
+                raise StoreUnavailable(
+                    f"{self.path}: SQLite reports a disk I/O error: the disk failed, or "
+                    f"{self.path.name}-wal was deleted or damaged while a process was writing; "
+                    "the runs checkpointed into the file are kept (each run is when it "
+                    "finishes): once no command uses the store, run the command again to redo "
+                    "the rest"
+                ) from error
+            raise
+        except sqlite3.DatabaseError as error:
+            if type(error) is not sqlite3.DatabaseError:  # e.g. IntegrityError: a caller's bug
+                raise
+            # "file is not a database", "database disk image is malformed"
+            raise StoreError(
+                f"{self.path} is not an SQLite database or is damaged ({error}); refusing to "
+                "use it as a results store"
+            ) from error
+
     def _initialize(self) -> None:
         try:
-            self._check_schema()  # before any write: a foreign or newer file stays untouched
-            self._retry_while_busy("PRAGMA journal_mode = WAL")
-            with self._write() as db:
-                for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT
-                    if statement.strip():
+            with self._sql_errors():
+                # before any write: a foreign, damaged or newer file stays untouched
+                version = check_contents(self._db, self.path)
+                self._retry_while_busy("PRAGMA journal_mode = WAL")
+                with self._write() as db:
+                    for statement in STATEMENTS:
                         db.execute(statement)
-                db.execute(
-                    "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
+                    db.execute(
+                        "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                    if version is not None and version < SCHEMA_VERSION:  # the upgrade
+                        db.execute(
+                            "UPDATE meta SET value = ? WHERE name = 'schema_version'",
+                            (str(SCHEMA_VERSION),),
+                        )
+                if version != SCHEMA_VERSION:
+                    self.checkpoint()
         except BaseException:
             self.close()
             raise
-
-    def _check_schema(self) -> None:
-        try:
-            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
-            version_row = None
-            if "meta" in tables:
-                version_row = self._db.execute(
-                    "SELECT value FROM meta WHERE name = 'schema_version'"
-                ).fetchone()
-        except sqlite3.DatabaseError as error:  # SQLite reads the header; nothing is written
-            raise StoreError(
-                f"{self.path} is not an SQLite database ({error}); refusing to use it as a "
-                "results store"
-            ) from error
-        if tables and version_row is None:
-            raise StoreError(f"{self.path} is an SQLite database but not a results store")
-        if version_row is not None and int(version_row[0]) > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has schema version {version_row[0]}, newer than this package's "
-                f"{SCHEMA_VERSION}; upgrade decoupled to read it"
-            )
 
     def _retry_while_busy(self, statement: str) -> None:
         # Changing the journal mode needs a moment of exclusive access, and SQLite may answer
@@ -310,15 +274,27 @@ class ResultStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: the lock is taken at BEGIN; any failure rolls it back."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
-                db.execute("ROLLBACK")
-            raise
+        with self._sql_errors():
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+
+    def checkpoint(self) -> None:
+        """Copy the committed transactions from the WAL into the database file, as far as
+        readers allow (PASSIVE: it never waits; what it cannot copy now goes next time)."""
+        with self._sql_errors():
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _read(self, query: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._sql_errors():
+            return self._db.execute(query, parameters).fetchall()
 
     def close(self) -> None:
         if self._connection is not None and self._pid == os.getpid():
@@ -337,14 +313,7 @@ class ResultStore:
     # ---------------------------------------------------------------- writing
 
     def _owner_is_gone(self, owner: str | None, heartbeat: float | None, now: float) -> bool:
-        host, _, process = (owner or "").rpartition(":")
-        pid, _, start = process.partition("/")
-        if host == socket.gethostname() and pid.isdigit():
-            if not _pid_alive(int(pid)):
-                return True
-            return bool(start) and _start_time(int(pid)) not in (None, start)  # pid reused
-        # Another host: we cannot see its processes, only how long it has been silent.
-        return heartbeat is None or now - heartbeat > self.stale_after
+        return owner_is_gone(owner, heartbeat, now, self.stale_after)
 
     def claim(self, key: str, config: Mapping[str, Any]) -> bool:
         """Mark ``key`` as running in this process; True if this process should run it.
@@ -421,9 +390,11 @@ class ResultStore:
         """
         if status not in FINISHED:
             raise ValueError(f"Invalid status value: {status!r} (expected one of {FINISHED})")
-        return self._end(
+        recorded = self._end(
             key, status=status, metrics=_to_json(metrics), curves=_to_json(curves), error=None
         )
+        self.checkpoint()
+        return recorded
 
     def fail(self, key: str, error_text: str) -> bool:
         """Record that a claimed run raised; ``error_text`` (a traceback) is kept.
@@ -431,7 +402,9 @@ class ResultStore:
         Like :meth:`finish`, returns False and changes nothing if the run is already finished,
         and also if another process has claimed it since.
         """
-        return self._end(key, own_only=True, status="failed", error=str(error_text))
+        recorded = self._end(key, own_only=True, status="failed", error=str(error_text))
+        self.checkpoint()
+        return recorded
 
     def fail_abandoned(self, key: str, error_text: str) -> bool:
         """Turn a ``running`` row whose owner is gone into ``failed`` (``error_text`` kept),
@@ -468,15 +441,28 @@ class ResultStore:
 
     _COLUMNS = "key, config, status, metrics, curves, error, started, finished, owner, heartbeat"
 
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> RunRecord:
+    def _record(self, row: tuple[Any, ...]) -> RunRecord | None:
+        """The row as a record; None, with a warning naming it (once), if its JSON is damaged."""
         key, config, status, metrics, curves, error, started, finished, owner, heartbeat = row
+        try:
+            config, metrics, curves = _from_json(config), _from_json(metrics), _from_json(curves)
+            if not isinstance(config, dict):
+                raise ValueError("config is not a JSON object")
+            for name, value in (("metrics", metrics), ("curves", curves)):
+                if value is not None and not isinstance(value, dict):
+                    raise ValueError(f"{name} is not a JSON object")
+        except (ValueError, TypeError) as damage:  # JSONDecodeError is a ValueError
+            self._warn(
+                f"run {key}: damaged row in {self.path} ({damage}); it is left out (delete "
+                "the row, or the run, to have it redone)"
+            )
+            return None
         return RunRecord(
             key=key,
-            config=_from_json(config),
+            config=config,
             status=status,
-            metrics=_from_json(metrics),
-            curves=_from_json(curves),
+            metrics=metrics,
+            curves=curves,
             error=error,
             started=started,
             finished=finished,
@@ -484,10 +470,15 @@ class ResultStore:
             heartbeat=heartbeat,
         )
 
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:  # once per store object, though read many times
+            self._warned.add(message)
+            warnings.warn(message, StoreWarning, stacklevel=3)
+
     def get(self, key: str) -> RunRecord | None:
-        """The run stored under ``key``, or None."""
-        row = self._db.execute(f"SELECT {self._COLUMNS} FROM runs WHERE key = ?", (key,)).fetchone()
-        return None if row is None else self._record(row)
+        """The run stored under ``key``, or None (also for a damaged row, with a warning)."""
+        rows = self._read(f"SELECT {self._COLUMNS} FROM runs WHERE key = ?", (key,))
+        return self._record(rows[0]) if rows else None
 
     def records(
         self, where: Mapping[str, Any] | None = None, *, status: str | None = None
@@ -495,14 +486,15 @@ class ResultStore:
         """All runs (oldest first) whose top-level config fields equal those in ``where``.
 
         ``records({"task": "mnist1d"}, status="done")`` — values are compared with ``==``
-        after the same normalization as :func:`config_key` (so 3 matches 3.0).
+        after the same normalization as :func:`config_key` (so 3 matches 3.0). A row whose
+        JSON does not parse is left out with a :class:`StoreWarning` naming its key.
         """
         query = f"SELECT {self._COLUMNS} FROM runs"
         parameters: tuple[Any, ...] = ()
         if status is not None:
             query += " WHERE status = ?"
             parameters = (status,)
-        rows = self._db.execute(query + " ORDER BY started, key", parameters).fetchall()
+        rows = self._read(query + " ORDER BY started, key", parameters)
         wanted = _canonical(dict(where or {}))
 
         def matches(record: RunRecord) -> bool:
@@ -511,9 +503,65 @@ class ResultStore:
                 for name, value in wanted.items()
             )
 
-        return [record for record in map(self._record, rows) if matches(record)]
+        records = (self._record(row) for row in rows)
+        return [record for record in records if record is not None and matches(record)]
 
     def done_keys(self) -> set[str]:
         """Keys of runs that are finished for good (``done`` or ``diverged``): skip these."""
-        rows = self._db.execute("SELECT key FROM runs WHERE status IN (?, ?)", FINISHED).fetchall()
+        rows = self._read("SELECT key FROM runs WHERE status IN (?, ?)", FINISHED)
         return {row[0] for row in rows}
+
+    # ---------------------------------------------------------------- experiments
+
+    def save_experiment(self, name: str, kind: str, plan: Any) -> None:
+        """Record (or replace) an experiment's plan (JSON: ``lab/experiments.py`` writes and
+        reads it), in one transaction, and checkpoint it into the file."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO experiments (name, kind, specs, updated)"
+                " VALUES (?, ?, ?, ?)",
+                (name, kind, json.dumps(plan), time.time()),
+            )
+        self.checkpoint()
+
+    def experiments(self) -> list[tuple[str, str, Any, float]]:
+        """``(name, kind, plan, updated)`` of every experiment, most recently updated first; a
+        plan whose JSON does not parse is left out with a :class:`StoreWarning`."""
+        found = []
+        rows = self._read(
+            "SELECT name, kind, specs, updated FROM experiments ORDER BY updated DESC"
+        )
+        for name, kind, text, updated in rows:
+            try:
+                found.append((name, kind, json.loads(text), updated))
+            except (ValueError, TypeError) as damage:
+                self._warn(f"experiment {name}: damaged plan in {self.path} ({damage}); left out")
+        return found
+
+    # ---------------------------------------------------------------- decay monitor tables
+
+    def save_decay_table(self, run_name: str, table: DecayTable) -> None:
+        """Store a :class:`~decoupled.diagnostics.DecayTable` as run ``run_name`` of the
+        ``decay_monitor`` table, replacing that run's earlier rows (one transaction)."""
+        placeholders = ", ".join("?" * (len(DECAY_COLUMNS) + 1))
+        with self._write() as db:
+            db.execute("DELETE FROM decay_monitor WHERE run = ?", (run_name,))
+            db.executemany(
+                f"INSERT INTO decay_monitor (run, {', '.join(DECAY_COLUMNS)}) "
+                f"VALUES ({placeholders})",
+                [(run_name, *row) for row in table.to_rows()],
+            )
+        self.checkpoint()
+
+    def load_decay_table(self, run_name: str) -> DecayTable:
+        """The monitor rows of run ``run_name``, by step (empty if there are none)."""
+        rows = self._read(
+            f"SELECT {', '.join(DECAY_COLUMNS)} FROM decay_monitor WHERE run = ?"
+            " ORDER BY step, rowid",
+            (run_name,),
+        )
+        return DecayTable.from_rows(rows)
+
+    def decay_table_runs(self) -> list[str]:
+        """The run names that have rows in the ``decay_monitor`` table, sorted."""
+        return sorted(row[0] for row in self._read("SELECT DISTINCT run FROM decay_monitor"))

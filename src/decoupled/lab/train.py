@@ -33,6 +33,7 @@ from decoupled.lab.loop import (
 )
 from decoupled.lab.store import config_key
 from decoupled.lab.tasks import Task, TaskData, get_task
+from decoupled.optim import kernel_available
 from decoupled.optim.registry import REGISTRY, check_optimizer
 
 # Compact moments (decoupled.optim._compact); None keeps them in the parameters' dtype.
@@ -92,7 +93,24 @@ class RunSpec:
         identity = _data_identity(self.task, self.data_dir)
         if identity is not None:
             config["data"] = identity
+        config["step_path"] = self.step_path()
         return config
+
+    def step_path(self) -> str:
+        """The implementation that steps this run's float32 CPU parameters, from the list in
+        ``decoupled.optim._kernels``: "kernel" (the C++ kernel), "torch-fused" (torch's fused
+        Adam kernels, where the C++ kernel cannot be built) or "reference" (the reference loop:
+        the batched executor's stacked per-cell lr, or SGD and bfloat16 state without the
+        kernel). The paths round differently, so the path keys a run, as its thread count
+        does, and a stored result reproduces from its key."""
+        if self.batched:
+            return "reference"
+        if kernel_available():
+            return "kernel"
+        info = REGISTRY.get(self.optimizer)
+        if info is not None and info.family == "adam" and self.state_dtype is None:
+            return "torch-fused"
+        return "reference"
 
     def key(self) -> str:
         """The run's store key: a hash of :meth:`config` (``store.config_key``)."""

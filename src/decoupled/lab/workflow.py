@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from decoupled.lab.comparison import Comparison, summarize
+from decoupled.lab.comparison import (
+    Comparison,
+    Sequential,
+    compare_kind,
+    compare_options,
+    is_compare,
+    summarize,
+)
 from decoupled.lab.executor import execute, open_store
-from decoupled.lab.experiments import load_experiments, save_experiment
+from decoupled.lab.experiments import Experiment, load_experiments, save_experiment
 from decoupled.lab.plan import plan_compare, plan_sweep
 from decoupled.lab.render import Block, write_report
 from decoupled.lab.report import compare_blocks, sweep_blocks
@@ -67,15 +76,23 @@ def compare_task(
     workers: int | None = None,
     progress: bool = True,
     name: str | None = None,  # the experiment's name before its plan digest
+    before_reports: Callable[[Comparison], None] | None = None,  # e.g. print the table
+    extra_pairs: list[tuple[str, str]] | None = None,  # (first, second) beyond the twins
+    sequential: Sequential | None = None,  # a --seeds auto design; seeds = this round's
     **common: Any,
 ) -> Comparison:
-    """Plan, run (skipping runs already stored), summarize and report one comparison."""
+    """Plan, run (skipping runs already stored), summarize and report one comparison; a
+    sequential one keeps one name over its rounds (its plan at ``max_seeds`` names it)."""
     common.setdefault("threads", threads_per_run(workers))  # a caller's own count wins
     specs = plan_compare(task, optimizers, seeds, steps, overrides, **common)
     db_path = out / DB_NAME
-    open_store(db_path)
-    experiment = plan_name(name or f"compare-{task.name}", specs)
-    save_experiment(db_path, experiment, "compare", specs)
+    store = open_store(db_path)
+    named = specs
+    if sequential is not None:
+        named = plan_compare(task, optimizers, sequential.max_seeds, steps, overrides, **common)
+    experiment = plan_name(name or f"compare-{task.name}", named)
+    kind = compare_kind(extra_pairs or (), sequential)
+    save_experiment(store, experiment, kind, specs)
     execute(
         specs,
         db_path,
@@ -83,9 +100,8 @@ def compare_task(
         progress=progress,
         description=f"{task.name}: {' vs '.join(optimizers)}",
     )
-    summaries: dict[str, Any] = {}
-    rebuild_reports(out, tasks={task.name: task}, summaries=summaries)
-    return summaries[experiment]
+    store.checkpoint()  # the command's runs are in results.db itself, not only in its WAL
+    return _summarize_then_report(out, task, experiment, before_reports)
 
 
 class StoredTask(Task):
@@ -122,19 +138,20 @@ def sweep_task(
     workers: int | None = None,
     progress: bool = True,
     ray_address: str | None = None,
+    before_reports: Callable[[tuple[list[Landscape], dict[str, str]]], None] | None = None,
     **common: Any,
 ) -> tuple[list[Landscape], dict[str, str]]:
     """Plan, run (only missing cells), and report an lr × λ sweep; returns the landscapes and
-    :func:`missing_runs`."""
+    :func:`missing_runs` (``before_reports`` sees them before the reports are written)."""
     if executor == "batched":  # one process, all its threads (unless given), cells together
         common = {"threads": torch.get_num_threads(), **common, "batched": True}
     elif executor == "local":
         common.setdefault("threads", threads_per_run(workers))
     specs = plan_sweep(task, optimizers, lrs, wds, seeds, steps, **common)
     db_path = out / DB_NAME
-    open_store(db_path)
+    store = open_store(db_path)
     experiment = plan_name(f"sweep-{task.name}", specs)
-    save_experiment(db_path, experiment, "sweep", specs)
+    save_experiment(store, experiment, "sweep", specs)
     description = f"{task.name} sweep"
     if executor == "ray":
         from decoupled.lab.ray_executor import execute_on_ray
@@ -152,9 +169,8 @@ def sweep_task(
         execute_batched(specs, db_path, progress=progress)
     else:
         execute(specs, db_path, workers=workers, progress=progress, description=description)
-    summaries: dict[str, Any] = {}
-    rebuild_reports(out, tasks={task.name: task}, summaries=summaries)
-    return summaries[experiment]
+    store.checkpoint()  # the command's runs are in results.db itself, not only in its WAL
+    return _summarize_then_report(out, task, experiment, before_reports)
 
 
 def unfinished(specs, records) -> dict[str, list]:
@@ -208,38 +224,68 @@ def missing_runs(specs, records, db_path: Path) -> dict[str, str]:
     return lines
 
 
-def rebuild_reports(
-    out: Path, tasks: dict[str, Task] | None = None, summaries: dict[str, Any] | None = None
-) -> list[Path]:
-    """Rebuild report.md/report.html from the store alone (no training); ``summaries``, if
-    given, receives each experiment's summary by name: a compare's Comparison, a sweep's
-    (landscapes, missing_runs)."""
+@dataclass
+class StoredSummary:
+    """What one experiment of the store says: a compare's :class:`Comparison`, or a sweep's
+    landscapes with its :func:`missing_runs`."""
+
+    experiment: Experiment
+    task: Task
+    summary: Any
+
+
+def summarize_stored(out: Path, tasks: dict[str, Task] | None = None) -> dict[str, StoredSummary]:
+    """Every experiment in ``out``'s store, summarized from the stored runs (no training)."""
     db_path = out / DB_NAME
     if not db_path.exists():
         raise FileNotFoundError(f"no results store in {out} (expected {db_path})")
-    records = open_store(db_path).records()
-    plot_dir = out / "plots"
-    plot_dir.mkdir(exist_ok=True)
-    blocks = [Block("h1", "decoupled: Adam (L2) vs AdamW (decoupled weight decay)")]
+    store = open_store(db_path)
+    records = store.records()
     tasks = dict(tasks or {})
-    for experiment in load_experiments(db_path):
+    summaries = {}
+    for experiment in load_experiments(store):
         task_name = experiment.specs[0].task
         if task_name not in tasks:
             tasks[task_name] = _task_for(task_name, records)
         task = tasks[task_name]
         missing = missing_runs(experiment.specs, records, db_path)
-        if experiment.kind == "compare":
-            comparison = summarize(task, experiment.specs, records, RunSpec.key)
-            comparison.missing = missing
-            blocks.extend(compare_blocks(experiment.name, comparison, plot_dir, "plots"))
-            summary: Any = comparison
+        if is_compare(experiment.kind):
+            options = compare_options(experiment.kind)
+            summary: Any = summarize(task, experiment.specs, records, RunSpec.key, **options)
+            summary.missing = missing
         else:
-            grid = landscapes(task, experiment.specs, records, RunSpec.key)
-            first = experiment.specs[0]
-            blocks.extend(
-                sweep_blocks(experiment.name, task, grid, plot_dir, "plots", first, missing)
-            )
-            summary = (grid, missing)
-        if summaries is not None:
-            summaries[experiment.name] = summary
+            summary = (landscapes(task, experiment.specs, records, RunSpec.key), missing)
+        summaries[experiment.name] = StoredSummary(experiment, task, summary)
+    return summaries
+
+
+def write_reports(out: Path, summaries: dict[str, StoredSummary]) -> list[Path]:
+    """report.md, report.html and plots/ from the experiments' summaries."""
+    plot_dir = out / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    blocks = [Block("h1", "decoupled: Adam (L2) vs AdamW (decoupled weight decay)")]
+    for name, stored in summaries.items():
+        if is_compare(stored.experiment.kind):
+            blocks.extend(compare_blocks(name, stored.summary, plot_dir, "plots"))
+        else:
+            grid, missing = stored.summary
+            first = stored.experiment.specs[0]
+            blocks.extend(sweep_blocks(name, stored.task, grid, plot_dir, "plots", first, missing))
     return write_report(out, blocks)
+
+
+def rebuild_reports(out: Path, tasks: dict[str, Task] | None = None) -> list[Path]:
+    """Rebuild report.md/report.html from the store alone (no training)."""
+    return write_reports(out, summarize_stored(out, tasks))
+
+
+def _summarize_then_report(out: Path, task: Task, experiment: str, before_reports) -> Any:
+    """One summary of the store serves the caller and the report. ``before_reports`` sees
+    this experiment's summary before any report file is written, so a disk that fills up at
+    the plots loses nothing the caller wanted to show."""
+    summaries = summarize_stored(out, tasks={task.name: task})
+    summary = summaries[experiment].summary
+    if before_reports is not None:
+        before_reports(summary)
+    write_reports(out, summaries)
+    return summary

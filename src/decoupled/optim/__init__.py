@@ -1,5 +1,6 @@
 """Optimizers: Adam (L2) and AdamW (decoupled), SGD and SGDW, and the decay helpers."""
 
+from decoupled.optim._kernels import kernel_available
 from decoupled.optim.adam import Adam, AdamW, adam_update
 from decoupled.optim.decay import DECAY_SCALES, decay_rate
 from decoupled.optim.groups import GroupSummary, decay_mask, is_norm_layer, param_groups
@@ -18,4 +19,5 @@ __all__ = [
     "decay_mask",
     "is_norm_layer",
     "GroupSummary",
+    "kernel_available",
 ]

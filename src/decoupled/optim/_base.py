@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from decoupled.optim._kernels import in_layout_of
+from decoupled.optim._layout import in_layout_of
+from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim.decay import DECAY_SCALES, DECAY_TARGETS, decay_rate, weight_decay_at
 
 
@@ -167,12 +168,12 @@ def check_group(group: dict, decoupled: bool) -> None:
         )
 
 
-def _opts_out_of_lambda_norm(param_group: dict) -> bool:
-    """Whether a group, as given, sets ``weight_decay=0`` itself without a ``lambda_norm`` of
-    its own, as ``param_groups``' no-decay group does: an optimizer-wide ``lambda_norm``
-    replaces the value of λ, not the choice of which tensors decay, so that group stays
-    undecayed. A group that leaves ``weight_decay`` to the optimizer's default (0 for SGDW,
-    as for torch's SGD) takes λ_norm."""
+def _given_group_declines_lambda_norm(param_group: dict) -> bool:
+    """Decided from a group as the user gives it: whether it sets ``weight_decay=0`` itself
+    without a ``lambda_norm`` of its own, as ``param_groups``' no-decay group does: an
+    optimizer-wide ``lambda_norm`` replaces the value of λ, not the choice of which tensors
+    decay, so that group stays undecayed. A group that leaves ``weight_decay`` to the
+    optimizer's default (0 for SGDW, as for torch's SGD) takes λ_norm."""
     weight_decay = param_group.get("weight_decay")
     return (
         "lambda_norm" not in param_group and is_number(weight_decay) and float(weight_decay) == 0.0
@@ -217,13 +218,13 @@ class DecayOptimizer(torch.optim.Optimizer):
     family: tuple[str, str] = ("", "")
 
     def add_param_group(self, param_group: dict) -> None:
-        opts_out = _opts_out_of_lambda_norm(param_group)
+        declines = _given_group_declines_lambda_norm(param_group)
         super().add_param_group(param_group)  # merges the defaults into the group
         group = self.param_groups[-1]
         if self.decoupled and group.get("decay_scale") is None:
             # the paper's λ_norm is in the "schedule" units (η_t·λ); a plain λ in torch's
             group["decay_scale"] = "schedule" if group.get("lambda_norm") is not None else "lr"
-        if opts_out:
+        if declines:
             group["lambda_norm"] = None
         try:
             self._check_group(group)
@@ -370,11 +371,11 @@ class DecayOptimizer(torch.optim.Optimizer):
         for group in groups:
             if "decoupled_weight_decay" in group:  # ours, and torch's Adam/AdamW since 2.7
                 saved = bool(group["decoupled_weight_decay"])
-            elif "decay_scale" in group:  # decoupled's older AdamW/SGDW checkpoints
+            elif "decay_scale" in group:  # an AdamW/SGDW dict of ours without the key
                 saved = True
             elif "momentum" in group:  # torch.optim.SGD: L2 only
                 saved = False
-            else:  # an older torch Adam or AdamW dict: it does not say; trust the caller
+            else:  # a torch < 2.7 Adam or AdamW dict: it does not say; trust the caller
                 continue
             if saved != self.decoupled:
                 raise ValueError(
@@ -398,18 +399,20 @@ class DecayOptimizer(torch.optim.Optimizer):
         """As torch's, except for what is this process's choice rather than the checkpoint's:
         each group keeps its ``fused`` and ``state_dtype`` (how steps run and how moments are
         stored; a torch.optim dict would otherwise turn compact state back into float32) and
-        its ``weight_decay`` schedule, if the checkpoint was saved with one. A group that opted
-        out of ``lambda_norm`` (``_opts_out_of_lambda_norm``) stays out: checkpoints saved
-        before that rule existed hold the optimizer-wide ``lambda_norm`` in ``param_groups``'
-        no-decay group too, and would decay biases and norm layers again. Groups saved by
+        its ``weight_decay`` schedule, if the checkpoint was saved with one. A group that
+        declined the optimizer-wide ``lambda_norm`` when it was added
+        (``_given_group_declines_lambda_norm``) keeps declining it, and its biases and norm
+        layers stay undecayed, even where the checkpoint's group holds that ``lambda_norm``
+        (a checkpoint may store it in every group, the no-decay group included). Groups saved by
         the other algorithm (Adam vs AdamW, SGD vs SGDW) are refused before anything changes.
         State tensors are copied into their parameter's memory layout where it differs (values
         unchanged; ``_lay_out_state_like``).
         """
         self._check_decay_kind(state_dict["param_groups"])
+        self._check_loaded_states(state_dict)
         kept = [
             {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay")}
-            | {"opted_out": self._opted_out_of_lambda_norm(group)}
+            | {"declined": self._recorded_as_declining_lambda_norm(group)}
             for group in self.param_groups
         ]
         super().load_state_dict(state_dict)
@@ -422,13 +425,34 @@ class DecayOptimizer(torch.optim.Optimizer):
                 group["state_dtype"] = local["state_dtype"]
             if group.pop("weight_decay_schedule", False) and callable(local["weight_decay"]):
                 group["weight_decay"] = local["weight_decay"]
-            if local["opted_out"] and _opts_out_of_lambda_norm(
+            if local["declined"] and _given_group_declines_lambda_norm(
                 {"weight_decay": group["weight_decay"]}
             ):
                 group["lambda_norm"] = None
 
-    def _opted_out_of_lambda_norm(self, group: dict) -> bool:
-        """Whether ``group`` was cleared of the optimizer-wide ``lambda_norm`` when added."""
+    def _check_loaded_states(self, state_dict: dict) -> None:
+        """Check each saved parameter's state against the parameter it will be loaded into
+        (torch pairs them by position, group by group). Group count and size mismatches are
+        left to torch's own error."""
+        saved_states = state_dict["state"]
+        for group_index, (saved_group, group) in enumerate(
+            zip(state_dict["param_groups"], self.param_groups)
+        ):
+            for key, param in zip(saved_group["params"], group["params"]):
+                if key in saved_states:
+                    where = f"parameter {key} (group {group_index})"
+                    self._check_loaded_state(where, param, saved_group, saved_states[key])
+
+    def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
+        """Refuse one parameter's damaged saved ``state`` (``_loaded_state.py``); ``group`` is
+        the saved param group. Subclasses check their own keys and call this one."""
+        if "init_param" in state:
+            check_like_param(where, "init_param", state["init_param"], param)
+
+    def _recorded_as_declining_lambda_norm(self, group: dict) -> bool:
+        """Read from a group already added: whether it holds no ``lambda_norm`` while the
+        optimizer has one, i.e. ``add_param_group`` cleared it
+        (:func:`_given_group_declines_lambda_norm`)."""
         return self.defaults.get("lambda_norm") is not None and group.get("lambda_norm") is None
 
     def _lay_out_state_like(self, param: Tensor) -> None:

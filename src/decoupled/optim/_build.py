@@ -6,6 +6,10 @@ named after the CPU's instruction sets, the source and the Python and torch vers
 binary is never loaded on a machine, or against a libtorch, it was not built for. Later
 processes load it in a fraction of a second. ``DECOUPLED_NO_KERNEL=1`` never builds it.
 
+A cache folder that cannot be written (a read-only file system: an installed image, a shared
+cluster cache) is not built into: a kernel already built there is imported directly, and
+without one the warning names the folder and says that it is not writable.
+
 Processes that build or load at the same time (a sweep's workers) take turns through an OS
 file lock (``fcntl.flock`` on ``decoupled.lock`` in the build folder), which the OS releases
 when its holder dies. torch's own guard, a ``lock`` file created while building and removed
@@ -13,12 +17,13 @@ afterwards (``torch.utils.file_baton.FileBaton``), is left behind when the build
 (kill -9, out of memory), and every later process would wait for it forever in
 ``FileBaton.wait()``. Holding the OS lock, a process knows that no other one
 is building, so a ``lock`` file still there is stale and is removed. Without ``fcntl``
-(Windows) torch's guard works alone, as before.
+(Windows) torch's guard works alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -53,7 +58,8 @@ def _cpu_tag() -> str:
 
 def kernel_ops():
     """The C++ kernel's module (``adam_step_``, ``sgd_step_``), built on first use; None when
-    it cannot be built (no compiler, no ninja, ``DECOUPLED_NO_KERNEL=1``), with one warning."""
+    it cannot be built or loaded (no compiler, no ninja, a read-only cache without a prebuilt
+    kernel) with one warning, or with ``DECOUPLED_NO_KERNEL=1``."""
     if _ops is _NOT_TRIED:
         with _building:  # one build per process; other threads wait for it
             if _ops is _NOT_TRIED:
@@ -83,6 +89,11 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     name, folder = build_folder()
+    try:
+        _claim(folder)
+    except OSError as error:  # a read-only cache: an installed image, a shared cluster cache
+        _ops = _load_prebuilt(name, folder, error)
+        return
     if not (folder / f"{name}.so").exists():
         print(
             "decoupled: building the one-pass CPU optimizer kernel (once per machine, ~30 s)",
@@ -90,7 +101,6 @@ def _build() -> None:
             flush=True,
         )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with _exclusive(folder):
             _ops = cpp_extension.load(
                 name=name,
@@ -101,13 +111,55 @@ def _build() -> None:
             )
     except Exception as error:  # a missing compiler raises OSError, RuntimeError, ...
         _ops = None
-        warnings.warn(
-            f"decoupled: the one-pass CPU kernel could not be built ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); steps use "
-            "torch's fused kernels or the reference loop instead",
-            RuntimeWarning,
-            stacklevel=2,
+        _warn(f"could not be built ({_last_line(error)})")
+
+
+def _claim(folder: Path) -> None:
+    """Create the build ``folder`` and its lock file, or raise the OSError that says why not
+    (EROFS, EACCES): building, and torch's loader, which writes its own lock file, need both."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    os.close(os.open(folder / "decoupled.lock", flags, 0o666))
+
+
+def _load_prebuilt(name: str, folder: Path, error: OSError):
+    """The kernel that a read-only ``folder`` already holds, imported directly (torch's
+    loader would write there); None, with a warning that says why, when there is none or it
+    does not load. The folder's name pins CPU, source, Python and torch (``build_folder``),
+    so a binary found there is the one this process would have built."""
+    library = folder / f"{name}.so"
+    reason = error.strerror or type(error).__name__
+    if not library.exists():
+        _warn(
+            f"was not built: the kernel cache {folder} is not writable ({reason}) and holds no "
+            "prebuilt kernel; set TORCH_EXTENSIONS_DIR to a writable folder to build it"
         )
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as load_error:  # a damaged or foreign binary: ImportError, OSError
+        _warn(
+            f"was not loaded: the prebuilt kernel {library} in the read-only cache failed to "
+            f"load ({_last_line(load_error)})"
+        )
+        return None
+    return module
+
+
+def _last_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+def _warn(what: str) -> None:
+    warnings.warn(
+        f"decoupled: the one-pass CPU kernel {what}; steps use torch's fused kernels or the "
+        "reference loop instead",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 @contextmanager

@@ -28,19 +28,21 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 How close the C++ kernel comes to the reference loop: it computes each element with the
 reference's operations, in the reference's order, and rounds where torch's CPU operations
 round — with one fused multiply-add exactly where torch's vectorized loops use one (``lerp``,
-``add``/``add_`` with ``alpha``, ``addcmul``) and nowhere else. On CPUs with FMA instructions
-SGD/SGDW steps are therefore bit-identical to the reference (hence to torch.optim's
-single-tensor loop), and so are Adam's moments while the gradients are the same. Adam's
-parameters are not: torch's CPU ``sqrt`` is not always correctly rounded (in torch 2.13's x86
-wheel about one float32 result in six differs from IEEE ``sqrt`` by an ulp), the kernel's is,
-so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels (path 2) round
-differently again. The tests hold float32 to 1e-6 relative after 100 steps, bfloat16 state
-to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
+``add``/``add_`` with ``alpha``, ``addcmul``) and nowhere else (it is compiled with
+``-ffp-contract=off``, so the compiler fuses no other multiply and add). On CPUs with FMA
+instructions SGD/SGDW steps are therefore bit-identical to the reference (hence to
+torch.optim's single-tensor loop), and so are Adam's moments while the gradients are the
+same. Adam's parameters are not: torch's CPU ``sqrt`` is not always correctly rounded (in
+torch 2.13's x86 wheel about one float32 result in six differs from IEEE ``sqrt`` by an ulp),
+the kernel's is, so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels
+(path 2) round differently again. The tests hold float32 to 1e-6 relative after 100 steps,
+bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial, update_wrapper
 from operator import attrgetter
 
 import torch
@@ -48,6 +50,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from decoupled.optim._build import kernel_ops
+from decoupled.optim._layout import in_layout_of, is_dense
 
 _PLAIN = {Parameter, Tensor}
 _FLOAT32 = {torch.float32}
@@ -79,51 +82,57 @@ def kernel_adam_update(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    **options,
+    *,
+    fallback: Callable,
+    **given,
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
-    through ``adam_update`` itself when the kernel refuses a tensor."""
-    from decoupled.optim.adam import adam_update
-
-    o = {"references": None, "decay": 0.0, "amsgrad": False, "maximize": False, **options}
+    through ``fallback`` (``adam_update`` itself) when the kernel refuses a tensor."""
+    defaults = {"references": None, "decay_rate": 0.0, "amsgrad": False, "maximize": False}
+    options = defaults | given
 
     def step(grads: list[Tensor]) -> bool:
+        amsgrad = options["amsgrad"]
         return kernel_ops().adam_step_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if o["amsgrad"] else [],
-            _kernel_references(o["references"]), state_steps, float(o["lr"]), o["beta1"],
-            o["beta2"], o["eps"], float(o["weight_decay"]), float(o["decay"]), o["decoupled"],
-            o["amsgrad"], o["maximize"],
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+            _kernel_references(options["references"]), state_steps, float(options["lr"]),
+            options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
+            float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
     if not done:
-        adam_update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **options)
+        fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
 
 
 def kernel_sgd_update(
-    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], **options
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    fallback: Callable,
+    **given,
 ) -> None:
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the C++ kernel, or
-    through ``sgd_update`` itself when the kernel refuses a tensor; new momentum buffers are
-    written back into ``momentum_buffers`` as the reference does."""
-    from decoupled.optim.sgd import sgd_update
-
-    o = {"references": None, "decay": 0.0, "maximize": False, **options}
+    through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
+    momentum buffers are written back into ``momentum_buffers`` as the reference does."""
+    options = {"references": None, "decay_rate": 0.0, "maximize": False} | given
     fresh = [b is None for b in momentum_buffers]
     buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
 
     def step(grads: list[Tensor]) -> bool:
         return kernel_ops().sgd_step_(
-            params, grads, buffers, fresh, _kernel_references(o["references"]), float(o["lr"]),
-            o["momentum"], o["dampening"], o["nesterov"], float(o["weight_decay"]),
-            float(o["decay"]), o["decoupled"], o["maximize"],
+            params, grads, buffers, fresh, _kernel_references(options["references"]),
+            float(options["lr"]), options["momentum"], options["dampening"],
+            options["nesterov"], float(options["weight_decay"]), float(options["decay_rate"]),
+            options["decoupled"], options["maximize"],
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
     if done:
         momentum_buffers[:] = buffers
     else:
-        sgd_update(params, grads, momentum_buffers, **options)
+        fallback(params, grads, momentum_buffers, **given)
 
 
 def _step_any_layout(
@@ -147,37 +156,10 @@ def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor] | 
     return relaid if any(r is not g for r, g in zip(relaid, grads)) else None
 
 
-def in_layout_of(param: Tensor, tensor: Tensor) -> Tensor:
-    """``tensor``, or a copy of it laid out like ``param`` (same strides) when it is not but
-    can be: same shape and device, and ``param`` dense (:func:`is_dense`). The fast paths take
-    only gradients and state laid out like their parameter."""
-    if tensor.layout != torch.strided or tensor.stride() == param.stride():
-        return tensor
-    if tensor.shape != param.shape or tensor.device != param.device or not is_dense(param):
-        return tensor
-    return torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)
-
-
-def is_dense(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill its memory without gaps or overlaps, in any order of
-    dimensions (contiguous, channels_last, transposed): torch's "non-overlapping and dense",
-    which ``torch.empty_like`` preserves. Sorted by stride, each dimension of size > 1 must
-    step over exactly the elements of the dimensions inside it."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
-        if size != 1:
-            if stride != expected:
-                return False
-            expected *= size
-    return True
-
-
 def can_fuse(
     params: list[Tensor],
     lr: float | Tensor,
-    decay: float | Tensor,
+    decay_rate: float | Tensor,
     decoupled: bool,
     references: list[Tensor | None],
     explicit: bool = False,
@@ -195,9 +177,9 @@ def can_fuse(
             return False
         if not explicit and p.dtype not in wide:
             return False
-    if decoupled and not isinstance(decay, Tensor) and decay != 0:
+    if decoupled and not isinstance(decay_rate, Tensor) and decay_rate != 0:
         return not isinstance(lr, Tensor) and lr > 0  # λ' = c / lr needs lr > 0
-    return not (decoupled and isinstance(decay, Tensor))
+    return not (decoupled and isinstance(decay_rate, Tensor))
 
 
 def fused_adam_update(
@@ -208,13 +190,14 @@ def fused_adam_update(
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
+    fallback: Callable,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     decoupled: bool,
-    decay: float = 0.0,
+    decay_rate: float = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
     references: list[Tensor | None] | None = None,  # always None here (see can_fuse)
@@ -226,12 +209,10 @@ def fused_adam_update(
     channels_last weight, or moments loaded from a contiguous checkpoint, would update the
     wrong elements, silently. So a gradient laid out unlike its parameter is first copied into
     the parameter's layout (as for the C++ kernel), and a parameter that is not dense or whose
-    moments are laid out differently steps through the reference loop instead.
+    moments are laid out differently steps through the reference loop (``fallback``) instead.
     """
-    from decoupled.optim.adam import adam_update
-
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-    kernel_decay = (decay / lr if decay else 0.0) if decoupled else weight_decay
+    kernel_decay = (decay_rate / lr if decay_rate else 0.0) if decoupled else weight_decay
     grads = list(grads)  # the caller's list is left as it was
     moments = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     groups: dict[tuple | None, list[int]] = {}  # (device, dtype), or None: the reference loop
@@ -246,11 +227,11 @@ def fused_adam_update(
             return [tensors[i] for i in indices]
 
         if key is None:
-            adam_update(
+            fallback(
                 pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                 pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                decay=decay, amsgrad=amsgrad, maximize=maximize,
+                decay_rate=decay_rate, amsgrad=amsgrad, maximize=maximize,
             )  # fmt: skip
             continue
         steps = pick(state_steps)
@@ -281,25 +262,41 @@ def choose_adam_update(
     grads: list[Tensor],
     *,
     lr: float | Tensor,
-    decay: float | Tensor,
+    decay_rate: float | Tensor,
     decoupled: bool,
     references: list[Tensor | None],
     compact: bool,
 ) -> Callable:
-    """The first path of the module docstring's list that applies to this step."""
+    """The first path of the module docstring's list that applies to this step; a fast path
+    falls back on ``reference`` for the tensors it cannot take."""
     if fused is False:
         return reference
     if _kernel_applies(params, lr):
-        return kernel_adam_update
-    if not compact and can_fuse(params, lr, decay, decoupled, references, explicit=bool(fused)):
-        return fused_adam_update
+        return _falling_back(kernel_adam_update, reference)
+    explicit = bool(fused)
+    if not compact and can_fuse(params, lr, decay_rate, decoupled, references, explicit):
+        return _falling_back(fused_adam_update, reference)
     return reference
 
 
 def choose_sgd_update(
     fused: bool | None, reference: Callable, params: list[Tensor], grads: list[Tensor], lr
 ) -> Callable:
-    """The C++ kernel when it applies (``fused`` not False), else the reference loop."""
+    """The C++ kernel when it applies (``fused`` not False), falling back on ``reference`` for
+    the tensors it refuses; else ``reference``, the reference loop."""
     if fused is not False and _kernel_applies(params, lr):
-        return kernel_sgd_update
+        return _falling_back(kernel_sgd_update, reference)
     return reference
+
+
+def kernel_available() -> bool:
+    """True when the one-pass C++ kernel (path 1 above) is built or loads on this machine, so
+    that float32 CPU parameters step through it by default. The first call builds it."""
+    return kernel_ops() is not None
+
+
+def _falling_back(fast: Callable, reference: Callable) -> Callable:
+    """``fast`` with its ``fallback`` bound to ``reference`` (and ``fast``'s name, which tests
+    read to see which path stepped). The reference loops are passed in, not imported: they
+    live in ``adam.py``/``sgd.py``, which import this module."""
+    return update_wrapper(partial(fast, fallback=reference), fast)

@@ -26,6 +26,7 @@ from decoupled.optim._base import (
 )
 from decoupled.optim._compact import CompactMoments, check_state_dtype
 from decoupled.optim._kernels import choose_adam_update
+from decoupled.optim._loaded_state import check_like_param, check_step, refuse
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["Adam", "AdamW", "adam_update"]
@@ -46,7 +47,7 @@ def adam_update(
     eps: float,
     weight_decay: float,
     decoupled: bool,
-    decay: float | Tensor = 0.0,
+    decay_rate: float | Tensor = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
 ) -> None:
@@ -56,7 +57,7 @@ def adam_update(
         lr: γ_t, the learning rate of this step.
         weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
         decoupled: False for Adam + L2, True for AdamW.
-        decay: the per-step decoupled rate ``c`` (``θ ← θ − c·(θ − θ₀)``, see ``decay.py``);
+        decay_rate: the per-step decoupled rate ``c`` (``θ ← θ − c·(θ − θ₀)``, see ``decay.py``);
             used only when ``decoupled`` is True.
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
     """
@@ -68,8 +69,8 @@ def adam_update(
 
         # ---- the only place Adam and AdamW differ -----------------------------------
         if decoupled:
-            if not is_zero(decay):
-                apply_decoupled_decay_(param, decay, references[i])  # AdamW:  θ ← θ·(1 − γλ)
+            if not is_zero(decay_rate):
+                apply_decoupled_decay_(param, decay_rate, references[i])  # AdamW:  θ ← θ·(1 − γλ)
         elif not is_zero(weight_decay):
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # Adam:  g ← g + λθ
         # ------------------------------------------------------------------------------
@@ -132,7 +133,8 @@ class Adam(DecayOptimizer):
 
     A drop-in for ``torch.optim.Adam``: same arguments, same state keys (``step``,
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), bit-identical results on the CPU with
-    ``fused=False`` (the default fast path agrees to float rounding).
+    ``fused=False`` (the default fast path agrees to float rounding; where and why it rounds
+    otherwise is told in ``_kernels.py``'s module docstring).
     :class:`AdamW` is this class with the decay moved out of the gradient.
 
     {algorithm}
@@ -220,6 +222,19 @@ class Adam(DecayOptimizer):
             check_argument(f"betas[{index}]", beta, 0.0 <= values[-1] < 1.0, "must be in [0, 1)")
         group["betas"] = tuple(values)
 
+    def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
+        super()._check_loaded_state(where, param, group, state)
+        if "step" not in state:  # no step taken yet: moments are created at the first one
+            return
+        check_step(where, state["step"])
+        required = self.state_keys[1 : 4 if group.get("amsgrad") else 3]
+        for key in self.state_keys[1:]:
+            if key in state:
+                nonnegative = key != "exp_avg"  # v and max(v) are averages of g²
+                check_like_param(where, key, state[key], param, nonnegative=nonnegative)
+            elif key in required:
+                refuse(where, key, "missing", "required once a step has been taken")
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -229,7 +244,7 @@ class Adam(DecayOptimizer):
             group.setdefault("state_dtype", None)
             for p in group["params"]:
                 state_p = self.state.get(p, {})
-                if "step" in state_p and not torch.is_tensor(state_p["step"]):  # old torch dicts
+                if "step" in state_p and not torch.is_tensor(state_p["step"]):  # torch < 1.12
                     state_p["step"] = torch.tensor(float(state_p["step"]), dtype=torch.float32)
 
     def _init_state(self, group: dict, param: Tensor) -> dict:
@@ -261,7 +276,7 @@ class Adam(DecayOptimizer):
             params,
             grads,
             lr=group["lr"],
-            decay=decay.rate,
+            decay_rate=decay.rate,
             decoupled=self.decoupled,
             references=decay.references,
             compact=group["state_dtype"] is not None,
@@ -280,7 +295,7 @@ class Adam(DecayOptimizer):
             eps=group["eps"],
             weight_decay=decay.weight_decay,
             decoupled=self.decoupled,
-            decay=decay.rate,
+            decay_rate=decay.rate,
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             references=decay.references,

@@ -22,6 +22,7 @@ from decoupled.optim._base import (
     torch_implementation_options,
 )
 from decoupled.optim._kernels import choose_sgd_update
+from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
@@ -49,7 +50,7 @@ def sgd_update(
     nesterov: bool,
     weight_decay: float,
     decoupled: bool,
-    decay: float | Tensor = 0.0,
+    decay_rate: float | Tensor = 0.0,
     maximize: bool = False,
 ) -> None:
     """One SGD step over a list of tensors, in place; new momentum buffers are written back
@@ -58,7 +59,8 @@ def sgd_update(
 
     Args:
         weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
-        decay: the per-step decoupled rate ``c`` (see ``decay.py``); used when ``decoupled``.
+        decay_rate: the per-step decoupled rate ``c`` (see ``decay.py``); used when
+            ``decoupled``.
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
     """
     check_no_sparse_l2(grads, weight_decay, decoupled)
@@ -68,8 +70,8 @@ def sgd_update(
 
         # ---- the only place SGD and SGDW differ -------------------------------------
         if decoupled:
-            if not is_zero(decay):
-                apply_decoupled_decay_(param, decay, references[i])  # SGDW:  θ ← θ·(1 − γλ)
+            if not is_zero(decay_rate):
+                apply_decoupled_decay_(param, decay_rate, references[i])  # SGDW:  θ ← θ·(1 − γλ)
         elif not is_zero(weight_decay):
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # SGD:  g ← g + λθ
         # ------------------------------------------------------------------------------
@@ -124,8 +126,8 @@ class SGD(DecayOptimizer):
         skip_nonfinite: skip (and count in ``skipped_steps``) any step with a NaN/Inf gradient.
         fused: ``None`` (default): float32 CPU parameters step through a one-pass C++ kernel
             (``_kernels.py``), bit-identical to the reference on CPUs with fused multiply-add
-            instructions; ``False``: the reference loop, bit-identical to torch.optim's
-            single-tensor path.
+            instructions (``_kernels.py``'s module docstring says why); ``False``: the
+            reference loop, bit-identical to torch.optim's single-tensor path.
         foreach, differentiable: torch.optim's switches, accepted so that torch code runs
             unchanged: ``foreach=False`` means ``fused=False``; ``differentiable=True`` is
             refused.
@@ -191,6 +193,12 @@ class SGD(DecayOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
 
+    def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
+        super()._check_loaded_state(where, param, group, state)
+        buffer = state.get("momentum_buffer")
+        if buffer is not None:  # torch saves None when momentum is 0
+            check_like_param(where, "momentum_buffer", buffer, param)
+
     def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
 
@@ -211,7 +219,7 @@ class SGD(DecayOptimizer):
             nesterov=group["nesterov"],
             weight_decay=decay.weight_decay,
             decoupled=self.decoupled,
-            decay=decay.rate,
+            decay_rate=decay.rate,
             maximize=group["maximize"],
         )
         for p, buf in zip(params, buffers):

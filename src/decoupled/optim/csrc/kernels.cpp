@@ -2,13 +2,10 @@
 //
 // The arithmetic is the reference loops' (decoupled/optim/adam.py `adam_update`,
 // decoupled/optim/sgd.py `sgd_update`), element by element, in float32, in the same order and
-// with the same roundings as torch's CPU operations that the reference calls: where torch's
-// vectorized loops use a fused multiply-add (`lerp`, `add`/`add_` with `alpha`, `addcmul`)
-// this code calls `fmadd`, and nowhere else (-ffp-contract=off keeps the compiler from fusing
-// any other multiply and add). On a CPU with FMA instructions, SGD's results and Adam's
-// moments are then bit-identical to the reference loop's, hence to torch.optim's single-tensor
-// path (tests/optim/test_fast_paths.py); Adam's θ may differ by an ulp, because torch's CPU
-// sqrt is not always correctly rounded and std::sqrt is. What is faster:
+// with the same roundings as the torch CPU operations that the reference calls. How close
+// that comes (fused multiply-adds, sqrt) is told once, in decoupled/optim/_kernels.py's module
+// docstring; here `fmadd` marks each place where torch's vectorized loops fuse, and
+// -ffp-contract=off keeps the compiler from fusing any other multiply and add. What is faster:
 //
 //   * one parallel region per step for every tensor of the group: the tensors are cut into
 //     chunks and the chunks shared among the threads, so a model of many small tensors pays
@@ -22,8 +19,8 @@
 // decoupled/optim/_compact.py, so the reference path and this kernel round alike.
 //
 // Each op checks every tensor before touching any and returns false (changing nothing) when
-// a tensor is not a dense CPU float32 tensor laid out like its parameter: the caller then takes
-// the reference path.
+// a tensor is not a dense CPU float32 tensor laid out like its parameter, or a step count is
+// negative or not finite: the caller then takes the reference path.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -313,6 +310,10 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
         step.is_inference()) {
       return false;
     }
+    // A negative or non-finite count would make 1 − β1ᵗ zero or NaN and write NaN into θ;
+    // the reference loop raises there (ZeroDivisionError, as torch's loop does).
+    const float count = *step.data_ptr<float>();
+    if (!std::isfinite(count) || count < 0) return false;
   }
 
   const Decay mode = decay_mode(decoupled, weight_decay, decay);
