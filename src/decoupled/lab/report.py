@@ -78,6 +78,7 @@ def compare_blocks(name: str, comparison: Comparison, plot_dir: Path, rel: str) 
         )
         blocks.append(Block("p", protocol))
     blocks.append(Block("pre", format_table(comparison)))
+    blocks.extend(_statistics_blocks(comparison))
     blocks.extend(_missing_blocks(comparison.missing))
     blocks.append(Block("p", "What the decay does, measured (means over seeds):"))
     blocks.append(Block("table", decay_table(comparison)))
@@ -86,6 +87,43 @@ def compare_blocks(name: str, comparison: Comparison, plot_dir: Path, rel: str) 
         per_seed = plot_per_seed(comparison, plot_dir / f"{name}-per-seed.png")
         blocks.append(Block("img", f"{rel}/{curves.name}"))
         blocks.append(Block("img", f"{rel}/{per_seed.name}"))
+    return blocks
+
+
+def _statistics_blocks(comparison: Comparison) -> list[Block]:
+    """How to read the verdicts: power (what this many seeds can detect) and, for a
+    ``--seeds auto`` compare, why its verdict reads a confidence sequence."""
+    blocks = []
+    for (first, second, _, _), line in zip(comparison.paired, comparison.power, strict=False):
+        if line is not None:
+            blocks.append(
+                Block(
+                    "p",
+                    f"Power, {second.name} − {first.name}: {line}. The paired t-test's power "
+                    "comes from the noncentral t distribution (Cohen 1988, ch. 2) with the "
+                    "spread the seeds showed; that spread is itself an estimate, hence the "
+                    "range of seeds.",
+                )
+            )
+    if comparison.design is not None:
+        blocks.append(
+            Block(
+                "p",
+                "Seeds were added one round at a time (every optimizer per seed) and the data "
+                "looked at after each round. The verdicts read an always-valid confidence "
+                "sequence (Lai 1976; Wang & Ramdas 2023), whose error rate holds however many "
+                "times it is looked at; the fixed-n t-test printed beside it would not, after "
+                "stopping chosen from the data.",
+            )
+        )
+    if comparison.adjusted:
+        blocks.append(
+            Block(
+                "p",
+                "With several pairs, the p-values are Holm-adjusted (Holm 1979): the chance of "
+                "any false 'significant' among them stays at most 5%.",
+            )
+        )
     return blocks
 
 
