@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 
 from decoupled.cli import main
-from decoupled.lab.comparison import (
-    Sequential,
-    compare_kind,
-    compare_options,
-    format_table,
-    summarize,
-)
+from decoupled.lab.compare_options import Sequential, compare_kind, compare_options
+from decoupled.lab.comparison import format_table, summarize
 from decoupled.lab.plan import plan_compare
 from decoupled.lab.stats import holm, paired_difference
 from decoupled.lab.store import ResultStore, RunRecord

@@ -122,7 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from decoupled.lab.comparison import Sequential, metric_scale
+    from decoupled.lab.compare_options import Sequential
+    from decoupled.lab.comparison import metric_scale
     from decoupled.lab.sequential import MIN_SEEDS
     from decoupled.lab.workflow import compare_task
 

@@ -12,14 +12,14 @@ across them (``stats.holm``). Every verdict comes with the power of its test
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from decoupled.lab.compare_options import Sequential, SequentialPair
 from decoupled.lab.power import power_line, power_summary
 from decoupled.lab.sequential import MIN_SEEDS as MIN_LOOK
-from decoupled.lab.sequential import PROCEDURE, Look, looks, stop_reason
+from decoupled.lab.sequential import PROCEDURE, looks, stop_reason
 from decoupled.lab.stats import (
     Interval,
     PairedComparison,
@@ -79,59 +79,6 @@ class Arm:
         ]
         keys = set.intersection(*(set(s) for s in summaries)) if summaries else set()
         return {k: sum(s[k] for s in summaries) / len(summaries) for k in sorted(keys)}
-
-
-@dataclass(frozen=True)
-class Sequential:
-    """The design of a ``--seeds auto`` compare: at most ``max_seeds`` seeds; stop when
-    every pair's confidence sequence excludes 0 or is narrower than ``resolution`` (in the
-    metric's own units, e.g. 0.005 for half a point of error; None: no such stop)."""
-
-    max_seeds: int
-    resolution: float | None = None
-    alpha: float = 0.05
-
-
-@dataclass(frozen=True)
-class SequentialPair:
-    """One pair's confidence sequence: its last look, why it stops (None: go on), looks."""
-
-    look: Look
-    reason: str | None
-    looks: int
-
-
-#: ``Experiment.kind`` of a compare; its options (extra pairs, sequential design) follow
-#: after a space as JSON, so that a report rebuilt from the store alone shows them.
-COMPARE_KIND = "compare"
-
-
-def compare_kind(pairs: Sequence[tuple[str, str]] = (), sequential: Sequential | None = None):
-    """The experiment kind recording these options (plain "compare" without any)."""
-    options: dict = {}
-    if pairs:
-        options["pairs"] = [list(pair) for pair in pairs]
-    if sequential is not None:
-        options["sequential"] = {
-            "max_seeds": sequential.max_seeds,
-            "resolution": sequential.resolution,
-            "alpha": sequential.alpha,
-        }
-    return COMPARE_KIND + (" " + json.dumps(options, sort_keys=True) if options else "")
-
-
-def is_compare(kind: str) -> bool:
-    return kind.split(" ", 1)[0] == COMPARE_KIND
-
-
-def compare_options(kind: str) -> dict:
-    """``summarize`` keyword arguments from an experiment kind written by ``compare_kind``."""
-    _, _, text = kind.partition(" ")
-    options = json.loads(text) if text else {}
-    result: dict = {"extra_pairs": [tuple(pair) for pair in options.get("pairs", [])]}
-    if "sequential" in options:
-        result["sequential"] = Sequential(**options["sequential"])
-    return result
 
 
 @dataclass

@@ -231,7 +231,8 @@ def verdict(
     When all differences are equal the t-test is undefined (:attr:`PairedComparison.all_equal`)
     and the Wilcoxon signed-rank p judges instead, e.g. ``"AdamW has lower test error than
     Adam by 0.1 points on every seed (all differences equal, so no t-test; Wilcoxon p =
-    0.031, n = 6 seeds)"``.
+    0.031, n = 6 seeds)"``. A comparison with ``adjusted_over`` > 1 carries Holm-adjusted
+    p-values, and every p in its verdict says so ("Holm-adjusted over 3 pairs").
     """
     threshold = 1.0 - comparison.confidence
     if alpha is None:

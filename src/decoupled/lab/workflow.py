@@ -16,14 +16,8 @@ from typing import Any
 
 import torch
 
-from decoupled.lab.comparison import (
-    Comparison,
-    Sequential,
-    compare_kind,
-    compare_options,
-    is_compare,
-    summarize,
-)
+from decoupled.lab.compare_options import Sequential, compare_kind, compare_options, is_compare
+from decoupled.lab.comparison import Comparison, summarize
 from decoupled.lab.executor import execute, open_store
 from decoupled.lab.experiments import Experiment, load_experiments, save_experiment
 from decoupled.lab.plan import plan_compare, plan_sweep
