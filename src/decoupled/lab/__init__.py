@@ -13,7 +13,9 @@ One job per file, in the order a command uses them:
 * ``executor.py``, ``batched.py``, ``ray_executor.py`` — which runs execute where;
   ``store.py`` and ``experiments.py`` — what ran, in results.db.
 * ``comparison.py`` and ``sweep.py`` — what a compare's or a sweep's runs say (summaries,
-  printed tables); ``stats.py`` — the statistics behind them.
+  printed tables); ``stats.py`` — the statistics behind them; ``power.py`` — what a number
+  of seeds can detect; ``sequential.py`` — the confidence sequence of ``--seeds auto``;
+  ``compare_options.py`` — a compare's extra pairs and sequential design, as stored.
 * ``report.py`` — a report's sections; ``figures.py`` — its plots; ``render.py`` —
   Markdown and HTML; ``workflow.py`` — the commands, as functions.
 
