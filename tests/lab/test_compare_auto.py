@@ -8,7 +8,7 @@ import pytest
 
 from decoupled.cli import main
 from decoupled.lab.compare_options import Sequential, compare_kind, compare_options
-from decoupled.lab.comparison import format_table, summarize
+from decoupled.lab.comparison import format_bound, format_table, summarize
 from decoupled.lab.plan import plan_compare
 from decoupled.lab.stats import holm, paired_difference
 from decoupled.lab.store import ResultStore, RunRecord
@@ -176,3 +176,11 @@ def test_seeds_auto_trains_rounds_resumes_from_stored_seeds_and_rebuilds_its_rep
     (out / "report.md").unlink()
     assert main(["report", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == report
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(-0.58, "-0.58"), (0.123, "+0.12"), (-0.0035, "-0.0035"), (0.004, "+0.004"), (0.0, "+0.00")],
+)
+def test_a_bound_just_past_zero_does_not_print_as_zero(value, text):
+    assert format_bound(value) == text

@@ -220,7 +220,7 @@ def _after_round(comparison, count: int) -> None:
 
 def _round_summary(comparison) -> str:
     """One line per round of ``--seeds auto``: each pair's interval and whether it stops."""
-    from decoupled.lab.comparison import metric_scale
+    from decoupled.lab.comparison import format_bound, metric_scale
 
     scale, unit = metric_scale(comparison.task.metric)
     points = " points" if unit == "%" else ""
@@ -233,7 +233,7 @@ def _round_summary(comparison) -> str:
         interval = (
             "(−∞, +∞)"
             if look.width == float("inf")
-            else f"[{look.low * scale:+.2f}, {look.high * scale:+.2f}]{points}"
+            else f"[{format_bound(look.low * scale)}, {format_bound(look.high * scale)}]{points}"
         )
         parts.append(f"{second.name} − {first.name} {interval}, {pair.reason or 'going on'}")
     return "; ".join(parts)

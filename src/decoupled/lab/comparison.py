@@ -262,6 +262,16 @@ def _after(prefix: str, sentence: str) -> str:
     return prefix + sentence[0].lower() + sentence[1:]
 
 
+def format_bound(value: float) -> str:
+    """An interval's bound, signed, to 2 decimals; one that would print as ±0.00 gets two
+    significant digits instead, so that an interval just excluding 0 does not read as
+    touching it."""
+    text = f"{value:+.2f}"
+    if value != 0.0 and float(text) == 0.0:
+        text = f"{value:+.2g}"
+    return text
+
+
 #: After the fixed-n statistics of a ``--seeds auto`` compare: a t-test read after choosing
 #: when to stop is not valid (its p is too small), so the verdict reads the sequence instead.
 FIXED_N_NOTE = " (fixed-n, for reference; the verdict reads the confidence sequence)"
@@ -301,8 +311,9 @@ def format_table(comparison: Comparison) -> str:
             )
             lines.append(
                 f"paired difference ({second.name} − {first.name}, by seed): "
-                f"{paired.mean_diff * scale:+.2f}{points}, 95% CI [{paired.low * scale:+.2f}, "
-                f"{paired.high * scale:+.2f}], {t_test}, "
+                f"{paired.mean_diff * scale:+.2f}{points}, "
+                f"95% CI [{format_bound(paired.low * scale)}, "
+                f"{format_bound(paired.high * scale)}], {t_test}, "
                 f"Wilcoxon p{holm} = {paired.wilcoxon_p:.3g}, n = {paired.n}"
                 + (FIXED_N_NOTE if comparison.design is not None else "")
             )
@@ -336,7 +347,7 @@ def sequential_verdict(task: Task, first: Arm, second: Arm, pair, design, pairs:
     if math.isinf(look.width):
         interval = "(−∞, +∞), too few seeds to bound it"
     else:
-        interval = f"[{look.low * scale:+.2f}, {look.high * scale:+.2f}]{points}"
+        interval = f"[{format_bound(look.low * scale)}, {format_bound(look.high * scale)}]{points}"
     sequence = (
         f"the {(1 - level) * 100:.3g}% confidence sequence for {second.name} − {first.name} "
         f"is {interval} after {look.n} seeds"
