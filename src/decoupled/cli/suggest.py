@@ -76,7 +76,10 @@ def suggestions(args: argparse.Namespace) -> dict:
     """Everything `suggest` prints, as plain data.
 
     Raises CommandError, naming the option, when a value is so extreme that a conversion
-    divides by zero or over/underflows float64 (e.g. ``--lr 1e-300``: γ² is 0).
+    divides by zero or over/underflows float64 (e.g. ``--lr 1e-300``: γ² is 0), when the run
+    is shorter than one step (N·T/b < 1), or when a rule's timescale τ_iter = 1/(γ·λ_lr) is
+    under one step (γ·λ > 1: θ(1 − γ·λ) overshoots zero; Wang & Aitchison 2024's EMA reading
+    needs γ·λ < 1).
     """
     lr, b, n, epochs = args.lr, args.batch_size, args.dataset_size, args.epochs
     if b > n:

@@ -84,7 +84,7 @@ def _recorded_cluster() -> str | None:
         return None
     try:
         return canonicalize_bootstrap_address_or_die("auto")
-    except (ConnectionError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError) as error:
         raise RayUnavailable(f"'auto': {_one_line(error)}") from None
 
 
