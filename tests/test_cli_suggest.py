@@ -112,6 +112,22 @@ def test_table_and_warnings(capsys):
         (["--epochs", "10", "--max-lr", "1e-4"], "argument --max-lr: 0.0001 is below --lr 0.001"),
         (["--epochs", "10", "--batch-size", "10" * 3], "argument --batch-size: 101010 is larger"),
         (["--epochs", "10", "--batch-size", "9" * 400], "argument --batch-size: must be at most"),
+        # fewer than one step: N·T/b = 3.9e-298 printed as "0 steps", λ ≈ 2.5e150
+        (["--epochs", "1e-300"], "argument --epochs: 1e-300 is less than one step"),
+        (["--epochs", "1e-3"], "argument --epochs: 0.001 is less than one step: N·T/b = 0.391"),
+        # a timescale under one step: γ·λ > 1, the decay overshoots zero (printed as "0" steps)
+        (
+            ["--epochs", "10", "--timescale", "1e-300"],
+            "argument --timescale: 1e-300 is out of range at --lr 0.001: rule 'timescale",
+        ),
+        (
+            ["--epochs", "10", "--weight-decay", "1e300"],
+            "argument --weight-decay: 1e+300 is out of range at --lr 0.001",
+        ),
+        (
+            ["--epochs", "10", "--lr", "2", "--weight-decay", "1"],
+            "rule 'yours (weight_decay = 1)' gives a timescale of 0.5 steps",
+        ),
     ],
 )
 def test_bad_values_exit_2_with_one_line(extra, message):
@@ -125,6 +141,12 @@ def test_bad_values_exit_2_with_one_line(extra, message):
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], process.stderr
     assert process.stdout == ""
+
+
+def test_a_huge_step_count_is_printed_in_e_notation(capsys):
+    # thousands separators wrote 1e100 epochs as a 103-digit number
+    assert main([*BASE, "--epochs", "1e100"]) == 0
+    assert "1e+100 epochs = 3.91e+102 steps" in capsys.readouterr().out
 
 
 def test_version_and_top_level_help(capsys):

@@ -77,6 +77,21 @@ def test_inspect_fixed_points(tmp_path, capsys):
         (["fixed-points", "--seed", "0"], "argument --seed: only for `inspect train`"),
         (["fixed-points", "--seed", "3"], "argument --seed: only for `inspect train`"),
         (["--weight-decay", "1"], "argument --weight-decay: only for `inspect fixed-points`"),
+        # λ whose runs overflow float64: a crash in plotting (1e200), NaN rows (1e20, 20)
+        (
+            ["fixed-points", "--weight-decay", "1e200"],
+            "argument --weight-decay: Invalid weight_decay value: 1e+200 (SGD + L2",
+        ),
+        (
+            ["fixed-points", "--weight-decay", "1e20"],
+            "argument --weight-decay: Invalid weight_decay value: 1e+20 (SGD + L2",
+        ),
+        (["fixed-points", "--weight-decay", "20"], "Invalid weight_decay value: 20.0 (SGD + L2"),
+        (
+            ["fixed-points", "--weight-decay", "1e-310"],
+            "Invalid weight_decay value: 1e-310 (the bound 1/λ of AdamW's ℓ∞ ball overflows",
+        ),
+        (["--data-dir", "x"], "argument --data-dir: task mnist1d reads no data folder"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -10,15 +12,19 @@ from decoupled.diagnostics.fixed_points import (
     BOUNDARY_TOLERANCE,
     DISTANCE_TOLERANCE,
     KKT_TOLERANCE,
+    OPTIMIZERS,
     ball_position,
     box_optimum,
+    check_weight_decay,
     conclusions,
+    decay_growth,
     fixed_points,
     format_fixed_points,
     kkt_gap,
     l2_optimum,
     load_problem,
     log_loss_and_gradient,
+    train,
 )
 
 
@@ -120,3 +126,38 @@ def test_a_run_too_short_to_converge_is_reported_as_not_converged():
 )
 def test_ball_position_is_worded_from_the_number(sup_norm_times_lambda, expected):
     assert ball_position(sup_norm_times_lambda) == expected
+
+
+@pytest.mark.parametrize(
+    "key, weight_decay, refused",
+    [("sgd", 14.0, False), ("sgd", 20.0, True), ("adamw", 50.0, False), ("adamw", 1e3, True)],
+)
+def test_the_weight_decay_check_refuses_exactly_runs_that_overflow(key, weight_decay, refused):
+    """decay_growth's bound against real runs, on both sides of the limit (2000 steps: the
+    growing steps γ_t·λ > 2 all come before the cool-down either way)."""
+    steps = 2000
+    lr = next(lr for _, name, lr in OPTIMIZERS if name == key)
+    X, y = load_problem()
+    with np.errstate(over="ignore", invalid="ignore"):  # the refused runs do overflow
+        run = train(X, y, key, lr, weight_decay, steps, np.ones(X.shape[1]))
+    finite = np.isfinite(run.theta).all() and np.isfinite(run.distance).all()
+    assert finite != refused
+    assert (decay_growth(lr, weight_decay, steps) > 1e150) == refused
+
+
+def test_weight_decay_check():
+    assert decay_growth(0.3, 2 / 0.3, 20_000) == 1.0  # γ_0·λ ≤ 2: the factor never exceeds 1
+    check_weight_decay(1.0)
+    for bad, why in [
+        (0.0, "must be > 0"),
+        (float("nan"), "must be > 0"),
+        (1e-310, "the bound 1/λ of AdamW's ℓ∞ ball overflows"),
+        (1e200, "SGD + L2 at γ_0 = 0.3"),
+        (1e308, "SGD + L2 at γ_0 = 0.3"),
+    ]:
+        with pytest.raises(
+            ValueError, match=re.escape(f"Invalid weight_decay value: {bad} ({why}")
+        ):
+            check_weight_decay(bad)
+    with pytest.raises(ValueError, match="Invalid weight_decay value: 1e\\+20"):
+        fixed_points(1e20)  # refused before loading or training anything

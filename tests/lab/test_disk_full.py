@@ -126,13 +126,13 @@ def test_a_disk_full_when_writing_plots_prints_the_table_then_one_line(
     small_disk, capsys, monkeypatch, command, table
 ):
     out = small_disk / "runs"
-    real_rebuild = workflow.rebuild_reports
+    real_write = workflow.write_reports
 
-    def fill_then_rebuild(*args, **kwargs):  # every run is stored; the plots do not fit
+    def fill_then_write(*args, **kwargs):  # every run is stored; the plots do not fit
         fill(small_disk)
-        return real_rebuild(*args, **kwargs)
+        return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(workflow, "rebuild_reports", fill_then_rebuild)
+    monkeypatch.setattr(workflow, "write_reports", fill_then_write)
     assert main([*command, "--workers", "1", "--out", str(out)]) == EXIT_STORAGE
     captured = capsys.readouterr()
     assert table in captured.out  # the results table came first

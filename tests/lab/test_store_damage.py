@@ -143,7 +143,7 @@ def test_report_skips_a_damaged_row_and_names_it_in_one_warning_line(tmp_path, c
 
 
 def test_plans_are_stored_compactly_and_older_spec_lists_still_read(tmp_path):
-    from decoupled.lab.sweep import plan_sweep
+    from decoupled.lab.plan import plan_sweep
     from decoupled.lab.tasks import get_task
 
     task = get_task("digits")

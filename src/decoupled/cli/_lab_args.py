@@ -10,13 +10,20 @@ from decoupled.cli import CommandError
 
 
 def resolve_task(name: str, data_dir: str | None = None):
-    """The task object; a task that needs files (cifar10) is loaded once to check them."""
+    """The task object; a task that needs files (cifar10) is loaded once to check them, and a
+    --data-dir for a task that reads none (it makes or bundles its data) is refused rather
+    than ignored."""
     from decoupled.lab.tasks import get_task
 
     try:
         task = get_task(name)
     except ValueError as error:
         raise CommandError(f"argument --task: {error}") from None
+    if data_dir is not None and not task.needs_data_dir:
+        raise CommandError(
+            f"argument --data-dir: task {task.name} reads no data folder, so {data_dir!r} "
+            "would be ignored (it is for tasks with data files, e.g. cifar10)"
+        )
     if task.needs_data_dir:
         try:
             task.load(data_dir)
@@ -49,6 +56,30 @@ def check_seeds(seeds: int) -> None:
         raise CommandError(
             f"argument --seeds: {seeds} is more than {MAX_SEEDS} (a run per seed and optimizer)"
         )
+
+
+def check_executor(executor: str, ray_address: str | None) -> None:
+    """--ray-address is read by the ray executor only; with it, Ray must be installed and the
+    address usable (well formed, answering), all checked before anything is written."""
+    if executor != "ray":
+        if ray_address is not None:
+            raise CommandError(
+                f"argument --ray-address: {ray_address!r} would be ignored: only the ray "
+                f"executor reads it (--executor {executor})"
+            )
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise CommandError(
+            "argument --executor: ray is not installed (pip install 'decoupled[ray]')"
+        ) from None
+    from decoupled.lab.ray_executor import RayUnavailable, check_address
+
+    try:
+        check_address(ray_address)
+    except RayUnavailable as error:
+        raise CommandError(f"argument --ray-address: {error}") from None
 
 
 def refuse_unused_weight_decays(args: argparse.Namespace, optimizers: list[str], doing: str):

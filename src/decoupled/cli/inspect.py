@@ -131,6 +131,7 @@ def run_fixed_points(args: argparse.Namespace) -> int:
     from decoupled.diagnostics.fixed_points import (
         STEPS,
         WEIGHT_DECAY,
+        check_weight_decay,
         fixed_points,
         format_fixed_points,
     )
@@ -138,10 +139,15 @@ def run_fixed_points(args: argparse.Namespace) -> int:
     for name in ("task", "seed", "every", "data_dir"):
         if getattr(args, name) is not None:
             raise CommandError(f"argument --{name.replace('_', '-')}: only for `inspect train`")
+    weight_decay, steps = args.weight_decay or WEIGHT_DECAY, args.steps or STEPS
+    try:
+        check_weight_decay(weight_decay, steps)
+    except ValueError as error:
+        raise CommandError(f"argument --weight-decay: {error}") from None
     out = output_folder(args.out)
     from decoupled.diagnostics.fixed_points_plot import plot_fixed_points
 
-    result = fixed_points(args.weight_decay or WEIGHT_DECAY, args.steps or STEPS)
+    result = fixed_points(weight_decay, steps)
     print(format_fixed_points(result))
     path = plot_fixed_points(result, out / "fixed_points.png")
     print(f"\nplot: {path}")

@@ -76,7 +76,10 @@ def suggestions(args: argparse.Namespace) -> dict:
     """Everything `suggest` prints, as plain data.
 
     Raises CommandError, naming the option, when a value is so extreme that a conversion
-    divides by zero or over/underflows float64 (e.g. ``--lr 1e-300``: γ² is 0).
+    divides by zero or over/underflows float64 (e.g. ``--lr 1e-300``: γ² is 0), when the run
+    is shorter than one step (N·T/b < 1), or when a rule's timescale τ_iter = 1/(γ·λ_lr) is
+    under one step (γ·λ > 1: θ(1 − γ·λ) overshoots zero; Wang & Aitchison 2024's EMA reading
+    needs γ·λ < 1).
     """
     lr, b, n, epochs = args.lr, args.batch_size, args.dataset_size, args.epochs
     if b > n:
@@ -89,6 +92,11 @@ def suggestions(args: argparse.Namespace) -> dict:
     steps = n * epochs / b
     if not math.isfinite(steps):
         raise CommandError(f"argument --epochs: {epochs:g} is out of range: N·T/b overflows")
+    if steps < 1:  # b ≤ N, so only T < 1 gets here
+        raise CommandError(
+            f"argument --epochs: {epochs:g} is less than one step: N·T/b = {steps:.3g} "
+            f"(N {n}, b {b})"
+        )
     _check_lr(lr, args.max_lr)
     tau_target = args.timescale if args.timescale is not None else math.sqrt(epochs)
     tau_option = "--timescale" if args.timescale is not None else "--epochs"
@@ -144,6 +152,12 @@ def suggestions(args: argparse.Namespace) -> dict:
             raise CommandError(
                 f"argument {culprit} is out of range at --lr {lr:g}: rule {name!r} "
                 "divides by zero or over/underflows float64"
+            )
+        # τ_iter = 1/(γ·λ_lr) < 1 step: θ(1 − γ·λ) changes sign every step, no average at all
+        if tau_steps < 1:
+            raise CommandError(
+                f"argument {culprit} is out of range at --lr {lr:g}: rule {name!r} gives a "
+                f"timescale of {tau_steps:.3g} steps (γ·λ > 1: the decay overshoots zero)"
             )
         rows.append(
             {
@@ -228,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"lr {result['lr']:g} (peak {result['max_lr']:g}), batch {result['batch_size']}, "
         f"{result['dataset_size']:,} examples, {result['epochs']:g} epochs = "
-        f"{result['steps']:,.0f} steps\n"
+        f"{_steps_text(result['steps'])} steps\n"
     )
     header = f"{'rule':<34}" + "".join(f"{c:>11}" for c in DECAY_SCALES)
     print(header + f"{'tau epochs':>12}{'tau steps':>12}")

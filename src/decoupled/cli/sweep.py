@@ -19,6 +19,7 @@ import argparse
 from decoupled.cli import CommandError, positive_int
 from decoupled.cli._lab_args import (
     add_run_arguments,
+    check_executor,
     check_seeds,
     output_folder,
     parse_optimizers,
@@ -128,13 +129,7 @@ def run(args: argparse.Namespace) -> int:
     optimizers = parse_optimizers(args.optimizers)
     task = resolve_task(args.task, args.data_dir)
     lrs, wds = _grids(args, task, optimizers)
-    if args.executor == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise CommandError(
-                "argument --executor: ray is not installed (pip install 'decoupled[ray]')"
-            ) from None
+    check_executor(args.executor, args.ray_address)
     steps = steps_for(args, task)
     out = output_folder(args.out)
 

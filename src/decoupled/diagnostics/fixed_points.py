@@ -57,6 +57,10 @@ KKT_TOLERANCE = 1e-3
 #: shifts the KKT gap by at most δ: a looser bound would let the gap test pass an infeasible θ.
 BOUNDARY_TOLERANCE = 1e-3
 DECAY_STEPS = 500  # γ_t = γ_0 / (1 + t/500) · cool-down
+#: The most the decay factor may multiply θ by (see decay_growth). Squares of θ enter the
+#: norms of the distances, and float64 squares overflow above ~1.3e154: 1e150 leaves room for
+#: θ's starting scale (γ_0) and the √31 of the norm.
+MAX_DECAY_GROWTH = 1e150
 #: (label, optimizer key, γ_0); SGD's γ_0 < 2/L (L ≈ 4.3 here)
 OPTIMIZERS = (
     ("Adam + L2", "adam", 0.05),
@@ -195,7 +199,7 @@ def train(
     target_norm = np.linalg.norm(target)
     record_at = set(np.unique(np.geomspace(1, steps, records).round().astype(int)).tolist())
     for step in range(steps):
-        opt.param_groups[0]["lr"] = lr * learning_rate_factor(step, steps)
+        opt.param_groups[0]["lr"] = lr * float(learning_rate_factor(step, steps))
         theta.grad = inputs.T @ (torch.sigmoid(inputs @ theta) - labels) / len(labels)
         opt.step()
         if step + 1 in record_at:
@@ -205,15 +209,59 @@ def train(
     return run
 
 
-def learning_rate_factor(step: int, steps: int) -> float:
-    """γ_t/γ_0 = 1/(1 + t/500), times a linear cool-down to 0 over the second half."""
-    return 1 / (1 + step / DECAY_STEPS) * min(1.0, (steps - step) / (steps / 2))
+def learning_rate_factor(step, steps: int):
+    """γ_t/γ_0 = 1/(1 + t/500), times a linear cool-down to 0 over the second half (``step``
+    a number or an array of them)."""
+    return 1 / (1 + step / DECAY_STEPS) * np.minimum(1.0, (steps - step) / (steps / 2))
+
+
+def decay_growth(lr: float, weight_decay: float, steps: int) -> float:
+    """The largest factor by which the decay term alone multiplies θ during a run: the product
+    of |1 − γ_t·λ| over the steps where it exceeds 1, i.e. where γ_t·λ > 2 (γ_t = lr times
+    learning_rate_factor). Both SGD + L2 (θ ← θ − γ_t(∇f + λθ)) and AdamW (θ ← θ(1 − γ_t·λ)
+    − γ_t·u_t) apply this factor; ∇f and Adam's u_t are bounded, so the run's iterates reach
+    about γ_0 times it. γ_t·λ is non-increasing, so these steps come first and the product
+    over them is the peak. Exceeding MAX_DECAY_GROWTH returns inf without summing the rest.
+    """
+    log_growth, start, chunk = 0.0, 0, 100_000
+    with np.errstate(over="ignore"):  # an overflowing rate is inf: infinite growth
+        while start < steps and log_growth <= math.log(MAX_DECAY_GROWTH):
+            step = np.arange(start, min(steps, start + chunk), dtype=np.float64)
+            rate = lr * weight_decay * learning_rate_factor(step, steps)
+            growing = rate[rate > 2]
+            log_growth += float(np.log(growing - 1).sum())
+            if len(growing) < len(rate):
+                break
+            start += chunk
+    return math.exp(log_growth) if log_growth <= math.log(MAX_DECAY_GROWTH) else math.inf
+
+
+def check_weight_decay(weight_decay: float, steps: int = STEPS) -> None:
+    """Raise ValueError naming λ unless every number of the run stays finite: λ > 0 with a
+    finite bound 1/λ, and a decay factor that grows θ by at most MAX_DECAY_GROWTH for every
+    optimizer (decay_growth). Adam + L2's steps are normalized, ≈ γ_t whatever λ, so only
+    SGD + L2 and AdamW can overflow; γ_0·λ ≤ 2 never grows θ."""
+    if not (math.isfinite(weight_decay) and weight_decay > 0):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be > 0)")
+    if not math.isfinite(1 / weight_decay):
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay} (the bound 1/λ of AdamW's ℓ∞ ball "
+            "overflows float64)"
+        )
+    for label, key, lr in OPTIMIZERS:
+        if key != "adam" and decay_growth(lr, weight_decay, steps) > MAX_DECAY_GROWTH:
+            raise ValueError(
+                f"Invalid weight_decay value: {weight_decay} ({label} at γ_0 = {lr:g}: its "
+                f"decay factor |1 − γ_t·λ| would multiply θ by more than "
+                f"{MAX_DECAY_GROWTH:.0e} and overflow float64; λ ≤ 2/γ_0 = {2 / lr:.3g} "
+                "never grows it)"
+            )
 
 
 def fixed_points(weight_decay: float = WEIGHT_DECAY, steps: int = STEPS) -> FixedPointResult:
-    """Train the three optimizers to convergence and solve both problems exactly."""
-    if not (math.isfinite(weight_decay) and weight_decay > 0):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be > 0)")
+    """Train the three optimizers to convergence and solve both problems exactly; λ must
+    pass check_weight_decay."""
+    check_weight_decay(weight_decay, steps)
     X, y = load_problem()
     l2_solution = l2_optimum(X, y, weight_decay)
     box_solution = box_optimum(X, y, 1 / weight_decay)

@@ -9,7 +9,9 @@ path (a shared filesystem); on one machine that holds by itself. Ray is an optio
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,73 @@ from decoupled.lab.train import RunSpec
 
 class RayUnavailable(RuntimeError):
     """Ray could not start or reach the cluster at the given address."""
+
+
+#: Seconds to wait for a TCP answer from the address; a Ray head on a reachable network
+#: answers in milliseconds, and a sweep's refusal should not hang on a wrong one.
+CONNECT_TIMEOUT = 3.0
+
+
+def check_address(address: str | None, timeout: float | None = None) -> None:
+    """Raise RayUnavailable (one line) unless Ray can use ``address``, without starting Ray.
+
+    Forms, as ``ray.init`` reads them: None or ``"local"`` start a local instance (nothing to
+    reach); ``"auto"`` is ``RAY_ADDRESS``, else the cluster that ``ray start`` recorded, found
+    with Ray's own lookup; ``"host:port"`` is a cluster's GCS; ``"ray://host:port"`` is a Ray
+    Client server, which also needs the ``ray[client]`` extra (grpcio). The host must accept a
+    TCP connection on the port within ``timeout`` seconds (default CONNECT_TIMEOUT).
+    """
+    if address is None or address == "local":
+        return
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    target = address
+    if address == "auto":
+        from_environment = os.environ.get("RAY_ADDRESS", "")
+        if from_environment not in ("", "auto"):  # ray.init reads it before anything else
+            return check_address(from_environment, timeout)
+        target = _recorded_cluster()
+        if target is None:  # a Ray without the lookup: ray.init finds it or says why
+            return
+    host, port = _host_and_port(address, target.removeprefix("ray://"))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except TimeoutError:
+        raise RayUnavailable(
+            f"{address!r}: no answer from {host}:{port} within {timeout:g} s"
+        ) from None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise RayUnavailable(f"{address!r}: cannot connect to {host}:{port} ({reason})") from None
+    if target.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise RayUnavailable(
+            f"{address!r} needs the Ray client (grpcio): pip install 'decoupled[ray]'"
+        )
+
+
+def _host_and_port(address: str, target: str) -> tuple[str, int]:
+    host, colon, port = target.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # IPv6: [::1]:6379
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536) or "/" in target:
+        raise RayUnavailable(
+            f"{address!r} is not a Ray address (use auto, host:port or ray://host:port)"
+        )
+    return host, int(port)
+
+
+def _recorded_cluster() -> str | None:
+    """host:port of the cluster ``"auto"`` means; RayUnavailable when there is none."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+    except ImportError:
+        return None
+    try:
+        return canonicalize_bootstrap_address_or_die("auto")
+    except (OSError, RuntimeError, ValueError) as error:
+        raise RayUnavailable(f"'auto': {_one_line(error)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def execute_on_ray(
@@ -52,7 +121,9 @@ def execute_on_ray(
                 ignore_reinit_error=True,
             )
         except (ConnectionError, RuntimeError, ValueError) as error:
-            raise RayUnavailable(f"cannot start or reach Ray at {address!r}: {error}") from None
+            raise RayUnavailable(
+                f"cannot start or reach Ray at {address!r}: {_one_line(error)}"
+            ) from None
     remote = ray.remote(run_into_store)
     try:
         refs = [remote.options(num_cpus=spec.threads).remote(spec, db_path) for spec in pending]
