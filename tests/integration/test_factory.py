@@ -62,7 +62,9 @@ def test_unknown_name_lists_the_known_ones():
 
 def test_layer_decay_on_blocks_scales_lr_by_depth_from_top():
     model = _Blocks(depth=3)
-    optimizer = decoupled.create_optimizer(model, "adamw", lr=1.0, weight_decay=0.1, layer_decay=0.5)
+    optimizer = decoupled.create_optimizer(
+        model, "adamw", lr=1.0, weight_decay=0.1, layer_decay=0.5
+    )
     groups = _by_param(optimizer)
     # 3 blocks: stem depth 4, blocks.0..2 depths 3..1, norm and head depth 0 (timm's rule)
     expected = {"embed.weight": 4, "blocks.0.1.weight": 3, "blocks.2.1.weight": 1,
