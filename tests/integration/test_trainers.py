@@ -335,6 +335,19 @@ _QUIET = {
 }
 
 
+def test_lightning_instantiates_decoupled_adamw_from_its_class_path():
+    """What LightningCLI does with a parsed ``--optimizer decoupled.AdamW`` (runs without
+    jsonargparse, which the full command line below needs)."""
+    pytest.importorskip("lightning", reason="needs the 'lightning' extra")
+    from lightning.pytorch.cli import instantiate_class
+
+    model = torch.nn.Linear(3, 2)
+    init = {"class_path": "decoupled.AdamW", "init_args": {"lr": 0.01, "weight_decay": 0.05}}
+    optimizer = instantiate_class(model.parameters(), init)
+    assert type(optimizer) is decoupled.AdamW
+    assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["weight_decay"] == 0.05
+
+
 @pytest.mark.filterwarnings("ignore:.*LeafSpec")  # inside lightning 2.6 with torch 2.13
 def test_lightning_cli_selects_decoupled_adamw_by_class_path(tmp_path):
     lightning = pytest.importorskip("lightning", reason="needs the 'lightning' extra")

@@ -2,7 +2,7 @@
 
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       optimizer_cls_and_kwargs=(decoupled.AdamW, {"lr": 1e-3}))
-    trainer.add_callback(DecayMonitorCallback(trainer, every_n_steps=10))
+    trainer.add_callback(DecayMonitorCallback(trainer, every_n_steps=50))
     trainer.train()
 
 At the start of training the callback attaches a :class:`DecayMonitor` to the optimizer the
@@ -18,14 +18,19 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from decoupled.diagnostics.monitor import DecayMonitor
-from decoupled.integrations.scalars import NewSteps, attach_monitor, check_every_n_steps
+from decoupled.integrations.scalars import (
+    DEFAULT_EVERY_N_STEPS,
+    NewSteps,
+    attach_monitor,
+    check_every_n_steps,
+)
 
 
 class DecayMonitorCallback(TrainerCallback):
     """Logs weight-decay diagnostics every ``every_n_steps`` optimizer steps through
     ``trainer.log``. ``monitor`` (set when training starts) keeps the full table."""
 
-    def __init__(self, trainer, every_n_steps: int = 10) -> None:
+    def __init__(self, trainer, every_n_steps: int = DEFAULT_EVERY_N_STEPS) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self.trainer = trainer
         self.monitor: DecayMonitor | None = None

@@ -1,7 +1,7 @@
 """The decay diagnostics as a PyTorch Lightning ``Callback``.
 
     trainer = lightning.Trainer(logger=TensorBoardLogger("runs"),
-                                callbacks=[DecayMonitorCallback(every_n_steps=10)])
+                                callbacks=[DecayMonitorCallback(every_n_steps=50)])
 
 When training starts the callback attaches a :class:`DecayMonitor` to the trainer's first
 optimizer; after each recorded optimizer step it writes that step's scalars (``scalars.py``)
@@ -16,14 +16,19 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import Callback
 
 from decoupled.diagnostics.monitor import DecayMonitor
-from decoupled.integrations.scalars import NewSteps, attach_monitor, check_every_n_steps
+from decoupled.integrations.scalars import (
+    DEFAULT_EVERY_N_STEPS,
+    NewSteps,
+    attach_monitor,
+    check_every_n_steps,
+)
 
 
 class DecayMonitorCallback(Callback):
     """Logs weight-decay diagnostics every ``every_n_steps`` optimizer steps to the trainer's
     loggers. ``monitor`` (set when training starts) keeps the full table."""
 
-    def __init__(self, every_n_steps: int = 10) -> None:
+    def __init__(self, every_n_steps: int = DEFAULT_EVERY_N_STEPS) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self.monitor: DecayMonitor | None = None
         self._new_steps: NewSteps | None = None

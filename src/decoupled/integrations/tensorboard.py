@@ -1,9 +1,9 @@
 """A plain training loop's decay diagnostics in TensorBoard, and the event files read back.
 
     writer = SummaryWriter("runs/adamw")
-    with TensorBoardDecayLogger(optimizer, model, writer, every_n_steps=10):
+    with TensorBoardDecayLogger(optimizer, model, writer, every_n_steps=50):
         for batch in batches:
-            ...; loss.backward(); optimizer.step()   # every 10th step is written
+            ...; loss.backward(); optimizer.step()   # every 50th step is written
 
 Tags follow ``scalars.py`` (``decay/<layer>/angular_update``, ``decay_model/lr``, ...), at the
 monitor's step (optimizer steps since attaching). Needs the ``tensorboard`` extra.
@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from decoupled.diagnostics.monitor import DecayMonitor
-from decoupled.integrations.scalars import NewSteps, attach_monitor, check_every_n_steps
+from decoupled.integrations.scalars import (
+    DEFAULT_EVERY_N_STEPS,
+    NewSteps,
+    attach_monitor,
+    check_every_n_steps,
+)
 
 
 class TensorBoardDecayLogger:
@@ -35,7 +40,7 @@ class TensorBoardDecayLogger:
         model: nn.Module | None,
         writer,
         *,
-        every_n_steps: int = 10,
+        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
     ) -> None:
         check_every_n_steps(every_n_steps)
         self.writer = writer
