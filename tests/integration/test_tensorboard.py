@@ -110,3 +110,37 @@ def test_unsupported_optimizer_is_refused_naming_the_supported_ones():
     with pytest.raises(TypeError, match=r"TensorBoardDecayLogger cannot monitor .*support Adam, "
                        r"AdamW, SGD and SGDW .* not RMSprop"):  # fmt: skip
         TensorBoardDecayLogger(torch.optim.RMSprop(model.parameters()), model, writer=None)
+
+
+def test_figure_rebuilds_the_table_and_draws_the_inspect_panels(tmp_path):
+    tensorboard = pytest.importorskip(
+        "torch.utils.tensorboard", reason="needs the tensorboard extra"
+    )
+    pytest.importorskip("matplotlib", reason="drawing needs the 'lab' extra (matplotlib)")
+    from decoupled.integrations.figure import logged_run, main, table_from_scalars
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.LayerNorm(8), nn.Linear(8, 1))
+    optimizer = decoupled.create_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    writer = tensorboard.SummaryWriter(str(tmp_path / "adamw"))
+    with TensorBoardDecayLogger(optimizer, model, writer, every_n_steps=2) as logger:
+        _train(model, optimizer, 6)
+    writer.close()
+    rebuilt = table_from_scalars(read_scalars(tmp_path / "adamw"))
+    monitored = logger.monitor.table.where(decayed=True)
+    assert [(r.step, r.tensor) for r in rebuilt] == [(r.step, r.tensor) for r in monitored]
+    for ours, theirs in zip(rebuilt, monitored):
+        assert ours.decay_kind == theirs.decay_kind == "decoupled"
+        assert ours.scale_invariant == theirs.scale_invariant
+        assert ours.numel == theirs.numel and ours.lr == pytest.approx(theirs.lr, rel=1e-6)
+        assert ours.angular_update == pytest.approx(theirs.angular_update, rel=1e-6)
+    assert rebuilt[0].scale_invariant and rebuilt[0].tensor == "0.weight"
+    run = logged_run(tmp_path / "adamw")
+    assert (run.spec.optimizer, run.spec.lr, run.spec.weight_decay) == ("adamw", 1e-2, 0.1)
+
+    main([str(tmp_path / "adamw"), "--out", str(tmp_path / "figures")])
+    names = {"angular_update.png", "weight_norms.png", "decay_over_time.png"}
+    assert {path.name for path in (tmp_path / "figures").iterdir()} == names
+    with pytest.raises(SystemExit) as exit_info:  # a logdir without event files: one line, 2
+        main([str(tmp_path / "empty")])
+    assert exit_info.value.code == 2

@@ -10,7 +10,8 @@ Per decayed tensor (λ > 0 at that step), with ``<layer>`` the tensor's name in 
 * ``decay/<layer>/angular_update`` (radians per step) and, where theory has one,
   ``decay/<layer>/predicted_angular_update``;
 * ``decay/<layer>/weight_norm`` and, where theory has one, ``predicted_weight_norm``;
-* ``decay/<layer>/grad_to_weight``: ‖∇f‖/‖θ‖.
+* ``decay/<layer>/grad_to_weight``: ‖∇f‖/‖θ‖, and ``decay/<layer>/numel``, its element
+  count (the d of the equilibrium norm; lets a figure label the layer).
 
 Whole model, over the decayed tensors: ``decay_model/lr`` (γ_t of the first decayed tensor's
 group), ``decay_model/weight_decay`` (the largest λ), ``decay_model/rate_mean`` and
@@ -46,6 +47,7 @@ LAYER_FIELDS = (
     "weight_norm",
     "predicted_weight_norm",
     "grad_to_weight",
+    "numel",
 )
 #: whole-model fields logged
 MODEL_FIELDS = ("lr", "weight_decay", "rate_mean", "rate_cv", "angular_update", "weight_norm")
