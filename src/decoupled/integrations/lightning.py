@@ -9,6 +9,11 @@ to every logger of the trainer (``logger.log_metrics(scalars, step=trainer.globa
 TensorBoard, CSV, W&B, MLflow, ...). The loggers are called directly rather than through
 ``LightningModule.log`` so that the Trainer's ``log_every_n_steps`` does not thin out the
 callback's own ``every_n_steps``. Needs the ``lightning`` extra.
+
+Lightning steps the optimizer with a closure that computes the gradients inside ``step()``,
+after torch's step pre-hooks have run; the monitor's pre-hook picks the tensors to record by
+their gradients, which do not exist yet at the very first step. So step 1 is never recorded
+(it matters only with ``every_n_steps=1``); every later step is.
 """
 
 from __future__ import annotations
