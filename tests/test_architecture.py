@@ -25,6 +25,7 @@ LAYERS = {
     "decoupled.plotting": 1,  # the one pyplot entry point, shared by diagnostics and lab
     "decoupled.diagnostics": 1,
     "decoupled.lab": 2,
+    "decoupled.integrations": 2,  # trainer callbacks, TensorBoard: beside the lab
     "decoupled.bench": 2,
     "decoupled.cli": 3,
     "decoupled.__main__": 3,

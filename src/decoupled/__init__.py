@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from decoupled.optim import SGD, SGDW, Adam, AdamW, param_groups
 from decoupled.optim.decay import DECAY_SCALES, convert_weight_decay
+from decoupled.optim.factory import create_optimizer
 from decoupled.rules import normalized_weight_decay, timescale, weight_decay_for_timescale
 
 try:
@@ -21,6 +22,7 @@ __all__ = [
     "SGD",
     "SGDW",
     "param_groups",
+    "create_optimizer",
     "DECAY_SCALES",
     "convert_weight_decay",
     "normalized_weight_decay",
