@@ -3,12 +3,13 @@
 torch ships the table its optimizer tests are driven by,
 ``torch.testing._internal.common_optimizers.optim_db``: per optimizer, the constructor
 configurations (``optim_inputs_func``, with the implementation flags ``foreach``/``fused``/
-``differentiable`` added by torch's own helper ``_get_optim_inputs_including_global_cliquey_kwargs``)
-and the inputs that must fail (``optim_error_inputs_func``). Here each Adam, AdamW and SGD row
-is given to our class and to torch's, and the two are compared: every parameter and every state
-tensor after each of several steps, on each of our paths (the reference loop, the default fast
-path, torch's fused kernels where our dispatch takes them). The rows are read from the
-installed torch, so configurations a later torch adds are checked without a change here.
+``differentiable`` added by torch's own helper,
+``_get_optim_inputs_including_global_cliquey_kwargs``) and the inputs that must fail
+(``optim_error_inputs_func``). Here each Adam, AdamW and SGD row is given to our class and to
+torch's, and the two are compared: every parameter and every state tensor after each of
+several steps, on each of our paths (the reference loop, the default fast path, torch's fused
+kernels where our dispatch takes them). The rows are read from the installed torch, so
+configurations a later torch adds are checked without a change here.
 
 A configuration is compared exactly where both sides run the same single-tensor loop (our
 ``fused=False`` against torch's ``foreach=False``/``differentiable=True``), and to float32
@@ -40,9 +41,7 @@ IMPLEMENTATION_FLAGS = ("foreach", "fused", "differentiable")
 
 def torch_info(name: str):
     return next(
-        info
-        for info in common_optimizers.optim_db
-        if info.optim_cls is getattr(torch.optim, name)
+        info for info in common_optimizers.optim_db if info.optim_cls is getattr(torch.optim, name)
     )
 
 
@@ -89,19 +88,20 @@ def our_kwargs(kwargs: dict, path: str) -> dict:
 def exact(kwargs: dict, path: str) -> bool:
     """Both sides run the single-tensor loop: ours on the reference path, torch's unless a
     fused or foreach kernel was asked for."""
-    ours_reference = path == "reference" or (
-        path == "as-given" and kwargs.get("foreach") is False and not kwargs.get("fused")
-    ) or kwargs.get("differentiable")
+    ours_reference = (
+        path == "reference"
+        or (path == "as-given" and kwargs.get("foreach") is False and not kwargs.get("fused"))
+        or kwargs.get("differentiable")
+    )
     torch_loop = not kwargs.get("fused") and not kwargs.get("foreach")
     return bool(ours_reference and torch_loop)
 
 
-def make_params(
-    differentiable: bool, fused: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def make_params(differentiable: bool, fused: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A weight, a bias and, unless ``fused`` (torch's fused kernels refuse it), a complex
-    tensor (torch's Adam and SGD take complex parameters). With ``differentiable`` the parameters are non-leaf copies of leaves, as in torch's
-    differentiable-optimizer tests, so that the in-place update is recorded by autograd."""
+    tensor (torch's Adam and SGD take complex parameters). With ``differentiable`` the
+    parameters are non-leaf copies of leaves, as in torch's differentiable-optimizer tests, so
+    that the in-place update is recorded by autograd."""
     generator = torch.Generator().manual_seed(0)
     leaves = [
         torch.randn(5, 4, generator=generator),
