@@ -41,12 +41,10 @@ def as_float(value: float | Tensor, name: str = "lr") -> float:
     """A Python float from a number or a one-element tensor (for checks, never for math);
     anything else raises ``Invalid {name} value``."""
     if isinstance(value, Tensor):
-        check_argument(
-            name,
-            f"tensor of shape {tuple(value.shape)}",
-            value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool,
-            "must be a number or a one-element real tensor",
-        )
+        shown = f"tensor of shape {tuple(value.shape)}"
+        check_argument(name, shown, value.numel() == 1, f"Tensor {name} must be 1-element")
+        real = not value.is_complex() and value.dtype != torch.bool
+        check_argument(name, shown, real, "must be a number or a one-element real tensor")
         return float(value.item())
     check_argument(name, repr(value), is_number(value), "must be a number")
     return float(value)
@@ -121,14 +119,19 @@ def torch_implementation_options(
     """torch.optim's implementation switches, accepted so that torch code runs unchanged.
 
     ``foreach=False`` asks torch for its single-tensor loop, which our reference loop equals
-    bit for bit: it selects ``fused=False`` unless ``fused`` is given. ``capturable`` (CUDA
-    graphs) and ``differentiable`` (autograd through the step) are not implemented.
+    bit for bit: it selects ``fused=False`` unless ``fused`` is given. ``differentiable``
+    (autograd through the step, as torch's) steps through the reference loop, which torch's
+    fused kernels cannot do (torch: "`fused` does not support `differentiable`").
+    ``capturable`` (CUDA graphs) is not implemented.
     """
-    for name, value in (("capturable", capturable), ("differentiable", differentiable)):
-        check_argument(name, value, not value, "not supported by decoupled's optimizers")
+    check_argument(
+        "capturable", capturable, not capturable, "not supported by decoupled's optimizers"
+    )
     if foreach and fused:
         raise ValueError("Invalid foreach value: True with fused=True (choose one)")
-    if foreach is False and fused is None:
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if differentiable or (foreach is False and fused is None):
         return False
     return fused
 
@@ -209,6 +212,8 @@ class DecayOptimizer(torch.optim.Optimizer):
     sparse_grads: bool = False
 
     def __init__(self, params: Iterable, defaults: dict, *, skip_nonfinite: bool = False):
+        # the hyperparameters first, as torch checks them before it reads ``params``
+        self._check_group(self._completed(dict(defaults)))
         check_params_argument(params)
         super().__init__(params, defaults)
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -220,10 +225,7 @@ class DecayOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         declines = _given_group_declines_lambda_norm(param_group)
         super().add_param_group(param_group)  # merges the defaults into the group
-        group = self.param_groups[-1]
-        if self.decoupled and group.get("decay_scale") is None:
-            # the paper's λ_norm is in the "schedule" units (η_t·λ); a plain λ in torch's
-            group["decay_scale"] = "schedule" if group.get("lambda_norm") is not None else "lr"
+        group = self._completed(self.param_groups[-1])
         if declines:
             group["lambda_norm"] = None
         try:
@@ -239,6 +241,13 @@ class DecayOptimizer(torch.optim.Optimizer):
         if group.get("decay_to") == "init":
             for p in group["params"]:
                 self.state[p].setdefault("init_param", p.detach().clone())
+
+    def _completed(self, group: dict) -> dict:
+        """``group`` with the options that depend on others filled in (in place)."""
+        if self.decoupled and group.get("decay_scale") is None:
+            # the paper's λ_norm is in the "schedule" units (η_t·λ); a plain λ in torch's
+            group["decay_scale"] = "schedule" if group.get("lambda_norm") is not None else "lr"
+        return group
 
     def _check_group(self, group: dict) -> None:
         """Validate a group's hyperparameters; subclasses add their own."""
@@ -340,13 +349,17 @@ class DecayOptimizer(torch.optim.Optimizer):
         flags = [f.full_tensor() if hasattr(f, "full_tensor") else f for f in flags]
         return bool(torch.stack(flags).all()) if flags else True
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """Perform one optimization step.
+        """Perform one optimization step. With ``differentiable=True`` autograd records it
+        (as torch's ``_use_grad_for_differentiable``); otherwise it runs without grad.
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
         """
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -9,6 +9,7 @@ bit-identical results. Faster paths (``_kernels.py``) are tested against this lo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -42,19 +43,25 @@ def adam_update(
     *,
     lr: float | Tensor,
     references: list[Tensor | None] | None = None,
-    beta1: float,
-    beta2: float,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
     eps: float,
     weight_decay: float,
     decoupled: bool,
     decay_rate: float | Tensor = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
+    differentiable: bool = False,
 ) -> None:
     """One Adam step over a list of tensors, in place (the algorithm box of :class:`Adam`).
 
     Args:
         lr: γ_t, the learning rate of this step.
+        beta1, beta2: numbers or 0-dim tensors (read at each step, as torch reads them).
+        differentiable: compute the bias corrections and the update with tensor operations
+            that autograd records (torch's ``differentiable=True`` branch of
+            ``_single_tensor_adam``, the same operations in the same order), so that
+            gradients flow through the step to θ, the hyperparameter tensors and the state.
         weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
         decoupled: False for Adam + L2, True for AdamW.
         decay_rate: the per-step decoupled rate ``c`` (``θ ← θ − c·(θ − θ₀)``, see ``decay.py``);
@@ -87,9 +94,19 @@ def adam_update(
             compact = CompactMoments(moments, param.dtype)
             exp_avg, exp_avg_sq, max_exp_avg_sq = (compact.values + [None])[:3]
 
-        exp_avg.lerp_(grad, 1 - beta1)  # m ← β1·m + (1 − β1)·g
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v ← β2·v + (1 − β2)·g²
+        # a tensor β1 as lerp's weight must have θ's dtype (torch converts it the same way)
+        device_beta1 = beta1.to(param.device, param.dtype) if isinstance(beta1, Tensor) else beta1
+        exp_avg.lerp_(grad, 1 - device_beta1)  # m ← β1·m + (1 − β1)·g
+        if differentiable and isinstance(beta2, Tensor) and beta2.requires_grad:
+            exp_avg_sq.lerp_(torch.square(grad), weight=1 - beta2)  # the same v, a path to β2
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v ← β2·v + (1−β2)·g²
 
+        if differentiable:
+            _differentiable_update(
+                param, exp_avg, exp_avg_sq, max_exp_avg_sq, step_t, lr, beta1, beta2, eps
+            )
+            continue
         step = step_value(step_t)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
@@ -108,6 +125,71 @@ def adam_update(
             param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
         if compact is not None:
             compact.store(step, position=i)
+
+
+def check_tensor_hyperparameters(
+    lr: float | Tensor, betas: tuple, *, foreach: bool | None, capturable: bool
+) -> None:
+    """torch.optim.Adam's refusals for tensor hyperparameters with ``foreach=True``: its
+    multi-tensor path reads lr and betas as numbers unless ``capturable`` (same messages)."""
+    if not foreach or capturable:
+        return
+    if isinstance(lr, Tensor):
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    for index, beta in enumerate(betas if isinstance(betas, (tuple, list)) else ()):
+        if isinstance(beta, Tensor):
+            raise ValueError(
+                f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
+            )
+
+
+def checked_betas(betas: tuple) -> tuple:
+    """(β1, β2), each a number or a one-element tensor in [0, 1), both of one kind (torch's
+    rule and wording). Tensors stay tensors, as in torch (a [1]-shaped one is read as 0-dim):
+    the step reads them each time, so an in-place change takes effect."""
+    is_pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+    check_argument("betas", repr(betas), is_pair, "must be a pair (β1, β2)")
+    for index, beta in enumerate(betas):
+        value = as_float(beta, f"betas[{index}]")
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta} (must be in [0, 1))")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    return tuple(b.view(()) if isinstance(b, Tensor) and b.dim() > 0 else b for b in betas)
+
+
+def _differentiable_update(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    step_t: Tensor,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float,
+) -> None:
+    """θ ← θ − γ·m̂/(sqrt(v̂) + ε) in tensor operations autograd records: torch's
+    ``differentiable`` branch (``torch/optim/adam.py``, ``_single_tensor_adam``), whose
+    arrangement ``sqrt(v)/(sqrt(1−β2^t)·(−γ/(1−β1^t))) + ε/(−γ/(1−β1^t))`` keeps the step size a
+    tensor; clones keep the saved values of in-place updates intact for the backward pass."""
+
+    def power(beta: float | Tensor) -> Tensor:
+        needs_grad = isinstance(beta, Tensor) and beta.requires_grad
+        return beta ** (step_t.clone() if needs_grad else step_t)
+
+    bias_correction1 = 1 - power(beta1)
+    bias_correction2 = 1 - power(beta2)
+    step_size_neg = (lr / bias_correction1).neg()
+    bias_correction2_sqrt = bias_correction2.sqrt()
+    second_moment = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq))
+        second_moment = max_exp_avg_sq
+    denom = (second_moment.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(
+        eps / step_size_neg
+    )
+    param.addcdiv_(exp_avg.clone(), denom)
 
 
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
@@ -146,8 +228,9 @@ class Adam(DecayOptimizer):
     Args:
         params: iterable of tensors or of dicts defining parameter groups.
         lr: learning rate γ (float or 0-dim tensor), default 1e-3.
-        betas: (β1, β2), decay rates of the first and second moment, each in [0, 1).
-        eps: ε > 0 added to ``sqrt(v̂)``, in the units of the gradient.
+        betas: (β1, β2), decay rates of the first and second moment, each in [0, 1): two
+            numbers or two one-element tensors (kept as tensors, read at each step).
+        eps: ε ≥ 0 (0 warns) added to ``sqrt(v̂)``, in the units of the gradient.
         weight_decay: λ, the L2 coefficient (Adam, default 0) or the decoupled decay rate
             per unit of lr (AdamW, default 1e-2), both in units of 1/parameter-scale.
             A callable ``step -> λ`` (step counted from 1) schedules it.
@@ -167,9 +250,10 @@ class Adam(DecayOptimizer):
             ``max_exp_avg_sq``) in bfloat16 with stochastic rounding: 4 instead of 8 bytes
             of state per parameter and 20 instead of 28 bytes moved per float32 step
             (``_compact.py``). ``None`` (default): the parameters' dtype, as torch.
-        foreach, capturable, differentiable: torch.optim's switches, accepted so that torch
-            code runs unchanged: ``foreach=False`` (torch's single-tensor loop) means
-            ``fused=False``; ``capturable=True`` and ``differentiable=True`` are refused.
+        foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
+            (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
+            autograd record the step (the reference loop, as torch's: gradients reach θ,
+            tensor lr/betas/weight_decay and the state); ``capturable=True`` is refused.
     """
 
     decoupled = False
@@ -196,6 +280,7 @@ class Adam(DecayOptimizer):
         **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         check_state_dtype(state_dtype)
+        check_tensor_hyperparameters(lr, betas, foreach=foreach, capturable=capturable)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -205,6 +290,7 @@ class Adam(DecayOptimizer):
             "maximize": maximize,
             "fused": torch_implementation_options(fused, foreach, capturable, differentiable),
             "state_dtype": state_dtype,
+            "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
@@ -212,15 +298,13 @@ class Adam(DecayOptimizer):
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         eps = as_float(group["eps"], "eps")
-        check_argument("eps", group["eps"], math.isfinite(eps) and eps > 0, "must be > 0")
-        betas = group["betas"]
-        is_pair = isinstance(betas, (tuple, list)) and len(betas) == 2
-        check_argument("betas", repr(betas), is_pair, "must be a pair (β1, β2)")
-        values = []
-        for index, beta in enumerate(betas):
-            values.append(as_float(beta, f"betas[{index}]"))
-            check_argument(f"betas[{index}]", beta, 0.0 <= values[-1] < 1.0, "must be in [0, 1)")
-        group["betas"] = tuple(values)
+        check_argument("eps", group["eps"], math.isfinite(eps) and eps >= 0, "must be >= 0")
+        if eps == 0:  # torch accepts it; an element whose gradients were all 0 becomes 0/0
+            warnings.warn(
+                "eps=0: a weight whose gradient has been 0 at every step gets 0/0 = NaN",
+                stacklevel=4,
+            )
+        group["betas"] = checked_betas(group["betas"])
 
     def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
         super()._check_loaded_state(where, param, group, state)
@@ -270,8 +354,9 @@ class Adam(DecayOptimizer):
         self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
     ) -> None:
         states = [self._init_state(group, p) for p in params]
+        differentiable = group.get("differentiable", False)
         update = choose_adam_update(
-            group["fused"],
+            False if differentiable else group["fused"],
             adam_update,
             params,
             grads,
@@ -282,6 +367,8 @@ class Adam(DecayOptimizer):
             compact=group["state_dtype"] is not None,
         )
         beta1, beta2 = group["betas"]
+        if update is not adam_update:  # the fast paths take numbers, read at each step
+            beta1, beta2 = as_float(beta1, "betas[0]"), as_float(beta2, "betas[1]")
         update(
             params,
             grads,
@@ -299,6 +386,7 @@ class Adam(DecayOptimizer):
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             references=decay.references,
+            **({"differentiable": True} if differentiable else {}),
         )
 
 

@@ -158,5 +158,7 @@ def add_l2_penalty(
     ``weight_decay`` may be a tensor broadcasting against θ (one λ per stacked run)."""
     offset = param if reference is None else param - reference
     if isinstance(weight_decay, Tensor):
+        if weight_decay.requires_grad and reference is None:
+            offset = param.clone()  # the backward pass needs θ as it was before the update
         return grad.addcmul(offset, weight_decay)
     return grad.add(offset, alpha=weight_decay)

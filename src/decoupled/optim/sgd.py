@@ -8,6 +8,7 @@ bit-identical on the CPU. Faster paths (``_kernels.py``) are tested against this
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 from torch import Tensor
@@ -85,7 +86,8 @@ def sgd_update(
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
 
-        if isinstance(lr, Tensor) and lr.dim() > 0:  # one lr per stacked run
+        # one lr per stacked run, or a tensor lr that autograd differentiates (as torch)
+        if isinstance(lr, Tensor) and (lr.dim() > 0 or lr.requires_grad):
             param.addcmul_(grad, lr, value=-1)
         else:
             param.add_(grad, alpha=-lr)
@@ -128,9 +130,9 @@ class SGD(DecayOptimizer):
             (``_kernels.py``), bit-identical to the reference on CPUs with fused multiply-add
             instructions (``_kernels.py``'s module docstring says why); ``False``: the
             reference loop, bit-identical to torch.optim's single-tensor path.
-        foreach, differentiable: torch.optim's switches, accepted so that torch code runs
-            unchanged: ``foreach=False`` means ``fused=False``; ``differentiable=True`` is
-            refused.
+        foreach, differentiable: torch.optim's switches: ``foreach=False`` means
+            ``fused=False``; ``differentiable=True`` lets autograd record the step (reference
+            loop), as torch's.
 
     Sparse gradients (``nn.Embedding(sparse=True)``) are taken as by ``torch.optim.SGD``, through
     the reference loop, with sparse momentum buffers; like torch, SGD refuses them when an L2
@@ -169,6 +171,7 @@ class SGD(DecayOptimizer):
             "nesterov": nesterov,
             "maximize": maximize,
             "fused": None if fused is None else bool(fused),
+            "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
@@ -179,11 +182,16 @@ class SGD(DecayOptimizer):
         dampening = as_float(group["dampening"], "dampening")
         valid = math.isfinite(momentum) and momentum >= 0
         check_argument("momentum", group["momentum"], valid, "must be finite and >= 0")
-        check_argument("dampening", group["dampening"], 0 <= dampening <= 1, "must be in [0, 1]")
+        if not 0 <= dampening <= 1:  # torch accepts any dampening; outside [0, 1] it is odd
+            warnings.warn(
+                f"dampening={dampening} is outside [0, 1]: each gradient enters the momentum "
+                f"buffer with weight 1 - dampening = {1 - dampening}",
+                stacklevel=4,
+            )
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 f"Invalid nesterov value: True with momentum={momentum}, dampening={dampening} "
-                "(Nesterov momentum requires momentum > 0 and zero dampening)"
+                "(Nesterov momentum requires a momentum and zero dampening)"
             )
 
     def __setstate__(self, state: dict) -> None:
