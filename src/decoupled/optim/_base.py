@@ -316,9 +316,28 @@ class DecayOptimizer(torch.optim.Optimizer):
         """Refuse a step that a group cannot take, before any group has changed."""
 
     def _update_group(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+        self,
+        group: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        decay: DecayTerms,
+        *,
+        grad_scale: Tensor | None = None,
     ) -> None:
+        """Step one group; ``grad_scale`` (GradScaler's loss scale, or None) divides the
+        gradients first, in the update's own pass where the path can (``_kernels.py``)."""
         raise NotImplementedError
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's protocol, as torch's fused optimizers have it: when True, GradScaler
+        does not unscale the gradients itself but sets ``grad_scale`` and ``found_inf`` on the
+        optimizer; ``step()`` then skips the step when ``found_inf`` is nonzero and otherwise
+        divides the gradients by ``grad_scale`` inside the update (g ← g/scale, written back,
+        as torch's fused kernels do). True wherever a fast path may step (``fused`` not False);
+        the reference loop (``fused=False``, ``differentiable=True``) leaves unscaling to
+        GradScaler, as torch's single-tensor loop does."""
+        return self.defaults.get("fused") is not False and not self.defaults.get("differentiable")
 
     # -- the step template ---------------------------------------------------------------
     def _params_with_grad(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
@@ -365,6 +384,9 @@ class DecayOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         gathered = [(group, *self._params_with_grad(group)) for group in self.param_groups]
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return loss  # as torch's fused kernels: an overflow step changes nothing
         if self.skip_nonfinite and not self._all_grads_finite():
             self.skipped_steps += 1
             return loss
@@ -374,7 +396,7 @@ class DecayOptimizer(torch.optim.Optimizer):
         for group, _, grads, decay in planned:
             self._check_step(group, grads, decay)
         for group, params, grads, decay in planned:
-            self._update_group(group, params, grads, decay)
+            self._update_group(group, params, grads, decay, grad_scale=grad_scale)
             group["decay_steps"] += 1
         return loss
 

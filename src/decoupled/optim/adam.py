@@ -28,7 +28,7 @@ from decoupled.optim._base import (
 from decoupled.optim._compact import CompactMoments, check_state_dtype
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
-from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
+from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
 
 __all__ = ["Adam", "AdamW", "adam_update"]
 
@@ -52,6 +52,7 @@ def adam_update(
     amsgrad: bool = False,
     maximize: bool = False,
     differentiable: bool = False,
+    grad_scale: Tensor | None = None,
 ) -> None:
     """One Adam step over a list of tensors, in place (the algorithm box of :class:`Adam`).
 
@@ -62,6 +63,8 @@ def adam_update(
             that autograd records (torch's ``differentiable=True`` branch of
             ``_single_tensor_adam``, the same operations in the same order), so that
             gradients flow through the step to θ, the hyperparameter tensors and the state.
+        grad_scale: GradScaler's loss scale: the gradients are divided by it first, in place
+            (``g ← g/scale``, as torch's fused kernels do); None: they are unscaled already.
         weight_decay: λ of the L2 penalty; used only when ``decoupled`` is False.
         decoupled: False for Adam + L2, True for AdamW.
         decay_rate: the per-step decoupled rate ``c`` (``θ ← θ − c·(θ − θ₀)``, see ``decay.py``);
@@ -69,6 +72,7 @@ def adam_update(
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
     """
     references = references or [None] * len(params)
+    unscale_(grads, grad_scale)
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -351,7 +355,13 @@ class Adam(DecayOptimizer):
         return state
 
     def _update_group(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+        self,
+        group: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        decay: DecayTerms,
+        *,
+        grad_scale: Tensor | None = None,
     ) -> None:
         states = [self._init_state(group, p) for p in params]
         differentiable = group.get("differentiable", False)
@@ -387,6 +397,7 @@ class Adam(DecayOptimizer):
             maximize=group["maximize"],
             references=decay.references,
             **({"differentiable": True} if differentiable else {}),
+            **({"grad_scale": grad_scale} if grad_scale is not None else {}),
         )
 
 

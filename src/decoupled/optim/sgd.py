@@ -24,7 +24,7 @@ from decoupled.optim._base import (
 )
 from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim._loaded_state import check_like_param
-from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
+from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
 
@@ -53,6 +53,7 @@ def sgd_update(
     decoupled: bool,
     decay_rate: float | Tensor = 0.0,
     maximize: bool = False,
+    grad_scale: Tensor | None = None,
 ) -> None:
     """One SGD step over a list of tensors, in place; new momentum buffers are written back
     into ``momentum_buffers`` (the algorithm box of :class:`SGD`). Gradients may be sparse
@@ -63,8 +64,10 @@ def sgd_update(
         decay_rate: the per-step decoupled rate ``c`` (see ``decay.py``); used when
             ``decoupled``.
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
+        grad_scale: GradScaler's loss scale, divided out of the gradients first, in place.
     """
     check_no_sparse_l2(grads, weight_decay, decoupled)
+    unscale_(grads, grad_scale)
     references = references or [None] * len(params)
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
@@ -211,7 +214,13 @@ class SGD(DecayOptimizer):
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
 
     def _update_group(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+        self,
+        group: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        decay: DecayTerms,
+        *,
+        grad_scale: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
@@ -229,6 +238,7 @@ class SGD(DecayOptimizer):
             decoupled=self.decoupled,
             decay_rate=decay.rate,
             maximize=group["maximize"],
+            **({"grad_scale": grad_scale} if grad_scale is not None else {}),
         )
         for p, buf in zip(params, buffers):
             self.state[p]["momentum_buffer"] = buf
