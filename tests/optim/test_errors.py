@@ -59,6 +59,12 @@ ERROR_TABLE = [
         r"`fused` does not support `differentiable`",
     ),
     (ADAMS + SGDS, {"foreach": True, "fused": True}, ValueError, r"Invalid foreach value"),
+    (
+        ADAMS + SGDS,
+        {"foreach": True, "fused": True},
+        RuntimeError,  # torch's type for it
+        r"`fused` and `foreach` cannot be `True` together",
+    ),
     (DECOUPLED, {"max_lr": 0.0}, ValueError, r"Invalid max_lr value: 0\.0"),
     (DECOUPLED, {"decay_period": 0.5}, ValueError, r"decay_period value: 0\.5"),
     (DECOUPLED, {"decay_period": "9"}, ValueError, r"decay_period value: '9'"),
@@ -214,3 +220,32 @@ def test_dampening_outside_zero_one_is_accepted_with_a_warning_as_torch_accepts_
         optimizer.step()
     # b_1 = g, b_2 = 0.9·g + (1 − 2)·g = −0.1·g: θ = 1 − 0.001·(1 − 0.1)
     torch.testing.assert_close(param.detach(), torch.full((2,), 1 - 0.001 * 0.9))
+
+
+FUSED_REFUSALS = [
+    pytest.param(torch.ones(2, device="meta"), "torch.float32 and meta", id="meta"),
+    pytest.param(torch.ones(2, dtype=torch.complex64), "torch.complex64 and cpu", id="complex"),
+]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("tensor,named", FUSED_REFUSALS)
+def test_fused_true_refuses_what_torchs_fused_kernels_cannot_take(cls, tensor, named):
+    """As torch: the step raises a RuntimeError naming the requirement, before any change."""
+    param = torch.nn.Parameter(tensor)
+    optimizer = cls([param], fused=True)
+    param.grad = torch.ones_like(param)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"`fused=True` requires all the params to be floating point Tensors of "
+        rf"supported devices: .* but {named}",
+    ):
+        optimizer.step()
+    assert not optimizer.state or all(not s for s in optimizer.state.values())
+    torch_cls = getattr(
+        torch.optim, cls.__name__.removesuffix("W") if cls in SGDS else cls.__name__
+    )
+    twin = torch_cls([torch.nn.Parameter(tensor.clone())], fused=True)
+    twin.param_groups[0]["params"][0].grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match=rf"but {named}"):
+        twin.step()

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param
@@ -113,6 +114,12 @@ def decay_defaults(*, decoupled: bool, decay_to: str = "zero", **decoupled_optio
     return {"decay_to": decay_to, "decoupled_weight_decay": decoupled, **decoupled_options}
 
 
+class ImplementationConflict(ValueError, RuntimeError):
+    """``foreach=True`` with ``fused=True``: a ValueError by this project's rule (a bad
+    argument), and the RuntimeError torch.optim raises for it, so that code catching either
+    keeps working."""
+
+
 def torch_implementation_options(
     fused: bool | None, foreach: bool | None, capturable: bool, differentiable: bool
 ) -> bool | None:
@@ -128,12 +135,29 @@ def torch_implementation_options(
         "capturable", capturable, not capturable, "not supported by decoupled's optimizers"
     )
     if foreach and fused:
-        raise ValueError("Invalid foreach value: True with fused=True (choose one)")
+        raise ImplementationConflict(
+            "Invalid foreach value: True with fused=True (`fused` and `foreach` cannot be "
+            "`True` together.)"
+        )
     if fused and differentiable:
         raise RuntimeError("`fused` does not support `differentiable`")
     if differentiable or (foreach is False and fused is None):
         return False
     return fused
+
+
+def check_fusable(params: list[Tensor]) -> None:
+    """torch's rule for ``fused=True``, checked at the step as torch checks it
+    (``torch/optim/optimizer.py``, ``_device_dtype_check_for_fused``), with its message:
+    floating-point parameters on a device that has fused kernels (not complex ones, not the
+    meta device)."""
+    devices = _get_fused_kernels_supported_devices()
+    for p in params:
+        if not (p.device.type in devices and torch.is_floating_point(p)):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of "
+                f"supported devices: {devices} but {p.dtype} and {p.device.type}"
+            )
 
 
 def check_group(group: dict, decoupled: bool) -> None:
@@ -393,7 +417,9 @@ class DecayOptimizer(torch.optim.Optimizer):
         # every group's decay terms first: a bad value (a schedule's λ, an lr above the peak)
         # raises before any group has changed
         planned = [(g, p, gr, self._decay_terms(g, p)) for g, p, gr in gathered if p]
-        for group, _, grads, decay in planned:
+        for group, params, grads, decay in planned:
+            if group.get("fused"):
+                check_fusable(params)
             self._check_step(group, grads, decay)
         for group, params, grads, decay in planned:
             self._update_group(group, params, grads, decay, grad_scale=grad_scale)
