@@ -4,8 +4,9 @@ torch's fused optimizers set ``_step_supports_amp_scaling``; GradScaler then lea
 gradients scaled, sets ``optimizer.grad_scale`` and ``optimizer.found_inf``, and the step
 divides the gradients by the scale inside its kernel, or changes nothing when ``found_inf``
 is set (torch's ``test_fused_does_not_step_if_foundinf`` in ``test/optim/test_optim.py``).
-Ours do the same on their fast paths; ``fused=False`` leaves unscaling to GradScaler, as
-torch's single-tensor loop does (``tests/integration/test_amp.py``).
+Ours do the same with ``fused=True`` (on the C++ kernel and on torch's fused kernels); with
+``fused=None`` or ``False`` GradScaler unscales itself, as for torch's default path
+(``tests/integration/test_amp.py``).
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ def on_path(monkeypatch):
     return choose
 
 
-def test_the_protocol_is_declared_where_a_fast_path_steps():
+def test_the_protocol_is_declared_with_fused_true_as_torch_declares_it():
     param = [torch.nn.Parameter(torch.ones(2))]
-    assert decoupled.AdamW(param)._step_supports_amp_scaling
-    assert decoupled.SGD(param, fused=True)._step_supports_amp_scaling
-    assert not decoupled.AdamW(param, fused=False)._step_supports_amp_scaling
-    assert not decoupled.Adam(param, differentiable=True)._step_supports_amp_scaling
+    for cls in (decoupled.Adam, decoupled.AdamW, decoupled.SGD, decoupled.SGDW):
+        assert cls(param, fused=True)._step_supports_amp_scaling
+        assert not cls(param)._step_supports_amp_scaling  # GradScaler unscales, as for torch's
+        assert not cls(param, fused=False)._step_supports_amp_scaling
+        assert not cls(param, differentiable=True)._step_supports_amp_scaling
 
 
 @pytest.mark.parametrize("cls,path", CASES)
@@ -51,9 +53,8 @@ def test_fused_does_not_step_if_foundinf(cls, path, on_path):
     on_path(path)
     params = [torch.ones(5, requires_grad=True) for _ in range(3)]
     kept = [p.detach().clone() for p in params]
-    optimizer = cls(
-        params, lr=0.1, weight_decay=0.1, **({"momentum": 0.9} if "SGD" in cls.__name__ else {})
-    )
+    momentum = {"momentum": 0.9} if "SGD" in cls.__name__ else {}
+    optimizer = cls(params, lr=0.1, weight_decay=0.1, fused=True, **momentum)
     optimizer.grad_scale, optimizer.found_inf = torch.ones(()), torch.ones(())
     for p in params:
         p.grad = torch.ones_like(p)
@@ -79,7 +80,7 @@ def test_the_step_unscales_the_gradients_in_its_own_pass(cls, path, on_path, pat
     results = []
     for scale in (None, torch.tensor(1024.0)):
         param = torch.nn.Parameter(start.clone())
-        optimizer = cls([param], **kwargs)
+        optimizer = cls([param], fused=True, **kwargs)
         for grad in grads:
             param.grad = grad.clone() if scale is None else grad * scale
             if scale is not None:
@@ -135,7 +136,8 @@ def test_grad_scaler_run_matches_torchs_fused_adamw(path, on_path):
 
 def test_grad_scaler_run_of_sgd_matches_torchs_fused_sgd(on_path):
     on_path("kernel")
-    ours, _ = train_with_scaler(decoupled.SGD, momentum=0.9)
+    ours, optimizer = train_with_scaler(decoupled.SGD, momentum=0.9, fused=True)
+    assert optimizer._step_supports_amp_scaling
     theirs, _ = train_with_scaler(torch.optim.SGD, momentum=0.9, fused=True)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q)

@@ -358,10 +358,11 @@ class DecayOptimizer(torch.optim.Optimizer):
         does not unscale the gradients itself but sets ``grad_scale`` and ``found_inf`` on the
         optimizer; ``step()`` then skips the step when ``found_inf`` is nonzero and otherwise
         divides the gradients by ``grad_scale`` inside the update (g ← g/scale, written back,
-        as torch's fused kernels do). True wherever a fast path may step (``fused`` not False);
-        the reference loop (``fused=False``, ``differentiable=True``) leaves unscaling to
-        GradScaler, as torch's single-tensor loop does."""
-        return self.defaults.get("fused") is not False and not self.defaults.get("differentiable")
+        as torch's fused kernels do). True with ``fused=True``, as torch declares it: with
+        the default ``fused=None`` GradScaler unscales itself, as for torch's default path,
+        so that code relying on that (``scaler.unscale_`` before clipping in Lightning, which
+        refuses to clip for optimizers that unscale) keeps working."""
+        return self.defaults.get("fused") is True
 
     # -- the step template ---------------------------------------------------------------
     def _params_with_grad(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
