@@ -1,4 +1,5 @@
-"""What every `decoupled` optimizer shares: argument checks, the step template, skipped steps.
+"""What every `decoupled` optimizer shares: the step template, skipped steps, GradScaler's
+protocol (the argument checks are in ``_checks.py``).
 
 The step template follows torch.optim (``torch/optim/adam.py``): ``step()`` gathers, per
 parameter group, the parameters that have a gradient and their state, then calls one
@@ -9,46 +10,28 @@ lives here once.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from decoupled.optim._checks import (  # noqa: F401  (re-exported: the optimizers import them here)
+    DECOUPLED_OPTIONS,
+    ImplementationConflict,
+    as_float,
+    check_argument,
+    check_fusable,
+    check_group,
+    check_params_argument,
+    check_weight_decay,
+    decay_defaults,
+    is_number,
+    torch_implementation_options,
+)
 from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param
-from decoupled.optim.decay import DECAY_SCALES, DECAY_TARGETS, decay_rate, weight_decay_at
-
-
-def check_argument(name: str, value: Any, valid: bool, rule: str = "") -> None:
-    """Raise ``ValueError("Invalid {name} value: {value}")`` (torch's pattern) unless ``valid``.
-
-    ``rule`` is appended after a colon when given, so the message also says what is allowed.
-    """
-    if not valid:
-        suffix = f" ({rule})" if rule else ""
-        raise ValueError(f"Invalid {name} value: {value}{suffix}")
-
-
-def is_number(value: Any) -> bool:
-    """A real number (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def as_float(value: float | Tensor, name: str = "lr") -> float:
-    """A Python float from a number or a one-element tensor (for checks, never for math);
-    anything else raises ``Invalid {name} value``."""
-    if isinstance(value, Tensor):
-        shown = f"tensor of shape {tuple(value.shape)}"
-        check_argument(name, shown, value.numel() == 1, f"Tensor {name} must be 1-element")
-        real = not value.is_complex() and value.dtype != torch.bool
-        check_argument(name, shown, real, "must be a number or a one-element real tensor")
-        return float(value.item())
-    check_argument(name, repr(value), is_number(value), "must be a number")
-    return float(value)
+from decoupled.optim.decay import decay_rate, weight_decay_at
 
 
 def is_zero(value: float | Tensor) -> bool:
@@ -65,134 +48,6 @@ def step_value(step: Tensor) -> float | Tensor:
     if torch.compiler.is_compiling():
         return step
     return step.item()
-
-
-def check_lr(lr: float | Tensor) -> None:
-    lr_value = as_float(lr)
-    check_argument("lr", lr, math.isfinite(lr_value) and lr_value >= 0, "must be finite and >= 0")
-
-
-def check_weight_decay(weight_decay: float | Callable[[int], float]) -> None:
-    if callable(weight_decay):  # a schedule step -> λ, checked each time it is called
-        return
-    value = as_float(weight_decay, "weight_decay")
-    check_argument(
-        "weight_decay",
-        weight_decay,
-        math.isfinite(value) and value >= 0,
-        "must be finite and >= 0",
-    )
-
-
-def check_params_argument(params: Any) -> None:
-    """torch accepts any iterable; a bare tensor or an exhausted generator is a common slip."""
-    if isinstance(params, Tensor):
-        raise TypeError(
-            "params argument given to the optimizer should be an iterable of Tensors or dicts, "
-            f"but got a single {torch.typename(params)}; wrap it in a list: [tensor]"
-        )
-
-
-#: Group options that only a decoupled decay has (AdamW, SGDW); see ``decay.py``.
-DECOUPLED_OPTIONS = ("decay_scale", "max_lr", "lambda_norm", "decay_period")
-
-
-def decay_defaults(*, decoupled: bool, decay_to: str = "zero", **decoupled_options) -> dict:
-    """The weight-decay options of a param group (see ``decay.py``).
-
-    L2 optimizers (Adam, SGD) take only ``decay_to``; ``decay_scale``, ``max_lr``,
-    ``lambda_norm`` and ``decay_period`` scale a decoupled decay (AdamW, SGDW).
-    ``decoupled_weight_decay`` records which of the two the group uses, as torch.optim.Adam's
-    groups do, so that a checkpoint is never loaded into the other algorithm.
-    """
-    unknown = sorted(set(decoupled_options) - set(DECOUPLED_OPTIONS))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
-    if not decoupled and decoupled_options:
-        names = ", ".join(sorted(decoupled_options))
-        raise TypeError(f"{names}: only for decoupled weight decay (AdamW, SGDW), not L2")
-    return {"decay_to": decay_to, "decoupled_weight_decay": decoupled, **decoupled_options}
-
-
-class ImplementationConflict(ValueError, RuntimeError):
-    """``foreach=True`` with ``fused=True``: a ValueError by this project's rule (a bad
-    argument), and the RuntimeError torch.optim raises for it, so that code catching either
-    keeps working."""
-
-
-def torch_implementation_options(
-    fused: bool | None, foreach: bool | None, capturable: bool, differentiable: bool
-) -> bool | None:
-    """torch.optim's implementation switches, accepted so that torch code runs unchanged.
-
-    ``foreach=False`` asks torch for its single-tensor loop, which our reference loop equals
-    bit for bit: it selects ``fused=False`` unless ``fused`` is given. ``differentiable``
-    (autograd through the step, as torch's) steps through the reference loop, which torch's
-    fused kernels cannot do (torch: "`fused` does not support `differentiable`").
-    ``capturable`` (CUDA graphs) is not implemented.
-    """
-    check_argument(
-        "capturable", capturable, not capturable, "not supported by decoupled's optimizers"
-    )
-    if foreach and fused:
-        raise ImplementationConflict(
-            "Invalid foreach value: True with fused=True (`fused` and `foreach` cannot be "
-            "`True` together.)"
-        )
-    if fused and differentiable:
-        raise RuntimeError("`fused` does not support `differentiable`")
-    if differentiable or (foreach is False and fused is None):
-        return False
-    return fused
-
-
-def check_fusable(params: list[Tensor]) -> None:
-    """torch's rule for ``fused=True``, checked at the step as torch checks it
-    (``torch/optim/optimizer.py``, ``_device_dtype_check_for_fused``), with its message:
-    floating-point parameters on a device that has fused kernels (not complex ones, not the
-    meta device)."""
-    devices = _get_fused_kernels_supported_devices()
-    for p in params:
-        if not (p.device.type in devices and torch.is_floating_point(p)):
-            raise RuntimeError(
-                "`fused=True` requires all the params to be floating point Tensors of "
-                f"supported devices: {devices} but {p.dtype} and {p.device.type}"
-            )
-
-
-def check_group(group: dict, decoupled: bool) -> None:
-    """Validate one param group's decay options and lr (every group, not only the defaults)."""
-    check_lr(group["lr"])
-    check_weight_decay(group["weight_decay"])
-    decay_to = group.get("decay_to", "zero")
-    check_argument(
-        "decay_to", repr(decay_to), decay_to in DECAY_TARGETS, f"choose from {DECAY_TARGETS}"
-    )
-    if not decoupled:
-        for name in DECOUPLED_OPTIONS:
-            if group.get(name) is not None:
-                check_argument(name, repr(group[name]), False, "only for AdamW and SGDW, not L2")
-        return
-    decay_scale = group.get("decay_scale", "lr")
-    check_argument(
-        "decay_scale", repr(decay_scale), decay_scale in DECAY_SCALES, f"choose from {DECAY_SCALES}"
-    )
-    lambda_norm, max_lr = group.get("lambda_norm"), group.get("max_lr")
-    if lambda_norm is not None:
-        value = as_float(lambda_norm, "lambda_norm")
-        valid = math.isfinite(value) and value >= 0
-        check_argument("lambda_norm", lambda_norm, valid, "must be finite and >= 0")
-    if max_lr is not None:
-        value = as_float(max_lr, "max_lr")
-        check_argument("max_lr", max_lr, math.isfinite(value) and value > 0, "must be > 0")
-    period = group.get("decay_period")
-    if period is not None:
-        valid = is_number(period) and float(period).is_integer() and period > 0  # 100.0 too
-        check_argument("decay_period", repr(period), valid, "must be a whole number of steps > 0")
-    if lambda_norm is not None and callable(group["weight_decay"]):
-        raise ValueError(
-            "Invalid lambda_norm value: give either lambda_norm or a weight_decay schedule"
-        )
 
 
 def _given_group_declines_lambda_norm(param_group: dict) -> bool:

@@ -25,6 +25,7 @@ from decoupled.optim._base import (
     step_value,
     torch_implementation_options,
 )
+from decoupled.optim._checks import check_tensor_hyperparameters, checked_betas
 from decoupled.optim._compact import CompactMoments, check_state_dtype
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
@@ -129,37 +130,6 @@ def adam_update(
             param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
         if compact is not None:
             compact.store(step, position=i)
-
-
-def check_tensor_hyperparameters(
-    lr: float | Tensor, betas: tuple, *, foreach: bool | None, capturable: bool
-) -> None:
-    """torch.optim.Adam's refusals for tensor hyperparameters with ``foreach=True``: its
-    multi-tensor path reads lr and betas as numbers unless ``capturable`` (same messages)."""
-    if not foreach or capturable:
-        return
-    if isinstance(lr, Tensor):
-        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-    for index, beta in enumerate(betas if isinstance(betas, (tuple, list)) else ()):
-        if isinstance(beta, Tensor):
-            raise ValueError(
-                f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
-            )
-
-
-def checked_betas(betas: tuple) -> tuple:
-    """(β1, β2), each a number or a one-element tensor in [0, 1), both of one kind (torch's
-    rule and wording). Tensors stay tensors, as in torch (a [1]-shaped one is read as 0-dim):
-    the step reads them each time, so an in-place change takes effect."""
-    is_pair = isinstance(betas, (tuple, list)) and len(betas) == 2
-    check_argument("betas", repr(betas), is_pair, "must be a pair (β1, β2)")
-    for index, beta in enumerate(betas):
-        value = as_float(beta, f"betas[{index}]")
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {beta} (must be in [0, 1))")
-    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
-        raise ValueError("betas must be either both floats or both Tensors")
-    return tuple(b.view(()) if isinstance(b, Tensor) and b.dim() > 0 else b for b in betas)
 
 
 def _differentiable_update(
