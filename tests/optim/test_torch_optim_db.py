@@ -35,7 +35,7 @@ common_optimizers = pytest.importorskip(
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ("Adam", "AdamW", "SGD")
-STEPS = 4
+STEPS = 10
 IMPLEMENTATION_FLAGS = ("foreach", "fused", "differentiable")
 
 
@@ -97,17 +97,19 @@ def exact(kwargs: dict, path: str) -> bool:
     return bool(ours_reference and torch_loop)
 
 
-def make_params(differentiable: bool, fused: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A weight, a bias and, unless ``fused`` (torch's fused kernels refuse it), a complex
-    tensor (torch's Adam and SGD take complex parameters). With ``differentiable`` the
-    parameters are non-leaf copies of leaves, as in torch's differentiable-optimizer tests, so
-    that the in-place update is recorded by autograd."""
+def make_params(
+    differentiable: bool, with_complex: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A weight, a bias and, ``with_complex``, a complex tensor (torch's Adam and SGD take
+    complex parameters). With ``differentiable`` the parameters are non-leaf copies of leaves,
+    as in torch's differentiable-optimizer tests, so that autograd records the in-place
+    update."""
     generator = torch.Generator().manual_seed(0)
     leaves = [
         torch.randn(5, 4, generator=generator),
         torch.randn(5, generator=generator),
         torch.randn(3, 2, dtype=torch.complex64, generator=generator),
-    ][: 2 if fused else 3]
+    ][: 3 if with_complex else 2]
     if not differentiable:
         return [torch.nn.Parameter(leaf) for leaf in leaves], []
     leaves = [leaf.requires_grad_() for leaf in leaves]
@@ -123,9 +125,9 @@ def copy_kwargs(kwargs: dict) -> dict:
     return copy.deepcopy(kwargs)  # tensor lr/betas: each optimizer owns its own
 
 
-def run(cls, kwargs: dict, fused: bool, steps: int = STEPS):
+def run(cls, kwargs: dict, with_complex: bool, steps: int = STEPS):
     differentiable = bool(kwargs.get("differentiable"))
-    params, leaves = make_params(differentiable, fused)
+    params, leaves = make_params(differentiable, with_complex)
     optimizer = cls(params, **copy_kwargs(kwargs))
     history = []
     for step in range(steps):
@@ -162,13 +164,34 @@ def snapshot(optimizer, params) -> list:
     return values
 
 
+def fast(kwargs: dict, path: str) -> bool:
+    """Whether our step is meant to take a fast path. Only the others get a complex
+    parameter too: the fast paths take real ones, and torch's fused kernels refuse complex
+    ones."""
+    if path == "as-given":
+        return bool(kwargs.get("fused") or kwargs.get("foreach"))
+    return path in ("default", "torch-fused")
+
+
+def expected_update(name: str, kwargs: dict, path: str) -> str:
+    """The update function our step must take, as ``path_log`` names it."""
+    family = "sgd" if name == "SGD" else "adam"
+    if not fast(kwargs, path):
+        return f"{family}_update"
+    if path != "torch-fused" and decoupled.optim.kernel_available():
+        return f"kernel_{family}_update"
+    return "fused_adam_update" if family == "adam" else "sgd_update"
+
+
 @pytest.mark.parametrize("name,kwargs,path", cases())
-def test_torch_configuration_matches_torch(name, kwargs, path, monkeypatch):
+def test_torch_configuration_matches_torch(name, kwargs, path, monkeypatch, path_log):
+    expected = expected_update(name, kwargs, path)
     if path == "torch-fused":
         monkeypatch.setattr(decoupled.optim._build, "_ops", None)
-    fused = bool(kwargs.get("fused")) or path == "torch-fused"
-    ours = run(getattr(decoupled, name), our_kwargs(kwargs, path), fused)
-    theirs = run(getattr(torch.optim, name), kwargs, fused)
+    with_complex = not fast(kwargs, path)
+    ours = run(getattr(decoupled, name), our_kwargs(kwargs, path), with_complex)
+    assert set(path_log) == {expected}, f"our steps took {path_log}, not {expected}"
+    theirs = run(getattr(torch.optim, name), kwargs, with_complex)
     tolerance = {"rtol": 0, "atol": 0} if exact(kwargs, path) else {}
     assert len(ours) == len(theirs)
     for step, (mine, torchs) in enumerate(zip(ours, theirs)):
