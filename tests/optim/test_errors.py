@@ -27,23 +27,50 @@ ERROR_TABLE = [
     (ADAMS + SGDS, {"weight_decay": "a"}, ValueError, r"Invalid weight_decay value: 'a'"),
     (ADAMS + SGDS, {"weight_decay": -0.1}, ValueError, r"Invalid weight_decay value: -0\.1"),
     (ADAMS + SGDS, {"weight_decay": math.nan}, ValueError, r"Invalid weight_decay value: nan"),
-    (ADAMS, {"eps": 0.0}, ValueError, r"Invalid eps value: 0\.0"),
     (ADAMS, {"eps": -1e-8}, ValueError, r"Invalid eps value: -1e-08"),
-    (ADAMS, {"betas": (1.0, 0.999)}, ValueError, r"Invalid betas\[0\] value: 1\.0"),
-    (ADAMS, {"betas": (0.9, -0.1)}, ValueError, r"Invalid betas\[1\] value: -0\.1"),
-    (ADAMS, {"betas": (0.9, 1.5)}, ValueError, r"Invalid betas\[1\] value: 1\.5"),
+    (ADAMS, {"betas": (1.0, 0.999)}, ValueError, r"Invalid beta parameter at index 0: 1\.0"),
+    (ADAMS, {"betas": (0.9, -0.1)}, ValueError, r"Invalid beta parameter at index 1: -0\.1"),
+    (ADAMS, {"betas": (0.9, 1.5)}, ValueError, r"Invalid beta parameter at index 1: 1\.5"),
+    (
+        ADAMS,
+        {"betas": (0.9, torch.tensor(0.99))},
+        ValueError,
+        r"either both floats or both Tensors",
+    ),
+    (
+        ADAMS,
+        {"betas": (torch.ones(2) / 2, torch.tensor(0.9))},
+        ValueError,
+        r"betas\[0\] must be 1-",
+    ),
+    (
+        ADAMS,
+        {"lr": torch.tensor(0.01), "foreach": True},
+        ValueError,
+        r"lr as a Tensor is not supported for capturable=False and foreach=True",
+    ),
     (ADAMS, {"betas": (0.9, 0.99, 0.9)}, ValueError, r"Invalid betas value: \(0\.9, 0\.99, 0\.9\)"),
     (ADAMS, {"eps": math.nan}, ValueError, r"Invalid eps value: nan"),
     (ADAMS, {"capturable": True}, ValueError, r"Invalid capturable value: True"),
-    (ADAMS + SGDS, {"differentiable": True}, ValueError, r"Invalid differentiable value: True"),
+    (
+        ADAMS + SGDS,
+        {"differentiable": True, "fused": True},
+        RuntimeError,
+        r"`fused` does not support `differentiable`",
+    ),
     (ADAMS + SGDS, {"foreach": True, "fused": True}, ValueError, r"Invalid foreach value"),
+    (
+        ADAMS + SGDS,
+        {"foreach": True, "fused": True},
+        RuntimeError,  # torch's type for it
+        r"`fused` and `foreach` cannot be `True` together",
+    ),
     (DECOUPLED, {"max_lr": 0.0}, ValueError, r"Invalid max_lr value: 0\.0"),
     (DECOUPLED, {"decay_period": 0.5}, ValueError, r"decay_period value: 0\.5"),
     (DECOUPLED, {"decay_period": "9"}, ValueError, r"decay_period value: '9'"),
     (DECOUPLED, {"lambda_norm": "a"}, ValueError, r"lambda_norm value: 'a'"),
     (SGDS, {"momentum": -0.9}, ValueError, r"Invalid momentum value: -0\.9"),
     (SGDS, {"momentum": math.inf}, ValueError, r"Invalid momentum value: inf"),
-    (SGDS, {"dampening": 1.5}, ValueError, r"Invalid dampening value: 1\.5"),
     (SGDS, {"nesterov": True}, ValueError, r"Invalid nesterov value: True with momentum=0"),
     (SGDS, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, r"dampening=0\.1"),
 ]
@@ -93,7 +120,7 @@ def test_sparse_gradients_are_refused_at_step(cls):
 
 
 GROUP_ERRORS = [
-    (ADAMS, {"betas": (1.5, 0.9)}, r"Invalid betas\[0\] value: 1\.5"),
+    (ADAMS, {"betas": (1.5, 0.9)}, r"Invalid beta parameter at index 0: 1\.5"),
     (ADAMS, {"eps": -1.0}, r"Invalid eps value: -1\.0"),
     (SGDS, {"momentum": -1.0}, r"Invalid momentum value: -1\.0"),
     (SGDS, {"nesterov": True}, r"Invalid nesterov value: True with momentum=0"),
@@ -159,3 +186,66 @@ def test_torch_implementation_switches_are_accepted(cls):
     assert cls(param, foreach=True).param_groups[0]["fused"] is None
     assert cls(param, foreach=False, fused=True).param_groups[0]["fused"] is True
     assert cls(param, differentiable=False).param_groups[0]["fused"] is None
+
+
+def test_hyperparameters_are_checked_before_params_as_in_torch():
+    """torch checks the hyperparameters before it reads ``params``: with ``params=None`` the
+    bad value's ValueError comes first, not the TypeError about params."""
+    for cls in ALL:
+        with pytest.raises(ValueError, match=r"Invalid weight_decay value: -1"):
+            cls(None, weight_decay=-1)
+        with pytest.raises(ValueError, match=r"Tensor lr must be 1-element"):
+            cls(None, lr=torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+def test_eps_zero_is_accepted_with_a_warning_as_torch_accepts_it(cls):
+    """torch.optim.Adam accepts eps=0; a weight whose gradients were all 0 then divides 0 by 0,
+    which the warning says."""
+    param = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match="eps=0"):
+        optimizer = cls([param], eps=0.0)
+    assert optimizer.param_groups[0]["eps"] == 0.0
+    torch.optim.Adam([param], eps=0.0)  # torch's twin takes it
+
+
+@pytest.mark.parametrize("cls", SGDS, ids=lambda c: c.__name__)
+def test_dampening_outside_zero_one_is_accepted_with_a_warning_as_torch_accepts_it(cls):
+    param = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match=r"dampening=2\.0 is outside \[0, 1\]"):
+        optimizer = cls([param], momentum=0.9, dampening=2.0)
+    torch.optim.SGD([param], momentum=0.9, dampening=2.0)  # torch's twin takes it
+    for _ in range(2):
+        param.grad = torch.ones(2)
+        optimizer.step()
+    # b_1 = g, b_2 = 0.9·g + (1 − 2)·g = −0.1·g: θ = 1 − 0.001·(1 − 0.1)
+    torch.testing.assert_close(param.detach(), torch.full((2,), 1 - 0.001 * 0.9))
+
+
+FUSED_REFUSALS = [
+    pytest.param(torch.ones(2, device="meta"), "torch.float32 and meta", id="meta"),
+    pytest.param(torch.ones(2, dtype=torch.complex64), "torch.complex64 and cpu", id="complex"),
+]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("tensor,named", FUSED_REFUSALS)
+def test_fused_true_refuses_what_torchs_fused_kernels_cannot_take(cls, tensor, named):
+    """As torch: the step raises a RuntimeError naming the requirement, before any change."""
+    param = torch.nn.Parameter(tensor)
+    optimizer = cls([param], fused=True)
+    param.grad = torch.ones_like(param)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"`fused=True` requires all the params to be floating point Tensors of "
+        rf"supported devices: .* but {named}",
+    ):
+        optimizer.step()
+    assert not optimizer.state or all(not s for s in optimizer.state.values())
+    torch_cls = getattr(
+        torch.optim, cls.__name__.removesuffix("W") if cls in SGDS else cls.__name__
+    )
+    twin = torch_cls([torch.nn.Parameter(tensor.clone())], fused=True)
+    twin.param_groups[0]["params"][0].grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match=rf"but {named}"):
+        twin.step()

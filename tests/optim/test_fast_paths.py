@@ -256,11 +256,27 @@ def test_the_kernel_changes_nothing_when_it_refuses_a_tensor():
     moments = [[torch.zeros(4), torch.zeros(3)] for _ in range(2)]
     steps = [torch.tensor(0.0), torch.tensor(0.0)]
     done = ops.adam_step_(
-        params, grads, *moments, [], [], steps, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, True, False, False
+        params,
+        grads,
+        *moments,
+        [],
+        [],
+        steps,
+        0.1,
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+        0.0,
+        True,
+        False,
+        False,
+        1024.0,  # a loss scale: refused, so the gradients stay scaled too
     )
     assert done is False
     assert all(torch.equal(p, torch.ones_like(p)) for p in params)
     assert all(s.item() == 0 for s in steps) and all(not m.any() for pair in moments for m in pair)
+    assert all(torch.equal(g, torch.ones_like(g)) for g in grads)
 
 
 def test_state_dict_round_trips_between_paths(path_log):

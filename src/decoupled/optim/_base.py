@@ -1,4 +1,5 @@
-"""What every `decoupled` optimizer shares: argument checks, the step template, skipped steps.
+"""What every `decoupled` optimizer shares: the step template, skipped steps, GradScaler's
+protocol (the argument checks are in ``_checks.py``).
 
 The step template follows torch.optim (``torch/optim/adam.py``): ``step()`` gathers, per
 parameter group, the parameters that have a gradient and their state, then calls one
@@ -9,47 +10,28 @@ lives here once.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from decoupled.optim._checks import (  # noqa: F401  (re-exported: the optimizers import them here)
+    DECOUPLED_OPTIONS,
+    ImplementationConflict,
+    as_float,
+    check_argument,
+    check_fusable,
+    check_group,
+    check_params_argument,
+    check_weight_decay,
+    decay_defaults,
+    is_number,
+    torch_implementation_options,
+)
 from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param
-from decoupled.optim.decay import DECAY_SCALES, DECAY_TARGETS, decay_rate, weight_decay_at
-
-
-def check_argument(name: str, value: Any, valid: bool, rule: str = "") -> None:
-    """Raise ``ValueError("Invalid {name} value: {value}")`` (torch's pattern) unless ``valid``.
-
-    ``rule`` is appended after a colon when given, so the message also says what is allowed.
-    """
-    if not valid:
-        suffix = f" ({rule})" if rule else ""
-        raise ValueError(f"Invalid {name} value: {value}{suffix}")
-
-
-def is_number(value: Any) -> bool:
-    """A real number (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def as_float(value: float | Tensor, name: str = "lr") -> float:
-    """A Python float from a number or a one-element tensor (for checks, never for math);
-    anything else raises ``Invalid {name} value``."""
-    if isinstance(value, Tensor):
-        check_argument(
-            name,
-            f"tensor of shape {tuple(value.shape)}",
-            value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool,
-            "must be a number or a one-element real tensor",
-        )
-        return float(value.item())
-    check_argument(name, repr(value), is_number(value), "must be a number")
-    return float(value)
+from decoupled.optim.decay import decay_rate, weight_decay_at
 
 
 def is_zero(value: float | Tensor) -> bool:
@@ -66,106 +48,6 @@ def step_value(step: Tensor) -> float | Tensor:
     if torch.compiler.is_compiling():
         return step
     return step.item()
-
-
-def check_lr(lr: float | Tensor) -> None:
-    lr_value = as_float(lr)
-    check_argument("lr", lr, math.isfinite(lr_value) and lr_value >= 0, "must be finite and >= 0")
-
-
-def check_weight_decay(weight_decay: float | Callable[[int], float]) -> None:
-    if callable(weight_decay):  # a schedule step -> λ, checked each time it is called
-        return
-    value = as_float(weight_decay, "weight_decay")
-    check_argument(
-        "weight_decay",
-        weight_decay,
-        math.isfinite(value) and value >= 0,
-        "must be finite and >= 0",
-    )
-
-
-def check_params_argument(params: Any) -> None:
-    """torch accepts any iterable; a bare tensor or an exhausted generator is a common slip."""
-    if isinstance(params, Tensor):
-        raise TypeError(
-            "params argument given to the optimizer should be an iterable of Tensors or dicts, "
-            f"but got a single {torch.typename(params)}; wrap it in a list: [tensor]"
-        )
-
-
-#: Group options that only a decoupled decay has (AdamW, SGDW); see ``decay.py``.
-DECOUPLED_OPTIONS = ("decay_scale", "max_lr", "lambda_norm", "decay_period")
-
-
-def decay_defaults(*, decoupled: bool, decay_to: str = "zero", **decoupled_options) -> dict:
-    """The weight-decay options of a param group (see ``decay.py``).
-
-    L2 optimizers (Adam, SGD) take only ``decay_to``; ``decay_scale``, ``max_lr``,
-    ``lambda_norm`` and ``decay_period`` scale a decoupled decay (AdamW, SGDW).
-    ``decoupled_weight_decay`` records which of the two the group uses, as torch.optim.Adam's
-    groups do, so that a checkpoint is never loaded into the other algorithm.
-    """
-    unknown = sorted(set(decoupled_options) - set(DECOUPLED_OPTIONS))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
-    if not decoupled and decoupled_options:
-        names = ", ".join(sorted(decoupled_options))
-        raise TypeError(f"{names}: only for decoupled weight decay (AdamW, SGDW), not L2")
-    return {"decay_to": decay_to, "decoupled_weight_decay": decoupled, **decoupled_options}
-
-
-def torch_implementation_options(
-    fused: bool | None, foreach: bool | None, capturable: bool, differentiable: bool
-) -> bool | None:
-    """torch.optim's implementation switches, accepted so that torch code runs unchanged.
-
-    ``foreach=False`` asks torch for its single-tensor loop, which our reference loop equals
-    bit for bit: it selects ``fused=False`` unless ``fused`` is given. ``capturable`` (CUDA
-    graphs) and ``differentiable`` (autograd through the step) are not implemented.
-    """
-    for name, value in (("capturable", capturable), ("differentiable", differentiable)):
-        check_argument(name, value, not value, "not supported by decoupled's optimizers")
-    if foreach and fused:
-        raise ValueError("Invalid foreach value: True with fused=True (choose one)")
-    if foreach is False and fused is None:
-        return False
-    return fused
-
-
-def check_group(group: dict, decoupled: bool) -> None:
-    """Validate one param group's decay options and lr (every group, not only the defaults)."""
-    check_lr(group["lr"])
-    check_weight_decay(group["weight_decay"])
-    decay_to = group.get("decay_to", "zero")
-    check_argument(
-        "decay_to", repr(decay_to), decay_to in DECAY_TARGETS, f"choose from {DECAY_TARGETS}"
-    )
-    if not decoupled:
-        for name in DECOUPLED_OPTIONS:
-            if group.get(name) is not None:
-                check_argument(name, repr(group[name]), False, "only for AdamW and SGDW, not L2")
-        return
-    decay_scale = group.get("decay_scale", "lr")
-    check_argument(
-        "decay_scale", repr(decay_scale), decay_scale in DECAY_SCALES, f"choose from {DECAY_SCALES}"
-    )
-    lambda_norm, max_lr = group.get("lambda_norm"), group.get("max_lr")
-    if lambda_norm is not None:
-        value = as_float(lambda_norm, "lambda_norm")
-        valid = math.isfinite(value) and value >= 0
-        check_argument("lambda_norm", lambda_norm, valid, "must be finite and >= 0")
-    if max_lr is not None:
-        value = as_float(max_lr, "max_lr")
-        check_argument("max_lr", max_lr, math.isfinite(value) and value > 0, "must be > 0")
-    period = group.get("decay_period")
-    if period is not None:
-        valid = is_number(period) and float(period).is_integer() and period > 0  # 100.0 too
-        check_argument("decay_period", repr(period), valid, "must be a whole number of steps > 0")
-    if lambda_norm is not None and callable(group["weight_decay"]):
-        raise ValueError(
-            "Invalid lambda_norm value: give either lambda_norm or a weight_decay schedule"
-        )
 
 
 def _given_group_declines_lambda_norm(param_group: dict) -> bool:
@@ -209,6 +91,8 @@ class DecayOptimizer(torch.optim.Optimizer):
     sparse_grads: bool = False
 
     def __init__(self, params: Iterable, defaults: dict, *, skip_nonfinite: bool = False):
+        # the hyperparameters first, as torch checks them before it reads ``params``
+        self._check_group(self._completed(dict(defaults)))
         check_params_argument(params)
         super().__init__(params, defaults)
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -220,10 +104,7 @@ class DecayOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         declines = _given_group_declines_lambda_norm(param_group)
         super().add_param_group(param_group)  # merges the defaults into the group
-        group = self.param_groups[-1]
-        if self.decoupled and group.get("decay_scale") is None:
-            # the paper's λ_norm is in the "schedule" units (η_t·λ); a plain λ in torch's
-            group["decay_scale"] = "schedule" if group.get("lambda_norm") is not None else "lr"
+        group = self._completed(self.param_groups[-1])
         if declines:
             group["lambda_norm"] = None
         try:
@@ -239,6 +120,13 @@ class DecayOptimizer(torch.optim.Optimizer):
         if group.get("decay_to") == "init":
             for p in group["params"]:
                 self.state[p].setdefault("init_param", p.detach().clone())
+
+    def _completed(self, group: dict) -> dict:
+        """``group`` with the options that depend on others filled in (in place)."""
+        if self.decoupled and group.get("decay_scale") is None:
+            # the paper's λ_norm is in the "schedule" units (η_t·λ); a plain λ in torch's
+            group["decay_scale"] = "schedule" if group.get("lambda_norm") is not None else "lr"
+        return group
 
     def _check_group(self, group: dict) -> None:
         """Validate a group's hyperparameters; subclasses add their own."""
@@ -307,9 +195,29 @@ class DecayOptimizer(torch.optim.Optimizer):
         """Refuse a step that a group cannot take, before any group has changed."""
 
     def _update_group(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+        self,
+        group: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        decay: DecayTerms,
+        *,
+        grad_scale: Tensor | None = None,
     ) -> None:
+        """Step one group; ``grad_scale`` (GradScaler's loss scale, or None) divides the
+        gradients first, in the update's own pass where the path can (``_kernels.py``)."""
         raise NotImplementedError
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's protocol, as torch's fused optimizers have it: when True, GradScaler
+        does not unscale the gradients itself but sets ``grad_scale`` and ``found_inf`` on the
+        optimizer; ``step()`` then skips the step when ``found_inf`` is nonzero and otherwise
+        divides the gradients by ``grad_scale`` inside the update (g ← g/scale, written back,
+        as torch's fused kernels do). True with ``fused=True``, as torch declares it: with
+        the default ``fused=None`` GradScaler unscales itself, as for torch's default path,
+        so that code relying on that (``scaler.unscale_`` before clipping in Lightning, which
+        refuses to clip for optimizers that unscale) keeps working."""
+        return self.defaults.get("fused") is True
 
     # -- the step template ---------------------------------------------------------------
     def _params_with_grad(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
@@ -340,28 +248,37 @@ class DecayOptimizer(torch.optim.Optimizer):
         flags = [f.full_tensor() if hasattr(f, "full_tensor") else f for f in flags]
         return bool(torch.stack(flags).all()) if flags else True
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """Perform one optimization step.
+        """Perform one optimization step. With ``differentiable=True`` autograd records it
+        (as torch's ``_use_grad_for_differentiable``); otherwise it runs without grad.
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
         """
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         gathered = [(group, *self._params_with_grad(group)) for group in self.param_groups]
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return loss  # as torch's fused kernels: an overflow step changes nothing
         if self.skip_nonfinite and not self._all_grads_finite():
             self.skipped_steps += 1
             return loss
         # every group's decay terms first: a bad value (a schedule's λ, an lr above the peak)
         # raises before any group has changed
         planned = [(g, p, gr, self._decay_terms(g, p)) for g, p, gr in gathered if p]
-        for group, _, grads, decay in planned:
+        for group, params, grads, decay in planned:
+            if group.get("fused"):
+                check_fusable(params)
             self._check_step(group, grads, decay)
         for group, params, grads, decay in planned:
-            self._update_group(group, params, grads, decay)
+            self._update_group(group, params, grads, decay, grad_scale=grad_scale)
             group["decay_steps"] += 1
         return loss
 

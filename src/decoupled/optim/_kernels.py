@@ -89,7 +89,7 @@ def kernel_adam_update(
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``adam_update`` itself) when the kernel refuses a tensor."""
     defaults = {"references": None, "decay_rate": 0.0, "amsgrad": False, "maximize": False}
-    options = defaults | given
+    options = defaults | {"grad_scale": None} | given
 
     def step(grads: list[Tensor]) -> bool:
         amsgrad = options["amsgrad"]
@@ -98,6 +98,7 @@ def kernel_adam_update(
             _kernel_references(options["references"]), state_steps, float(options["lr"]),
             options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
             float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
+            _scale_value(options["grad_scale"]),
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
@@ -116,7 +117,8 @@ def kernel_sgd_update(
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
     momentum buffers are written back into ``momentum_buffers`` as the reference does."""
-    options = {"references": None, "decay_rate": 0.0, "maximize": False} | given
+    options = {"references": None, "decay_rate": 0.0, "maximize": False, "grad_scale": None}
+    options |= given
     fresh = [b is None for b in momentum_buffers]
     buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
 
@@ -125,7 +127,7 @@ def kernel_sgd_update(
             params, grads, buffers, fresh, _kernel_references(options["references"]),
             float(options["lr"]), options["momentum"], options["dampening"],
             options["nesterov"], float(options["weight_decay"]), float(options["decay_rate"]),
-            options["decoupled"], options["maximize"],
+            options["decoupled"], options["maximize"], _scale_value(options["grad_scale"]),
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
@@ -133,6 +135,11 @@ def kernel_sgd_update(
         momentum_buffers[:] = buffers
     else:
         fallback(params, grads, momentum_buffers, **given)
+
+
+def _scale_value(grad_scale: Tensor | None) -> float:
+    """GradScaler's loss scale as the C++ kernel takes it (1.0: no unscaling)."""
+    return 1.0 if grad_scale is None else float(grad_scale)
 
 
 def _step_any_layout(
@@ -201,6 +208,7 @@ def fused_adam_update(
     amsgrad: bool = False,
     maximize: bool = False,
     references: list[Tensor | None] | None = None,  # always None here (see can_fuse)
+    grad_scale: Tensor | None = None,
 ) -> None:
     """The step of :func:`decoupled.optim.adam.adam_update` through torch's fused kernels.
 
@@ -231,7 +239,7 @@ def fused_adam_update(
                 pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                 pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                decay_rate=decay_rate, amsgrad=amsgrad, maximize=maximize,
+                decay_rate=decay_rate, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
             )  # fmt: skip
             continue
         steps = pick(state_steps)
@@ -250,8 +258,8 @@ def fused_adam_update(
             weight_decay=kernel_decay,
             eps=eps,
             maximize=maximize,
-            grad_scale=None,
-            found_inf=None,
+            grad_scale=None if grad_scale is None else grad_scale.to(key[0], torch.float32),
+            found_inf=None,  # a step with an inf was skipped before (DecayOptimizer.step)
         )
 
 

@@ -158,5 +158,16 @@ def add_l2_penalty(
     ``weight_decay`` may be a tensor broadcasting against θ (one λ per stacked run)."""
     offset = param if reference is None else param - reference
     if isinstance(weight_decay, Tensor):
+        if weight_decay.requires_grad and reference is None:
+            offset = param.clone()  # the backward pass needs θ as it was before the update
         return grad.addcmul(offset, weight_decay)
     return grad.add(offset, alpha=weight_decay)
+
+
+def unscale_(grads: list[Tensor], grad_scale: Tensor | None) -> None:
+    """GradScaler's loss scale divided out of the gradients in place, ``g ← g/scale``: what
+    torch's fused Adam/SGD kernels do with the ``grad_scale`` GradScaler hands them (the
+    scales GradScaler uses are powers of two, so this equals its own ``g·(1/scale)``)."""
+    if grad_scale is not None:
+        for grad in grads:
+            grad.div_(grad_scale.to(grad.device))

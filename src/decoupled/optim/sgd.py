@@ -8,6 +8,7 @@ bit-identical on the CPU. Faster paths (``_kernels.py``) are tested against this
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 from torch import Tensor
@@ -23,7 +24,7 @@ from decoupled.optim._base import (
 )
 from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim._loaded_state import check_like_param
-from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_
+from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
 
@@ -52,6 +53,7 @@ def sgd_update(
     decoupled: bool,
     decay_rate: float | Tensor = 0.0,
     maximize: bool = False,
+    grad_scale: Tensor | None = None,
 ) -> None:
     """One SGD step over a list of tensors, in place; new momentum buffers are written back
     into ``momentum_buffers`` (the algorithm box of :class:`SGD`). Gradients may be sparse
@@ -62,8 +64,10 @@ def sgd_update(
         decay_rate: the per-step decoupled rate ``c`` (see ``decay.py``); used when
             ``decoupled``.
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
+        grad_scale: GradScaler's loss scale, divided out of the gradients first, in place.
     """
     check_no_sparse_l2(grads, weight_decay, decoupled)
+    unscale_(grads, grad_scale)
     references = references or [None] * len(params)
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
@@ -85,7 +89,8 @@ def sgd_update(
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
 
-        if isinstance(lr, Tensor) and lr.dim() > 0:  # one lr per stacked run
+        # one lr per stacked run, or a tensor lr that autograd differentiates (as torch)
+        if isinstance(lr, Tensor) and (lr.dim() > 0 or lr.requires_grad):
             param.addcmul_(grad, lr, value=-1)
         else:
             param.add_(grad, alpha=-lr)
@@ -128,9 +133,9 @@ class SGD(DecayOptimizer):
             (``_kernels.py``), bit-identical to the reference on CPUs with fused multiply-add
             instructions (``_kernels.py``'s module docstring says why); ``False``: the
             reference loop, bit-identical to torch.optim's single-tensor path.
-        foreach, differentiable: torch.optim's switches, accepted so that torch code runs
-            unchanged: ``foreach=False`` means ``fused=False``; ``differentiable=True`` is
-            refused.
+        foreach, differentiable: torch.optim's switches: ``foreach=False`` means
+            ``fused=False``; ``differentiable=True`` lets autograd record the step (reference
+            loop), as torch's.
 
     Sparse gradients (``nn.Embedding(sparse=True)``) are taken as by ``torch.optim.SGD``, through
     the reference loop, with sparse momentum buffers; like torch, SGD refuses them when an L2
@@ -169,6 +174,7 @@ class SGD(DecayOptimizer):
             "nesterov": nesterov,
             "maximize": maximize,
             "fused": None if fused is None else bool(fused),
+            "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
@@ -179,11 +185,16 @@ class SGD(DecayOptimizer):
         dampening = as_float(group["dampening"], "dampening")
         valid = math.isfinite(momentum) and momentum >= 0
         check_argument("momentum", group["momentum"], valid, "must be finite and >= 0")
-        check_argument("dampening", group["dampening"], 0 <= dampening <= 1, "must be in [0, 1]")
+        if not 0 <= dampening <= 1:  # torch accepts any dampening; outside [0, 1] it is odd
+            warnings.warn(
+                f"dampening={dampening} is outside [0, 1]: each gradient enters the momentum "
+                f"buffer with weight 1 - dampening = {1 - dampening}",
+                stacklevel=4,
+            )
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 f"Invalid nesterov value: True with momentum={momentum}, dampening={dampening} "
-                "(Nesterov momentum requires momentum > 0 and zero dampening)"
+                "(Nesterov momentum requires a momentum and zero dampening)"
             )
 
     def __setstate__(self, state: dict) -> None:
@@ -203,7 +214,13 @@ class SGD(DecayOptimizer):
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
 
     def _update_group(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], decay: DecayTerms
+        self,
+        group: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        decay: DecayTerms,
+        *,
+        grad_scale: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
@@ -221,6 +238,7 @@ class SGD(DecayOptimizer):
             decoupled=self.decoupled,
             decay_rate=decay.rate,
             maximize=group["maximize"],
+            **({"grad_scale": grad_scale} if grad_scale is not None else {}),
         )
         for p, buf in zip(params, buffers):
             self.state[p]["momentum_buffer"] = buf

@@ -286,11 +286,21 @@ void for_each_chunk(at::TensorList params, const Update& update) {
   });
 }
 
+// GradScaler's protocol (torch's fused kernels take grad_scale the same way): the gradient
+// is divided by the loss scale and written back, g ← g / scale, as torch's fused Adam does. It
+// runs on the chunk the update reads next, so the gradients are still in cache; 1 means none.
+inline void unscale(float* __restrict g, int64_t begin, int64_t end, double grad_scale) {
+  if (grad_scale == 1.0) return;
+  const float scale = static_cast<float>(grad_scale);
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k) g[k] = g[k] / scale;
+}
+
 bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
                 const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
                 const Tensors& references, const Tensors& steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                bool amsgrad, bool maximize) {
+                bool amsgrad, bool maximize, double grad_scale) {
   const size_t n = params.size();
   if (n == 0) return true;
   if (exp_avgs.size() != n) return false;
@@ -345,11 +355,13 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
     scalars[t].key = rounding_key(count, static_cast<int64_t>(t));
   }
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+    unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
     chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(), exp_avgs[t].data_ptr(),
           exp_avg_sqs[t].data_ptr(), amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
           ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
   });
   for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
+  if (grad_scale != 1.0) bump_versions(grads);
   if (amsgrad) bump_versions(max_exp_avg_sqs);
   return true;
 }
@@ -408,7 +420,7 @@ SgdChunk pick_sgd(Decay decay, bool ref, bool momentum, bool fresh, bool nestero
 bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers,
                const std::vector<bool>& fresh, const Tensors& references, double lr,
                double momentum, double dampening, bool nesterov, double weight_decay,
-               double decay, bool decoupled, bool maximize) {
+               double decay, bool decoupled, bool maximize, double grad_scale) {
   const size_t n = params.size();
   if (n == 0) return true;
   const bool ref = !references.empty();
@@ -428,12 +440,14 @@ bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momen
     kernels[t] = pick_sgd(mode, ref, has_momentum, has_momentum && fresh[t], nesterov);
   }
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+    unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
     kernels[t](params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
                has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars);
   });
   bump_versions(params);
   if (has_momentum) bump_versions(momentum_buffers);
+  if (grad_scale != 1.0) bump_versions(grads);
   return true;
 }
 
