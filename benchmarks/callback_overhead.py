@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from monitor_overhead import time_block  # this folder is on sys.path when run as a script
 from torch.utils.tensorboard import SummaryWriter
 
 from decoupled.integrations import TensorBoardDecayLogger
@@ -39,17 +40,6 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def time_block(task, model, optimizer, batches, steps: int) -> float:
-    """Seconds per training step over ``steps`` steps."""
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = task.loss(model, next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - started) / steps
 
 
 class HookTimer:
