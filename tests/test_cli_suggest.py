@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from decoupled.cli import main
+from tests.helpers import run_cli, run_cli_here
 
 BASE = ["suggest", "--lr", "1e-3", "--batch-size", "128", "--dataset-size", "50000"]
 
@@ -131,15 +130,19 @@ def test_table_and_warnings(capsys):
     ],
 )
 def test_bad_values_exit_2_with_one_line(extra, message):
-    process = subprocess.run(
-        [sys.executable, "-m", "decoupled", *BASE, *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    process = run_cli_here(*BASE, *extra)
     assert process.returncode == 2
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], process.stderr
+    assert process.stdout == ""
+
+
+def test_the_installed_command_exits_2_with_one_line():
+    """A refusal through the real entry point (``python -m decoupled``)."""
+    process = run_cli(*BASE, "--epochs", "-1", timeout=60)
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and "argument --epochs: must be > 0, got -1" in lines[0]
     assert process.stdout == ""
 
 

@@ -16,7 +16,7 @@ from decoupled.cli import main
 from decoupled.lab import compare
 from decoupled.lab.comparison import format_table
 from decoupled.lab.store import ResultStore
-from tests.helpers import run_cli, wait_for_finished_runs
+from tests.helpers import run_cli, run_cli_here, wait_for_finished_runs
 
 SMALL = ["compare", "--budget", "40", "--seeds", "2", "--no-progress"]
 
@@ -108,12 +108,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     out = tmp_path / "out"
     if "--out" not in args:
         args += ["--out", str(out)]
-    result = run_cli("compare", *args, timeout=120)
+    result = run_cli_here("compare", *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()
     assert sorted(os.listdir(tmp_path / "EMPTY")) == []
+
+
+def test_the_installed_command_refuses_bad_input_with_one_line(tmp_path):
+    """The same refusal through the real entry point (``python -m decoupled``)."""
+    out = tmp_path / "out"
+    result = run_cli("compare", "--seeds", "0", "--out", str(out), timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "argument --seeds: must be a positive integer" in lines[0]
+    assert not out.exists()
 
 
 def test_failed_runs_are_reported_and_the_exit_status_is_1(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ from decoupled.lab.grid import RangeError, check_grid_size, parse_range, space_f
 from decoupled.lab.store import ResultStore, RunRecord
 from decoupled.lab.sweep import Landscape, format_landscapes, landscapes
 from decoupled.lab.train import RunSpec
-from tests.helpers import run_cli, wait_for_finished_runs
+from tests.helpers import run_cli, run_cli_here, wait_for_finished_runs
 
 
 def test_parse_ranges():
@@ -434,10 +434,20 @@ def test_max_cells_raises_the_bound_on_a_grid():
 )
 def test_bad_sweep_arguments_exit_2_with_one_line(tmp_path, args, message):
     out = tmp_path / "out"
-    result = run_cli("sweep", *args, "--out", str(out), timeout=120)
+    result = run_cli_here("sweep", *args, "--out", str(out))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_the_installed_sweep_command_refuses_bad_arguments_with_one_line(tmp_path):
+    """The same refusal through the real entry point (``python -m decoupled``)."""
+    out = tmp_path / "out"
+    result = run_cli("sweep", "--lr", "1e-2:1e-4:3", "--out", str(out), timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "argument --lr: lo > hi" in lines[0], result.stderr
     assert not out.exists()
 
 
@@ -457,7 +467,7 @@ def test_bad_search_space_exits_2_with_one_line(tmp_path, space, args, message):
     path = tmp_path / "space.json"
     path.write_text(json.dumps(space))
     out = tmp_path / "out"
-    result = run_cli("sweep", "--space", str(path), *args, "--out", str(out), timeout=120)
+    result = run_cli_here("sweep", "--space", str(path), *args, "--out", str(out))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], result.stderr
