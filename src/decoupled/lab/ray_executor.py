@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import os
 import socket
@@ -234,6 +235,7 @@ def execute_on_ray(
                 runtime_env=env,
                 include_dashboard=False,
                 log_to_driver=False,
+                logging_level=logging.WARNING,  # the command's output is its own
                 ignore_reinit_error=True,
             )
         except (ConnectionError, RuntimeError, ValueError) as error:
