@@ -1,10 +1,24 @@
 """Run a sweep's cells as Ray tasks, for grids that outgrow one machine.
 
-Each cell is one Ray task running :func:`decoupled.lab.executor.run_into_store`: the same
-claim-run-record protocol as the local executor, so runs are done exactly once and a stopped
-sweep resumes. The results store is an SQLite file, so every node must see the same ``--out``
-path (a shared filesystem); on one machine that holds by itself. Ray is an optional extra:
-``pip install "decoupled[ray]"``.
+Each cell is one Ray task (:func:`train_on_worker`) that trains and *returns* its outcome;
+the driver, the process running ``decoupled sweep``, is the only one that opens
+``results.db`` and records each outcome as it arrives (``ray_driver.py``). So the store
+needs no shared filesystem: ``--out`` is on the driver's machine only, SQLite is used by
+processes of one host as its WAL mode requires (https://sqlite.org/wal.html), and a
+stopped sweep started again runs only what is not stored.
+
+Failures: Ray retries a task whose worker process or node dies (``max_retries``, 3); a task
+that raises, or that Ray lost after its retries, is recorded ``failed`` with its traceback
+and run again by the next invocation; Ctrl-C cancels the tasks in flight
+(``ray.cancel``) and releases their claims.
+
+What a node needs: ``decoupled`` and the same torch as the driver (the driver ships its
+``sys.path`` as ``PYTHONPATH``, enough on one machine), and the task's data, generated or
+bundled, or under a ``--data-dir`` at the same path on every node. A worker checks both
+before training: a missing folder, or a configuration that differs from the one the driver
+keyed (package version, step path, data identity), fails the run with a message naming the
+host, rather than storing another computation under the driver's key. Ray is an optional
+extra: ``pip install "decoupled[ray]"``.
 """
 
 from __future__ import annotations
