@@ -4,8 +4,10 @@ The head has no CPUs, so every task runs on the second node, which lives in its 
 namespace (``unshare -m``) where the sweep's --out folder is hidden behind an empty read-only
 tmpfs: a worker that opened ``results.db`` would fail its run, and a result written there
 would never reach the driver's store. The second node's raylet is killed (``kill -9``)
-mid-sweep and a fresh node started: Ray retries the lost task there, and every cell ends
-``done`` exactly once, the cells finished before the kill untouched.
+mid-sweep and a fresh node started: Ray retries the tasks lost with it there, and the driver
+records them. Then the driver is interrupted (SIGINT, as Ctrl-C sends): no claim is left
+``running``, and a second invocation completes only what is missing, every cell ``done``
+exactly once and the cells finished before untouched.
 
 Needs root (or a user namespace) for ``unshare -m`` and ``mount``; skipped, saying so, where
 that is not permitted. Every wait has a timeout, and every process started here is killed at
@@ -56,13 +58,9 @@ SWEEP = [
     "digits",
     "--budget",
     "150",
-    "--lr",
-    "1e-3,1e-2",
-    "--wd-adam",
-    "0,1e-3",
-    "--wd-adamw",
-    "1e-2,1e-1",
     "--no-progress",
+    "--executor",
+    "ray",
 ]
 
 
@@ -150,6 +148,8 @@ def test_a_sweep_on_two_nodes_survives_a_killed_raylet_and_records_every_cell_on
     port = free_port()
     address = f"127.0.0.1:{port}"
     cluster = Cluster()
+    grid = ["--lr", "1e-3,1e-2", "--wd-adam", "0,1e-3", "--wd-adamw", "1e-2,1e-1,1"]  # 10 cells
+    first = [*SWEEP, *grid, "--ray-address", address]
     node = [RAY, "start", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"]
     try:
         head_dir = cluster.folder("rh")
@@ -159,7 +159,7 @@ def test_a_sweep_on_two_nodes_survives_a_killed_raylet_and_records_every_cell_on
         )
         # the head alone has no CPU for a run: refused in one line, nothing trained
         refused = subprocess.run(
-            [*SWEEP, "--executor", "ray", "--ray-address", address, "--out", str(out)],
+            [*first, "--out", str(out)],
             env=ENV,
             capture_output=True,
             text=True,
@@ -184,30 +184,42 @@ def test_a_sweep_on_two_nodes_survives_a_killed_raylet_and_records_every_cell_on
 
         first_node = start_worker_node()
         sweep = subprocess.Popen(
-            [*SWEEP, "--executor", "ray", "--ray-address", address, "--out", str(out)],
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            [*first, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         db = out / "results.db"
         assert wait_for_finished_runs(db, minimum=2, timeout=120) >= 2
         (raylet,) = cluster.processes_of(first_node, "raylet")
         raylet.kill()
         store = ResultStore(db)
-        before = {r.key: r.finished for r in store.records(status="done")}
-        assert 2 <= len(before) < 8, "the sweep ended before the raylet was killed"
+        in_flight = {r.key for r in store.records(status="running")}  # claimed by the driver
+        assert in_flight, "the sweep ended before the raylet was killed"
         start_worker_node()
+        # Ray retries the tasks lost with the node on the new one, and the driver records them
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not in_flight <= set(store.done_keys()):
+            time.sleep(0.1)
+        assert in_flight <= set(store.done_keys()), [(r.status, r.error) for r in store.records()]
+
+        # Ctrl-C on the driver: the results in are kept, the tasks in flight cancelled and
+        # their claims released; the next invocation runs the rest, each cell once
+        sweep.send_signal(signal.SIGINT)
         try:
-            stdout, stderr = sweep.communicate(timeout=240)
+            _, stderr = sweep.communicate(timeout=60)
         finally:
             sweep.kill()
-        assert sweep.returncode == 0, stderr
+        assert sweep.returncode == 130, stderr.decode()
+        assert stderr.decode().strip().endswith("interrupted")
         records = store.records()
-        assert len(records) == 8 and all(r.status == "done" for r in records), [
-            (r.status, r.error) for r in records
-        ]
-        assert all(next(r for r in records if r.key == k).finished == t for k, t in before.items())
+        kept = {r.key: r.finished for r in records if r.status == "done"}
+        assert len(kept) < 10 and not [r for r in records if r.status == "running"]
+        assert all(r.error == "interrupted" for r in records if r.status == "failed")
+        again = subprocess.run(
+            [*first, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 0, again.stderr
+        records = store.records()
+        assert len(records) == 10 and all(r.status == "done" for r in records)
+        assert all(next(r for r in records if r.key == k).finished == t for k, t in kept.items())
         assert "slope log λ*/log lr" in (out / "report.md").read_text()
     finally:
         cluster.stop()

@@ -109,5 +109,3 @@ def _stop(store, tasks, in_flight, counts, bar) -> None:
     with contextlib.suppress(Exception):
         for key, _ in in_flight.values():
             store.mark_interrupted(key)
-
-

@@ -198,13 +198,13 @@ class _RayTasks:
         try:
             return self.ray.get(handle)
         except self.ray.exceptions.RayError as error:
-            return RunOutcome(
-                key,
-                "failed",
-                error=f"the Ray task was lost after {self.max_retries} retries "
-                f"({type(error).__name__}: {_one_line(error)}); it is run again next time",
-                host="?",
+            # last: the error itself, whose last line is what a summary of failures shows
+            lost = (
+                f"the Ray task returned no result ({type(error).__name__}; Ray retries a task "
+                f"whose worker process or node dies, up to {self.max_retries} times); it is "
+                f"run again next time:\n{error}"
             )
+            return RunOutcome(key, "failed", error=lost, host="?")
 
     def cancel(self, handle) -> None:
         with contextlib.suppress(Exception):
