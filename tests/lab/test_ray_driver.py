@@ -298,3 +298,19 @@ def test_a_cluster_without_cpus_for_a_run_is_refused(nodes, threads, message):
 def test_a_cluster_with_a_node_big_enough_is_accepted():
     nodes = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 4}}]
     check_cluster(nodes, 4)  # no RayUnavailable
+
+
+def test_ray_wait_returns_every_task_already_finished():
+    """One ray.wait blocks for the first result; a second, with timeout 0, adds the others
+    that are ready, so that Ctrl-C records all of them."""
+    calls = []
+
+    def wait(handles, num_returns, timeout):
+        calls.append((list(handles), num_returns, timeout))
+        ready = [h for h in handles if h in ("a", "c")][:num_returns]
+        return ready, [h for h in handles if h not in ready]
+
+    fake_ray = types.SimpleNamespace(remote=lambda function: None, wait=wait)
+    tasks = _RayTasks(fake_ray, threads=1, max_retries=3)
+    assert tasks.wait(["a", "b", "c"], timeout=30) == ["a", "c"]
+    assert calls == [(["a", "b", "c"], 1, 30), (["b", "c"], 2, 0)]

@@ -191,7 +191,9 @@ class _RayTasks:
         return self.remote.options(**options, retry_exceptions=False).remote(spec, config)
 
     def wait(self, handles: list, timeout: float) -> list:
-        ready, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        ready, rest = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        if ready and rest:  # and every other one finished meanwhile, without waiting
+            ready += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         return ready
 
     def outcome(self, handle, key: str) -> RunOutcome:
