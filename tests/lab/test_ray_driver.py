@@ -8,6 +8,7 @@ in test_ray_two_node.py and test_sweep.py."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 import types
 
@@ -314,3 +315,33 @@ def test_ray_wait_returns_every_task_already_finished():
     tasks = _RayTasks(fake_ray, threads=1, max_retries=3)
     assert tasks.wait(["a", "b", "c"], timeout=30) == ["a", "c"]
     assert calls == [(["a", "b", "c"], 1, 30), (["b", "c"], 2, 0)]
+
+
+def test_after_the_driver_is_killed_the_next_one_redoes_only_its_runs_in_flight(
+    tmp_path, monkeypatch
+):
+    """A driver killed with kill -9 leaves its claims ``running`` under its dead pid; the
+    next driver takes them back, keeps every recorded run, and submits nothing else."""
+    store = ResultStore(tmp_path / "results.db")
+    recorded, in_flight = SPECS[:2], SPECS[2:]
+    drive_all(recorded, store, InProcessTasks(train=fabricated))
+    finished = {r.key: r.finished for r in store.records()}
+    gone = _a_dead_pid()
+    monkeypatch.setattr("decoupled.lab.store.this_owner", lambda: f"{socket.gethostname()}:{gone}")
+    for spec in in_flight:
+        assert store.claim(spec.key(), spec.config())
+    monkeypatch.undo()
+
+    tasks = InProcessTasks(train=fabricated)
+    counts = drive_all(SPECS, store, tasks)
+    assert counts["cached"] == 2 and counts["done"] == 2
+    assert sorted(tasks.submitted) == sorted(spec.key() for spec in in_flight)
+    records = store.records()
+    assert len(records) == 4 and all(r.status == "done" for r in records)
+    assert all(r.finished == finished[r.key] for r in records if r.key in finished)
+
+
+def _a_dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait(timeout=30)
+    return process.pid

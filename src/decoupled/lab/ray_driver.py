@@ -67,7 +67,7 @@ def drive(
     """Run ``pending`` through ``tasks`` and record every outcome in ``store``; adds one to
     ``counts[status]`` per spec (``skipped``: another process holds its claim)."""
     waiting = deque(pending)
-    in_flight: dict[Hashable, tuple[str, RunSpec]] = {}
+    in_flight: dict[Hashable, str] = {}  # the run key of each task
     last_beat = time.monotonic()
     try:
         while waiting or in_flight:
@@ -79,15 +79,15 @@ def drive(
                     counts["skipped"] += 1
                     bar.update(1)
                     continue
-                in_flight[tasks.submit(spec, config)] = (key, spec)
+                in_flight[tasks.submit(spec, config)] = key
             if not in_flight:
                 continue
             for handle in tasks.wait(list(in_flight), timeout=heartbeat_every):
-                key, _ = in_flight.pop(handle)
+                key = in_flight.pop(handle)
                 counts[record(store, tasks.outcome(handle, key))] += 1
                 bar.update(1)
             if in_flight and time.monotonic() - last_beat >= heartbeat_every:
-                store.heartbeat_many([key for key, _ in in_flight.values()])
+                store.heartbeat_many(list(in_flight.values()))
                 last_beat = time.monotonic()
     except BaseException:
         _stop(store, tasks, in_flight, counts, bar)
@@ -101,11 +101,11 @@ def _stop(store, tasks, in_flight, counts, bar) -> None:
     which the next invocation takes back."""
     with contextlib.suppress(Exception):
         for handle in tasks.wait(list(in_flight), timeout=0):
-            key, _ = in_flight.pop(handle)
+            key = in_flight.pop(handle)
             counts[record(store, tasks.outcome(handle, key))] += 1
             bar.update(1)
     for handle in in_flight:
         tasks.cancel(handle)
     with contextlib.suppress(Exception):
-        for key, _ in in_flight.values():
+        for key in in_flight.values():
             store.mark_interrupted(key)
