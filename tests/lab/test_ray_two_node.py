@@ -34,7 +34,7 @@ import pytest
 from decoupled.lab.store import ResultStore
 from tests.helpers import wait_for_finished_runs
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # a dependency of ray
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -81,11 +81,11 @@ class Cluster:
     """The processes this test starts, killed at the end (and nothing else)."""
 
     def __init__(self) -> None:
-        # short: Ray's socket paths under the temp dir must fit in 107 bytes
         self.folders: list[str] = []
         self.groups: list[subprocess.Popen] = []
 
     def folder(self, prefix: str) -> str:
+        # short, not under tmp_path: Ray's socket paths in it must fit in 107 bytes
         self.folders.append(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         return self.folders[-1]
 
