@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -23,28 +22,17 @@ from pathlib import Path
 
 import torch
 
-from decoupled.lab.store import FINISHED, ResultStore, StoreUnavailable
-from decoupled.lab.tasks import Task, TaskData, get_task
-from decoupled.lab.train import RunSpec, run
+from decoupled.lab.outcome import preload, record, train_cell
+from decoupled.lab.outcome import task_and_data as _task_and_data  # noqa: F401 (batched.py)
+from decoupled.lab.store import FINISHED, ResultStore
+from decoupled.lab.tasks import Task, TaskData
+from decoupled.lab.train import RunSpec
 from decoupled.optim import kernel_available
 
-# Per process: loaded tasks and data (keyed by task name and data dir), and open stores.
-_TASKS: dict[tuple[str, str | None], tuple[Task, TaskData]] = {}
+__all__ = ["execute", "open_store", "pending_runs", "preload", "run_claimed", "run_into_store"]
+
+# Per process: open stores (the loaded tasks and data are cached in outcome.py).
 _STORES: dict[str, ResultStore] = {}
-
-
-def _task_and_data(spec: RunSpec) -> tuple[Task, TaskData]:
-    cache_key = (spec.task, spec.data_dir)
-    if cache_key not in _TASKS:
-        task = get_task(spec.task)
-        _TASKS[cache_key] = (task, task.load(spec.data_dir))
-    return _TASKS[cache_key]
-
-
-def preload(task: Task, data: TaskData, data_dir: str | None = None) -> None:
-    """Use this task object and data for runs of ``task.name`` in this process (e.g. a user's
-    own task, which ``get_task`` does not know)."""
-    _TASKS[(task.name, data_dir)] = (task, data)
 
 
 def open_store(path: str | Path, *, create: bool = True) -> ResultStore:
@@ -78,20 +66,14 @@ def run_claimed(
     status. ``task`` and ``data`` default to the spec's own (loaded once per process)."""
     key = spec.key()
     try:
-        if task is None or data is None:
-            task, data = _task_and_data(spec)
         # a heartbeat at every evaluation: a process on another host sees the run is alive
-        result = run(spec, task=task, data=data, on_progress=lambda *_: store.heartbeat(key))
+        outcome = train_cell(
+            spec, task=task, data=data, on_progress=lambda *_: store.heartbeat(key)
+        )
     except KeyboardInterrupt:
         store.mark_interrupted(key)
         raise
-    except StoreUnavailable:  # the disk, not the run, failed: every other run would too
-        raise
-    except Exception:  # recorded with its traceback; the other runs go on
-        store.fail(key, traceback.format_exc())
-        return "failed"
-    store.finish(key, result.status, result.metrics(), result.curves)
-    return result.status
+    return record(store, outcome)
 
 
 def pending_runs(specs: Sequence[RunSpec], store: ResultStore) -> tuple[list[RunSpec], dict]:

@@ -1,23 +1,43 @@
 """Run a sweep's cells as Ray tasks, for grids that outgrow one machine.
 
-Each cell is one Ray task running :func:`decoupled.lab.executor.run_into_store`: the same
-claim-run-record protocol as the local executor, so runs are done exactly once and a stopped
-sweep resumes. The results store is an SQLite file, so every node must see the same ``--out``
-path (a shared filesystem); on one machine that holds by itself. Ray is an optional extra:
-``pip install "decoupled[ray]"``.
+Each cell is one Ray task (:func:`train_on_worker`) that trains and *returns* its outcome;
+the driver, the process running ``decoupled sweep``, is the only one that opens
+``results.db`` and records each outcome as it arrives (``ray_driver.py``). So the store
+needs no shared filesystem: ``--out`` is on the driver's machine only, SQLite is used by
+processes of one host as its WAL mode requires (https://sqlite.org/wal.html), and a
+stopped sweep started again runs only what is not stored.
+
+Failures: Ray retries a task whose worker process or node dies (``max_retries``, 3); a task
+that raises, or that Ray lost after its retries, is recorded ``failed`` with its traceback
+and run again by the next invocation; Ctrl-C cancels the tasks in flight
+(``ray.cancel``) and releases their claims.
+
+What a node needs: ``decoupled`` and the same torch as the driver (the driver ships its
+``sys.path`` as ``PYTHONPATH``, enough on one machine), and the task's data, generated or
+bundled, or under a ``--data-dir`` at the same path on every node. A worker checks both
+before training: a missing folder, or a configuration that differs from the one the driver
+keyed (package version, step path, data identity), fails the run with a message naming the
+host, rather than storing another computation under the driver's key. Ray is an optional
+extra: ``pip install "decoupled[ray]"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+import math
 import os
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from decoupled.lab.executor import pending_runs, progress_bar, run_into_store
-from decoupled.lab.store import ResultStore
+from decoupled.lab.executor import open_store, pending_runs, progress_bar
+from decoupled.lab.outcome import RunOutcome, train_cell
+from decoupled.lab.ray_driver import drive
+from decoupled.lab.store import config_key
 from decoupled.lab.train import RunSpec
 
 
@@ -92,20 +112,133 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def train_on_worker(spec: RunSpec, driver_config: dict) -> RunOutcome:
+    """A Ray task: train ``spec`` on this node and return its outcome (it never opens the
+    store). The run fails, naming this host, when ``--data-dir`` is missing here or when
+    this node would train something else than the driver keyed (another step path, package
+    version or data identity), instead of storing it under the driver's key."""
+    key = config_key(driver_config)
+    problem = data_dir_problem(spec) or config_problem(spec, driver_config)
+    if problem is not None:
+        return RunOutcome.failure(key, problem)
+    return train_cell(spec)
+
+
+def data_dir_problem(spec: RunSpec) -> str | None:
+    """Why ``spec.data_dir`` cannot be read on this host (None: it is a folder here)."""
+    if spec.data_dir is None or Path(spec.data_dir).is_dir():
+        return None
+    return (
+        f"--data-dir {spec.data_dir!r} is not a folder on host {socket.gethostname()}: "
+        "with the ray executor it must exist at that path on every node"
+    )
+
+
+def config_problem(spec: RunSpec, driver_config: dict) -> str | None:
+    """The fields of the run's configuration that differ between the driver and this host."""
+    here = spec.config()
+    differing = sorted(
+        k for k in here.keys() | driver_config.keys() if here.get(k) != driver_config.get(k)
+    )
+    if not differing:
+        return None
+    details = "; ".join(
+        f"{name}: {driver_config.get(name)!r} on the driver, {here.get(name)!r} here"
+        for name in differing
+    )
+    return (
+        f"host {socket.gethostname()} would not train the run the driver planned ({details}); "
+        "install the same decoupled, torch and data on every node"
+    )
+
+
+def check_cluster(nodes: Sequence[Mapping], threads: int) -> None:
+    """Raise RayUnavailable unless an alive node of ``nodes`` (``ray.nodes()``) has
+    ``threads`` CPUs for one run; the message names the resources the cluster has."""
+    alive = [node for node in nodes if node.get("Alive", node.get("alive", False))]
+    cpus = [float(node.get("Resources", {}).get("CPU", 0)) for node in alive]
+    if any(count >= threads for count in cpus):
+        return
+    described = ", ".join(f"{count:g}" for count in cpus) or "none alive"
+    raise RayUnavailable(
+        f"the Ray cluster has no node with {threads} CPU{'s' * (threads != 1)} for a run of "
+        f"{threads} torch thread{'s' * (threads != 1)} (CPUs per alive node: {described}); "
+        "start a node with CPUs (ray start --num-cpus N)"
+    )
+
+
+class _RayTasks:
+    """The driver's tasks as Ray tasks (see ``ray_driver.Tasks``)."""
+
+    def __init__(self, ray, threads: int, max_retries: int) -> None:
+        self.ray, self.threads = ray, threads
+        self.remote = ray.remote(train_on_worker)
+        self.max_retries = max_retries
+        self._capacity, self._asked = 1, -math.inf
+
+    def capacity(self) -> int:
+        # Twice the runs the cluster's CPUs hold at once, so that no CPU waits for the
+        # driver between two runs; asked again now and then, as nodes come and go.
+        if time.monotonic() - self._asked > CAPACITY_EVERY_S:
+            cpus = self.ray.cluster_resources().get("CPU", 0)
+            self._capacity = max(1, 2 * int(cpus // self.threads))
+            self._asked = time.monotonic()
+        return self._capacity
+
+    def submit(self, spec: RunSpec, config: dict):
+        options = {"num_cpus": spec.threads, "max_retries": self.max_retries}
+        # a task that raises returns a failed outcome instead; a retry would only repeat it
+        return self.remote.options(**options, retry_exceptions=False).remote(spec, config)
+
+    def wait(self, handles: list, timeout: float) -> list:
+        ready, rest = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        if ready and rest:  # and every other one finished meanwhile, without waiting
+            ready += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        return ready
+
+    def outcome(self, handle, key: str) -> RunOutcome:
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayError as error:
+            # last: the error itself, whose last line is what a summary of failures shows
+            lost = (
+                f"the Ray task returned no result ({type(error).__name__}; Ray retries a task "
+                f"whose worker process or node dies, up to {self.max_retries} times); it is "
+                f"run again next time:\n{error}"
+            )
+            return RunOutcome(key, "failed", error=lost, host="?")
+
+    def cancel(self, handle) -> None:
+        with contextlib.suppress(Exception):
+            self.ray.cancel(handle, force=True)
+
+
+#: Seconds between two looks at the cluster's CPUs (how many tasks to keep in flight).
+CAPACITY_EVERY_S = 5.0
+#: Ray's retries of a task whose worker process or node died (Ray's own default too).
+MAX_RETRIES = 3
+
+
 def execute_on_ray(
     specs: Sequence[RunSpec],
     db_path: str | Path,
     *,
     address: str | None = None,
     progress: bool = True,
+    max_retries: int = MAX_RETRIES,
 ) -> dict[str, int]:
-    """Run the missing specs on Ray (``address``: ``"auto"``, ``"ray://host:port"``, or None
-    to start a local instance); returns counts per status. Each task asks Ray for
-    ``spec.threads`` CPUs and runs with that many torch threads."""
+    """Run the missing specs on Ray (``address``: ``"auto"``, ``"host:port"``,
+    ``"ray://host:port"``, or None to start a local instance); returns counts per status.
+
+    This process is the store's one writer (``ray_driver.drive``); each task asks Ray for
+    ``spec.threads`` CPUs, runs with that many torch threads and returns its outcome.
+    Raises RayUnavailable when Ray cannot start, the address cannot be reached, or no node
+    has the CPUs a run asks for.
+    """
     import ray
 
-    db_path = str(Path(db_path).resolve())
-    pending, counts = pending_runs(specs, ResultStore(db_path))
+    store = open_store(db_path)
+    pending, counts = pending_runs(specs, store)
     if not pending:
         return counts
     started_here = not ray.is_initialized()
@@ -118,21 +251,21 @@ def execute_on_ray(
                 runtime_env=env,
                 include_dashboard=False,
                 log_to_driver=False,
+                logging_level=logging.WARNING,  # the command's output is its own
                 ignore_reinit_error=True,
             )
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise RayUnavailable(
                 f"cannot start or reach Ray at {address!r}: {_one_line(error)}"
             ) from None
-    remote = ray.remote(run_into_store)
     try:
-        refs = [remote.options(num_cpus=spec.threads).remote(spec, db_path) for spec in pending]
+        threads = max(spec.threads for spec in pending)
+        check_cluster(ray.nodes(), threads)
         bar = progress_bar(len(specs), counts["cached"], "ray sweep", progress)
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            counts[ray.get(ready[0])] += 1
-            bar.update(1)
-        bar.close()
+        try:
+            drive(pending, store, _RayTasks(ray, threads, max_retries), counts, bar)
+        finally:
+            bar.close()
     finally:
         if started_here:
             ray.shutdown()

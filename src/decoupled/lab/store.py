@@ -36,7 +36,7 @@ import os
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -356,6 +356,17 @@ class ResultStore:
                 (time.time(), key, this_owner()),
             )
         return cursor.rowcount == 1
+
+    def heartbeat_many(self, keys: Collection[str]) -> int:
+        """:meth:`heartbeat` for many runs in one transaction (a Ray driver holds the claims
+        of all its tasks in flight); returns how many this process still owns."""
+        now, owner = time.time(), this_owner()
+        with self._write() as db:
+            cursor = db.executemany(
+                "UPDATE runs SET heartbeat = ? WHERE key = ? AND owner = ? AND status = 'running'",
+                [(now, key, owner) for key in keys],
+            )
+        return cursor.rowcount
 
     def _end(self, key: str, *, own_only: bool = False, **fields: Any) -> bool:
         assignments = ", ".join(f"{name} = ?" for name in fields)
