@@ -57,15 +57,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_triton_option(triton: bool | None, fused: bool | None = None) -> None:
+def check_triton_option(
+    triton: bool | None, fused: bool | None = None, capturable: bool = False
+) -> None:
     """Refuse ``triton`` values that can never step: not a bool/None, True without triton
-    installed, True with ``fused=False`` (which means the reference loop)."""
+    installed, True with ``fused=False`` (which means the reference loop); and
+    ``capturable=True`` without the Triton path, the one path that keeps every scalar on the
+    device."""
+    if capturable and (triton is False or fused is False):
+        raise ValueError(
+            f"Invalid capturable value: True with triton={triton}, fused={fused} (capturable "
+            "steps run through the Triton kernel; fused=False, foreach=False and "
+            "differentiable=True select the reference loop)"
+        )
     if triton is not None and not isinstance(triton, bool):
         raise ValueError(f"Invalid triton value: {triton!r} (choose None, True or False)")
     if triton and not triton_available():
         raise ValueError(
-            "Invalid triton value: True (triton is not installed: pip install "
-            "'decoupled[triton]')"
+            "Invalid triton value: True (triton is not installed: pip install 'decoupled[triton]')"
         )
     if triton and fused is False:
         raise ValueError(
@@ -95,6 +104,28 @@ def use_triton(triton: bool | None, fused: bool | None, params: list[Tensor]) ->
         return True
     _warn_once()
     return False
+
+
+def check_capturable(group: dict, tensors: list[Tensor]) -> None:
+    """``capturable=True`` needs the Triton path for this group's tensors (as torch's
+    capturable needs CUDA tensors): refused before any group has changed."""
+    if not group.get("capturable") or not tensors:
+        return
+    if not use_triton(group.get("triton"), group.get("fused"), tensors):
+        devices = ", ".join(sorted({t.device.type for t in tensors}))
+        need = "CUDA tensors" if triton_available() else "triton (pip install 'decoupled[triton]')"
+        raise ValueError(
+            f"Invalid capturable value: True (parameters on {devices}: capturable steps run "
+            f"through the Triton kernel, which needs {need}; CPU tensors only with "
+            "triton=True under TRITON_INTERPRET=1)"
+        )
+
+
+def on_device_steps(state: dict, param: Tensor) -> None:
+    """Move a step counter (created or loaded on the CPU) onto ``param``'s device, once."""
+    step = state.get("step")
+    if step is not None and step.device != param.device:
+        state["step"] = step.to(param.device, torch.float32)
 
 
 def _warn_once() -> None:
@@ -169,9 +200,7 @@ def _tables_for(rows: list[tuple[int, ...]], device: torch.device) -> tuple[Tens
     if found is not None:
         _tables.move_to_end(key)
         return found
-    chunks = [
-        (row, first) for row, entry in enumerate(rows) for first in range(0, entry[7], BLOCK)
-    ]
+    chunks = [(row, first) for row, entry in enumerate(rows) for first in range(0, entry[7], BLOCK)]
     table = torch.tensor(rows, dtype=torch.int64)
     chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
     if device.type == "cuda":  # pinned memory: the copies do not wait for the device

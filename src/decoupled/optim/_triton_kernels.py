@@ -110,7 +110,7 @@ def _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP: tl.constexpr, BLOCK: tl.conste
     idx = first + tl.arange(0, BLOCK)
     mask = idx < tl.load(row + 7)
     if SKIP:
-        mask = mask & (tl.load(skip_ptr) == 0)
+        mask = mask & (tl.zeros_like(idx) == tl.load(skip_ptr).to(tl.int64))
     return row, idx, mask
 
 
@@ -170,9 +170,7 @@ def adam_kernel(
     exp_avg = _lerp(_load_state(m_ptr, idx, mask, ROUND), g, 1.0 - beta1)
     exp_avg_sq = tl.fma((1.0 - beta2) * g, g, _load_state(v_ptr, idx, mask, ROUND) * beta2)
     second = exp_avg_sq
-    key = _mix(
-        step.to(tl.uint32) * 0x9E3779B9 ^ tl.load(row + 8).to(tl.uint32) * 0x85EBCA6B
-    )
+    key = _mix(step.to(tl.uint32) * 0x9E3779B9 ^ tl.load(row + 8).to(tl.uint32) * 0x85EBCA6B)
     random = _mix(idx.to(tl.uint32) ^ key)
     if AMSGRAD:
         vmax_ptr = _address(row, 4, STATE)
