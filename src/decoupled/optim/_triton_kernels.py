@@ -110,7 +110,7 @@ def _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP: tl.constexpr, BLOCK: tl.conste
     idx = first + tl.arange(0, BLOCK)
     mask = idx < tl.load(row + 7)
     if SKIP:
-        mask = mask & (tl.zeros_like(idx) == tl.load(skip_ptr).to(tl.int64))
+        mask = mask & ((idx - idx) == tl.load(skip_ptr).to(tl.int64))
     return row, idx, mask
 
 
@@ -230,12 +230,11 @@ def sgd_kernel(
     if MOMENTUM:
         b_ptr = _address(row, 2, DTYPE)
         fresh = tl.load(row + 8) != 0
-        stale = mask & (tl.zeros_like(idx) == tl.load(row + 8))  # a fresh buffer is not read
+        stale = mask & ((idx - idx) == tl.load(row + 8))  # a fresh buffer is not read
         previous = tl.load(b_ptr + idx, mask=stale, other=0.0).to(tl.float32)
         # b.mul_(μ).add_(g, alpha=1 − τ), or b ← g the first time
         b = tl.where(fresh, g, tl.fma(1.0 - dampening, g, previous * momentum))
         tl.store(b_ptr + idx, b.to(DTYPE), mask=mask)
-        b = b.to(DTYPE).to(tl.float32)
         direction = tl.fma(momentum, b, g) if NESTEROV else b
 
     if DECAY == 2:  # SGDW: θ ← θ − c·(θ − θ₀), where cautious masking lets it
