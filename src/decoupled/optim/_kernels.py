@@ -21,7 +21,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    out otherwise is copied into its parameter's layout first, and a parameter whose moments
    are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
-   rates (the lab's batched executor), tensor subclasses such as DTensor, CUDA tensors without
+   rates (the lab's batched executor), tensor subclasses (DTensor shards take their local
+   tensors' path, ``_shards.py``), CUDA tensors without
    triton or with ``triton=False``, ``torch.compile``, and
    groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
    differently from its parameter; a gradient laid out differently is first copied into its
@@ -55,6 +56,7 @@ from torch.nn import Parameter
 
 from decoupled.optim._build import kernel_ops
 from decoupled.optim._layout import in_layout_of, is_dense
+from decoupled.optim._shards import is_sharded, local, on_local_shards
 from decoupled.optim._triton import triton_adam_update, triton_sgd_update, use_triton
 
 _PLAIN = {Parameter, Tensor}
@@ -282,7 +284,14 @@ def choose_adam_update(
     triton: bool | None = None,
 ) -> Callable:
     """The first path of the module docstring's list that applies to this step; a fast path
-    falls back on ``reference`` for the tensors it cannot take."""
+    falls back on ``reference`` for the tensors it cannot take. DTensor shards take the path of
+    their local tensors (``_shards.py``)."""
+    if is_sharded(params) and fused is not False:
+        update = choose_adam_update(
+            fused, reference, local(params), local(grads), lr=lr, decay_rate=decay_rate,
+            decoupled=decoupled, references=local(references), compact=compact, triton=triton,
+        )  # fmt: skip
+        return update if update is reference else on_local_shards(update, params)
     if use_triton(triton, fused, params):
         return _falling_back(triton_adam_update, reference)
     if fused is False:
@@ -304,7 +313,11 @@ def choose_sgd_update(
     triton: bool | None = None,
 ) -> Callable:
     """The Triton kernel or the C++ kernel when it applies (``fused`` not False), falling back
-    on ``reference`` for the tensors it refuses; else ``reference``, the reference loop."""
+    on ``reference`` for the tensors it refuses; else ``reference``, the reference loop. DTensor
+    shards take the path of their local tensors (``_shards.py``)."""
+    if is_sharded(params) and fused is not False:
+        update = choose_sgd_update(fused, reference, local(params), local(grads), lr, triton)
+        return update if update is reference else on_local_shards(update, params)
     if use_triton(triton, fused, params):
         return _falling_back(triton_sgd_update, reference)
     if fused is not False and _kernel_applies(params, lr):
