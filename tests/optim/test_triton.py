@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import types
 
 import pytest
@@ -471,3 +472,27 @@ def test_refused_lists_fall_back_to_the_reference(launches):
         weight_decay=0.0, decoupled=True,
     )  # fmt: skip
     assert launches["adam_kernel"] == 0
+
+
+def test_bench_runs_end_to_end_under_the_interpreter(capsys):
+    """``decoupled bench --device cpu --triton``: every row and the training step, tiny."""
+    from decoupled.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: on a busy 2-core machine, more threads only spin
+    try:
+        args = ["bench", "--device", "cpu", "--triton", "--layouts", "resnet50"]
+        assert main([*args, "--steps", "1", "--rounds", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert "copy bandwidth" in lines[0] and "whole training step" in lines[-5]
+    names = (
+        "decoupled triton",
+        "decoupled triton bf16",
+        "torch AdamW foreach",
+        "torch AdamW fused",
+    )
+    for name in names:  # a layout row and a training-step row each
+        rows = [line for line in lines if re.search(re.escape(name) + r" {2,}\d", line)]
+        assert len(rows) == 2, (name, lines)
