@@ -25,6 +25,10 @@ def device_skip_flag(
         norms = torch._foreach_norm(grads, float("inf"))
         nonfinite = (~torch.stack(norms).isfinite().all()).to(torch.float32)
         counted = nonfinite if flag is None else nonfinite * (1 - flag)
-        optimizer.skipped_steps = optimizer.skipped_steps + counted
+        if not torch.is_tensor(optimizer.skipped_steps):  # in place afterwards: a graph replays it
+            optimizer.skipped_steps = torch.full(  # a fill on the device, not a copy to it
+                (), float(optimizer.skipped_steps), device=nonfinite.device
+            )
+        optimizer.skipped_steps.add_(counted)
         flag = nonfinite if flag is None else torch.maximum(flag, nonfinite)
     return flag
