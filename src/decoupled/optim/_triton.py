@@ -121,11 +121,11 @@ def check_capturable(group: dict, tensors: list[Tensor]) -> None:
         )
 
 
-def on_device_steps(state: dict, param: Tensor) -> None:
-    """Move a step counter (created or loaded on the CPU) onto ``param``'s device, once."""
+def on_device_steps(state: dict, device: torch.device) -> None:
+    """Move a step counter (created or loaded elsewhere) onto ``device``, once."""
     step = state.get("step")
-    if step is not None and step.device != param.device:
-        state["step"] = step.to(param.device, torch.float32)
+    if torch.is_tensor(step) and step.device != device:
+        state["step"] = step.to(device, torch.float32)
 
 
 def _warn_once() -> None:

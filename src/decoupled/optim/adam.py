@@ -324,8 +324,9 @@ class Adam(DecayOptimizer):
     def _init_state(self, group: dict, param: Tensor, device_steps: bool = False) -> dict:
         state = self.state[param]
         dtype = group["state_dtype"] or param.dtype
-        if device_steps:  # the Triton path reads them on the device (torch's capturable too)
-            on_device_steps(state, param)
+        # the Triton path reads step counts on the device (as torch's capturable); the others
+        # on the CPU (as torch's default), wherever a loaded state dict put them
+        on_device_steps(state, param.device if device_steps else torch.device("cpu"))
         if "step" in state and state["exp_avg"].dtype == dtype:  # every step after the first
             return state
         if torch.is_complex(param):
