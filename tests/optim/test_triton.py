@@ -181,11 +181,10 @@ def test_sgd_matches_the_reference_loop(options, launches):
 
 
 def test_group_layouts_many_tensors_chunk_boundaries_and_layouts(launches):
-    """Many tensors of odd sizes around the chunk size (64 here), a 0-dim one, a channels_last
-    weight with a contiguous gradient (copied into its layout), in two param groups."""
-    shapes = [(), (1,), (63,), (64,), (65,), (128,), (129,), (3, 5, 7)] + [
-        (k,) for k in range(2, 30)
-    ]
+    """Many tensors of odd sizes around the chunk size (64 here), 0-dim and empty ones, a
+    channels_last weight with a contiguous gradient (copied into its layout), in two groups."""
+    shapes = [(), (0,), (1,), (63,), (64,), (65,), (128,), (129,), (3, 5, 7)]
+    shapes += [(k,) for k in range(2, 30)]
     for cls in (decoupled.AdamW, decoupled.SGDW):
         extra = {"momentum": 0.9} if cls is decoupled.SGDW else {"amsgrad": True}
         runs = []

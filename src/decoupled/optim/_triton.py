@@ -37,6 +37,7 @@ from decoupled.optim._layout import in_layout_of, is_dense
 BLOCK = 1024
 NUM_WARPS = 4
 _TABLE_CACHE_SIZE = 64
+NUMEL = 7  # the element count's column in the tensor table (_triton_kernels.py)
 _PLAIN = (Parameter, Tensor)
 _THETA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned = False
@@ -190,27 +191,36 @@ def _refused(
     return any(spans[i][0] < spans[i - 1][1] for i in range(1, len(spans)))
 
 
-_tables: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+_tables: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
 def _tables_for(rows: list[tuple[int, ...]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The (tensor table, chunk table) of these rows on ``device``, cached by content."""
-    key = (device, BLOCK, *rows)
+    """The tensor table and the chunk table of these rows on ``device``, each cached by its
+    content: the chunk table (the large one: a row per ``BLOCK`` elements) depends only on
+    the sizes, so gradients reallocated at every step (``zero_grad()`` sets them to None)
+    cost only a new tensor table, a few bytes per tensor copied without waiting."""
+    numels = tuple(row[NUMEL] for row in rows)
+    table = _cached((device, "tensors", *rows), lambda: rows, device)
+    chunk_table = _cached(
+        (device, "chunks", BLOCK, *numels),
+        lambda: [(row, first) for row, n in enumerate(numels) for first in range(0, n, BLOCK)],
+        device,
+    )
+    return table, chunk_table.reshape(-1, 2)
+
+
+def _cached(key: tuple, content: Callable[[], list], device: torch.device) -> Tensor:
     found = _tables.get(key)
     if found is not None:
         _tables.move_to_end(key)
         return found
-    chunks = [(row, first) for row, entry in enumerate(rows) for first in range(0, entry[7], BLOCK)]
-    table = torch.tensor(rows, dtype=torch.int64)
-    chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
-    if device.type == "cuda":  # pinned memory: the copies do not wait for the device
-        table, chunk_table = (
-            t.pin_memory().to(device, non_blocking=True) for t in (table, chunk_table)
-        )
-    _tables[key] = (table, chunk_table)
+    table = torch.tensor(content(), dtype=torch.int64)
+    if device.type == "cuda":  # from pinned memory the copy does not wait for the device
+        table = table.pin_memory().to(device, non_blocking=True)
+    _tables[key] = table
     if len(_tables) > _TABLE_CACHE_SIZE:
         _tables.popitem(last=False)
-    return table, chunk_table
+    return table
 
 
 def _address(t: Tensor | None) -> int:
@@ -313,6 +323,8 @@ def triton_adam_update(
             for i in indices
         ]  # fmt: skip
         table, chunks = _tables_for(rows, device)
+        if chunks.shape[0] == 0:  # only empty tensors
+            continue
         lr_arg = _Scalar(lr, device, dummy)
         rate_arg = _Scalar(decay_rate if decay == kernels.DECOUPLED_DECAY else 0.0, device, dummy)
         scale_ptr, scale, skip_ptr, skip = _skip_and_scale(grad_scale, found_inf, device, dummy)
@@ -394,6 +406,8 @@ def triton_sgd_update(
             for i in indices
         ]  # fmt: skip
         table, chunks = _tables_for(rows, device)
+        if chunks.shape[0] == 0:  # only empty tensors
+            continue
         lr_arg = _Scalar(lr, device, dummy)
         rate_arg = _Scalar(decay_rate if decay == kernels.DECOUPLED_DECAY else 0.0, device, dummy)
         scale_ptr, scale, skip_ptr, skip = _skip_and_scale(grad_scale, None, device, dummy)
