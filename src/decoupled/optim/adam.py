@@ -326,7 +326,9 @@ class Adam(DecayOptimizer):
         dtype = group["state_dtype"] or param.dtype
         # the Triton path reads step counts on the device (as torch's capturable); the others
         # on the CPU (as torch's default), wherever a loaded state dict put them
-        on_device_steps(state, param.device if device_steps else torch.device("cpu"))
+        step = state.get("step")
+        if device_steps or (torch.is_tensor(step) and not step.is_cpu):  # is_cpu: cheap
+            on_device_steps(state, param.device if device_steps else torch.device("cpu"))
         if "step" in state and state["exp_avg"].dtype == dtype:  # every step after the first
             return state
         if torch.is_complex(param):
