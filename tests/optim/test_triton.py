@@ -495,3 +495,15 @@ def test_bench_runs_end_to_end_under_the_interpreter(capsys):
     for name in names:  # a layout row and a training-step row each
         rows = [line for line in lines if re.search(re.escape(name) + r" {2,}\d", line)]
         assert len(rows) == 2, (name, lines)
+
+
+def test_autograd_notices_the_kernel_changed_a_parameter():
+    """The kernel writes through raw pointers; it bumps the version counters as in-place
+    operations do, so a backward through a graph that saved θ before the step fails loudly."""
+    param = torch.nn.Parameter(torch.randn(5))
+    optimizer = decoupled.AdamW([param], triton=True)
+    loss = (param * param).sum()  # saves θ for the backward pass
+    param.grad = torch.ones(5)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

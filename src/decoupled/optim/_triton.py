@@ -240,8 +240,7 @@ def _bump_versions(*lists: list[Tensor]) -> None:
     """What torch's in-place operations do, so that autograd still notices a tensor changed
     between a forward pass and its backward ("modified by an inplace operation")."""
     for tensors in lists:
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)
+        torch.autograd.graph.increment_version(tensors)
 
 
 def _skip_and_scale(
