@@ -149,8 +149,12 @@ def _split(value: float) -> tuple[float, float]:
     return hi, lo
 
 
-def _log2(beta: float) -> float:
-    return math.log2(beta) if beta > 0 else -math.inf
+def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float) -> Tensor:
+    """(1 − β1ᵗ, sqrt(1 − β2ᵗ)) per tensor, float64, computed on the steps' device: a few
+    small launches and no host read (the reference computes them in double on the host)."""
+    counts = torch.stack(steps).to(torch.float64)
+    corrections = (1 - torch.pow(beta1, counts), (1 - torch.pow(beta2, counts)).sqrt())
+    return torch.stack(corrections, dim=1).contiguous()
 
 
 class _Scalar:
@@ -332,7 +336,7 @@ def triton_adam_update(
             chunks, table,
             lr_arg.hi, lr_arg.lo, lr_arg.ptr, rate_arg.hi, rate_arg.lo, rate_arg.ptr,
             scale_ptr, skip_ptr,
-            beta1, beta2, *_split(_log2(beta1)), *_split(_log2(beta2)),
+            _bias_corrections(steps, beta1, beta2), beta1, beta2,
             float(eps), float(weight_decay),
             DTYPE=_TL_DTYPES()[dtype], STATE=_state_pointer_dtype(dtype, state_dtype),
             ROUND=_rounds(dtype, state_dtype), DECAY=decay, REF=bool(refs), AMSGRAD=amsgrad,

@@ -16,9 +16,10 @@ elements. Program ``i`` updates chunk ``i``: one grid for the whole group.
 Nothing is read on the host: the step counts (already incremented by the launcher), lr, the
 decay rate c, GradScaler's scale and the skip flag of ``skip_nonfinite`` may all be device
 tensors (``*_ptr`` arguments, selected by constexpr switches), so a launch never waits for
-the device and can be captured in a CUDA graph. Bias corrections ``1 − βᵗ`` are computed in
-float64 from ``exp2(t·log2 β)``, with log2 β passed as two float32 halves (hi + lo), since a
-scalar argument arrives as float32.
+the device and can be captured in a CUDA graph. The bias corrections ``1 − β1ᵗ`` and
+``sqrt(1 − β2ᵗ)`` arrive per tensor in float64 (computed on the device by the launcher, as
+the reference computes them in double precision on the host), and numbers arrive as two
+float32 halves (hi + lo), since a scalar argument is float32.
 
 Stochastic rounding of bfloat16 moments uses the hash of ``_compact.py`` and the C++ kernel:
 key = lowbias32(uint32(t)·0x9E3779B9 ^ uint32(position)·0x85EBCA6B), bits =
@@ -111,7 +112,7 @@ def _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP: tl.constexpr, BLOCK: tl.conste
     mask = idx < tl.load(row + 7)
     if SKIP:
         mask = mask & ((idx - idx) == tl.load(skip_ptr).to(tl.int64))
-    return row, idx, mask
+    return tensor, row, idx, mask
 
 
 @triton.jit
@@ -144,7 +145,7 @@ def _decayed(param, ref, rate, REF: tl.constexpr):
 def adam_kernel(
     chunks_ptr, table_ptr,
     lr, lr_lo, lr_ptr, rate, rate_lo, rate_ptr, scale_ptr, skip_ptr,
-    beta1, beta2, log2_beta1_hi, log2_beta1_lo, log2_beta2_hi, log2_beta2_lo,
+    corrections_ptr, beta1, beta2,
     eps, weight_decay,
     DTYPE: tl.constexpr, STATE: tl.constexpr, ROUND: tl.constexpr, DECAY: tl.constexpr,
     REF: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
@@ -152,7 +153,7 @@ def adam_kernel(
     SKIP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One Adam/AdamW step on one chunk (the algorithm box of ``decoupled.Adam``)."""
-    row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
+    tensor, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     m_ptr = _address(row, 2, STATE)
     v_ptr = _address(row, 3, STATE)
@@ -189,12 +190,9 @@ def adam_kernel(
         param = decayed
 
     lr64 = _scalar(lr, lr_lo, lr_ptr, LR_TENSOR)
-    log2_beta1 = tl.cast(log2_beta1_hi, tl.float64) + tl.cast(log2_beta1_lo, tl.float64)
-    log2_beta2 = tl.cast(log2_beta2_hi, tl.float64) + tl.cast(log2_beta2_lo, tl.float64)
-    bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
-    bias_correction2 = 1.0 - tl.exp2(step * log2_beta2)
+    bias_correction1 = tl.load(corrections_ptr + 2 * tensor)  # 1 − β1ᵗ, float64
+    bias_correction2_sqrt = tl.load(corrections_ptr + 2 * tensor + 1).to(tl.float32)
     neg_step_size = (-(lr64 / bias_correction1)).to(tl.float32)
-    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)  # float64: IEEE
     denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
@@ -215,7 +213,7 @@ def sgd_kernel(
 ):  # fmt: skip
     """One SGD/SGDW step on one chunk (the algorithm box of ``decoupled.SGD``). A fresh
     momentum buffer (the table's position column is 1) starts as b ← g, as torch's."""
-    row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
+    _, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)
     param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
