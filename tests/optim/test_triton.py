@@ -507,3 +507,38 @@ def test_autograd_notices_the_kernel_changed_a_parameter():
     optimizer.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("adam", [True, False], ids=["adam", "sgd"])
+def test_grad_scale_unscales_in_the_kernel_and_writes_the_gradients_back(adam, launches):
+    """GradScaler's fused protocol: g ← g/scale inside the update, written back, as the
+    reference's ``unscale_`` (and torch's fused kernels) do."""
+    results = []
+    for update in ("reference", "triton"):
+        params, grads = make_params(), [g * 8 for g in make_params(seed=4)]
+        grads = [g.detach() for g in grads]
+        options = {
+            "lr": 1e-2,
+            "weight_decay": 0.1,
+            "decoupled": False,
+            "grad_scale": torch.tensor(8.0),
+        }
+        if adam:
+            state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+            steps = [torch.tensor(0.0) for _ in params]
+            args = (params, grads, *state, steps)
+            options |= {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "amsgrad": True}
+            function = adam_update if update == "reference" else _triton.triton_adam_update
+        else:
+            state = [[None] * len(params)]
+            args = (params, grads, *state)
+            options |= {"momentum": 0.9, "dampening": 0.0, "nesterov": False}
+            function = sgd_update if update == "reference" else _triton.triton_sgd_update
+        if update == "triton":
+            options["fallback"] = None
+        with torch.no_grad():
+            function(*args, **options)
+        results.append([t.detach().clone() for t in params + grads + state[0]])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+    assert launches["adam_kernel" if adam else "sgd_kernel"] == 1
