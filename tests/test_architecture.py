@@ -27,6 +27,7 @@ LAYERS = {
     "decoupled.lab": 2,
     "decoupled.integrations": 2,  # trainer callbacks, TensorBoard: beside the lab
     "decoupled.bench": 2,
+    "decoupled.bench_device": 2,  # the Triton path against torch on a GPU (bench --device cuda)
     "decoupled.cli": 3,
     "decoupled.__main__": 3,
 }

@@ -51,7 +51,7 @@ ERROR_TABLE = [
     ),
     (ADAMS, {"betas": (0.9, 0.99, 0.9)}, ValueError, r"Invalid betas value: \(0\.9, 0\.99, 0\.9\)"),
     (ADAMS, {"eps": math.nan}, ValueError, r"Invalid eps value: nan"),
-    (ADAMS, {"capturable": True}, ValueError, r"Invalid capturable value: True"),
+    (ADAMS, {"capturable": True, "fused": False}, ValueError, r"Invalid capturable value: True"),
     (
         ADAMS + SGDS,
         {"differentiable": True, "fused": True},

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=positive_int, default=3, help="alternating rounds (the median is reported)"
     )
+    parser.add_argument(
+        "--triton",
+        action="store_true",
+        help="the Triton path against torch (bench_device.py; the default with --device cuda); "
+        "with --device cpu: tiny layouts under the Triton interpreter, a check that it runs",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,5 +48,25 @@ def run(args: argparse.Namespace) -> int:
         args.device.startswith("cuda") and torch.cuda.is_available()
     ):
         raise CommandError(f"argument --device: {args.device!r} is not available here")
+    if args.triton or (args.device or "").startswith("cuda"):
+        return _run_device(args, layouts)
     print(measure(layouts, args.device, args.steps, args.rounds))
+    return 0
+
+
+def _run_device(args: argparse.Namespace, layouts: list[str]) -> int:
+    import os
+
+    from decoupled.optim._triton import triton_available
+
+    if not triton_available():
+        raise CommandError(
+            "argument --triton: triton is not installed (pip install 'decoupled[triton]')"
+        )
+    tiny = (args.device or "cpu") == "cpu"
+    if tiny:  # read when the kernels are first decorated: before bench_device steps
+        os.environ["TRITON_INTERPRET"] = "1"
+    from decoupled.bench_device import run as measure_device
+
+    print(measure_device(layouts, args.device or "cpu", args.steps, args.rounds, tiny=tiny))
     return 0

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from decoupled.optim._capturable import device_skip_flag
 from decoupled.optim._checks import (  # noqa: F401  (re-exported: the optimizers import them here)
     DECOUPLED_OPTIONS,
     ImplementationConflict,
@@ -161,7 +162,9 @@ class DecayOptimizer(torch.optim.Optimizer):
         if weight_decay == 0:  # no decay op at all, as torch's `if weight_decay != 0`
             return 0.0
         scale, peak_lr = group["decay_scale"], None
-        if scale in ("schedule", "corrected"):
+        if scale in ("schedule", "corrected") and group.get("capturable"):
+            peak_lr = group[self._peak_lr_source(group)]  # maybe a device tensor: not read
+        elif scale in ("schedule", "corrected"):
             peak_lr = self.peak_lr(group)
             if not torch.compiler.is_compiling():
                 self._check_below_peak(group, peak_lr)
@@ -265,9 +268,13 @@ class DecayOptimizer(torch.optim.Optimizer):
                 loss = closure()
         gathered = [(group, *self._params_with_grad(group)) for group in self.param_groups]
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf):
+        capturable = bool(self.defaults.get("capturable"))
+        if capturable:  # decided on the device (_capturable.py)
+            grads = [g for _, _, group_grads in gathered for g in group_grads]
+            found_inf = device_skip_flag(self, grads, found_inf, self.skip_nonfinite)
+        elif found_inf is not None and bool(found_inf):
             return loss  # as torch's fused kernels: an overflow step changes nothing
-        if self.skip_nonfinite and not self._all_grads_finite():
+        if not capturable and self.skip_nonfinite and not self._all_grads_finite():
             self.skipped_steps += 1
             return loss
         # every group's decay terms first: a bad value (a schedule's λ, an lr above the peak)
@@ -278,7 +285,8 @@ class DecayOptimizer(torch.optim.Optimizer):
                 check_fusable(params)
             self._check_step(group, grads, decay)
         for group, params, grads, decay in planned:
-            self._update_group(group, params, grads, decay, grad_scale=grad_scale)
+            skip = {"found_inf": found_inf} if capturable and found_inf is not None else {}
+            self._update_group(group, params, grads, decay, grad_scale=grad_scale, **skip)
             group["decay_steps"] += 1
         return loss
 
@@ -329,6 +337,7 @@ class DecayOptimizer(torch.optim.Optimizer):
         self._check_loaded_states(state_dict)
         kept = [
             {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay")}
+            | {key: group[key] for key in ("triton", "capturable") if key in group}
             | {"declined": self._recorded_as_declining_lambda_norm(group)}
             for group in self.param_groups
         ]
@@ -338,6 +347,7 @@ class DecayOptimizer(torch.optim.Optimizer):
                 self._lay_out_state_like(param)
         for group, local in zip(self.param_groups, kept):
             group["fused"] = local["fused"]
+            group.update({key: local[key] for key in ("triton", "capturable") if key in local})
             if "state_dtype" in group or local["state_dtype"] is not None:
                 group["state_dtype"] = local["state_dtype"]
             if group.pop("weight_decay_schedule", False) and callable(local["weight_decay"]):

@@ -109,11 +109,8 @@ def torch_implementation_options(
     bit for bit: it selects ``fused=False`` unless ``fused`` is given. ``differentiable``
     (autograd through the step, as torch's) steps through the reference loop, which torch's
     fused kernels cannot do (torch: "`fused` does not support `differentiable`").
-    ``capturable`` (CUDA graphs) is not implemented.
+    ``capturable`` (CUDA graphs) is checked with the ``triton`` option (``_triton.py``).
     """
-    check_argument(
-        "capturable", capturable, not capturable, "not supported by decoupled's optimizers"
-    )
     if foreach and fused:
         raise ImplementationConflict(
             "Invalid foreach value: True with fused=True (`fused` and `foreach` cannot be "

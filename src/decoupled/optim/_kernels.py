@@ -4,6 +4,10 @@ Which path a step takes (``fused=None``, the default, picks the first that appli
 ``fused=False`` always takes the reference loop, bit-identical to torch.optim's single-tensor
 path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 parameters):
 
+0. **The one-pass Triton kernel** (``_triton_kernels.py``, launched by ``_triton.py``): CUDA
+   parameters when ``triton`` is installed (``triton=None``, the default), or whenever
+   ``triton=True`` (CPU tensors only under the Triton interpreter); every option of the C++
+   kernel, float32/bfloat16/float16 θ computed in float32, no host synchronization.
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, amsgrad,
    maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in one parallel
@@ -17,8 +21,9 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    out otherwise is copied into its parameter's layout first, and a parameter whose moments
    are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
-   rates (the lab's batched executor), tensor subclasses such as DTensor, CUDA tensors (torch
-   keeps a fused kernel's step counters on the GPU, ours on the CPU), ``torch.compile``, and
+   rates (the lab's batched executor), tensor subclasses (DTensor shards take their local
+   tensors' path, ``_shards.py``), CUDA tensors without
+   triton or with ``triton=False``, ``torch.compile``, and
    groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
    differently from its parameter; a gradient laid out differently is first copied into its
    parameter's layout). The optimizers re-lay loaded state (``load_state_dict``) and θ₀ of
@@ -51,6 +56,8 @@ from torch.nn import Parameter
 
 from decoupled.optim._build import kernel_ops
 from decoupled.optim._layout import in_layout_of, is_dense
+from decoupled.optim._shards import is_sharded, local, on_local_shards
+from decoupled.optim._triton import triton_adam_update, triton_sgd_update, use_triton
 
 _PLAIN = {Parameter, Tensor}
 _FLOAT32 = {torch.float32}
@@ -274,9 +281,19 @@ def choose_adam_update(
     decoupled: bool,
     references: list[Tensor | None],
     compact: bool,
+    triton: bool | None = None,
 ) -> Callable:
     """The first path of the module docstring's list that applies to this step; a fast path
-    falls back on ``reference`` for the tensors it cannot take."""
+    falls back on ``reference`` for the tensors it cannot take. DTensor shards take the path of
+    their local tensors (``_shards.py``)."""
+    if is_sharded(params) and fused is not False:
+        update = choose_adam_update(
+            fused, reference, local(params), local(grads), lr=lr, decay_rate=decay_rate,
+            decoupled=decoupled, references=local(references), compact=compact, triton=triton,
+        )  # fmt: skip
+        return update if update is reference else on_local_shards(update, params)
+    if use_triton(triton, fused, params):
+        return _falling_back(triton_adam_update, reference)
     if fused is False:
         return reference
     if _kernel_applies(params, lr):
@@ -288,10 +305,21 @@ def choose_adam_update(
 
 
 def choose_sgd_update(
-    fused: bool | None, reference: Callable, params: list[Tensor], grads: list[Tensor], lr
+    fused: bool | None,
+    reference: Callable,
+    params: list[Tensor],
+    grads: list[Tensor],
+    lr,
+    triton: bool | None = None,
 ) -> Callable:
-    """The C++ kernel when it applies (``fused`` not False), falling back on ``reference`` for
-    the tensors it refuses; else ``reference``, the reference loop."""
+    """The Triton kernel or the C++ kernel when it applies (``fused`` not False), falling back
+    on ``reference`` for the tensors it refuses; else ``reference``, the reference loop. DTensor
+    shards take the path of their local tensors (``_shards.py``)."""
+    if is_sharded(params) and fused is not False:
+        update = choose_sgd_update(fused, reference, local(params), local(grads), lr, triton)
+        return update if update is reference else on_local_shards(update, params)
+    if use_triton(triton, fused, params):
+        return _falling_back(triton_sgd_update, reference)
     if fused is not False and _kernel_applies(params, lr):
         return _falling_back(kernel_sgd_update, reference)
     return reference

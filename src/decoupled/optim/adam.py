@@ -29,6 +29,7 @@ from decoupled.optim._checks import check_tensor_hyperparameters, checked_betas
 from decoupled.optim._compact import CompactMoments, check_state_dtype
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
+from decoupled.optim._triton import check_capturable, check_triton_option, on_device_steps
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
 
 __all__ = ["Adam", "AdamW", "adam_update"]
@@ -220,6 +221,10 @@ class Adam(DecayOptimizer):
             float rounding. ``False``: the reference loop, bit-identical to torch.optim's
             single-tensor path. ``True``: as ``None``, and torch's fused kernels also for
             bfloat16/float16 parameters.
+        triton: the one-pass Triton kernel (``_triton.py``). ``None`` (default): for CUDA
+            parameters when triton is installed; ``True``: always (CPU tensors only under
+            ``TRITON_INTERPRET=1``); ``False``: never. Its step counters live on the
+            parameters' device.
         state_dtype: ``torch.bfloat16`` keeps ``exp_avg``/``exp_avg_sq`` (and
             ``max_exp_avg_sq``) in bfloat16 with stochastic rounding: 4 instead of 8 bytes
             of state per parameter and 20 instead of 28 bytes moved per float32 step
@@ -227,7 +232,11 @@ class Adam(DecayOptimizer):
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
             (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
             autograd record the step (the reference loop, as torch's: gradients reach θ,
-            tensor lr/betas/weight_decay and the state); ``capturable=True`` is refused.
+            tensor lr/betas/weight_decay and the state); ``capturable=True`` (CUDA graphs)
+            steps through the Triton kernel with no host synchronization: step counters, lr
+            (a float or a tensor on the device), bias corrections, the decay rate and the
+            ``skip_nonfinite`` decision stay on the device (``skipped_steps`` becomes a
+            device tensor; a ``weight_decay`` schedule is still read on the host).
     """
 
     decoupled = False
@@ -251,10 +260,13 @@ class Adam(DecayOptimizer):
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        triton: bool | None = None,
         **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         check_state_dtype(state_dtype)
         check_tensor_hyperparameters(lr, betas, foreach=foreach, capturable=capturable)
+        fused = torch_implementation_options(fused, foreach, capturable, differentiable)
+        check_triton_option(triton, fused, capturable)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -262,7 +274,9 @@ class Adam(DecayOptimizer):
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
             "maximize": maximize,
-            "fused": torch_implementation_options(fused, foreach, capturable, differentiable),
+            "fused": fused,
+            "triton": triton,
+            "capturable": bool(capturable),
             "state_dtype": state_dtype,
             "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
@@ -299,22 +313,31 @@ class Adam(DecayOptimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
+            group.setdefault("triton", None)
+            group.setdefault("capturable", False)
             group.setdefault("state_dtype", None)
             for p in group["params"]:
                 state_p = self.state.get(p, {})
                 if "step" in state_p and not torch.is_tensor(state_p["step"]):  # torch < 1.12
                     state_p["step"] = torch.tensor(float(state_p["step"]), dtype=torch.float32)
 
-    def _init_state(self, group: dict, param: Tensor) -> dict:
+    def _init_state(self, group: dict, param: Tensor, device_steps: bool = False) -> dict:
         state = self.state[param]
         dtype = group["state_dtype"] or param.dtype
+        # the Triton path reads step counts on the device (as torch's capturable); the others
+        # on the CPU (as torch's default), wherever a loaded state dict put them
+        step = state.get("step")
+        if device_steps or (torch.is_tensor(step) and not step.is_cpu):  # is_cpu: cheap
+            on_device_steps(state, param.device if device_steps else torch.device("cpu"))
         if "step" in state and state["exp_avg"].dtype == dtype:  # every step after the first
             return state
         if torch.is_complex(param):
             dtype = param.dtype
         if "step" not in state:  # (state may already hold init_param)
             # float32 CPU step counter, exactly as torch.optim.Adam keeps it
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(
+                0.0, dtype=torch.float32, device=param.device if device_steps else None
+            )
             for key in self.state_keys[1 : 4 if group["amsgrad"] else 3]:
                 state[key] = torch.zeros_like(param, dtype=dtype)
         elif state["exp_avg"].dtype != dtype:
@@ -332,8 +355,8 @@ class Adam(DecayOptimizer):
         decay: DecayTerms,
         *,
         grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> None:
-        states = [self._init_state(group, p) for p in params]
         differentiable = group.get("differentiable", False)
         update = choose_adam_update(
             False if differentiable else group["fused"],
@@ -345,7 +368,10 @@ class Adam(DecayOptimizer):
             decoupled=self.decoupled,
             references=decay.references,
             compact=group["state_dtype"] is not None,
+            triton=group.get("triton"),
         )
+        on_device = update.__name__ == "triton_adam_update"
+        states = [self._init_state(group, p, on_device) for p in params]
         beta1, beta2 = group["betas"]
         if update is not adam_update:  # the fast paths take numbers, read at each step
             beta1, beta2 = as_float(beta1, "betas[0]"), as_float(beta2, "betas[1]")
@@ -368,7 +394,11 @@ class Adam(DecayOptimizer):
             references=decay.references,
             **({"differentiable": True} if differentiable else {}),
             **({"grad_scale": grad_scale} if grad_scale is not None else {}),
+            **({"found_inf": found_inf} if found_inf is not None else {}),
         )
+
+    def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
+        check_capturable(group, grads)
 
 
 class AdamW(Adam):
@@ -422,6 +452,7 @@ class AdamW(Adam):
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        triton: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -438,6 +469,7 @@ class AdamW(Adam):
             foreach=foreach,
             capturable=capturable,
             differentiable=differentiable,
+            triton=triton,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,

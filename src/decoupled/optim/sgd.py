@@ -24,6 +24,7 @@ from decoupled.optim._base import (
 )
 from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim._loaded_state import check_like_param
+from decoupled.optim._triton import check_triton_option
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
@@ -133,6 +134,9 @@ class SGD(DecayOptimizer):
             (``_kernels.py``), bit-identical to the reference on CPUs with fused multiply-add
             instructions (``_kernels.py``'s module docstring says why); ``False``: the
             reference loop, bit-identical to torch.optim's single-tensor path.
+        triton: the one-pass Triton kernel (``_triton.py``). ``None`` (default): for CUDA
+            parameters when triton is installed; ``True``: always (CPU tensors only under
+            ``TRITON_INTERPRET=1``); ``False``: never.
         foreach, differentiable: torch.optim's switches: ``foreach=False`` means
             ``fused=False``; ``differentiable=True`` lets autograd record the step (reference
             loop), as torch's.
@@ -163,9 +167,11 @@ class SGD(DecayOptimizer):
         fused: bool | None = None,
         foreach: bool | None = None,
         differentiable: bool = False,
+        triton: bool | None = None,
         **decoupled_options,  # SGDW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         fused = torch_implementation_options(fused, foreach, False, differentiable)
+        check_triton_option(triton, fused)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -174,6 +180,7 @@ class SGD(DecayOptimizer):
             "nesterov": nesterov,
             "maximize": maximize,
             "fused": None if fused is None else bool(fused),
+            "triton": triton,
             "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
@@ -203,6 +210,7 @@ class SGD(DecayOptimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
+            group.setdefault("triton", None)
 
     def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
         super()._check_loaded_state(where, param, group, state)
@@ -224,7 +232,9 @@ class SGD(DecayOptimizer):
     ) -> None:
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-        update = choose_sgd_update(group["fused"], sgd_update, params, grads, group["lr"])
+        update = choose_sgd_update(
+            group["fused"], sgd_update, params, grads, group["lr"], group.get("triton")
+        )
         update(
             params,
             grads,
@@ -279,6 +289,7 @@ class SGDW(SGD):
         fused: bool | None = None,
         foreach: bool | None = None,
         differentiable: bool = False,
+        triton: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -293,6 +304,7 @@ class SGDW(SGD):
             fused=fused,
             foreach=foreach,
             differentiable=differentiable,
+            triton=triton,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,

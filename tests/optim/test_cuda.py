@@ -1,0 +1,139 @@
+"""The Triton path compiled on a GPU: the default for CUDA parameters, equal to the reference
+loop, no host synchronization in ``step()`` (``torch.cuda.set_sync_debug_mode("error")``), a
+training step captured in a CUDA graph and replayed equal to eager steps, and the benchmark.
+Skipped without CUDA (the same kernels run under the interpreter in ``test_triton.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decoupled
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (none here)"
+)
+triton = pytest.importorskip("triton") if torch.cuda.is_available() else None
+
+SHAPES = [(4096,), (1000, 33), (7,), (64, 3, 3, 3)]
+
+
+def make_params(dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=generator).to("cuda", dtype)) for s in SHAPES
+    ]
+
+
+def run(cls, params, steps=5, seed=1, **options):
+    optimizer = cls(params, **options)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to("cuda", p.dtype)
+        optimizer.step()
+    return optimizer
+
+
+def test_cuda_parameters_take_the_triton_path_by_default():
+    from decoupled.optim._kernels import choose_adam_update, choose_sgd_update
+
+    params = make_params()
+    options = {"lr": 1e-3, "decay_rate": 0.0, "decoupled": True, "references": [None] * 4}
+    update = choose_adam_update(None, None, params, params, compact=False, **options)
+    assert update.__name__ == "triton_adam_update"
+    assert choose_sgd_update(None, None, params, params, 1e-3).__name__ == "triton_sgd_update"
+
+
+@pytest.mark.parametrize(
+    "cls,options",
+    [
+        (decoupled.AdamW, {"amsgrad": True, "weight_decay": 0.1}),
+        (decoupled.AdamW, {"state_dtype": torch.bfloat16, "decay_to": "init"}),
+        (decoupled.Adam, {"weight_decay": 0.1, "maximize": True}),
+        (decoupled.SGDW, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+        (decoupled.SGD, {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
+    ],
+)
+def test_compiled_kernels_match_the_reference_loop(cls, options):
+    reference_params, params = make_params(), make_params()
+    reference = run(cls, reference_params, fused=False, lr=1e-2, **options)
+    ours = run(cls, params, triton=True, lr=1e-2, **options)
+    for p, q in zip(params, reference_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key, value in reference.state[q].items():
+            if torch.is_tensor(value):
+                rtol = 2**-7 if value.dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(
+                    ours.state[p][key].float().cpu(), value.float().cpu(), rtol=rtol, atol=1e-6
+                )
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_step_does_not_synchronize_with_the_host(capturable):
+    params = make_params()
+    options = {"capturable": True, "skip_nonfinite": True} if capturable else {}
+    lr = torch.tensor(1e-3, device="cuda") if capturable else 1e-3
+    optimizer = run(decoupled.AdamW, params, steps=2, lr=lr, **options)  # tables built
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert optimizer.state[params[0]]["step"].device.type == "cuda"
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)
+    ).cuda()
+
+
+def test_a_captured_training_step_replays_like_eager_steps():
+    """torch's recipe (CUDA semantics, "whole-network capture"): warm up on a side stream,
+    capture forward + backward + step, replay with new data copied into the static inputs."""
+    inputs = [torch.randn(16, 32, device="cuda") for _ in range(6)]
+    targets = [torch.randn(16, 8, device="cuda") for _ in range(6)]
+
+    def step(model, optimizer, x, y):
+        optimizer.zero_grad(set_to_none=False)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+    eager_model = _model()
+    lr = torch.tensor(1e-2, device="cuda")
+    eager = decoupled.AdamW(eager_model.parameters(), lr=lr.clone(), capturable=True)
+    for x, y in zip(inputs, targets):
+        step(eager_model, eager, x, y)
+
+    model = _model()
+    optimizer = decoupled.AdamW(model.parameters(), lr=lr.clone(), capturable=True)
+    static_x, static_y = inputs[0].clone(), targets[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, launch tables and kernels compiled
+        step(model, optimizer, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, optimizer, static_x, static_y)
+    for x, y in zip(inputs[1:], targets[1:]):
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    # capturing records kernels without running them: warm-up + 5 replays = 6 steps
+    assert float(optimizer.state[next(model.parameters())]["step"]) == 6.0
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_benchmark_smoke():
+    from decoupled.bench_device import run as bench
+
+    text = bench(["resnet50"], "cuda", steps=2, rounds=1)
+    assert "copy bandwidth" in text and "decoupled triton bf16" in text
+    assert "whole training step" in text
