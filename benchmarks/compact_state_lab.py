@@ -29,9 +29,9 @@ import torch
 
 import decoupled
 from decoupled.lab import train
+from decoupled.lab.plan import plan_compare
 from decoupled.lab.stats import paired_difference
 from decoupled.lab.tasks import get_task
-from decoupled.lab.plan import plan_compare
 
 COMBINATIONS = {  # name: (weights' dtype, AdamW options)
     "f32 θ, f32 state": (torch.float32, {}),
@@ -84,8 +84,9 @@ def run_one(task, data, name: str, seed: int, steps: int) -> tuple[float, float]
 
     def build_optimizer(spec, model):
         groups = decoupled.param_groups(model, spec.weight_decay, verbose=False)
-        built["model"], built["optimizer"] = model, decoupled.AdamW(
-            groups, lr=spec.lr, decay_scale=spec.decay_scale, **options
+        built["model"], built["optimizer"] = (
+            model,
+            decoupled.AdamW(groups, lr=spec.lr, decay_scale=spec.decay_scale, **options),
         )
         return built["optimizer"]
 

@@ -25,9 +25,7 @@ def bytes_per_param(param_dtype: torch.dtype, **options) -> dict[str, float]:
     state = optimizer.state[theta]
     parts = {"θ": theta.nbytes, "g": theta.grad.nbytes}
     parts["moments"] = sum(t.nbytes for k, t in state.items() if k.startswith("exp_avg"))
-    parts["other state"] = sum(
-        t.nbytes for k, t in state.items() if not k.startswith("exp_avg")
-    )
+    parts["other state"] = sum(t.nbytes for k, t in state.items() if not k.startswith("exp_avg"))
     return {key: value / N for key, value in parts.items()}
 
 

@@ -231,7 +231,8 @@ print(cpu_summary())
 for state in (None, torch.bfloat16):
     for kwargs in ({}, {"amsgrad": True, "decay_to": "init"}):
         g = torch.Generator().manual_seed(0)
-        a = torch.nn.Parameter(torch.randn(5000, generator=g)); b = torch.nn.Parameter(a.detach().clone())
+        a = torch.nn.Parameter(torch.randn(5000, generator=g))
+        b = torch.nn.Parameter(a.detach().clone())
         fast = decoupled.AdamW([a], lr=1e-2, state_dtype=state, **kwargs)
         slow = decoupled.AdamW([b], lr=1e-2, state_dtype=state, fused=False, **kwargs)
         for _ in range(50):

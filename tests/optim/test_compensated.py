@@ -118,8 +118,9 @@ def test_remainder_is_kept_in_the_state_dict_and_loads_through_torch():
 
 
 def test_float32_parameters_and_compensate_false_keep_no_remainder():
-    for theta, options in ((torch.nn.Parameter(torch.ones(4)), {}),
-                           (torch.nn.Parameter(torch.ones(4).bfloat16()), {"compensate": False})):  # fmt: skip
+    float32, bfloat16 = torch.ones(4), torch.ones(4).bfloat16()
+    for theta, options in ((float32, {}), (bfloat16, {"compensate": False})):
+        theta = torch.nn.Parameter(theta)
         optimizer = decoupled.AdamW([theta], **options)
         theta.grad = torch.ones_like(theta)
         optimizer.step()

@@ -14,11 +14,11 @@ Here the remainder is one signed byte per parameter, in units of 1/256 of θ's u
 
 Each step reconstructs the float32 master weight ``w``, computes the decay and the update on
 it in float32 (as for a float32 parameter), then stores ``θ ← round_to_nearest(w)`` and
-``r ← (w − θ)·256/ulp(θ)`` rounded stochastically (unbiased). ``w`` is thus held to about 16 significant bits (8 of θ, 8 of
-r): updates down to ``2⁻¹⁷·|θ|`` are kept, against ``2⁻⁹·|θ|`` without compensation, and the
-model still sees and stores plain bfloat16 weights. ulp(θ) is θ's dtype's spacing at θ
-(``2^{e−p}`` for ``θ = m·2^e``, ``m ∈ [0.5, 1)``, p = 8 for bfloat16 and 11 for float16; the
-subnormal spacing for zero and subnormal θ).
+``r ← (w − θ)·256/ulp(θ)`` rounded stochastically (unbiased). ``w`` is thus held to about 16
+significant bits (8 of θ, 8 of r): updates down to ``2⁻¹⁷·|θ|`` are kept, against ``2⁻⁹·|θ|``
+without compensation, and the model still sees and stores plain bfloat16 weights. ulp(θ) is
+θ's dtype's spacing at θ (``2^{e−p}`` for ``θ = m·2^e``, ``m ∈ [0.5, 1)``, p = 8 for bfloat16
+and 11 for float16; the subnormal spacing for zero and subnormal θ).
 
 The remainder is kept in the optimizer state as ``param_remainder`` (int8, shaped and laid out
 like θ), saved and loaded with the state dict; a checkpoint without it loads with r = 0.

@@ -27,10 +27,22 @@ from decoupled.optim._base import (
 )
 from decoupled.optim._checks import check_tensor_hyperparameters, checked_betas
 from decoupled.optim._compact import CompactMoments, check_state_dtype
-from decoupled.optim._compensated import REMAINDER, check_compensate, check_remainder
-from decoupled.optim._compensated import compensates, master, store_
-from decoupled.optim._int8 import INT8, Int8Moments, check_coded, is_coded, new_moments
-from decoupled.optim._int8 import recast_moments_
+from decoupled.optim._compensated import (
+    REMAINDER,
+    check_compensate,
+    check_remainder,
+    compensates,
+    master,
+    store_,
+)
+from decoupled.optim._int8 import (
+    INT8,
+    Int8Moments,
+    check_coded,
+    is_coded,
+    new_moments,
+    recast_moments_,
+)
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
 from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
@@ -109,7 +121,8 @@ def adam_update(
                 max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
             param = torch.view_as_real(param)
         compact = None
-        if coded_states is not None and is_coded(coded_states[i], "exp_avg"):  # int8 state: compute in θ's dtype (_int8.py)
+        coded = coded_states is not None and is_coded(coded_states[i], "exp_avg")
+        if coded:  # int8 state: compute in θ's dtype (_int8.py)
             compact = Int8Moments(coded_states[i], param.dtype)
             exp_avg, exp_avg_sq = compact.values
         elif exp_avg.dtype != param.dtype:  # bfloat16 state: compute in θ's dtype (_compact.py)
