@@ -20,8 +20,7 @@ import torch
 import decoupled
 from decoupled.optim._cpu import cpu_summary
 
-# Adam: θ, g, m, v read; θ, m, v written (int8: plus a float32 scale per 256 elements)
-BYTES_PER_PARAM = {"float32": 28, "bfloat16": 20, "int8": 16}
+BYTES_PER_PARAM = {"float32": 28, "bfloat16": 20}  # Adam: θ, g, m, v read; θ, m, v written
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
@@ -118,11 +117,6 @@ def contenders(include_ours: bool = True) -> list[Contender]:
             Contender("decoupled.AdamW", lambda p: decoupled.AdamW(p, **kwargs)),
             Contender(
                 "decoupled.AdamW bf16", lambda p: decoupled.AdamW(p, **kwargs, **bf16), "bfloat16"
-            ),
-            Contender(
-                "decoupled.AdamW int8",
-                lambda p: decoupled.AdamW(p, **kwargs, state_dtype="int8"),
-                "int8",
             ),
             Contender("decoupled ref. loop", lambda p: decoupled.AdamW(p, fused=False, **kwargs)),
         ]
