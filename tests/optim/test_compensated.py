@@ -41,12 +41,13 @@ def test_compensated_bfloat16_tracks_float32_where_plain_bfloat16_stalls():
         assert plain[0] < 0.2 and plain[1] > 0.8  # measured 0.09, 1.00: stalled
 
 
-def float64_adamw(w, grad, m, v, step, lr, weight_decay, decoupled_):
-    if not decoupled_:  # g + λw in float32, as the step forms it: where they cancel, the
-        grad = grad.float().add(w.float(), alpha=weight_decay)  # update hangs on its rounding
+def float64_adamw(w, grad, m, v, step, lr, weight_decay, decoupled_, init=None):
+    offset = w.float() if init is None else w.float() - init.float()
+    if not decoupled_:  # g + λ(w − w₀) in float32, as the step forms it: where they cancel,
+        grad = grad.float().add(offset, alpha=weight_decay)  # the update hangs on its rounding
     w, grad, m, v = (t.double() for t in (w, grad, m, v))
     if decoupled_:
-        w = w * (1 - lr * weight_decay)
+        w = w - lr * weight_decay * offset.double()
     m = 0.9 * m + 0.1 * grad
     v = 0.999 * v + 0.001 * grad * grad
     return w - lr * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
@@ -56,24 +57,26 @@ def float64_adamw(w, grad, m, v, step, lr, weight_decay, decoupled_):
 @given(
     dtype=st.sampled_from([torch.bfloat16, torch.float16]),
     decoupled_=st.booleans(),
+    decay_to=st.sampled_from(["zero", "init"]),
     state_dtype=st.sampled_from([None, "int8"]),
     shape=st.sampled_from([(5,), (300,), (8, 17)]),
     steps=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
 def test_each_step_is_the_float32_update_of_the_master_weight(
-    dtype, decoupled_, state_dtype, shape, steps, seed
+    dtype, decoupled_, decay_to, state_dtype, shape, steps, seed
 ):
     """The master weight θ + r·ulp(θ)/256 after a step equals the float64 formula applied to
     the one before (with the moments the step read), to one remainder unit."""
     generator = torch.Generator().manual_seed(seed)
     theta = torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
     cls = decoupled.AdamW if decoupled_ else decoupled.Adam
-    optimizer = cls([theta], lr=1e-3, weight_decay=0.1, state_dtype=state_dtype)
+    optimizer = cls([theta], lr=1e-3, weight_decay=0.1, state_dtype=state_dtype, decay_to=decay_to)
+    init = theta.detach().clone() if decay_to == "init" else None
     for _ in range(steps):
         theta.grad = torch.randn(shape, generator=generator).to(dtype)
         state = optimizer.state[theta]
-        if state:
+        if "step" in state:
             w = master(theta.detach(), state["param_remainder"])
             if state_dtype == "int8":
                 m = decode(state["exp_avg"], state["exp_avg_scale"], "exp_avg")
@@ -83,7 +86,7 @@ def test_each_step_is_the_float32_update_of_the_master_weight(
             count = float(state["step"]) + 1
         else:
             w, m, v, count = theta.detach().float(), *[torch.zeros(shape)] * 2, 1.0
-        expected = float64_adamw(w, theta.grad.float(), m, v, count, 1e-3, 0.1, decoupled_)
+        expected = float64_adamw(w, theta.grad.float(), m, v, count, 1e-3, 0.1, decoupled_, init)
         optimizer.step()
         state = optimizer.state[theta]
         assert theta.dtype == dtype and state["param_remainder"].dtype == torch.int8

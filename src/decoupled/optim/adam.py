@@ -103,15 +103,17 @@ def adam_update(
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         step_t += 1
         remainder = remainders[i] if remainders is not None else None
+        reference = references[i]
         if remainder is not None:  # compensated θ: step the float32 master weight
             stored_param, param, grad = param, master(param, remainder), grad.float()
+            reference = reference.float() if reference is not None else None
 
         # ---- the only place Adam and AdamW differ -----------------------------------
         if decoupled:
             if not is_zero(decay_rate):
-                apply_decoupled_decay_(param, decay_rate, references[i])  # AdamW:  θ ← θ·(1 − γλ)
+                apply_decoupled_decay_(param, decay_rate, reference)  # AdamW:  θ ← θ·(1 − γλ)
         elif not is_zero(weight_decay):
-            grad = add_l2_penalty(grad, param, weight_decay, references[i])  # Adam:  g ← g + λθ
+            grad = add_l2_penalty(grad, param, weight_decay, reference)  # Adam:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
