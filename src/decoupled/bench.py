@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import decoupled
+from decoupled.optim._cpu import cpu_summary
 
 BYTES_PER_PARAM = {"float32": 28, "bfloat16": 20}  # Adam: θ, g, m, v read; θ, m, v written
 
@@ -154,6 +155,7 @@ def run(
     floor = {state: bandwidth / size for state, size in BYTES_PER_PARAM.items()}
     state_of = {c.name: c.state for c in contenders()}
     lines = [
+        cpu_summary(),
         f"device {device_}, {torch.get_num_threads()} threads; streaming bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s -> Adam floor {floor['float32'] / 1e9:.2f} G params/s "
         f"(float32 state), {floor['bfloat16'] / 1e9:.2f} (bfloat16)",

@@ -112,11 +112,11 @@ def test_grad_scaler_skips_overflow_steps_on_the_fast_path(ours):
 
 @pytest.mark.parametrize("ours,theirs", PAIRS[:2])
 def test_bfloat16_weights_keep_bfloat16_state_like_torch(ours, theirs):
-    """No hidden float32 master copy: state follows the parameter's dtype, exactly as in
-    torch.optim (keep float32 weights and autocast when the updates are smaller than bf16's
-    resolution)."""
+    """With ``compensate=False``, no hidden master weight: state follows the parameter's dtype,
+    exactly as in torch.optim (the default keeps an 8-bit remainder instead,
+    tests/optim/test_compensated.py)."""
     results = []
-    for optimizer_class, kwargs in ((ours, {}), (theirs, {"foreach": False})):
+    for optimizer_class, kwargs in ((ours, {"compensate": False}), (theirs, {"foreach": False})):
         model = _model(torch.bfloat16)
         optimizer = optimizer_class(model.parameters(), lr=1e-2, weight_decay=0.1, **kwargs)
         for step in range(STEPS):

@@ -6,6 +6,20 @@ named after the CPU's instruction sets, the source and the Python and torch vers
 binary is never loaded on a machine, or against a libtorch, it was not built for. Later
 processes load it in a fraction of a second. ``DECOUPLED_NO_KERNEL=1`` never builds it.
 
+``DECOUPLED_KERNEL_ARCH`` names the instruction sets to compile for, in place of
+``-march=native``: ``x86-64-v3`` (AVX2 and FMA: Haswell, Zen 1–3), ``x86-64-v4`` (AVX-512),
+``armv8.2-a``, or any other ``-march`` value GCC/Clang take. The name enters the build folder,
+so builds for different targets sit side by side; a binary for instructions this CPU lacks
+stops the process with an illegal instruction, so set it only to check what another CPU's
+build does (tests/optim/test_build.py builds for AVX2 on an AVX-512 machine) or to build for a
+cluster's common subset.
+
+The kernel is compiled with ``-fno-trapping-math``: it reads no floating-point exception flag,
+and without it GCC will not compute both arms of a select (lerp's two forms, a NaN check),
+which leaves the loops scalar on CPUs without AVX-512 masked instructions. It changes no
+result (IEEE operations round the same); ``-ffp-contract=off`` still forbids fused
+multiply-adds the source does not write.
+
 A cache folder that cannot be written (a read-only file system: an installed image, a shared
 cluster cache) is not built into: a kernel already built there is imported directly, and
 without one the warning names the folder and says that it is not writable.
@@ -26,6 +40,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import sys
 import threading
 import warnings
@@ -36,7 +51,8 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
+_ARCH_VARIABLE = "DECOUPLED_KERNEL_ARCH"
 _NOT_TRIED = object()
 _ops = _NOT_TRIED
 _building = threading.Lock()
@@ -56,6 +72,24 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def kernel_arch() -> str | None:
+    """The ``-march`` target named by ``DECOUPLED_KERNEL_ARCH``; None (or empty): native."""
+    arch = os.environ.get(_ARCH_VARIABLE, "").strip()
+    if not arch:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", arch):
+        raise ValueError(
+            f"Invalid {_ARCH_VARIABLE} value: {arch!r} (a -march target such as x86-64-v3, "
+            "x86-64-v4 or armv8.2-a: letters, digits, '.', '_', '+', '-')"
+        )
+    return arch
+
+
+def compile_flags() -> list[str]:
+    """The compiler flags of this build: ``_FLAGS`` and the ``-march`` target."""
+    return [*_FLAGS, f"-march={kernel_arch() or 'native'}"]
+
+
 def kernel_ops():
     """The C++ kernel's module (``adam_step_``, ``sgd_step_``), built on first use; None when
     it cannot be built or loaded (no compiler, no ninja, a read-only cache without a prebuilt
@@ -73,8 +107,11 @@ def build_folder() -> tuple[str, Path]:
     loaded."""
     from torch.utils import cpp_extension
 
-    source = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:8]
-    name = f"decoupled_kernels_{_cpu_tag()}"
+    flags = " ".join(compile_flags())
+    source = hashlib.sha1(_SOURCE.read_bytes() + flags.encode()).hexdigest()[:8]
+    arch = kernel_arch()
+    target = _cpu_tag() if arch is None else f"{_cpu_tag()}_{re.sub(r'[^A-Za-z0-9]', '_', arch)}"
+    name = f"decoupled_kernels_{target}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     version = f"{source}_{python}_torch{torch.__version__}".replace("+", "_")
@@ -106,7 +143,7 @@ def _build() -> None:
                 name=name,
                 sources=[str(_SOURCE)],
                 build_directory=str(folder),
-                extra_cflags=_FLAGS,
+                extra_cflags=compile_flags(),
                 extra_ldflags=["-fopenmp"],
             )
     except Exception as error:  # a missing compiler raises OSError, RuntimeError, ...

@@ -77,12 +77,20 @@ def stochastic_round_(out: Tensor, value: Tensor, random16: Tensor) -> None:
     in_memory_order(out.view(torch.int16)).copy_(rounded.to(torch.int16))
 
 
-def check_state_dtype(state_dtype: torch.dtype | None) -> None:
-    if state_dtype is not None and state_dtype not in COMPACT_STATE_DTYPES:
+_NAMED = {"bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+def check_state_dtype(state_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The moments' dtype a user asked for, as a torch dtype: None, ``torch.bfloat16`` (this
+    module) or ``torch.int8`` (8-bit codes and scales, ``_int8.py``); their names too."""
+    dtype = _NAMED.get(state_dtype, state_dtype) if isinstance(state_dtype, str) else state_dtype
+    if dtype is not None and dtype not in COMPACT_STATE_DTYPES + (torch.int8,):
         raise ValueError(
             f"Invalid state_dtype value: {state_dtype} (None keeps the moments in the "
-            f"parameters' dtype; or choose from {COMPACT_STATE_DTYPES})"
+            f"parameters' dtype; or choose from {COMPACT_STATE_DTYPES + (torch.int8,)} or "
+            "their names 'bfloat16', 'int8')"
         )
+    return dtype
 
 
 class CompactMoments:

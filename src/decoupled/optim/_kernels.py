@@ -21,9 +21,10 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    out otherwise is copied into its parameter's layout first, and a parameter whose moments
    are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
-   rates (the lab's batched executor), tensor subclasses (DTensor shards take their local
-   tensors' path, ``_shards.py``), CUDA tensors without
-   triton or with ``triton=False``, ``torch.compile``, and
+   rates (the lab's batched executor), int8 moments (``_int8.py``) and compensated
+   bfloat16/float16 weights (``_compensated.py``), which no kernel steps yet, tensor
+   subclasses (DTensor shards take their local tensors' path, ``_shards.py``), CUDA tensors
+   without triton or with ``triton=False``, ``torch.compile``, and
    groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
    differently from its parameter; a gradient laid out differently is first copied into its
    parameter's layout). The optimizers re-lay loaded state (``load_state_dict``) and θ₀ of

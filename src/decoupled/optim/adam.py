@@ -27,6 +27,22 @@ from decoupled.optim._base import (
 )
 from decoupled.optim._checks import check_tensor_hyperparameters, checked_betas
 from decoupled.optim._compact import CompactMoments, check_state_dtype
+from decoupled.optim._compensated import (
+    REMAINDER,
+    check_compensate,
+    check_remainder,
+    compensates,
+    master,
+    store_,
+)
+from decoupled.optim._int8 import (
+    INT8,
+    Int8Moments,
+    check_coded,
+    is_coded,
+    new_moments,
+    recast_moments_,
+)
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
 from decoupled.optim._triton import check_capturable, check_triton_option, on_device_steps
@@ -55,6 +71,8 @@ def adam_update(
     maximize: bool = False,
     differentiable: bool = False,
     grad_scale: Tensor | None = None,
+    coded_states: list[dict] | None = None,
+    remainders: list[Tensor | None] | None = None,
 ) -> None:
     """One Adam step over a list of tensors, in place (the algorithm box of :class:`Adam`).
 
@@ -72,6 +90,12 @@ def adam_update(
         decay_rate: the per-step decoupled rate ``c`` (``θ ← θ − c·(θ − θ₀)``, see ``decay.py``);
             used only when ``decoupled`` is True.
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
+        coded_states: with 8-bit moments (``state_dtype="int8"``, ``_int8.py``), each
+            parameter's state dict, whose codes and scales are decoded before the step and
+            written after it; ``exp_avgs``/``exp_avg_sqs`` then hold the codes.
+        remainders: compensated bfloat16/float16 θ (``_compensated.py``): per parameter its
+            int8 remainder (None: not compensated). The step then runs in float32 on the
+            master weight θ + remainder, and writes both back.
     """
     references = references or [None] * len(params)
     unscale_(grads, grad_scale)
@@ -79,13 +103,18 @@ def adam_update(
         grad = grads[i] if not maximize else -grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
         step_t += 1
+        remainder = remainders[i] if remainders is not None else None
+        reference = references[i]
+        if remainder is not None:  # compensated θ: step the float32 master weight
+            stored_param, param, grad = param, master(param, remainder), grad.float()
+            reference = reference.float() if reference is not None else None
 
         # ---- the only place Adam and AdamW differ -----------------------------------
         if decoupled:
             if not is_zero(decay_rate):
-                apply_decoupled_decay_(param, decay_rate, references[i])  # AdamW:  θ ← θ·(1 − γλ)
+                apply_decoupled_decay_(param, decay_rate, reference)  # AdamW:  θ ← θ·(1 − γλ)
         elif not is_zero(weight_decay):
-            grad = add_l2_penalty(grad, param, weight_decay, references[i])  # Adam:  g ← g + λθ
+            grad = add_l2_penalty(grad, param, weight_decay, reference)  # Adam:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
@@ -95,7 +124,11 @@ def adam_update(
                 max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
             param = torch.view_as_real(param)
         compact = None
-        if exp_avg.dtype != param.dtype:  # bfloat16 state: compute in θ's dtype (_compact.py)
+        coded = coded_states is not None and is_coded(coded_states[i], "exp_avg")
+        if coded:  # int8 state: compute in θ's dtype (_int8.py)
+            compact = Int8Moments(coded_states[i], param.dtype)
+            exp_avg, exp_avg_sq = compact.values
+        elif exp_avg.dtype != param.dtype:  # bfloat16 state: compute in θ's dtype (_compact.py)
             moments = [exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
             compact = CompactMoments(moments, param.dtype)
             exp_avg, exp_avg_sq, max_exp_avg_sq = (compact.values + [None])[:3]
@@ -131,6 +164,8 @@ def adam_update(
             param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
         if compact is not None:
             compact.store(step, position=i)
+        if remainder is not None:
+            store_(stored_param, remainder, param, step, position=i)
 
 
 def _differentiable_update(
@@ -165,6 +200,27 @@ def _differentiable_update(
         eps / step_size_neg
     )
     param.addcdiv_(exp_avg.clone(), denom)
+
+
+def _compensation_with_kernels(
+    compensate: bool | None, state_dtype: torch.dtype | str | None, triton: bool | None
+) -> bool | None:
+    """``compensate`` as the group keeps it. int8 moments and compensated weights step only
+    through the reference loop for now, so asking for the Triton kernels (``triton=True``)
+    turns the default compensation off and refuses what the kernels cannot do."""
+    if not triton:
+        return compensate
+    if state_dtype == INT8:
+        raise ValueError(
+            "Invalid state_dtype value: int8 with triton=True (int8 moments step only "
+            "through the reference loop; use state_dtype=torch.bfloat16 or triton=None)"
+        )
+    if compensate:
+        raise ValueError(
+            "Invalid compensate value: True with triton=True (the Triton kernels do not keep "
+            "the remainder; use compensate=None or False, or triton=None)"
+        )
+    return False
 
 
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
@@ -228,7 +284,18 @@ class Adam(DecayOptimizer):
         state_dtype: ``torch.bfloat16`` keeps ``exp_avg``/``exp_avg_sq`` (and
             ``max_exp_avg_sq``) in bfloat16 with stochastic rounding: 4 instead of 8 bytes
             of state per parameter and 20 instead of 28 bytes moved per float32 step
-            (``_compact.py``). ``None`` (default): the parameters' dtype, as torch.
+            (``_compact.py``). ``"int8"`` (or ``torch.int8``): 8-bit blockwise codes with one
+            float32 scale per 256 elements (``exp_avg``/``exp_avg_sq`` hold the codes,
+            ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; not with amsgrad; the
+            reference loop steps; ``_int8.py``). ``None`` (default): the parameters' dtype,
+            as torch.
+        compensate: for bfloat16/float16 parameters, keep an int8 remainder per element
+            (``param_remainder`` in the state) so that the decay and the update are computed
+            in float32 on the master weight θ + remainder and small updates are not rounded
+            away (``_compensated.py``). ``None`` (default) and ``True``: on for such
+            parameters (the reference loop steps them; with ``triton=True``, None means off
+            and True is refused); ``False``: plain bfloat16 updates, bit-identical to
+            torch.optim, on the fast paths.
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
             (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
             autograd record the step (the reference loop, as torch's: gradients reach θ,
@@ -256,17 +323,19 @@ class Adam(DecayOptimizer):
         maximize: bool = False,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        compensate: bool | None = None,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
         triton: bool | None = None,
         **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
-        check_state_dtype(state_dtype)
+        state_dtype = check_state_dtype(state_dtype)
         check_tensor_hyperparameters(lr, betas, foreach=foreach, capturable=capturable)
         fused = torch_implementation_options(fused, foreach, capturable, differentiable)
         check_triton_option(triton, fused, capturable)
+        compensate = _compensation_with_kernels(check_compensate(compensate), state_dtype, triton)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -278,6 +347,7 @@ class Adam(DecayOptimizer):
             "triton": triton,
             "capturable": bool(capturable),
             "state_dtype": state_dtype,
+            "compensate": compensate,
             "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
         }
@@ -293,6 +363,11 @@ class Adam(DecayOptimizer):
                 stacklevel=4,
             )
         group["betas"] = checked_betas(group["betas"])
+        if group.get("state_dtype") == INT8 and group.get("amsgrad"):
+            raise ValueError(
+                "Invalid state_dtype value: int8 with amsgrad=True (the running maximum of v "
+                "is not kept in 8 bits: use state_dtype=torch.bfloat16 with amsgrad)"
+            )
 
     def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
         super()._check_loaded_state(where, param, group, state)
@@ -301,11 +376,23 @@ class Adam(DecayOptimizer):
         check_step(where, state["step"])
         required = self.state_keys[1 : 4 if group.get("amsgrad") else 3]
         for key in self.state_keys[1:]:
-            if key in state:
+            if key in state and is_coded(state, key):
+                check_coded(where, key, state, param)
+            elif key in state:
                 nonnegative = key != "exp_avg"  # v and max(v) are averages of g²
                 check_like_param(where, key, state[key], param, nonnegative=nonnegative)
             elif key in required:
                 refuse(where, key, "missing", "required once a step has been taken")
+        if REMAINDER in state:
+            check_remainder(where, state[REMAINDER], param)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :class:`DecayOptimizer`'s; each group also keeps its ``compensate``, this
+        process's choice (the remainder is then cast, created or dropped at the next step)."""
+        kept = [group.get("compensate") for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, compensate in zip(self.param_groups, kept):
+            group["compensate"] = compensate
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -316,6 +403,7 @@ class Adam(DecayOptimizer):
             group.setdefault("triton", None)
             group.setdefault("capturable", False)
             group.setdefault("state_dtype", None)
+            group.setdefault("compensate", False)  # pickled before compensation existed
             for p in group["params"]:
                 state_p = self.state.get(p, {})
                 if "step" in state_p and not torch.is_tensor(state_p["step"]):  # torch < 1.12
@@ -329,23 +417,42 @@ class Adam(DecayOptimizer):
         step = state.get("step")
         if device_steps or (torch.is_tensor(step) and not step.is_cpu):  # is_cpu: cheap
             on_device_steps(state, param.device if device_steps else torch.device("cpu"))
-        if "step" in state and state["exp_avg"].dtype == dtype:  # every step after the first
-            return state
+        coded = "step" in state and is_coded(state, "exp_avg")
+        if "step" in state and state["exp_avg"].dtype == dtype and coded == (dtype == INT8):
+            if (REMAINDER in state) != compensates(group.get("compensate"), param):
+                self._init_remainder(group, param, state)
+            return state  # every step after the first
         if torch.is_complex(param):
             dtype = param.dtype
+        keys = self.state_keys[1 : 4 if group["amsgrad"] else 3]
         if "step" not in state:  # (state may already hold init_param)
             # float32 CPU step counter, exactly as torch.optim.Adam keeps it
             state["step"] = torch.tensor(
                 0.0, dtype=torch.float32, device=param.device if device_steps else None
             )
-            for key in self.state_keys[1 : 4 if group["amsgrad"] else 3]:
-                state[key] = torch.zeros_like(param, dtype=dtype)
-        elif state["exp_avg"].dtype != dtype:
-            # a loaded state dict (torch casts moments to θ's dtype) or a changed state_dtype
-            for key in self.state_keys[1:]:
-                if key in state:
-                    state[key] = state[key].to(dtype)
+            if dtype == INT8:
+                state.update(new_moments(param, keys))
+            else:
+                for key in keys:
+                    state[key] = torch.zeros_like(param, dtype=dtype)
+        else:
+            # a loaded state dict (torch casts moments to θ's dtype, codes included) or a
+            # changed state_dtype
+            recast_moments_(state, self.state_keys[1:], dtype)
+        self._init_remainder(group, param, state)
         return state
+
+    @staticmethod
+    def _init_remainder(group: dict, param: Tensor, state: dict) -> None:
+        """The int8 remainder of compensated θ (``_compensated.py``): created at the first
+        step (r = 0: θ is the master weight), cast back from θ's dtype after a load; dropped
+        when compensation is off."""
+        if not compensates(group.get("compensate"), param):
+            state.pop(REMAINDER, None)
+        elif REMAINDER not in state:
+            state[REMAINDER] = torch.zeros_like(param, dtype=torch.int8)
+        elif state[REMAINDER].dtype != torch.int8:
+            state[REMAINDER] = state[REMAINDER].to(torch.int8)
 
     def _update_group(
         self,
@@ -358,8 +465,12 @@ class Adam(DecayOptimizer):
         found_inf: Tensor | None = None,
     ) -> None:
         differentiable = group.get("differentiable", False)
+        coded = group["state_dtype"] == INT8
+        # differentiable steps record torch's operations on θ itself: not compensated
+        compensate = group.get("compensate")
+        compensated = not differentiable and any(compensates(compensate, p) for p in params)
         update = choose_adam_update(
-            False if differentiable else group["fused"],
+            False if differentiable or coded or compensated else group["fused"],
             adam_update,
             params,
             grads,
@@ -372,6 +483,7 @@ class Adam(DecayOptimizer):
         )
         on_device = update.__name__ == "triton_adam_update"
         states = [self._init_state(group, p, on_device) for p in params]
+        remainders = [s.get(REMAINDER) for s in states]
         beta1, beta2 = group["betas"]
         if update is not adam_update:  # the fast paths take numbers, read at each step
             beta1, beta2 = as_float(beta1, "betas[0]"), as_float(beta2, "betas[1]")
@@ -393,6 +505,8 @@ class Adam(DecayOptimizer):
             maximize=group["maximize"],
             references=decay.references,
             **({"differentiable": True} if differentiable else {}),
+            **({"coded_states": states} if coded else {}),
+            **({"remainders": remainders} if compensated else {}),
             **({"grad_scale": grad_scale} if grad_scale is not None else {}),
             **({"found_inf": found_inf} if found_inf is not None else {}),
         )
@@ -448,7 +562,8 @@ class AdamW(Adam):
         maximize: bool = False,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        compensate: bool | None = None,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -466,6 +581,7 @@ class AdamW(Adam):
             skip_nonfinite=skip_nonfinite,
             fused=fused,
             state_dtype=state_dtype,
+            compensate=compensate,
             foreach=foreach,
             capturable=capturable,
             differentiable=differentiable,

@@ -64,11 +64,14 @@ inline float load(uint16_t bits) {  // bfloat16 -> float32: the high half of the
 }
 
 inline void store(float* out, float value, uint32_t) { *out = value; }
+// The NaN select is made on 32-bit words, before narrowing: a float32 compare choosing between
+// 16-bit values has no single instruction before AVX-512 (mask registers), and GCC then gives
+// up on the whole loop ("control flow in loop"), leaving the AVX2 build scalar.
 inline void store(uint16_t* out, float value, uint32_t random16) {
   uint32_t word;
   std::memcpy(&word, &value, sizeof word);
-  uint16_t rounded = static_cast<uint16_t>((word + random16) >> 16);
-  *out = value != value ? static_cast<uint16_t>(0x7FC0) : rounded;  // NaN stays NaN
+  const uint32_t rounded = value != value ? 0x7FC00000U : word + random16;  // NaN stays NaN
+  *out = static_cast<uint16_t>(rounded >> 16);
 }
 
 // a·b + c rounded once, as torch's Vectorized<float>::fmadd (ATen/cpu/vec) where the CPU has
@@ -80,9 +83,14 @@ inline float fmadd(float a, float b, float c) { return a * b + c; }
 #endif
 
 // torch's vectorized lerp (ATen/native/Lerp.h, lerp_vec): a + w·(b − a) for |w| < 0.5, else
-// b + (w − 1)·(b − a), each with one fused multiply-add.
+// b + (w − 1)·(b − a), each with one fused multiply-add. Both are computed and one is selected:
+// written as a branch, GCC will not compute the other one speculatively (a float operation
+// may trap, -ftrapping-math) and, without AVX-512's masked instructions, leaves the loop
+// scalar ("control flow in loop"); a select of two computed values is a vector blend.
 inline float lerp(float a, float b, float w) {
-  return std::abs(w) < 0.5f ? fmadd(w, b - a, a) : fmadd(w - 1.0f, b - a, b);
+  const float low = fmadd(w, b - a, a);
+  const float high = fmadd(w - 1.0f, b - a, b);
+  return std::abs(w) < 0.5f ? low : high;
 }
 
 Decay decay_mode(bool decoupled, double weight_decay, double decay) {

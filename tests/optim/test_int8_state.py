@@ -1,0 +1,209 @@
+"""8-bit optimizer moments (``state_dtype="int8"``, ``_int8.py``): the code and its rounding,
+one step against a float64 implementation of the formula, bounded error over 1000 steps,
+memory, state dicts across state dtypes, damaged state refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import decoupled
+from decoupled.optim._int8 import BLOCK, decode, encode_, new_moments
+
+from .test_compact_state import quadratic_run
+
+INT8 = {"state_dtype": "int8"}
+# 4096-element tensors: on a busy machine each op's thread-pool handshake costs ten times the
+# work (conftest.py's one_thread); one thread runs the 1000-step test in seconds
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def coded(value: torch.Tensor, key: str, bits: torch.Tensor):
+    state = new_moments(value, (key,))
+    encode_(state[key], state[key + "_scale"], value, key, bits)
+    return state[key], state[key + "_scale"]
+
+
+def uniform_bits(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 1 << 16, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_rounding_is_unbiased_within_one_code_step_and_exact_on_codes(key):
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(3 * BLOCK + 17, generator=generator) ** 3  # wide range, not whole blocks
+    if key == "exp_avg_sq":
+        value = value.abs()
+    decoded = torch.stack(
+        [decode(*coded(value, key, uniform_bits(value.numel(), seed)), key) for seed in range(400)]
+    )
+    codes, scale = coded(value, key, uniform_bits(value.numel(), 0))
+    assert codes.dtype == (torch.int8 if key == "exp_avg" else torch.uint8)
+    assert scale.shape == (4,)
+    block_max = torch.nn.functional.pad(value.abs(), (0, 4 * BLOCK - value.numel()))
+    block_max = block_max.view(4, BLOCK).amax(1).repeat_interleave(BLOCK)[: value.numel()]
+    assert torch.equal(scale.repeat_interleave(BLOCK)[: value.numel()], block_max)
+    # the module docstring's bound on one rounding
+    if key == "exp_avg":
+        bound = 2 * (block_max * value.abs()).sqrt() / 127 + block_max / 127**2
+        error = (decoded - value).abs()
+    else:
+        bound = 2 * (block_max * value).sqrt().sqrt() / 255 + block_max.sqrt() / 255**2
+        error = (decoded.sqrt() - value.sqrt()).abs()
+    assert (error <= bound * (1 + 1e-5)).all()
+    assert (decoded.std(0) > 0).sum() > value.numel() // 2  # rounding is random, not nearest
+    # unbiased: one rounding errs by at most `bound` (in m, or in √v, whose decoded values'
+    # step is at most 2·bound·√s), so the mean of 400 is within 5·bound/√400 (5 sigma)
+    step = bound if key == "exp_avg" else 2 * bound * block_max.sqrt() + bound**2
+    assert ((decoded.mean(0) - value).abs() <= 5 * step / 20 + 1e-6 * block_max).all()
+    # a decoded value is coded exactly again, whatever the random bits
+    again = decode(*coded(decoded[0], key, uniform_bits(value.numel(), 9)), key)
+    assert torch.equal(again, decoded[0])
+
+
+def float64_adam_step(theta, grad, m, v, step, lr, betas, eps, weight_decay, decoupled_):
+    """Adam/AdamW's formula in float64 (the algorithm box), from decoded moments."""
+    theta, grad, m, v = (t.double() for t in (theta, grad, m, v))
+    if decoupled_:
+        theta = theta * (1 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * theta
+    m = betas[0] * m + (1 - betas[0]) * grad
+    v = betas[1] * v + (1 - betas[1]) * grad * grad
+    m_hat, v_hat = m / (1 - betas[0] ** step), v / (1 - betas[1] ** step)
+    return theta - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.sampled_from([(7,), (300,), (16, 33), (2, 3, 5, 7)]),
+    decoupled_=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    channels_last=st.booleans(),
+    steps=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_one_step_matches_the_float64_formula(
+    shape, decoupled_, weight_decay, channels_last, steps, seed
+):
+    """From any coded state, a step equals the float64 formula on the decoded moments (θ to
+    float32 rounding), and the stored moments are within one code step of the formula's."""
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.randn(shape, generator=generator)
+    if channels_last and len(shape) == 4:
+        theta = theta.contiguous(memory_format=torch.channels_last)
+    theta = torch.nn.Parameter(theta)
+    cls = decoupled.AdamW if decoupled_ else decoupled.Adam
+    optimizer = cls([theta], lr=1e-2, weight_decay=weight_decay, **INT8)
+    for _ in range(steps):
+        theta.grad = torch.randn(shape, generator=generator)
+        state = optimizer.state[theta]
+        if state:
+            before = theta.detach().clone()
+            m = decode(state["exp_avg"], state["exp_avg_scale"], "exp_avg")
+            v = decode(state["exp_avg_sq"], state["exp_avg_sq_scale"], "exp_avg_sq")
+            count = float(state["step"]) + 1
+        else:
+            before, m, v, count = theta.detach().clone(), *[torch.zeros(shape)] * 2, 1.0
+        expected, m64, v64 = float64_adam_step(
+            before, theta.grad, m, v, count, 1e-2, (0.9, 0.999), 1e-8, weight_decay, decoupled_
+        )
+        optimizer.step()
+        state = optimizer.state[theta]
+        assert state["exp_avg"].stride() == theta.stride()
+        torch.testing.assert_close(theta.detach().double(), expected, rtol=1e-5, atol=1e-6)
+        m_new = decode(state["exp_avg"], state["exp_avg_scale"], "exp_avg").double()
+        v_new = decode(state["exp_avg_sq"], state["exp_avg_sq_scale"], "exp_avg_sq").double()
+        scale_m, scale_v = m64.abs().max(), v64.max()
+        assert ((m_new - m64).abs() <= 2 * (scale_m * m64.abs()).sqrt() / 127
+                + scale_m / 127**2 + 1e-6 * scale_m).all()  # fmt: skip
+        assert ((v_new.sqrt() - v64.sqrt()).abs() <= 2 * (scale_v * v64).sqrt().sqrt() / 255
+                + scale_v.sqrt() / 255**2 + 1e-6 * scale_v.sqrt()).all()  # fmt: skip
+
+
+def test_error_against_float32_state_stays_bounded_over_1000_steps():
+    reference, _, _ = quadratic_run(None)
+    compact, optimizer, theta = quadratic_run("int8")
+    assert optimizer.state[theta]["exp_avg"].dtype == torch.int8
+    error = (compact - reference).norm(dim=1) / reference[0].norm()
+    assert error.max().item() < 2e-2  # measured: see the report
+    assert error[-100:].max().item() < 2 * error[400:500].max().item() + 1e-3  # not growing
+
+
+def test_state_memory_is_a_quarter_plus_the_scales():
+    def state_bytes(**kwargs):
+        theta = torch.nn.Parameter(torch.zeros(1000, 10))
+        optimizer = decoupled.AdamW([theta], **kwargs)
+        theta.grad = torch.ones_like(theta)
+        optimizer.step()
+        return sum(t.nbytes for k, t in optimizer.state[theta].items() if k != "step")
+
+    assert state_bytes(**INT8) == 2 * 10_000 + 2 * 4 * 40  # codes + 40 scales per moment
+    assert state_bytes() == 8 * 10_000
+
+
+def test_state_dicts_load_across_state_dtypes():
+    """int8 -> float32 -> bfloat16 -> int8 and through torch.optim: each load casts; a
+    decoded int8 state is coded again exactly (same codes and scales)."""
+    _, optimizer, theta = quadratic_run("int8", steps=20)
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert set(saved["state"][0]) == {
+        "step", "exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale"
+    }  # fmt: skip
+    m = decode(saved["state"][0]["exp_avg"], saved["state"][0]["exp_avg_scale"], "exp_avg")
+    back = decoupled.AdamW([theta], lr=1e-2, **INT8)
+    back.load_state_dict(copy.deepcopy(saved))
+    theta.grad = torch.zeros_like(theta)
+    float32 = decoupled.AdamW([theta], lr=1e-2)
+    float32.load_state_dict(copy.deepcopy(saved))
+    float32._init_state(float32.param_groups[0], theta)
+    assert float32.state[theta]["exp_avg"].dtype == torch.float32
+    assert torch.equal(float32.state[theta]["exp_avg"], m)
+    assert "exp_avg_scale" not in float32.state[theta]
+    bf16 = decoupled.AdamW([theta], lr=1e-2, state_dtype=torch.bfloat16)
+    bf16.load_state_dict(copy.deepcopy(saved))
+    bf16._init_state(bf16.param_groups[0], theta)
+    assert torch.equal(bf16.state[theta]["exp_avg"], m.bfloat16())
+    again = decoupled.AdamW([theta], lr=1e-2, **INT8)
+    again.load_state_dict(float32.state_dict())  # float32 -> int8: the same codes
+    again._init_state(again.param_groups[0], theta)
+    for key in ("exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale"):
+        assert torch.equal(again.state[theta][key], saved["state"][0][key]), key
+    torch_optimizer = torch.optim.AdamW([theta], lr=1e-2)
+    torch_optimizer.load_state_dict(float32.state_dict())
+    torch_optimizer.step()  # a decoded int8 checkpoint steps in torch.optim
+    back.step()
+    assert back.state[theta]["exp_avg"].dtype == torch.int8
+
+
+@pytest.mark.parametrize(
+    "field,damage,message",
+    [
+        ("exp_avg_scale", lambda t: t.neg_(), "exp_avg_scale"),
+        ("exp_avg_sq_scale", lambda t: t.fill_(float("nan")), "exp_avg_sq_scale"),
+        ("exp_avg_scale", lambda t: t[:-1], "exp_avg_scale shape"),
+        ("exp_avg", lambda t: t.to(torch.int16), "exp_avg dtype"),
+        ("exp_avg", lambda t: t.fill_(-128), "exp_avg = -128"),
+        ("exp_avg_sq", lambda t: t.to(torch.int8), "exp_avg_sq dtype"),
+    ],
+)
+def test_damaged_int8_state_is_refused(field, damage, message):
+    _, optimizer, theta = quadratic_run("int8", steps=2)
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0][field] = damage(saved["state"][0][field])
+    fresh = decoupled.AdamW([theta], lr=1e-2, **INT8)
+    with pytest.raises(ValueError, match=f"Invalid state for parameter 0 .*{message}"):
+        fresh.load_state_dict(saved)
+
+
+def test_invalid_state_dtype_and_amsgrad_are_refused():
+    theta = [torch.nn.Parameter(torch.zeros(1))]
+    with pytest.raises(ValueError, match="Invalid state_dtype value: int4"):
+        decoupled.AdamW(theta, state_dtype="int4")
+    with pytest.raises(ValueError, match="Invalid state_dtype value: int8 with amsgrad"):
+        decoupled.AdamW(theta, state_dtype=torch.int8, amsgrad=True)
+    assert decoupled.Adam(theta, **INT8).param_groups[0]["state_dtype"] == torch.int8
