@@ -174,8 +174,15 @@ SGDW_FAST_INPUTS = SGD_FAST_INPUTS + [
         {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.5, "cautious": True}, "cautious momentum"
     ),
     OptimizerInput(
-        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.5, "cautious": True,
-         "decay_to": "init", "maximize": True},
+        {
+            "lr": 0.05,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 0.5,
+            "cautious": True,
+            "decay_to": "init",
+            "maximize": True,
+        },
         "cautious nesterov init",
     ),  # fmt: skip
 ]

@@ -16,7 +16,6 @@ import torch
 
 import decoupled
 from decoupled.optim import _kernels
-from tests.optim.optim_db import PATH
 
 STEPS = 40
 SHAPES = [(7, 5), (33,), (1,)]
@@ -139,12 +138,18 @@ SGDW_ROWS = [
     pytest.param({"weight_decay": 0.5}, id="plain"),
     pytest.param({"weight_decay": 0.5, "momentum": 0.9}, id="momentum"),
     pytest.param({"weight_decay": 5.0, "momentum": 0.9, "decay_scale": "schedule"}, id="schedule"),
-    pytest.param({"weight_decay": 0.02, "momentum": 0.5, "dampening": 0.3,
-                  "decay_scale": "constant"}, id="constant-damp"),  # fmt: skip
-    pytest.param({"weight_decay": 2.0, "momentum": 0.9, "nesterov": True, "decay_to": "init"},
-                 id="nesterov-init"),  # fmt: skip
-    pytest.param({"weight_decay": lambda step: 1.0 / step, "momentum": 0.9, "maximize": True},
-                 id="schedule-maximize"),  # fmt: skip
+    pytest.param(
+        {"weight_decay": 0.02, "momentum": 0.5, "dampening": 0.3, "decay_scale": "constant"},
+        id="constant-damp",
+    ),  # fmt: skip
+    pytest.param(
+        {"weight_decay": 2.0, "momentum": 0.9, "nesterov": True, "decay_to": "init"},
+        id="nesterov-init",
+    ),  # fmt: skip
+    pytest.param(
+        {"weight_decay": lambda step: 1.0 / step, "momentum": 0.9, "maximize": True},
+        id="schedule-maximize",
+    ),  # fmt: skip
 ]
 
 

@@ -6,16 +6,16 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, cautious
-   decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in one parallel
-   region, one pass over memory. Built with the machine's C++ compiler the first time it is
-   needed (``_build.py``).
+   decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in
+   one parallel region, one pass over memory. Built with the machine's C++ compiler the first
+   time it is needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
    float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
    ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
-   not for ``decay_to="init"``, cautious decay, complex parameters or bfloat16 state. Those kernels assume
-   that θ, g and the moments share one memory layout without checking it, so a gradient laid
-   out otherwise is copied into its parameter's layout first, and a parameter whose moments
-   are laid out otherwise (or that is not dense) takes the reference loop.
+   not for ``decay_to="init"``, cautious decay, complex parameters or bfloat16 state. Those
+   kernels assume that θ, g and the moments share one memory layout without checking it, so a
+   gradient laid out otherwise is copied into its parameter's layout first, and a parameter
+   whose moments are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
    rates (the lab's batched executor), tensor subclasses such as DTensor, CUDA tensors (torch
    keeps a fused kernel's step counters on the GPU, ours on the CPU), ``torch.compile``, and
