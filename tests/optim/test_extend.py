@@ -276,6 +276,8 @@ def test_errors():
     cls = with_decoupled_decay(torch.optim.RMSprop)
     with pytest.raises(ValueError, match=r"Invalid cautious value: True with weight_decay=0"):
         cls(start(), cautious=True)
+    groups = [{"params": start()[:1]}, {"params": start()[1:], "weight_decay": 0.1}]
+    assert cls(groups, cautious=True).param_groups[1]["cautious"]  # one group decays: fine
     with pytest.raises(ValueError, match=r"Invalid weight_decay value: -0.1"):
         cls(start(), weight_decay=-0.1)
     with pytest.raises(ValueError, match=r"Invalid decay_scale value: 'paper'"):

@@ -161,7 +161,8 @@ class DecayMonitor:
         rates, rms = element_decay_rates(
             optimizer, param, group, with_grad_rms=False, before=before
         )
-        mask = cautious_mask_of(optimizer, group, param, before) if kind.decoupled else None
+        # the share decayed means something only where there is a decay to mask
+        mask = cautious_mask_of(optimizer, group, param, before) if decayed else None
         if mask is not None:
             fraction = float(mask.sum(dtype=torch.float64)) / max(mask.numel(), 1)
             self.decayed_fractions.append(DecayedFraction(self.steps, name, fraction))

@@ -148,20 +148,16 @@ class _DecoupledDecay:
         self.cautious_masks: dict[Tensor, Tensor] = {}
         super().__init__(*bound.args[1:], **bound.kwargs)
         self.defaults.update(options)
+        cautious_groups = [group for group in self.param_groups if group["cautious"]]
+        if cautious_groups and not any(map(_decays, cautious_groups)):
+            raise ValueError(
+                "Invalid cautious value: True with weight_decay=0 in every group (cautious "
+                "masking needs a decay to mask: give weight_decay > 0 or lambda_norm)"
+            )
 
     def _check_options(self, group: dict) -> None:
         check_group(group, decoupled=True)
         check_cautious(group, True, self.family)
-        no_decay = (
-            group["lambda_norm"] is None
-            and not callable(group["weight_decay"])
-            and as_float(group["weight_decay"], "weight_decay") == 0
-        )
-        if group["cautious"] and no_decay:
-            raise ValueError(
-                "Invalid cautious value: True with weight_decay=0 (cautious masking needs a "
-                "decay to mask: give weight_decay > 0 or lambda_norm)"
-            )
 
     def add_param_group(self, param_group: dict) -> None:
         declines = _given_group_declines_lambda_norm(param_group)
@@ -283,6 +279,12 @@ class _DecoupledDecay:
             _completed(group)
             group.setdefault("construction_lr", as_float(group["lr"]))
             group.setdefault("decay_steps", 0)
+
+
+def _decays(group: dict) -> bool:
+    """Whether a group has a decay at all (a schedule counts: it may be positive later)."""
+    weight_decay = group["weight_decay"]
+    return group.get("lambda_norm") is not None or callable(weight_decay) or weight_decay != 0
 
 
 def _completed(group: dict) -> dict:
