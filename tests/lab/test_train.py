@@ -356,7 +356,10 @@ def test_an_unknown_optimizer_is_one_error_everywhere(mnist1d):
 
     from decoupled.lab.plan import plan_compare
 
-    message = re.escape("Invalid optimizer value: 'adan' (choose from adam, adamw, sgd, sgdw)")
+    message = re.escape(
+        "Invalid optimizer value: 'adan' "
+        "(choose from adam, adamw, sgd, sgdw, adamw-cautious, sgdw-cautious)"
+    )
     with pytest.raises(ValueError, match=f"^{message}$"):
         spec(optimizer="adan").validate()
     with pytest.raises(ValueError, match=f"^{message}$"):

@@ -128,7 +128,7 @@ NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 def get_optimizer_info(name: str) -> OptimizerInfo:
     """The entry of ``name``; ``ValueError: Invalid optimizer value: 'adan' (choose from
-    adam, adamw, sgd, sgdw)`` for an unknown one."""
+    adam, adamw, sgd, sgdw, adamw-cautious, sgdw-cautious)`` for an unknown one."""
     check_optimizer(name)
     return REGISTRY[name]
 
