@@ -6,7 +6,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from decoupled.optim import SGD, SGDW, Adam, AdamW, param_groups
+from decoupled.optim import SGD, SGDW, Adam, AdamW, param_groups, with_decoupled_decay
 from decoupled.optim.decay import DECAY_SCALES, convert_weight_decay
 from decoupled.optim.factory import create_optimizer
 from decoupled.rules import normalized_weight_decay, timescale, weight_decay_for_timescale
@@ -22,6 +22,7 @@ __all__ = [
     "SGD",
     "SGDW",
     "param_groups",
+    "with_decoupled_decay",
     "create_optimizer",
     "DECAY_SCALES",
     "convert_weight_decay",

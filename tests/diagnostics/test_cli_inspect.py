@@ -31,9 +31,14 @@ def test_inspect_writes_plots_table_and_monitor_rows(tmp_path, capsys):
     assert store.decay_table_runs() == [
         "inspect-mnist1d-adam",
         "inspect-mnist1d-adamw",
+        "inspect-mnist1d-adamw-cautious",
     ]
     adamw = store.load_decay_table("inspect-mnist1d-adamw")
     assert {row.rate_cv for row in adamw.where(decayed=True)} == {0.0}
+    # AdamW + CWD (arXiv 2510.12402): the mask decays a share of each tensor, c on it, 0 elsewhere
+    cautious = store.load_decay_table("inspect-mnist1d-adamw-cautious").where(decayed=True)
+    assert all(0 < row.rate_mean < row.lr * row.weight_decay for row in cautious)
+    assert "AdamW + CWD" in text and "share of elements decayed (CWD mask)" in text
     adam = store.load_decay_table("inspect-mnist1d-adam")
     assert all(row.rate_grad_rms_spearman < -0.9 for row in adam.where(decayed=True))
 

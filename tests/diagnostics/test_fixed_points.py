@@ -161,3 +161,56 @@ def test_weight_decay_check():
             check_weight_decay(bad)
     with pytest.raises(ValueError, match="Invalid weight_decay value: 1e\\+20"):
         fixed_points(1e20)  # refused before loading or training anything
+
+
+def test_cautious_decay_keeps_descending_f_past_the_linf_ball(result):
+    """On separable data f has no minimizer: AdamW + CWD (arXiv 2510.12402) is stopped by
+    neither regularized optimum and ends with a lower loss and a far smaller ‖∇f‖."""
+    summary = result.summary()
+    row, adamw, adam = summary["AdamW + CWD"], summary["AdamW"], summary["Adam + L2"]
+    assert row["sup_norm_times_lambda"] > 2  # well outside AdamW's ball ‖θ‖∞ ≤ 1/λ
+    assert row["log_loss"] < min(adamw["log_loss"], adam["log_loss"])
+    assert row["grad_norm"] < min(adamw["grad_norm"], adam["grad_norm"]) / 10
+    assert row["to_l2_optimum"] > 0.5 and row["to_box_optimum"] > 0.5
+    line = next(line for line in conclusions(result) if line.startswith("AdamW + CWD"))
+    assert "it keeps descending f" in line
+
+
+def test_cautious_decay_converges_to_the_minimizer_of_f():
+    """The predicted effect where f has a minimizer (least squares, the same schedule): AdamW
+    + CWD ends at argmin f, AdamW at the ℓ∞-constrained optimum and Adam + L2 at the ridge
+    solution, both far from it (the minimizer lies outside the ball ‖θ‖∞ ≤ 1/λ)."""
+    import torch
+
+    import decoupled
+    from decoupled.diagnostics.fixed_points import learning_rate_factor
+
+    generator = np.random.default_rng(0)
+    A = generator.standard_normal((200, 10))
+    b = A @ generator.uniform(-3, 3, 10) + 0.1 * generator.standard_normal(200)
+    minimizer = np.linalg.lstsq(A, b, rcond=None)[0]
+    weight_decay, steps = 1.0, 1000
+    ridge = np.linalg.solve(A.T @ A / 200 + weight_decay * np.eye(10), A.T @ b / 200)
+    assert np.abs(minimizer).max() > 2 / weight_decay  # the ball would cut it off
+
+    def train_on_least_squares(cls, **options):
+        theta = torch.zeros(10, dtype=torch.float64)
+        optimizer = cls(
+            [theta], lr=0.05, weight_decay=weight_decay, betas=(0.9, 0.99), fused=False, **options
+        )
+        inputs, targets = torch.from_numpy(A), torch.from_numpy(b)
+        for step in range(steps):
+            optimizer.param_groups[0]["lr"] = 0.05 * float(learning_rate_factor(step, steps))
+            theta.grad = inputs.T @ (inputs @ theta - targets) / 200
+            optimizer.step()
+        return theta.numpy()
+
+    def distance(theta, target):
+        return np.linalg.norm(theta - target) / np.linalg.norm(target)
+
+    cautious = train_on_least_squares(decoupled.AdamW, cautious=True)
+    adamw = train_on_least_squares(decoupled.AdamW)
+    adam = train_on_least_squares(decoupled.Adam)
+    assert distance(cautious, minimizer) < 1e-3
+    assert distance(adamw, minimizer) > 0.3 and np.abs(adamw).max() < 1 / weight_decay + 1e-3
+    assert distance(adam, minimizer) > 0.3 and distance(adam, ridge) < 1e-3

@@ -50,7 +50,10 @@ def test_declarations(loaded):
     task, data = loaded
     assert task.metric in METRIC_RANGES
     assert 0 < task.quick_steps < task.steps and 0 < task.eval_every <= task.steps
-    assert set(task.defaults) == {"adam", "adamw", "sgd", "sgdw"}
+    assert set(task.defaults) == {"adam", "adamw", "sgd", "sgdw", "adamw-cautious", "sgdw-cautious"}
+    # cautious weight decay adds no hyperparameter: AdamW's and SGDW's tuned values
+    assert task.defaults["adamw-cautious"] == task.defaults["adamw"]
+    assert task.defaults["sgdw-cautious"] == task.defaults["sgdw"]
     for optimizer, hyper in task.defaults.items():
         assert isinstance(hyper, Hyperparameters) and hyper.lr > 0 and hyper.weight_decay >= 0
         assert hyper.momentum == (0.9 if optimizer.startswith("sgd") else 0.0)

@@ -315,14 +315,19 @@ def test_the_registry_describes_each_optimizer_as_its_class_behaves():
     from decoupled.diagnostics.rates import decay_kind
     from decoupled.optim.registry import REGISTRY, pairs
 
-    assert list(REGISTRY) == ["adam", "adamw", "sgd", "sgdw"]
+    assert list(REGISTRY) == ["adam", "adamw", "sgd", "sgdw", "adamw-cautious", "sgdw-cautious"]
     assert list(pairs()) == [("adam", "adamw"), ("sgd", "sgdw")]
     for name, info in REGISTRY.items():
         model = nn.Linear(3, 2)
         optimizer = info.cls(model.parameters(), lr=0.1, weight_decay=0.1)
         assert decay_kind(optimizer).decoupled == info.decoupled, name
         assert decay_kind(optimizer).family == info.family, name
-        assert REGISTRY[info.twin].twin == name and REGISTRY[info.twin].decay != info.decay
+        assert optimizer.param_groups[0].get("cautious", False) == name.endswith("-cautious")
+        if info.variant_of is None:
+            assert REGISTRY[info.twin].twin == name and REGISTRY[info.twin].decay != info.decay
+        else:  # a variant's L2 twin is its base's (Adam has no cautious decay)
+            assert info.twin == REGISTRY[info.variant_of].twin
+            assert REGISTRY[info.variant_of].family == info.family
         signature = inspect.signature(info.cls).parameters
         if info.family == "adam":
             assert signature["betas"].default == (info.defaults["beta1"], info.defaults["beta2"])
@@ -351,7 +356,10 @@ def test_an_unknown_optimizer_is_one_error_everywhere(mnist1d):
 
     from decoupled.lab.plan import plan_compare
 
-    message = re.escape("Invalid optimizer value: 'adan' (choose from adam, adamw, sgd, sgdw)")
+    message = re.escape(
+        "Invalid optimizer value: 'adan' "
+        "(choose from adam, adamw, sgd, sgdw, adamw-cautious, sgdw-cautious)"
+    )
     with pytest.raises(ValueError, match=f"^{message}$"):
         spec(optimizer="adan").validate()
     with pytest.raises(ValueError, match=f"^{message}$"):

@@ -46,7 +46,8 @@ def _torch_fused_takes(info: OptimizerInfo, inp: OptimizerInput) -> bool:
     """torch's fused kernels decay toward zero only, and take AdamW's rate c = lr·λ as a
     number (not with a tensor lr)."""
     tensor_rate = info.cls is decoupled.AdamW and torch.is_tensor(inp.kwargs.get("lr"))
-    return "decay_to" not in inp.kwargs and not tensor_rate
+    cautious = inp.kwargs.get("cautious", False)  # torch's kernels have no mask
+    return "decay_to" not in inp.kwargs and not tensor_rate and not cautious
 
 
 PATHS = [
@@ -141,6 +142,16 @@ ADAMW_FAST_INPUTS = ADAM_FAST_INPUTS + [
     OptimizerInput({"weight_decay": 1e-4, "decay_scale": "constant"}, "constant"),
     OptimizerInput({"weight_decay": 0.5, "decay_scale": "corrected"}, "corrected"),
     OptimizerInput({"weight_decay": 0.5, "decay_to": "init", "decay_scale": "constant"}, "c>0.5"),
+    # cautious weight decay (arXiv 2510.12402): large λ so that the mask moves θ visibly
+    OptimizerInput({"weight_decay": 2.0, "cautious": True}, "cautious"),
+    OptimizerInput(
+        {"weight_decay": 2.0, "cautious": True, "decay_to": "init", "amsgrad": True},
+        "cautious to init",
+    ),
+    OptimizerInput(
+        {"weight_decay": 20.0, "cautious": True, "maximize": True, "decay_scale": "schedule"},
+        "cautious maximize",
+    ),
 ]
 SGD_FAST_INPUTS = [
     OptimizerInput({"lr": 0.05, "weight_decay": 0.1}, "plain"),
@@ -158,6 +169,22 @@ SGDW_FAST_INPUTS = SGD_FAST_INPUTS + [
     OptimizerInput(
         {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "decay_scale": "constant"}, "constant"
     ),
+    OptimizerInput({"lr": 0.05, "weight_decay": 0.5, "cautious": True}, "cautious"),
+    OptimizerInput(
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.5, "cautious": True}, "cautious momentum"
+    ),
+    OptimizerInput(
+        {
+            "lr": 0.05,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 0.5,
+            "cautious": True,
+            "decay_to": "init",
+            "maximize": True,
+        },
+        "cautious nesterov init",
+    ),  # fmt: skip
 ]
 
 _ADAM_SUPPORTS = frozenset({"kernel", "torch_fused", "compact_state", "amsgrad", "complex"})

@@ -369,6 +369,40 @@ def test_cautious_decay_against_the_float64_formula(adam, toward_init):
     torch.testing.assert_close(param.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "cls,options",
+    [
+        (decoupled.AdamW, {"lr": 1e-2, "weight_decay": 0.5}),
+        (decoupled.AdamW, {"lr": 1e-2, "weight_decay": 0.5, "decay_to": "init", "amsgrad": True}),
+        (decoupled.SGDW, {"lr": 1e-2, "weight_decay": 0.5, "momentum": 0.9, "nesterov": True}),
+        (decoupled.SGDW, {"lr": 1e-2, "weight_decay": 0.5, "maximize": True}),
+    ],
+)
+def test_cautious_decay_matches_the_reference_loop(cls, options, launches):
+    """``cautious=True`` through the Triton kernel against the reference loop's mask
+    (``decay.cautious_mask``), over several steps, every state tensor."""
+    compare(cls, steps=3, cautious=True, **options)
+    assert launches["adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"] == 3
+
+
+def test_cautious_mask_compares_signs_not_a_product_that_rounds_to_zero():
+    """θ and the direction so small that their float32 product is 0: the signs still decide
+    (the reference's rule), so a coordinate whose signs disagree is not decayed."""
+    lr, weight_decay = 1e-12, 5e11  # c = γλ = 0.5, and γ·g far below θ
+    param = torch.nn.Parameter(torch.tensor([1e-30, -1e-30, 1e-30]))
+    optimizer = decoupled.SGDW(
+        [param], lr=lr, weight_decay=weight_decay, cautious=True, triton=True
+    )
+    grad = torch.tensor([-1e-20, -1e-20, 1e-20])  # θ·g: disagrees, agrees, agrees
+    assert torch.equal(param.detach() * grad, torch.zeros(3))  # the products round to ±0
+    param.grad = grad.clone()
+    optimizer.step()
+    theta, g = torch.tensor([1e-30, -1e-30, 1e-30]).double(), grad.double()
+    decayed = torch.tensor([False, True, True])
+    expected = torch.where(decayed, theta * 0.5, theta) - lr * g  # θ·(1 − c) where decayed
+    torch.testing.assert_close(param.detach().double(), expected, rtol=1e-5, atol=0)
+
+
 def test_capturable_decides_on_the_device():
     """``capturable=True``: steps on the parameters' device, a tensor lr read in the kernel,
     a NaN gradient or GradScaler's found_inf skips the step without reading a flag on the

@@ -107,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in REGISTRY:
         parser.add_argument(
             f"--wd-{name}",
+            dest=f"wd_{name}",  # read back as wd_<registry name>, hyphens kept
             type=nonnegative_float,
             default=None,
             metavar="λ",

@@ -1,8 +1,9 @@
 """Look inside weight decay: what Adam + L2 and AdamW actually do, per element and per layer.
 
-`decoupled inspect` (or `inspect train`) trains Adam + L2 and AdamW on a task with its default
-hyperparameters, the same seed and the same batches, with a DecayMonitor attached; it prints
-the Adam vs AdamW table filled with measured numbers and writes plots (decay distributions,
+`decoupled inspect` (or `inspect train`) trains Adam + L2, AdamW and AdamW + CWD (cautious
+weight decay, arXiv 2510.12402) on a task with its default hyperparameters, the same seed and
+the same batches, with a DecayMonitor attached; it prints the Adam vs AdamW table (with an
+AdamW + CWD column) filled with measured numbers and writes plots (decay distributions,
 angular updates against theory, weight norms, decay over time, decay vs gradient size) and
 the monitor's rows (results.db, table decay_monitor) into --out.
 
@@ -22,6 +23,7 @@ from decoupled.cli._lab_args import output_folder, resolve_task
 DEFAULT_STEPS = 3000
 DEFAULT_SEED = 0
 DEFAULT_OUT = "./decoupled-runs/inspect"
+INSPECTED = ("adam", "adamw", "adamw-cautious")  # the table's columns
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +87,7 @@ def run_train(args: argparse.Namespace) -> int:
     # None, not the defaults, in the parser: so that fixed-points can tell them given
     task = resolve_task(args.task if args.task is not None else DEFAULT_TASK, args.data_dir)
     seed = args.seed if args.seed is not None else DEFAULT_SEED
-    missing = [name for name in ("adam", "adamw") if name not in task.defaults]
+    missing = [name for name in INSPECTED if name not in task.defaults]
     if missing:
         raise CommandError(f"argument --task: {task.name} has no defaults for {missing}")
     if args.weight_decay is not None:
@@ -104,11 +106,11 @@ def run_train(args: argparse.Namespace) -> int:
     from decoupled.lab.inspection import inspect_task
 
     print(
-        f"decoupled inspect: task {task.name}, Adam + L2 vs AdamW (task defaults), "
+        f"decoupled inspect: task {task.name}, Adam + L2 vs AdamW vs AdamW + CWD (task defaults), "
         f"{steps} steps, seed {seed}, monitor every {every} steps -> {out}"
     )
     try:
-        runs = inspect_task(task, data, steps=steps, seed=seed, every=every)
+        runs = inspect_task(task, data, steps=steps, seed=seed, every=every, optimizers=INSPECTED)
     except FloatingPointError as error:  # a diverged run: a result, reported in one line
         print(f"decoupled inspect: {error}", file=sys.stderr)
         return 1

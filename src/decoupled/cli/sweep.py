@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in OPTIMIZERS:
         parser.add_argument(
             f"--wd-{name}",
+            dest=f"wd_{name}",  # read back as wd_<registry name>, hyphens kept
             default=None,
             metavar="RANGE",
             help=f"λ grid of {name} (default: the tuned λ ×1/30..×30, 5 values)",

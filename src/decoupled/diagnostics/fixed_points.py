@@ -1,4 +1,5 @@
-r"""Where Adam + L2, SGD + L2 and AdamW converge on a convex problem, against exact solvers.
+r"""Where Adam + L2, SGD + L2, AdamW and AdamW + CWD converge on a convex problem, against
+exact solvers.
 
 Theory (SCIENCE.md §5):
 
@@ -10,6 +11,12 @@ Theory (SCIENCE.md §5):
   ℓ∞ Norm Constrained Optimization", ICML 2024, arXiv 2404.04454): ‖θ‖∞ ≤ 1/λ and
   ``⟨−λθ, ∇f(θ)⟩ = ‖∇f(θ)‖₁`` — every coordinate either has zero gradient or sits on the
   bound, pushed outward by its gradient. For convex f it is the constrained minimizer.
+* AdamW with cautious weight decay (CWD; Chen, Li, Liang et al., arXiv 2510.12402) decays a
+  coordinate only while the update moves it toward 0 as well; the paper shows that it keeps
+  the stationary points of f itself (no regularized or constrained problem replaces f). Where
+  f has a minimizer, CWD converges to it (``tests/diagnostics/test_fixed_points.py`` checks it
+  on a least-squares problem); on the separable data below f has none, so CWD keeps
+  descending f, past the ℓ∞ ball that stops AdamW.
 
 The problem: logistic regression on scikit-learn's bundled breast-cancer data (569 examples,
 30 features standardized to mean 0 and variance 1, plus a constant feature for the
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -66,8 +74,15 @@ OPTIMIZERS = (
     ("Adam + L2", "adam", 0.05),
     ("SGD + L2", "sgd", 0.3),
     ("AdamW", "adamw", 0.05),
+    ("AdamW + CWD", "adamw-cautious", 0.05),
 )
-_CLASSES = {"adam": decoupled.Adam, "sgd": decoupled.SGD, "adamw": decoupled.AdamW}
+CAUTIOUS = "AdamW + CWD"
+_CLASSES = {
+    "adam": decoupled.Adam,
+    "sgd": decoupled.SGD,
+    "adamw": decoupled.AdamW,
+    "adamw-cautious": partial(decoupled.AdamW, cautious=True),
+}
 
 
 def load_problem() -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +150,7 @@ def kkt_gap(theta: np.ndarray, grad: np.ndarray, weight_decay: float) -> float:
 
 @dataclass
 class FixedPointRun:
-    label: str  # "Adam + L2" | "SGD + L2" | "AdamW"
+    label: str  # "Adam + L2" | "SGD + L2" | "AdamW" | "AdamW + CWD"
     lr: float  # γ_0
     theta: np.ndarray
     steps: list[int] = field(default_factory=list)
@@ -148,25 +163,32 @@ class FixedPointResult:
     steps: int
     l2_solution: np.ndarray  # exact argmin f + (λ/2)‖θ‖²
     box_solution: np.ndarray  # exact argmin f s.t. ‖θ‖∞ ≤ 1/λ
-    runs: dict[str, FixedPointRun]
+    runs: dict[str, FixedPointRun]  # the optimizers that converge to a point theory predicts
     X: np.ndarray
     y: np.ndarray
+    cautious: FixedPointRun | None = None  # AdamW + CWD: no such point here (module docstring)
+
+    @property
+    def all_runs(self) -> dict[str, FixedPointRun]:
+        return {**self.runs, **({CAUTIOUS: self.cautious} if self.cautious else {})}
 
     @property
     def bound(self) -> float:
         return 1 / self.weight_decay
 
     def relative_distance(self, label: str, target: np.ndarray) -> float:
-        return float(np.linalg.norm(self.runs[label].theta - target) / np.linalg.norm(target))
+        theta = self.all_runs[label].theta
+        return float(np.linalg.norm(theta - target) / np.linalg.norm(target))
 
     def active_coordinates(self) -> int:
         """Coordinates of the exact constrained optimum on the bound ±1/λ."""
         return int(np.sum(np.abs(self.box_solution) >= self.bound * (1 - 1e-8)))
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per optimizer: distances to both exact solutions, ‖θ‖∞·λ, the KKT gap, the loss."""
+        """Per optimizer: distances to both exact solutions, ‖θ‖∞·λ, the KKT gap, the loss,
+        and ‖∇f‖ (f alone: 0 only at a stationary point of the unregularized loss)."""
         rows = {}
-        for label, run in self.runs.items():
+        for label, run in self.all_runs.items():
             loss, grad = log_loss_and_gradient(run.theta, self.X, self.y)
             rows[label] = {
                 "to_l2_optimum": self.relative_distance(label, self.l2_solution),
@@ -174,6 +196,7 @@ class FixedPointResult:
                 "sup_norm_times_lambda": float(np.abs(run.theta).max() * self.weight_decay),
                 "kkt_gap": kkt_gap(run.theta, grad, self.weight_decay),
                 "log_loss": float(loss),
+                "grad_norm": float(np.linalg.norm(grad)),
             }
         return rows
 
@@ -192,7 +215,7 @@ def train(
     distance to ``target`` (the limit theory predicts) at about ``records`` log-spaced steps."""
     inputs, labels = torch.from_numpy(X), torch.from_numpy(y)
     theta = torch.zeros(X.shape[1], dtype=torch.float64)
-    extra = {"betas": (0.9, 0.99)} if optimizer in ("adam", "adamw") else {}
+    extra = {"betas": (0.9, 0.99)} if optimizer.startswith("adam") else {}
     opt = _CLASSES[optimizer]([theta], lr=lr, weight_decay=weight_decay, **extra)
     label = next(name for name, key, _ in OPTIMIZERS if key == optimizer)
     run = FixedPointRun(label, lr, theta.numpy())
@@ -267,9 +290,13 @@ def fixed_points(weight_decay: float = WEIGHT_DECAY, steps: int = STEPS) -> Fixe
     box_solution = box_optimum(X, y, 1 / weight_decay)
     runs = {}
     for label, key, lr in OPTIMIZERS:
-        target = box_solution if key == "adamw" else l2_solution
+        # CWD's distance is recorded from the ℓ∞ optimum too: it leaves it (module docstring)
+        target = box_solution if key.startswith("adamw") else l2_solution
         runs[label] = train(X, y, key, lr, weight_decay, steps, target)
-    return FixedPointResult(weight_decay, steps, l2_solution, box_solution, runs, X, y)
+    cautious = runs.pop(CAUTIOUS)
+    return FixedPointResult(
+        weight_decay, steps, l2_solution, box_solution, runs, X, y, cautious=cautious
+    )
 
 
 def unregularized_sup_norm(X, y, iterations: int = 200) -> float:
@@ -305,13 +332,13 @@ def format_fixed_points(result: FixedPointResult) -> str:
         "minimizer), so the constraint is active",
         "",
         f"{'optimizer':<11}{'γ_0':>6}{'→ L2 optimum':>15}{'→ ℓ∞ optimum':>15}"
-        f"{'‖θ‖∞·λ':>10}{'KKT gap':>11}{'log-loss':>10}",
+        f"{'‖θ‖∞·λ':>10}{'KKT gap':>11}{'log-loss':>10}{'‖∇f‖':>10}",
     ]
     for label, row in result.summary().items():
         lines.append(
-            f"{label:<11}{result.runs[label].lr:>6g}{row['to_l2_optimum']:>15.2e}"
+            f"{label:<11}{result.all_runs[label].lr:>6g}{row['to_l2_optimum']:>15.2e}"
             f"{row['to_box_optimum']:>15.2e}{row['sup_norm_times_lambda']:>10.6f}"
-            f"{row['kkt_gap']:>11.2e}{row['log_loss']:>10.4f}"
+            f"{row['kkt_gap']:>11.2e}{row['log_loss']:>10.4f}{row['grad_norm']:>10.2e}"
         )
     lines += [
         "",
@@ -346,12 +373,40 @@ def _e(value: float, digits: int = 0) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def cautious_conclusion(summary: dict[str, dict[str, float]]) -> str:
+    """Where AdamW + CWD ends against AdamW and Adam + L2, decided by the numbers: past the
+    ℓ∞ ball with a lower loss and a far smaller ‖∇f‖ than both, it is still descending f."""
+    row, adamw, adam = summary[CAUTIOUS], summary["AdamW"], summary["Adam + L2"]
+    position = ball_position(row["sup_norm_times_lambda"])
+    numbers = (
+        f"log-loss {row['log_loss']:.4f} (AdamW {adamw['log_loss']:.4f}, Adam + L2 "
+        f"{adam['log_loss']:.4f}), ‖∇f‖ = {_e(row['grad_norm'], 1)} (AdamW "
+        f"{_e(adamw['grad_norm'], 1)}, Adam + L2 {_e(adam['grad_norm'], 1)})"
+    )
+    descending = (
+        row["sup_norm_times_lambda"] > 1 + BOUNDARY_TOLERANCE
+        and row["log_loss"] < min(adamw["log_loss"], adam["log_loss"])
+        and row["grad_norm"] < min(adamw["grad_norm"], adam["grad_norm"]) / 10
+    )
+    if descending:
+        return (
+            f"{CAUTIOUS} ends {position}, {numbers}: it keeps descending f, which has no "
+            "minimizer on these separable data; cautious decay keeps f's stationary points "
+            "(arXiv 2510.12402), so it stops at neither regularized optimum."
+        )
+    return f"{CAUTIOUS} ends {position}, {numbers}."
+
+
 def conclusions(result: FixedPointResult) -> list[str]:
     """One sentence per optimizer, each decided by its measured numbers and the tolerances
     DISTANCE_TOLERANCE, KKT_TOLERANCE and BOUNDARY_TOLERANCE — "not converged" when they miss."""
     lines, all_converged = [], True
-    for label, row in result.summary().items():
+    summary = result.summary()
+    for label, row in summary.items():
         not_converged = f"{label} has not converged after {result.steps} steps"
+        if label == CAUTIOUS:
+            lines.append(cautious_conclusion(summary))
+            continue  # f has no minimizer here: there is no point for CWD to converge to
         if label == "AdamW":
             distance, gap = row["to_box_optimum"], row["kkt_gap"]
             position = ball_position(row["sup_norm_times_lambda"])

@@ -47,7 +47,7 @@ def plot_fixed_points(result: FixedPointResult, path: Path) -> Path:
         color=OPTIMIZER_COLORS["adam"],
         label="exact: argmin f + (λ/2)‖θ‖²",
     )
-    for label, run in result.runs.items():
+    for label, run in result.runs.items():  # not AdamW + CWD: far outside (the report says)
         marker, color = _FIXED_POINT_STYLE.get(label, ("^", "grey"))
         coords.plot(
             index,

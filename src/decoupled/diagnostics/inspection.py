@@ -107,13 +107,24 @@ def comparison(runs: list[InspectedRun]) -> dict[str, dict[str, float | str]]:
     result = {}
     for run in runs:
         coupled = REGISTRY[run.spec.optimizer].decay == "L2"
+        cautious = run.spec.optimizer.endswith("-cautious")
         decayed = comparison_window(run.table).where(decayed=True)
         normalized = {"decayed": True, "scale_invariant": True}
         angles = layer_means(run.table, "angular_update", **normalized)
         predicted = layer_means(run.table, "predicted_angular_update", **normalized)
         ratios = _finite(angles[n] / predicted[n] for n in angles)
         result[run.label] = {
-            "how": "λθ added to the gradient" if coupled else "θ ← θ − γλθ after the step",
+            "how": "λθ added to the gradient"
+            if coupled
+            else "θ ← θ − γλθ where sign(u) = sign(θ)"
+            if cautious
+            else "θ ← θ − γλθ after the step",
+            # the share of elements decayed: rate_mean = c × fraction (c = γλ, "lr" units)
+            "decayed_fraction": math.nan
+            if coupled
+            else _median(
+                r.rate_mean / (r.lr * r.weight_decay) for r in decayed if r.lr * r.weight_decay
+            ),
             "adaptive": "yes: divided by sqrt(v̂)+ε" if coupled else "no",
             "lr": run.spec.lr,
             "weight_decay": run.spec.weight_decay,
@@ -150,6 +161,7 @@ def format_comparison(runs: list[InspectedRun]) -> str:
         ("does the adaptive scaling touch it", "adaptive"),
         ("peak lr γ, λ", None),
         ("median decay rate per step", "rate_median"),
+        ("share of elements decayed (CWD mask)", "decayed_fraction"),
         ("uniformity: CV across elements", "rate_cv"),
         ("spread: p95/p5 across elements", "rate_p95_over_p5"),
         ("rank corr. of decay with grad RMS", "spearman"),

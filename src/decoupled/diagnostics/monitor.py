@@ -1,7 +1,8 @@
 """DecayMonitor: measure, during training, what weight decay does to each parameter tensor.
 
 Attach it to an optimizer; every ``every`` steps it records, per tensor that has a gradient,
-the effective decay rate per element (``rates.py``) summarized across elements, the weight
+the effective decay rate per element (``rates.py``; for cautious weight decay c on the elements
+the step decayed, 0 elsewhere) summarized across elements, the weight
 norm, the update's norm and angle, ‖g‖/‖θ‖, and the equilibrium that theory predicts for
 scale-invariant tensors (``theory.py``). Rows go into a :class:`~decoupled.diagnostics.table
 .DecayTable` (CSV, or the lab's results.db).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from decoupled.diagnostics import theory
 from decoupled.diagnostics.rates import (
+    cautious_mask_of,
     decay_kind,
     element_decay_rates,
     median_grad_rms,
@@ -35,6 +38,17 @@ from decoupled.diagnostics.rates import (
 )
 from decoupled.diagnostics.scale_invariance import structurally_scale_invariant
 from decoupled.diagnostics.table import DecayRecord, DecayTable
+
+
+@dataclass(frozen=True)
+class DecayedFraction:
+    """Cautious weight decay (arXiv 2510.12402) in one step of one tensor: the fraction of its
+    elements the mask decayed; the record's ``rate_mean`` is c times it."""
+
+    step: int
+    tensor: str
+    fraction: float
+
 
 _NO_PREDICTION = {
     "predicted_angular_update": math.nan,
@@ -47,14 +61,18 @@ class DecayMonitor:
     """Records weight-decay diagnostics of ``optimizer`` every ``every`` steps.
 
     Args:
-        optimizer: a ``decoupled`` or ``torch.optim`` Adam, AdamW, SGD or SGDW.
+        optimizer: a ``decoupled`` or ``torch.optim`` Adam, AdamW, SGD or SGDW, or a class
+            made by ``decoupled.with_decoupled_decay``.
         model: optional; names the tensors (``named_parameters``) and finds the
             scale-invariant ones structurally (``structurally_scale_invariant``).
         every: record steps ``every, 2·every, ...`` (counted from the attachment).
         scale_invariant: names of scale-invariant tensors, replacing the structural guess
             (e.g. from ``scale_invariant_tensors``, the numerical check).
 
-    ``records`` holds the rows; ``table`` wraps them as a :class:`DecayTable`. ``remove()``
+    ``records`` holds the rows; ``table`` wraps them as a :class:`DecayTable`. For groups
+    with cautious decay, ``decayed_fractions`` holds a :class:`DecayedFraction` per recorded
+    row, and the row's rates are c on the decayed elements and 0 on the others (``rates.py``).
+    ``with_decoupled_decay``'s optimizers are recorded as AdamW is: r = c. ``remove()``
     detaches the hooks (also on leaving a ``with`` block).
     """
 
@@ -78,6 +96,7 @@ class DecayMonitor:
             structural = structurally_scale_invariant(model) if model is not None else set()
             self.scale_invariant = structural
         self.records: list[DecayRecord] = []
+        self.decayed_fractions: list[DecayedFraction] = []
         self.steps = 0  # optimizer steps seen
         self._before: dict[int, Tensor] = {}  # id(param) -> its value before the step
         self._handles = [
@@ -139,7 +158,14 @@ class DecayMonitor:
         weight_decay = step_weight_decay(optimizer, group)
         decayed, invariant = weight_decay > 0, name in self.scale_invariant
         # sqrt(v̂) per element only where the rate depends on it (Adam + L2)
-        rates, rms = element_decay_rates(optimizer, param, group, with_grad_rms=False)
+        rates, rms = element_decay_rates(
+            optimizer, param, group, with_grad_rms=False, before=before
+        )
+        # the share decayed means something only where there is a decay to mask
+        mask = cautious_mask_of(optimizer, group, param, before) if decayed else None
+        if mask is not None:
+            fraction = float(mask.sum(dtype=torch.float64)) / max(mask.numel(), 1)
+            self.decayed_fractions.append(DecayedFraction(self.steps, name, fraction))
         after = param.detach()
         # float64 norms: a float32 sum over millions of squares loses digits
         before64 = before.flatten().double()

@@ -3,8 +3,12 @@ r"""The effective weight-decay rate of each element in one optimizer step.
 Definition: the *effective decay rate* r_i of element θ_i is the fraction of θ_i that the
 weight-decay term removes in this step, read off the update rule:
 
-* decoupled decay (AdamW, SGDW): ``θ ← θ − c·θ``, so r_i = c for every element, with c the
-  step's decoupled rate (γ_t·λ in torch's "lr" convention; ``decoupled.optim.decay``);
+* decoupled decay (AdamW, SGDW, ``with_decoupled_decay``'s classes): ``θ ← θ − c·θ``, so
+  r_i = c for every element, with c the step's decoupled rate (γ_t·λ in torch's "lr"
+  convention; ``decoupled.optim.decay``);
+* cautious decoupled decay (``cautious=True``; Chen, Li, Liang et al., arXiv 2510.12402):
+  r_i = c where the step's mask decayed θ_i (``u_i·(θ_i − θ₀_i) ≥ 0``), 0 elsewhere, so the
+  mean over a tensor is c × the fraction of its elements decayed (:func:`cautious_mask_of`);
 * Adam + L2: λθ is added to the gradient, averaged into m and divided by sqrt(v̂)+ε, so
   r_i = γ_t·λ / (sqrt(v̂_i) + ε) with v̂ = v_t/(1−β2^t) (v^max with amsgrad), the same
   denominator the update uses. The first-moment bias correction 1/(1−β1^t) cancels the EMA's
@@ -38,7 +42,7 @@ import torch
 from torch import Tensor
 
 from decoupled.optim import SGD, Adam
-from decoupled.optim.decay import weight_decay_at
+from decoupled.optim.decay import cautious_mask, weight_decay_at
 
 #: rank statistics and quantiles use at most this many elements per tensor (evenly spaced)
 MAX_SAMPLE = 1 << 16
@@ -59,6 +63,8 @@ class DecayKind:
 def decay_kind(optimizer: torch.optim.Optimizer, group: dict | None = None) -> DecayKind:
     """The :class:`DecayKind` of a ``decoupled`` or ``torch.optim`` Adam/AdamW/SGD/SGDW."""
     group = group if group is not None else optimizer.param_groups[0]
+    if getattr(type(optimizer), "base_optimizer", None) is not None:  # with_decoupled_decay
+        return DecayKind("other", True)
     # AdamW subclasses Adam in decoupled and in recent torch, not in torch before 2.7
     if isinstance(optimizer, (Adam, torch.optim.Adam, torch.optim.AdamW)):
         family = "adam"
@@ -91,6 +97,35 @@ def step_decoupled_rate(optimizer: torch.optim.Optimizer, group: dict) -> float:
     if hasattr(optimizer, "decoupled_rate"):  # honours decay_scale ("lr", "schedule", ...)
         return float(optimizer.decoupled_rate(group, weight_decay))
     return float(group["lr"]) * weight_decay  # torch.optim.AdamW: always γ·λ
+
+
+def cautious_mask_of(
+    optimizer: torch.optim.Optimizer, group: dict, param: Tensor, before: Tensor
+) -> Tensor | None:
+    """Which elements the group's latest cautious step decayed (True), or None when its decay
+    is not cautious. ``before`` is θ_{t−1}. The direction u is read back from the state the
+    step left: AdamW's m_t (the sign of m̂/(sqrt(v̂)+ε)); SGDW's b_t, g + μ·b_t with Nesterov,
+    g without momentum (g negated to maximize); ``with_decoupled_decay``'s classes keep the
+    mask itself (``cautious_masks``)."""
+    if not group.get("cautious"):
+        return None
+    masks = getattr(optimizer, "cautious_masks", None)
+    if masks is not None:
+        return masks.get(param)
+    state = optimizer.state.get(param, {})
+    reference = state.get("init_param") if group.get("decay_to") == "init" else None
+    if "exp_avg" in state:
+        direction = state["exp_avg"]
+    else:
+        grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
+        grad = -grad if group.get("maximize") else grad
+        buffer = state.get("momentum_buffer")
+        if buffer is None or not group.get("momentum"):
+            direction = grad
+        else:
+            buffer = buffer.to_dense() if buffer.is_sparse else buffer
+            direction = grad + group["momentum"] * buffer if group.get("nesterov") else buffer
+    return cautious_mask(direction.detach(), before, reference)
 
 
 def _second_moment(optimizer, group: dict, param: Tensor) -> tuple[Tensor, float] | None:
@@ -133,6 +168,7 @@ def element_decay_rates(
     *,
     with_grad_rms: bool = True,
     lr: float | None = None,
+    before: Tensor | None = None,
 ) -> tuple[Tensor | float, Tensor | None]:
     """(r, sqrt(v̂)) for one parameter after a step: r per element (module docstring).
 
@@ -142,7 +178,8 @@ def element_decay_rates(
     the one the step used. ``with_grad_rms=False`` skips sqrt(v̂) (returned as None) where the
     rate does not need it: decoupled decay. ``lr`` evaluates the rate as if the step had used
     that lr instead of the group's (e.g. the peak lr α, to see the shape at the end of a
-    schedule that reaches 0).
+    schedule that reaches 0). ``before`` (θ_{t−1}) gives cautious decay its mask: r = c·mask
+    per element (a tensor); without it r = c, the rate of the decayed elements.
     """
     group = group if group is not None else _group_of(optimizer, param)
     if lr is not None:
@@ -150,7 +187,11 @@ def element_decay_rates(
     kind = decay_kind(optimizer, group)
     if kind.decoupled:
         rms = grad_rms(optimizer, group, param) if with_grad_rms else None
-        return step_decoupled_rate(optimizer, group), rms
+        rate = step_decoupled_rate(optimizer, group)
+        mask = None if before is None else cautious_mask_of(optimizer, group, param, before)
+        if mask is not None:
+            return mask.to(torch.promote_types(param.dtype, torch.float32)) * rate, rms
+        return rate, rms
     rms = grad_rms(optimizer, group, param) if kind.family == "adam" else None
     weight_decay = step_weight_decay(optimizer, group)
     lr = float(group["lr"])

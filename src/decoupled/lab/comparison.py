@@ -282,8 +282,9 @@ def format_table(comparison: Comparison) -> str:
     task, percent = comparison.task, comparison.as_percent
     scale, unit = metric_scale(task.metric)
     metric = task.metric.replace("_", " ")
+    width = max([10, *(len(arm.optimizer) + 1 for arm in comparison.arms)])  # adamw-cautious
     lines = [
-        f"{'optimizer':<10}{'decay':<11}{'lr':>9}{'weight_decay':>14}  "
+        f"{'optimizer':<{width}}{'decay':<11}{'lr':>9}{'weight_decay':>14}  "
         f"{metric + ' (mean ± 95% CI)':<32}{'seeds':>6}{'diverged':>10}"
     ]
     for arm in comparison.arms:
@@ -295,7 +296,7 @@ def format_table(comparison: Comparison) -> str:
         else:
             cell = f"{interval.mean * scale:.2f}{unit} ± {interval.half_width * scale:.2f}"
         lines.append(
-            f"{arm.optimizer:<10}{REGISTRY[arm.optimizer].decay:<11}{arm.spec.lr:>9.3g}"
+            f"{arm.optimizer:<{width}}{REGISTRY[arm.optimizer].decay:<11}{arm.spec.lr:>9.3g}"
             f"{arm.spec.weight_decay:>14.3g}  {cell:<32}{len(arm.records):>6}"
             f"{arm.diverged():>10}"
         )

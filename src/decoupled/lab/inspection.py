@@ -1,7 +1,8 @@
-"""The training half of `decoupled inspect`: Adam + L2 and AdamW trained side by side with a
+"""The training half of `decoupled inspect`: Adam + L2, AdamW and AdamW with cautious weight
+decay (AdamW + CWD, arXiv 2510.12402) trained side by side with a
 :class:`~decoupled.diagnostics.monitor.DecayMonitor` attached.
 
-Both runs use the task's default hyperparameters for each optimizer, the same seed (same
+All runs use the task's default hyperparameters for each optimizer, the same seed (same
 initial weights) and the same batches, through the lab's own optimizer builder, schedule
 and loop (``train.py``, ``loop.py``): biases and normalization layers are not decayed, the
 lr follows a cosine decay to 0. What the monitor measured is compared in
@@ -63,7 +64,7 @@ def inspect_task(
     steps: int,
     seed: int = 0,
     every: int = 10,
-    optimizers: tuple[str, ...] = ("adam", "adamw"),
+    optimizers: tuple[str, ...] = ("adam", "adamw", "adamw-cautious"),
 ) -> list[InspectedRun]:
     """Monitored runs of each optimizer with the task's defaults (same seed, same batches)."""
     runs = []

@@ -1,8 +1,10 @@
-"""Optimizers: Adam (L2) and AdamW (decoupled), SGD and SGDW, and the decay helpers."""
+"""Optimizers: Adam (L2) and AdamW (decoupled), SGD and SGDW, decoupled decay for any torch
+optimizer (``with_decoupled_decay``), and the decay helpers."""
 
 from decoupled.optim._kernels import kernel_available
 from decoupled.optim.adam import Adam, AdamW, adam_update
 from decoupled.optim.decay import DECAY_SCALES, decay_rate
+from decoupled.optim.extend import with_decoupled_decay
 from decoupled.optim.groups import GroupSummary, decay_mask, is_norm_layer, param_groups
 from decoupled.optim.sgd import SGD, SGDW, sgd_update
 
@@ -20,4 +22,5 @@ __all__ = [
     "is_norm_layer",
     "GroupSummary",
     "kernel_available",
+    "with_decoupled_decay",
 ]

@@ -32,7 +32,7 @@ from decoupled.optim._checks import (  # noqa: F401  (re-exported: the optimizer
 )
 from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param
-from decoupled.optim.decay import decay_rate, weight_decay_at
+from decoupled.optim.decay import check_cautious, decay_rate, weight_decay_at
 
 
 def is_zero(value: float | Tensor) -> bool:
@@ -132,6 +132,7 @@ class DecayOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         """Validate a group's hyperparameters; subclasses add their own."""
         check_group(group, self.decoupled)
+        check_cautious(group, self.decoupled, self.family)
 
     @torch.no_grad()
     def reset_decay_reference(self) -> None:
@@ -404,6 +405,7 @@ class DecayOptimizer(torch.optim.Optimizer):
                     ("lambda_norm", None),
                     ("decay_period", None),
                     ("max_lr", None),
+                    ("cautious", False),  # checkpoints from before cautious decay
                 ):
                     group.setdefault(key, default)
             group.setdefault("construction_lr", as_float(group["lr"]))

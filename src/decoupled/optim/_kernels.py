@@ -9,17 +9,17 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    ``triton=True`` (CPU tensors only under the Triton interpreter); every option of the C++
    kernel, float32/bfloat16/float16 θ computed in float32, no host synchronization.
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
-   (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, amsgrad,
-   maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in one parallel
-   region, one pass over memory. Built with the machine's C++ compiler the first time it is
-   needed (``_build.py``).
+   (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, cautious
+   decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in
+   one parallel region, one pass over memory. Built with the machine's C++ compiler the first
+   time it is needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
    float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
    ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
-   not for ``decay_to="init"``, complex parameters or bfloat16 state. Those kernels assume
-   that θ, g and the moments share one memory layout without checking it, so a gradient laid
-   out otherwise is copied into its parameter's layout first, and a parameter whose moments
-   are laid out otherwise (or that is not dense) takes the reference loop.
+   not for ``decay_to="init"``, cautious decay, complex parameters or bfloat16 state. Those
+   kernels assume that θ, g and the moments share one memory layout without checking it, so a
+   gradient laid out otherwise is copied into its parameter's layout first, and a parameter
+   whose moments are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
    rates (the lab's batched executor), int8 moments (``_int8.py``) and compensated
    bfloat16/float16 weights (``_compensated.py``), which no kernel steps yet, tensor
@@ -97,6 +97,7 @@ def kernel_adam_update(
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``adam_update`` itself) when the kernel refuses a tensor."""
     defaults = {"references": None, "decay_rate": 0.0, "amsgrad": False, "maximize": False}
+    defaults["cautious"] = False
     options = defaults | {"grad_scale": None} | given
 
     def step(grads: list[Tensor]) -> bool:
@@ -106,7 +107,7 @@ def kernel_adam_update(
             _kernel_references(options["references"]), state_steps, float(options["lr"]),
             options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
             float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
-            _scale_value(options["grad_scale"]),
+            _scale_value(options["grad_scale"]), options["cautious"],
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
@@ -126,7 +127,7 @@ def kernel_sgd_update(
     through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
     momentum buffers are written back into ``momentum_buffers`` as the reference does."""
     options = {"references": None, "decay_rate": 0.0, "maximize": False, "grad_scale": None}
-    options |= given
+    options |= {"cautious": False} | given
     fresh = [b is None for b in momentum_buffers]
     buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
 
@@ -136,6 +137,7 @@ def kernel_sgd_update(
             float(options["lr"]), options["momentum"], options["dampening"],
             options["nesterov"], float(options["weight_decay"]), float(options["decay_rate"]),
             options["decoupled"], options["maximize"], _scale_value(options["grad_scale"]),
+            options["cautious"],
         )  # fmt: skip
 
     done = _step_any_layout(step, grads, params)
@@ -178,11 +180,13 @@ def can_fuse(
     decoupled: bool,
     references: list[Tensor | None],
     explicit: bool = False,
+    cautious: bool = False,
 ) -> bool:
     """True when torch's fused kernels compute the reference loop's update. Reduced-precision
     parameters only when asked for explicitly (``explicit``): the fused kernels compute in
-    float32 and round once, the reference rounds after every operation."""
-    if torch.compiler.is_compiling() or any(r is not None for r in references):
+    float32 and round once, the reference rounds after every operation. Never for cautious
+    decay: torch's kernels have no mask."""
+    if torch.compiler.is_compiling() or cautious or any(r is not None for r in references):
         return False
     if isinstance(lr, Tensor) and lr.numel() != 1:
         return False
@@ -217,6 +221,7 @@ def fused_adam_update(
     maximize: bool = False,
     references: list[Tensor | None] | None = None,  # always None here (see can_fuse)
     grad_scale: Tensor | None = None,
+    cautious: bool = False,  # always False here (see can_fuse)
 ) -> None:
     """The step of :func:`decoupled.optim.adam.adam_update` through torch's fused kernels.
 
@@ -283,6 +288,7 @@ def choose_adam_update(
     references: list[Tensor | None],
     compact: bool,
     triton: bool | None = None,
+    cautious: bool = False,
 ) -> Callable:
     """The first path of the module docstring's list that applies to this step; a fast path
     falls back on ``reference`` for the tensors it cannot take. DTensor shards take the path of
@@ -291,6 +297,7 @@ def choose_adam_update(
         update = choose_adam_update(
             fused, reference, local(params), local(grads), lr=lr, decay_rate=decay_rate,
             decoupled=decoupled, references=local(references), compact=compact, triton=triton,
+            cautious=cautious,
         )  # fmt: skip
         return update if update is reference else on_local_shards(update, params)
     if use_triton(triton, fused, params):
@@ -300,7 +307,7 @@ def choose_adam_update(
     if _kernel_applies(params, lr):
         return _falling_back(kernel_adam_update, reference)
     explicit = bool(fused)
-    if not compact and can_fuse(params, lr, decay_rate, decoupled, references, explicit):
+    if not compact and can_fuse(params, lr, decay_rate, decoupled, references, explicit, cautious):
         return _falling_back(fused_adam_update, reference)
     return reference
 

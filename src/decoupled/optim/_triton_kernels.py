@@ -27,8 +27,9 @@ lowbias32(element ^ key), m takes the low 16 bits, v the high 16, max(v) lowbias
 0xFFFF; the rounded value is ``(bits(x) + r) >> 16``, NaN stored as 0x7FC0.
 
 Cautious weight decay (Chen, Li, Liang et al., arXiv 2510.12402) is the constexpr
-``CAUTIOUS``: the decoupled decay applies where ``u·(θ − θ₀) ≥ 0``, u being the update
-direction (Adam: m_t; SGD: the buffer b_t, g + μ·b_t with Nesterov, g without momentum).
+``CAUTIOUS``: the decoupled decay applies where u and θ − θ₀ agree in sign (zero agrees, a
+NaN does not), u being the update direction (Adam: m_t; SGD: the buffer b_t, g + μ·b_t with
+Nesterov, g without momentum).
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def _lerp(a, b, w):
     """torch's vectorized lerp (ATen/native/Lerp.h): a + w·(b − a) for |w| < 0.5, else
     b + (w − 1)·(b − a), each with one fused multiply-add (as the C++ kernel)."""
     return tl.where(tl.abs(w) < 0.5, tl.fma(w, b - a, a), tl.fma(w - 1.0, b - a, b))
+
+
+@triton.jit
+def _agree(direction, offset):
+    """Cautious decay's test (``decay.cautious_mask``): the signs agree, zero agrees with
+    either, a NaN with none; signs, not the product, which could round to ±0."""
+    return ((direction >= 0) & (offset >= 0)) | ((direction <= 0) & (offset <= 0))
 
 
 @triton.jit
@@ -186,7 +194,7 @@ def adam_kernel(
         decayed = _decayed(param, ref, c, REF)
         if CAUTIOUS:  # u has the sign of m_t
             offset = param - ref if REF else param
-            decayed = tl.where(exp_avg * offset >= 0, decayed, param)
+            decayed = tl.where(_agree(exp_avg, offset), decayed, param)
         param = decayed
 
     lr64 = _scalar(lr, lr_lo, lr_ptr, LR_TENSOR)
@@ -240,7 +248,7 @@ def sgd_kernel(
         decayed = _decayed(param, ref, c, REF)
         if CAUTIOUS:
             offset = param - ref if REF else param
-            decayed = tl.where(direction * offset >= 0, decayed, param)
+            decayed = tl.where(_agree(direction, offset), decayed, param)
         param = decayed
 
     neg_lr = (-_scalar(lr, lr_lo, lr_ptr, LR_TENSOR)).to(tl.float32)

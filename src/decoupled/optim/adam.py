@@ -46,7 +46,12 @@ from decoupled.optim._int8 import (
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
 from decoupled.optim._triton import check_capturable, check_triton_option, on_device_steps
-from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
+from decoupled.optim.decay import (
+    add_l2_penalty,
+    apply_cautious_decay_,
+    apply_decoupled_decay_,
+    unscale_,
+)
 
 __all__ = ["Adam", "AdamW", "adam_update"]
 
@@ -73,6 +78,7 @@ def adam_update(
     grad_scale: Tensor | None = None,
     coded_states: list[dict] | None = None,
     remainders: list[Tensor | None] | None = None,
+    cautious: bool = False,
 ) -> None:
     """One Adam step over a list of tensors, in place (the algorithm box of :class:`Adam`).
 
@@ -96,6 +102,10 @@ def adam_update(
         remainders: compensated bfloat16/float16 θ (``_compensated.py``): per parameter its
             int8 remainder (None: not compensated). The step then runs in float32 on the
             master weight θ + remainder, and writes both back.
+        cautious: cautious weight decay (with ``decoupled``): decay only where the update
+            direction m̂/(sqrt(v̂)+ε), whose sign is that of m_t, agrees in sign with θ − θ₀
+            (``decay.cautious_mask``); the decay then follows the moments' update, which does
+            not read θ, so with every mask entry True the step equals AdamW's bit for bit.
     """
     references = references or [None] * len(params)
     unscale_(grads, grad_scale)
@@ -111,7 +121,7 @@ def adam_update(
 
         # ---- the only place Adam and AdamW differ -----------------------------------
         if decoupled:
-            if not is_zero(decay_rate):
+            if not (cautious or is_zero(decay_rate)):
                 apply_decoupled_decay_(param, decay_rate, reference)  # AdamW:  θ ← θ·(1 − γλ)
         elif not is_zero(weight_decay):
             grad = add_l2_penalty(grad, param, weight_decay, reference)  # Adam:  g ← g + λθ
@@ -119,6 +129,8 @@ def adam_update(
 
         max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
         if torch.is_complex(param):
+            if reference is not None:
+                reference = torch.view_as_real(reference)
             grad, exp_avg, exp_avg_sq = (torch.view_as_real(t) for t in (grad, exp_avg, exp_avg_sq))
             if amsgrad:
                 max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
@@ -140,6 +152,8 @@ def adam_update(
             exp_avg_sq.lerp_(torch.square(grad), weight=1 - beta2)  # the same v, a path to β2
         else:
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v ← β2·v + (1−β2)·g²
+        if decoupled and cautious and not is_zero(decay_rate):  # AdamW + CWD: after m_t
+            apply_cautious_decay_(param, decay_rate, reference, exp_avg)
 
         if differentiable:
             _differentiable_update(
@@ -238,7 +252,16 @@ _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between
        &\theta_t \leftarrow \theta_{t-1} - \gamma_t\,\hat m_t/(\sqrt{\hat v_t}+\epsilon)
        \end{aligned}
 
-    where :math:`v^{\max}_t = \max(v^{\max}_{t-1}, v_t)`."""
+    where :math:`v^{\max}_t = \max(v^{\max}_{t-1}, v_t)`. With ``cautious=True`` (AdamW only;
+    cautious weight decay, Chen, Li, Liang et al., arXiv 2510.12402) the decay line moves after
+    the moments and masks each coordinate by the sign agreement of the update direction
+    :math:`u_t = \hat m_t/(\sqrt{\hat v_t}+\epsilon)` (the sign of :math:`m_t`) and the decayed
+    quantity (θ₀ = 0 unless ``decay_to="init"``; c_t = γ_tλ in the default convention):
+
+    .. math::
+       \boxed{\textbf{AdamW + CWD: } \theta_{t-1} \leftarrow \theta_{t-1} -
+        \mathbb{I}\big(u_t \odot (\theta_{t-1}-\theta_0) \ge 0\big) \odot
+        c_t\,(\theta_{t-1}-\theta_0)}"""
 
 
 class Adam(DecayOptimizer):
@@ -329,6 +352,7 @@ class Adam(DecayOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         triton: bool | None = None,
+        cautious: bool = False,
         **decoupled_options,  # AdamW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         state_dtype = check_state_dtype(state_dtype)
@@ -350,6 +374,8 @@ class Adam(DecayOptimizer):
             "compensate": compensate,
             "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
+            # Adam's groups keep torch's keys; cautious=True is refused in _check_group
+            **({"cautious": cautious} if self.decoupled or cautious else {}),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
@@ -480,6 +506,7 @@ class Adam(DecayOptimizer):
             references=decay.references,
             compact=group["state_dtype"] is not None,
             triton=group.get("triton"),
+            cautious=group.get("cautious", False),
         )
         on_device = update.__name__ == "triton_adam_update"
         states = [self._init_state(group, p, on_device) for p in params]
@@ -504,6 +531,7 @@ class Adam(DecayOptimizer):
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             references=decay.references,
+            cautious=group.get("cautious", False),
             **({"differentiable": True} if differentiable else {}),
             **({"coded_states": states} if coded else {}),
             **({"remainders": remainders} if compensated else {}),
@@ -541,6 +569,9 @@ class AdamW(Adam):
             about 1/α times too weakly.
         decay_period: steps in the run (or in the current warm-restart period, which
             ``decoupled.schedules.CosineWarmRestarts`` sets by itself), for ``lambda_norm``.
+        cautious: cautious weight decay (arXiv 2510.12402): decay coordinate i only where
+            ``u_i·(θ_i − θ₀_i) ≥ 0``, u = m̂/(sqrt(v̂)+ε) the update direction (the box above);
+            no new hyperparameter: it takes AdamW's λ. Default False.
     """
 
     decoupled = True
@@ -568,6 +599,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         triton: bool | None = None,
+        cautious: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -586,6 +618,7 @@ class AdamW(Adam):
             capturable=capturable,
             differentiable=differentiable,
             triton=triton,
+            cautious=cautious,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 DECAY_SCALES = ("lr", "schedule", "constant", "corrected")
@@ -148,6 +149,48 @@ def apply_decoupled_decay_(param: Tensor, rate: float | Tensor, reference: Tenso
         param.mul_(1 - rate)
     else:
         param.lerp_(reference, rate)  # θ + c·(θ₀ − θ)
+
+
+def cautious_mask(direction: Tensor, param: Tensor, reference: Tensor | None) -> Tensor:
+    """Where cautious weight decay decays: ``u_i·(θ_i − θ₀_i) ≥ 0`` (True: decay).
+
+    Chen, Li, Liang et al., "Cautious Weight Decay", arXiv 2510.12402: the indicator
+    I(u ⊙ θ ≥ 0), with ``u`` the direction the step subtracts from θ (before the lr) and θ₀
+    the decay target. Zero counts as agreeing. The test compares signs, not the float
+    product, so that a product too small for the dtype (it would round to ±0 and pass) cannot
+    change it; a NaN on either side fails it. The C++ kernel tests the same signs.
+    """
+    offset = param if reference is None else param - reference
+    return torch.sign(direction) * torch.sign(offset) >= 0
+
+
+def apply_cautious_decay_(
+    param: Tensor, rate: float | Tensor, reference: Tensor | None, direction: Tensor
+) -> None:
+    """Cautious decoupled decay in place: ``θ ← where(mask, decayed θ, θ)``, the decayed θ
+    computed by the same operation as :func:`apply_decoupled_decay_` (so with every mask entry
+    True the result is bit-identical to it), the mask from :func:`cautious_mask`."""
+    if direction.is_sparse:  # SGDW's sparse momentum buffer: its absent rows are zeros
+        direction = direction.to_dense()
+    mask = cautious_mask(direction, param, reference)
+    if reference is None:
+        decayed = param * (1 - rate)
+    else:
+        decayed = param.lerp(reference, rate)
+    param.copy_(torch.where(mask, decayed, param))
+
+
+def check_cautious(group: dict, decoupled: bool, family: tuple[str, str]) -> None:
+    """``cautious`` is a bool, and only for decoupled decay: L2 has no decay term to mask."""
+    cautious = group.get("cautious", False)
+    if not isinstance(cautious, bool):
+        raise ValueError(f"Invalid cautious value: {cautious!r} (must be True or False)")
+    if cautious and not decoupled:
+        l2, decoupled_name = family
+        raise ValueError(
+            f"Invalid cautious value: True ({l2} adds weight decay to the gradient; cautious "
+            f"masking needs decoupled decay: use {decoupled_name})"
+        )
 
 
 def add_l2_penalty(

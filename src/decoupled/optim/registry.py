@@ -1,7 +1,8 @@
 """The optimizers the lab knows, one entry each: what every table, plot, runner and command
 line reads about an optimizer (in the spirit of timm's ``OptimInfo`` and torch's ``optim_db``).
 
-Adding a variant is one :class:`OptimizerInfo` in :data:`REGISTRY` plus its class. Colours
+Adding a variant is one :class:`OptimizerInfo` in :data:`REGISTRY` plus its class (or, for
+a switch of an existing class such as cautious weight decay, the class with that switch on). Colours
 are matplotlib colour strings (plain data: nothing here imports a plotting library); the
 pairs red/blue and orange/green are matplotlib's "tab10" colours, so each L2 optimizer and
 its decoupled twin are told apart at a glance.
@@ -9,8 +10,9 @@ its decoupled twin are told apart at a glance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -32,10 +34,15 @@ class OptimizerInfo:
     ``untuned`` are common starting values: Adam's lr 1e-3 with λ 1e-4 as L2 or torch's
     AdamW default 1e-2; SGD's lr 0.01, momentum 0.9 and L2 5e-4, and SGDW's λ 5e-3, SGD's
     × 1/(1 − μ): the decay L2 reaches through the momentum buffer.
+
+    ``variant_of`` names the optimizer whose tuned hyperparameters a variant takes (tasks'
+    defaults, :func:`with_variant_defaults`): cautious weight decay adds no hyperparameter
+    (Chen, Li, Liang et al., arXiv 2510.12402, use AdamW's λ unchanged), so ``adamw-cautious``
+    runs at AdamW's lr and λ and ``sgdw-cautious`` at SGDW's.
     """
 
     name: str  # the lab's key: "adamw"
-    cls: type[torch.optim.Optimizer]
+    cls: Callable[..., torch.optim.Optimizer]  # a class, or one with a switch set (partial)
     decay: str  # "L2" | "decoupled"
     family: str  # "adam" | "sgd"
     label: str  # "AdamW"
@@ -50,6 +57,7 @@ class OptimizerInfo:
     # lr, weight_decay (and momentum) for a model without tuned values (the lab's
     # bring-your-own-model compare); λ in the class's own units
     untuned: Mapping[str, float] = field(default_factory=dict)
+    variant_of: str | None = None  # whose tuned lr and λ it takes (cautious: AdamW's, SGDW's)
 
     @property
     def decoupled(self) -> bool:
@@ -69,6 +77,7 @@ class OptimizerInfo:
 
 _ADAM_DEFAULTS = MappingProxyType({"beta1": 0.9, "beta2": 0.999, "eps": 1e-8})
 _SGD_DEFAULTS = MappingProxyType({"dampening": 0.0, "nesterov": False})
+_CAUTIOUS = MappingProxyType({"cautious": True})
 
 REGISTRY: Mapping[str, OptimizerInfo] = MappingProxyType(
     {
@@ -95,6 +104,20 @@ REGISTRY: Mapping[str, OptimizerInfo] = MappingProxyType(
                 twin="sgd", momentum=True, defaults=_SGD_DEFAULTS,
                 untuned={"lr": 1e-2, "weight_decay": 5e-3, "momentum": 0.9},
             ),
+            # cautious weight decay (arXiv 2510.12402): AdamW's and SGDW's update with the decay
+            # masked; torch has neither; batched=False: the batched executor is not tested on it
+            OptimizerInfo(
+                "adamw-cautious", partial(AdamW, cautious=True), "decoupled", "adam",
+                "AdamW + CWD", "#17becf", "#0b5f68", None, twin="adam", state_dtype=True,
+                batched=False, defaults=_ADAM_DEFAULTS | _CAUTIOUS,
+                untuned={"lr": 1e-3, "weight_decay": 1e-2}, variant_of="adamw",
+            ),
+            OptimizerInfo(
+                "sgdw-cautious", partial(SGDW, cautious=True), "decoupled", "sgd", "SGDW + CWD",
+                "#bcbd22", "#5e5e11", None, twin="sgd", momentum=True, batched=False,
+                defaults=_SGD_DEFAULTS | _CAUTIOUS,
+                untuned={"lr": 1e-2, "weight_decay": 5e-3, "momentum": 0.9}, variant_of="sgdw",
+            ),
         )
     }
 )  # fmt: skip
@@ -105,7 +128,7 @@ NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 def get_optimizer_info(name: str) -> OptimizerInfo:
     """The entry of ``name``; ``ValueError: Invalid optimizer value: 'adan' (choose from
-    adam, adamw, sgd, sgdw)`` for an unknown one."""
+    adam, adamw, sgd, sgdw, adamw-cautious, sgdw-cautious)`` for an unknown one."""
     check_optimizer(name)
     return REGISTRY[name]
 
@@ -114,6 +137,17 @@ def check_optimizer(name: object) -> None:
     """Raise the one error for an optimizer name the registry does not hold."""
     if name not in REGISTRY:
         raise ValueError(f"Invalid optimizer value: {name!r} (choose from {', '.join(REGISTRY)})")
+
+
+def with_variant_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's tuned hyperparameters per optimizer name, completed with each variant's: the
+    values of the optimizer it is a variant of (``OptimizerInfo.variant_of``), unless the task
+    tuned the variant itself."""
+    completed = dict(defaults)
+    for info in REGISTRY.values():
+        if info.variant_of in defaults and info.name not in defaults:
+            completed[info.name] = defaults[info.variant_of]
+    return completed
 
 
 def pairs() -> Iterator[tuple[str, str]]:

@@ -25,7 +25,12 @@ from decoupled.optim._base import (
 from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim._triton import check_triton_option
-from decoupled.optim.decay import add_l2_penalty, apply_decoupled_decay_, unscale_
+from decoupled.optim.decay import (
+    add_l2_penalty,
+    apply_cautious_decay_,
+    apply_decoupled_decay_,
+    unscale_,
+)
 
 __all__ = ["SGD", "SGDW", "sgd_update"]
 
@@ -55,6 +60,7 @@ def sgd_update(
     decay_rate: float | Tensor = 0.0,
     maximize: bool = False,
     grad_scale: Tensor | None = None,
+    cautious: bool = False,
 ) -> None:
     """One SGD step over a list of tensors, in place; new momentum buffers are written back
     into ``momentum_buffers`` (the algorithm box of :class:`SGD`). Gradients may be sparse
@@ -66,6 +72,11 @@ def sgd_update(
             ``decoupled``.
         references: θ₀ per parameter for decay toward a reference (None entries: toward 0).
         grad_scale: GradScaler's loss scale, divided out of the gradients first, in place.
+        cautious: cautious weight decay (with ``decoupled``): decay only where the direction
+            d_t the step subtracts (b_t; g + μ·b_t with Nesterov; g without momentum) agrees
+            in sign with θ − θ₀ (``decay.cautious_mask``); the decay then follows the
+            buffer's update, which does not read θ, so with every mask entry True the step
+            equals SGDW's bit for bit.
     """
     check_no_sparse_l2(grads, weight_decay, decoupled)
     unscale_(grads, grad_scale)
@@ -75,7 +86,7 @@ def sgd_update(
 
         # ---- the only place SGD and SGDW differ -------------------------------------
         if decoupled:
-            if not is_zero(decay_rate):
+            if not (cautious or is_zero(decay_rate)):
                 apply_decoupled_decay_(param, decay_rate, references[i])  # SGDW:  θ ← θ·(1 − γλ)
         elif not is_zero(weight_decay):
             grad = add_l2_penalty(grad, param, weight_decay, references[i])  # SGD:  g ← g + λθ
@@ -89,6 +100,8 @@ def sgd_update(
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        if decoupled and cautious and not is_zero(decay_rate):  # SGDW + CWD: after b_t
+            apply_cautious_decay_(param, decay_rate, references[i], grad)
 
         # one lr per stacked run, or a tensor lr that autograd differentiates (as torch)
         if isinstance(lr, Tensor) and (lr.dim() > 0 or lr.requires_grad):
@@ -114,6 +127,15 @@ class SGD(DecayOptimizer):
         \text{ when } \mu = 0\text{)}\\
        &\theta_t \leftarrow \theta_{t-1} - \gamma_t\,d_t
        \end{aligned}
+
+    With ``cautious=True`` (SGDW only; cautious weight decay, Chen, Li, Liang et al., arXiv
+    2510.12402) the decay line moves after d_t and masks each coordinate by the sign
+    agreement of d_t and the decayed quantity (θ₀ = 0 unless ``decay_to="init"``):
+
+    .. math::
+       \boxed{\textbf{SGDW + CWD: } \theta_{t-1} \leftarrow \theta_{t-1} -
+        \mathbb{I}\big(d_t \odot (\theta_{t-1}-\theta_0) \ge 0\big) \odot
+        c_t\,(\theta_{t-1}-\theta_0)}
 
     For plain SGD, decoupled decay λ equals L2 with the same λ in the default ``"lr"``
     convention (both shrink θ by γλ per step; the paper's Proposition 1 writes the decoupled
@@ -168,6 +190,7 @@ class SGD(DecayOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         triton: bool | None = None,
+        cautious: bool = False,
         **decoupled_options,  # SGDW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         fused = torch_implementation_options(fused, foreach, False, differentiable)
@@ -183,6 +206,8 @@ class SGD(DecayOptimizer):
             "triton": triton,
             "differentiable": bool(differentiable),
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
+            # SGD's groups keep torch's keys; cautious=True is refused in _check_group
+            **({"cautious": cautious} if self.decoupled or cautious else {}),
         }
         super().__init__(params, defaults, skip_nonfinite=skip_nonfinite)
 
@@ -248,6 +273,7 @@ class SGD(DecayOptimizer):
             decoupled=self.decoupled,
             decay_rate=decay.rate,
             maximize=group["maximize"],
+            cautious=group.get("cautious", False),
             **({"grad_scale": grad_scale} if grad_scale is not None else {}),
         )
         for p, buf in zip(params, buffers):
@@ -265,7 +291,8 @@ class SGDW(SGD):
 
     Args (besides :class:`SGD`'s): ``decay_scale``, ``max_lr``, ``lambda_norm``,
     ``decay_period``, as in :class:`decoupled.AdamW` (``decay_scale`` defaults to ``"lr"``, or
-    ``"schedule"`` when ``lambda_norm`` is given).
+    ``"schedule"`` when ``lambda_norm`` is given); ``cautious``: cautious weight decay
+    (arXiv 2510.12402; the box in :class:`SGD`'s docstring), default False, with SGDW's λ.
     """
 
     decoupled = True
@@ -290,6 +317,7 @@ class SGDW(SGD):
         foreach: bool | None = None,
         differentiable: bool = False,
         triton: bool | None = None,
+        cautious: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -305,6 +333,7 @@ class SGDW(SGD):
             foreach=foreach,
             differentiable=differentiable,
             triton=triton,
+            cautious=cautious,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,

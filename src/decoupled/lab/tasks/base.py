@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from decoupled.optim.registry import with_variant_defaults
+
 
 @dataclass(frozen=True)
 class Hyperparameters:
@@ -63,6 +65,11 @@ class Task:
     eval_every: ClassVar[int]  # steps between evaluations on the held-out set
     defaults: ClassVar[dict[str, Hyperparameters]]  # per optimizer name: adam, adamw, sgd, sgdw
     needs_data_dir: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "defaults" in cls.__dict__:  # variants (adamw-cautious) take their base's tuning
+            cls.defaults = with_variant_defaults(cls.defaults)
 
     def load(self, data_dir: str | None = None) -> TaskData:
         raise NotImplementedError

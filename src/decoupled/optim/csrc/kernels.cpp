@@ -125,6 +125,21 @@ inline void apply_decay(float& grad, float& param, float g, const float* ref, in
   }
 }
 
+// Cautious weight decay (Chen, Li, Liang et al., arXiv 2510.12402), as decay.py's
+// cautious_mask and apply_cautious_decay_: the decoupled decay of apply_decay, applied only
+// where the step's direction u and θ − θ₀ agree in sign (zero agrees, NaN does not). Signs
+// are compared rather than the product, which could round to ±0.
+template <bool Ref>
+inline void cautious_decay(float& param, float direction, const float* ref, int64_t k,
+                           const DecayScalars& s) {
+  const float offset = Ref ? param - ref[k] : param;
+  const bool agree = (direction >= 0 && offset >= 0) || (direction <= 0 && offset <= 0);
+  float decayed;
+  if constexpr (Ref) decayed = lerp(param, ref[k], s.rate);
+  else decayed = param * s.keep;
+  param = agree ? decayed : param;
+}
+
 struct AdamScalars {
   float lr_neg_step_size;  // −γ/(1 − β1ᵗ)
   float bias_correction2_sqrt;
@@ -138,7 +153,8 @@ struct AdamScalars {
 
 // `count` elements starting at element `first` of their tensor (the pointers already point
 // there). A 32-bit loop counter keeps the hash's index arithmetic in 32-bit vector lanes.
-template <typename S, bool Amsgrad, Decay D, bool Ref>
+// Cautious: decay after m_t, masked by the sign of m_t (that of m̂/(sqrt(v̂)+ε)).
+template <typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious = false>
 __attribute__((always_inline)) inline void adam_elements(
     float* __restrict p, const float* __restrict g, S* __restrict m, S* __restrict v,
     S* __restrict vmax, const float* __restrict ref, uint32_t first, int32_t count,
@@ -146,10 +162,11 @@ __attribute__((always_inline)) inline void adam_elements(
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
     float grad, param = p[k];
-    apply_decay<D, Ref>(grad, param, g[k], ref, k, s.decay);
+    apply_decay<Cautious ? Decay::kNone : D, Ref>(grad, param, g[k], ref, k, s.decay);
     float exp_avg = lerp(load(m[k]), grad, s.beta1_weight);
     // v.mul_(β2).addcmul_(g, g, value=1 − β2): torch fuses ((1 − β2)·g)·g + β2·v
     float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, load(v[k]) * s.beta2);
+    if constexpr (Cautious) cautious_decay<Ref>(param, exp_avg, ref, k, s.decay);
     float second = exp_avg_sq;
     uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ s.key);
     if constexpr (Amsgrad) {
@@ -182,12 +199,12 @@ inline void prefetch_block(const T* base, int32_t k) {
 }
 
 // One chunk of a tensor: its elements [first, first + count).
-template <typename S, bool Amsgrad, Decay D, bool Ref>
+template <typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious>
 void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
                 S* __restrict v, S* __restrict vmax, const float* __restrict ref, uint32_t first,
                 int32_t count, AdamScalars s) {
   const auto elements = [&](int32_t k, int32_t n) {
-    adam_elements<S, Amsgrad, D, Ref>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
+    adam_elements<S, Amsgrad, D, Ref, Cautious>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
                                       Ref ? ref + k : nullptr, first + k, n, s);
   };
   int32_t k = 0;
@@ -208,34 +225,39 @@ void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
 using AdamChunk = void (*)(float*, const float*, void*, void*, void*, const float*, int64_t,
                            int64_t, AdamScalars);
 
-template <typename S, bool Amsgrad, Decay D, bool Ref>
+template <typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious>
 void adam_chunk_erased(float* p, const float* g, void* m, void* v, void* vmax, const float* ref,
                        int64_t begin, int64_t end, AdamScalars s) {
   auto at = [begin](void* base) { return base ? static_cast<S*>(base) + begin : nullptr; };
-  adam_chunk<S, Amsgrad, D, Ref>(p + begin, g + begin, at(m), at(v), at(vmax),
+  adam_chunk<S, Amsgrad, D, Ref, Cautious>(p + begin, g + begin, at(m), at(v), at(vmax),
                                  ref ? ref + begin : nullptr, static_cast<uint32_t>(begin),
                                  static_cast<int32_t>(end - begin), s);
 }
 
-template <typename S, bool Amsgrad, Decay D>
+template <typename S, bool Amsgrad, Decay D, bool Cautious = false>
 AdamChunk pick_adam(bool ref) {
-  return ref ? adam_chunk_erased<S, Amsgrad, D, true> : adam_chunk_erased<S, Amsgrad, D, false>;
+  return ref ? adam_chunk_erased<S, Amsgrad, D, true, Cautious>
+             : adam_chunk_erased<S, Amsgrad, D, false, Cautious>;
 }
 
 template <typename S, bool Amsgrad>
-AdamChunk pick_adam(Decay decay, bool ref) {
+AdamChunk pick_adam(Decay decay, bool ref, bool cautious) {
   switch (decay) {
     case Decay::kL2: return pick_adam<S, Amsgrad, Decay::kL2>(ref);
-    case Decay::kDecoupled: return pick_adam<S, Amsgrad, Decay::kDecoupled>(ref);
+    case Decay::kDecoupled:
+      return cautious ? pick_adam<S, Amsgrad, Decay::kDecoupled, true>(ref)
+                      : pick_adam<S, Amsgrad, Decay::kDecoupled>(ref);
     default: return pick_adam<S, Amsgrad, Decay::kNone>(ref);
   }
 }
 
-AdamChunk pick_adam(bool compact, bool amsgrad, Decay decay, bool ref) {
+AdamChunk pick_adam(bool compact, bool amsgrad, Decay decay, bool ref, bool cautious) {
   if (compact) {
-    return amsgrad ? pick_adam<uint16_t, true>(decay, ref) : pick_adam<uint16_t, false>(decay, ref);
+    return amsgrad ? pick_adam<uint16_t, true>(decay, ref, cautious)
+                   : pick_adam<uint16_t, false>(decay, ref, cautious);
   }
-  return amsgrad ? pick_adam<float, true>(decay, ref) : pick_adam<float, false>(decay, ref);
+  return amsgrad ? pick_adam<float, true>(decay, ref, cautious)
+                 : pick_adam<float, false>(decay, ref, cautious);
 }
 
 bool usable(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype) {
@@ -308,7 +330,7 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
                 const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
                 const Tensors& references, const Tensors& steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                bool amsgrad, bool maximize, double grad_scale) {
+                bool amsgrad, bool maximize, double grad_scale, bool cautious) {
   const size_t n = params.size();
   if (n == 0) return true;
   if (exp_avgs.size() != n) return false;
@@ -335,7 +357,8 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
   }
 
   const Decay mode = decay_mode(decoupled, weight_decay, decay);
-  const AdamChunk chunk = pick_adam(state_dtype == at::kBFloat16, amsgrad, mode, ref);
+  const AdamChunk chunk =
+      pick_adam(state_dtype == at::kBFloat16, amsgrad, mode, ref, cautious);
 
   std::vector<AdamScalars> scalars(n);
   double previous_count = -1;  // tensors of a group usually share their step count
@@ -381,19 +404,21 @@ struct SgdScalars {
   DecayScalars decay;
 };
 
-template <Decay D, bool Ref, bool Momentum, bool Fresh, bool Nesterov>
+// Cautious: decay after the buffer, masked by the sign of the direction d_t the step takes.
+template <Decay D, bool Ref, bool Momentum, bool Fresh, bool Nesterov, bool Cautious = false>
 void sgd_chunk(float* __restrict p, const float* __restrict g, float* __restrict buf,
                const float* __restrict ref, int64_t begin, int64_t end, SgdScalars s) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float grad, param = p[i];
-    apply_decay<D, Ref>(grad, param, g[i], ref, i, s.decay);
+    apply_decay<Cautious ? Decay::kNone : D, Ref>(grad, param, g[i], ref, i, s.decay);
     if constexpr (Momentum) {
       // b.mul_(μ).add_(g, alpha=1 − τ); g.add(b, alpha=μ); θ.add_(g, alpha=−γ)
       float b = Fresh ? grad : fmadd(s.one_minus_dampening, grad, buf[i] * s.momentum);
       buf[i] = b;
       grad = Nesterov ? fmadd(s.momentum, b, grad) : b;
     }
+    if constexpr (Cautious) cautious_decay<Ref>(param, grad, ref, i, s.decay);
     p[i] = fmadd(s.neg_lr, grad, param);
   }
 }
@@ -401,25 +426,30 @@ void sgd_chunk(float* __restrict p, const float* __restrict g, float* __restrict
 using SgdChunk = void (*)(float*, const float*, float*, const float*, int64_t, int64_t,
                           SgdScalars);
 
-template <Decay D, bool Ref>
+template <Decay D, bool Ref, bool C>
 SgdChunk pick_sgd(bool momentum, bool fresh, bool nesterov) {
-  if (!momentum) return sgd_chunk<D, Ref, false, false, false>;
+  if (!momentum) return sgd_chunk<D, Ref, false, false, false, C>;
   if (fresh) {
-    return nesterov ? sgd_chunk<D, Ref, true, true, true> : sgd_chunk<D, Ref, true, true, false>;
+    return nesterov ? sgd_chunk<D, Ref, true, true, true, C>
+                    : sgd_chunk<D, Ref, true, true, false, C>;
   }
-  return nesterov ? sgd_chunk<D, Ref, true, false, true> : sgd_chunk<D, Ref, true, false, false>;
+  return nesterov ? sgd_chunk<D, Ref, true, false, true, C>
+                  : sgd_chunk<D, Ref, true, false, false, C>;
 }
 
-template <Decay D>
+template <Decay D, bool C = false>
 SgdChunk pick_sgd(bool ref, bool momentum, bool fresh, bool nesterov) {
-  return ref ? pick_sgd<D, true>(momentum, fresh, nesterov)
-             : pick_sgd<D, false>(momentum, fresh, nesterov);
+  return ref ? pick_sgd<D, true, C>(momentum, fresh, nesterov)
+             : pick_sgd<D, false, C>(momentum, fresh, nesterov);
 }
 
-SgdChunk pick_sgd(Decay decay, bool ref, bool momentum, bool fresh, bool nesterov) {
+SgdChunk pick_sgd(Decay decay, bool ref, bool momentum, bool fresh, bool nesterov,
+                  bool cautious) {
   switch (decay) {
     case Decay::kL2: return pick_sgd<Decay::kL2>(ref, momentum, fresh, nesterov);
-    case Decay::kDecoupled: return pick_sgd<Decay::kDecoupled>(ref, momentum, fresh, nesterov);
+    case Decay::kDecoupled:
+      return cautious ? pick_sgd<Decay::kDecoupled, true>(ref, momentum, fresh, nesterov)
+                      : pick_sgd<Decay::kDecoupled>(ref, momentum, fresh, nesterov);
     default: return pick_sgd<Decay::kNone>(ref, momentum, fresh, nesterov);
   }
 }
@@ -428,7 +458,8 @@ SgdChunk pick_sgd(Decay decay, bool ref, bool momentum, bool fresh, bool nestero
 bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers,
                const std::vector<bool>& fresh, const Tensors& references, double lr,
                double momentum, double dampening, bool nesterov, double weight_decay,
-               double decay, bool decoupled, bool maximize, double grad_scale) {
+               double decay, bool decoupled, bool maximize, double grad_scale,
+               bool cautious) {
   const size_t n = params.size();
   if (n == 0) return true;
   const bool ref = !references.empty();
@@ -445,7 +476,8 @@ bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momen
                            decay_scalars(weight_decay, decay, maximize)};
   std::vector<SgdChunk> kernels(n);
   for (size_t t = 0; t < n; ++t) {
-    kernels[t] = pick_sgd(mode, ref, has_momentum, has_momentum && fresh[t], nesterov);
+    kernels[t] =
+        pick_sgd(mode, ref, has_momentum, has_momentum && fresh[t], nesterov, cautious);
   }
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
     unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
