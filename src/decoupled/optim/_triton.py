@@ -109,8 +109,10 @@ def use_triton(triton: bool | None, fused: bool | None, params: list[Tensor]) ->
 
 def check_capturable(group: dict, tensors: list[Tensor]) -> None:
     """``capturable=True`` needs the Triton path for this group's tensors (as torch's
-    capturable needs CUDA tensors): refused before any group has changed."""
-    if not group.get("capturable") or not tensors:
+    capturable needs CUDA tensors): refused before any group has changed. Not checked under
+    torch.compile: dynamo marks every traced group capturable itself (its optimizer
+    variable), and a compiled step runs the reference loop's operations in the graph."""
+    if not group.get("capturable") or not tensors or torch.compiler.is_compiling():
         return
     if not use_triton(group.get("triton"), group.get("fused"), tensors):
         devices = ", ".join(sorted({t.device.type for t in tensors}))
