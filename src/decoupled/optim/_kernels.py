@@ -48,7 +48,7 @@ bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial, update_wrapper
+from functools import cache, partial, update_wrapper
 from operator import attrgetter
 
 import torch
@@ -56,6 +56,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from decoupled.optim._build import kernel_ops
+from decoupled.optim._int8 import BLOCK, SCALE_SUFFIX
 from decoupled.optim._layout import in_layout_of, is_dense
 from decoupled.optim._shards import is_sharded, local, on_local_shards
 from decoupled.optim._triton import triton_adam_update, triton_sgd_update, use_triton
@@ -109,9 +110,38 @@ def kernel_adam_update(
             _scale_value(options["grad_scale"]),
         )  # fmt: skip
 
+    coded_states = options.get("coded_states")
+    if coded_states is not None:
+        step = partial(_int8_step, params, exp_avgs, exp_avg_sqs, coded_states, state_steps,
+                       options)  # fmt: skip
     done = _step_any_layout(step, grads, params)
     if not done:
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
+
+
+def _int8_step(params, exp_avgs, exp_avg_sqs, coded_states, state_steps, options, grads) -> bool:
+    """The C++ kernel's step with int8 moments (``_int8.py``): codes in ``exp_avgs`` and
+    ``exp_avg_sqs``, scales in the state dicts; amsgrad is refused with int8 state."""
+    if options["amsgrad"]:
+        return False
+    scales = [[s[key + SCALE_SUFFIX] for s in coded_states] for key in ("exp_avg", "exp_avg_sq")]
+    return kernel_ops().adam_int8_step_(
+        params, grads, exp_avgs, exp_avg_sqs, *scales, *_int8_levels(),
+        _kernel_references(options["references"]), state_steps, float(options["lr"]),
+        options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
+        float(options["decay_rate"]), options["decoupled"], options["maximize"],
+        _scale_value(options["grad_scale"]),
+    )  # fmt: skip
+
+
+@cache
+def _int8_levels() -> tuple[Tensor, Tensor]:
+    """d(q) = (q/127)² for q in 0..128 and (q/255)⁴ for q in 0..256, computed as ``_int8.py``
+    computes them (torch's pow, whose float32 results are not always correctly rounded), so
+    that the kernel decodes and rounds to the same thresholds, bit for bit."""
+    whole = torch.arange(2 * BLOCK, dtype=torch.float32)  # whole blocks: the vectorized pow
+    return tuple(((whole / levels) ** power)[: levels + 2].contiguous()
+                 for levels, power in ((127, 2), (255, 4)))  # fmt: skip
 
 
 def kernel_sgd_update(

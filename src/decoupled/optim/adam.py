@@ -470,7 +470,7 @@ class Adam(DecayOptimizer):
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
         update = choose_adam_update(
-            False if differentiable or coded or compensated else group["fused"],
+            False if differentiable or compensated else group["fused"],
             adam_update,
             params,
             grads,
@@ -479,7 +479,7 @@ class Adam(DecayOptimizer):
             decoupled=self.decoupled,
             references=decay.references,
             compact=group["state_dtype"] is not None,
-            triton=group.get("triton"),
+            triton=False if coded else group.get("triton"),  # int8: the C++ kernel or none
         )
         on_device = update.__name__ == "triton_adam_update"
         states = [self._init_state(group, p, on_device) for p in params]
