@@ -399,28 +399,34 @@ inline float clamp_unit(float x) { return x != x ? x : std::min(std::max(x, 0.0f
 // below, d(low) <= x < d(low + 1) (from a root, then stepped once down and once up as the
 // reference does), then low + 1 when the fraction of the way to d(low + 1) exceeds
 // (r + 0.5) / 2^16. A NaN gives code 0 (its block's scale is NaN: decoded, all NaN anyway).
+// Written with selects, not branches, so that the loop over a block is vectorized (gathers
+// from the table).
 template <int Levels, int Power>
 inline int32_t int8_code(float magnitude, float safe, const float* d, uint32_t random16) {
-  const float x = clamp_unit(magnitude / safe);
-  if (x != x) return 0;
+  const float raw = clamp_unit(magnitude / safe);
+  const bool nan = raw != raw;
+  const float x = nan ? 0.0f : raw;
   const float root = Power == 2 ? std::sqrt(x) : std::sqrt(std::sqrt(x));
-  int32_t low = static_cast<int32_t>(std::floor(root * static_cast<float>(Levels)));
-  low = std::min(std::max(low, 0), Levels);
-  if (d[low] > x) low -= 1;
-  if (d[low + 1] <= x && low < Levels) low += 1;
-  const float fraction = (x - d[low]) / (d[low + 1] - d[low]);
+  // x in [0, 1]: truncation is floor, and the code at most Levels
+  int32_t low = std::min(static_cast<int32_t>(root * static_cast<float>(Levels)), Levels);
+  low -= d[low] > x ? 1 : 0;
+  low += (d[low + 1] <= x && low < Levels) ? 1 : 0;
+  const float below = d[low], above = d[low + 1];
+  const float fraction = (x - below) / (above - below);
   const float threshold = (static_cast<float>(random16) + 0.5f) / 65536.0f;
-  return std::min(low + (fraction > threshold ? 1 : 0), Levels);
+  const int32_t code = std::min(low + (fraction > threshold ? 1 : 0), Levels);
+  return nan ? 0 : code;
 }
 
 // The block's scale as _int8.encode_ takes it: the largest magnitude, NaN when any is NaN.
 inline float block_scale(const float* values, int32_t count) {
   float largest = 0.0f;
-  bool nan = false;
+  int32_t nan = 0;
+#pragma omp simd reduction(max : largest) reduction(| : nan)
   for (int32_t k = 0; k < count; ++k) {
     const float magnitude = std::abs(values[k]);
     nan |= magnitude != magnitude;
-    largest = std::max(largest, magnitude);
+    largest = magnitude > largest ? magnitude : largest;
   }
   return nan ? std::numeric_limits<float>::quiet_NaN() : largest;
 }
@@ -453,6 +459,7 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
   }
   const float new_sm = block_scale(m, count), new_sv = block_scale(v, count);
   const float safe_m = new_sm > 0 ? new_sm : 1.0f, safe_v = new_sv > 0 ? new_sv : 1.0f;
+#pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
     const uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ s.key);
     const int32_t code = int8_code<127, 2>(std::abs(m[k]), safe_m, levels.m, random & 0xFFFFU);
