@@ -10,9 +10,9 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    kernel, float32/bfloat16/float16 θ computed in float32, no host synchronization.
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, amsgrad,
-   maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in one parallel
-   region, one pass over memory. Built with the machine's C++ compiler the first time it is
-   needed (``_build.py``).
+   maximize, Nesterov, float32 or bfloat16 state; int8 moments, ``_int8.py``, for Adam/AdamW
+   through ``adam_int8_step_``). All tensors of a group in one parallel region, one pass over
+   memory. Built with the machine's C++ compiler the first time it is needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
    float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
    ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
@@ -21,8 +21,9 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    out otherwise is copied into its parameter's layout first, and a parameter whose moments
    are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
-   rates (the lab's batched executor), int8 moments (``_int8.py``) and compensated
-   bfloat16/float16 weights (``_compensated.py``), which no kernel steps yet, tensor
+   rates (the lab's batched executor), int8 moments of parameters the C++ kernel does not
+   take (CUDA ones included: no Triton kernel for them yet), compensated bfloat16/float16
+   weights (``_compensated.py``), which no kernel steps yet, tensor
    subclasses (DTensor shards take their local tensors' path, ``_shards.py``), CUDA tensors
    without triton or with ``triton=False``, ``torch.compile``, and
    groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
@@ -42,7 +43,11 @@ same. Adam's parameters are not: torch's CPU ``sqrt`` is not always correctly ro
 torch 2.13's x86 wheel about one float32 result in six differs from IEEE ``sqrt`` by an ulp),
 the kernel's is, so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels
 (path 2) round differently again. The tests hold float32 to 1e-6 relative after 100 steps,
-bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
+bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit. int8 moments
+are decoded and rounded with the reference's level table ``(q/levels)^power``, computed by
+torch (``_int8_levels``), its thresholds and its hash bits, so their codes and scales equal
+the reference loop's bit for bit as long as the gradients are the same (with Adam's L2 term θ's
+ulps enter g: a code may then differ by one step); θ as for float32 state.
 """
 
 from __future__ import annotations
