@@ -199,3 +199,27 @@ def test_a_nan_gradient_makes_its_block_nan_as_the_reference(int8_log):
         assert torch.equal(s_f[key].isnan(), torch.tensor([False, True, False]))
         assert torch.equal(s_f[key][[0, 2]], s_r[key][[0, 2]])
     assert torch.equal(fast_params[0].isnan(), reference_params[0].isnan())
+
+
+def test_values_on_the_levels_take_the_exact_coding(int8_log):
+    """With β1 = 0, m is the gradient: gradients one float below the levels s·d(q) of the code
+    (s = 1: every block holds a 1) are where the root's code is one too high (75 of the 127
+    levels of m in torch 2.13): every block takes the kernel's second coding, with the
+    reference's two steps. (Coding them without the steps gave the same codes here too: one
+    float from a level, the fraction is within 2⁻¹⁷ of 1, above every threshold.)"""
+    _, answers = int8_log
+    levels = (torch.arange(128, dtype=torch.float32) / 127) ** 2
+    levels[1:127] = torch.nextafter(levels[1:127], torch.tensor(0.0))
+    levels = levels.repeat(8)
+    signs = torch.where(torch.arange(levels.numel()) % 3 == 0, -1.0, 1.0)
+    fast_params, reference_params = make_params([(1024,)], False), make_params([(1024,)], False)
+    options = {"lr": 1e-2, "betas": (0.0, 0.999), "state_dtype": "int8"}
+    fast = decoupled.Adam(fast_params, **options)
+    reference = decoupled.Adam(reference_params, fused=False, **options)
+    for step in range(3):
+        grad = levels.roll(step) * signs
+        fast_params[0].grad, reference_params[0].grad = grad.clone(), grad.clone()
+        fast.step()
+        reference.step()
+    assert answers == [True] * 3
+    assert_matches(fast, reference, fast_params, reference_params)

@@ -400,22 +400,46 @@ inline float clamp_unit(float x) { return x != x ? x : std::min(std::max(x, 0.0f
 // reference does), then low + 1 when the fraction of the way to d(low + 1) exceeds
 // (r + 0.5) / 2^16. A NaN gives code 0 (its block's scale is NaN: decoded, all NaN anyway).
 // Written with selects, not branches, so that the loop over a block is vectorized (gathers
-// from the table).
-template <int Levels, int Power>
-inline int32_t int8_code(float magnitude, float safe, const float* d, uint32_t random16) {
+// from the table). `Step` false skips the two steps and sets `missed` where one was due: the
+// root's code is almost always right, so a block is coded with half the gathers and coded
+// again with the steps only when some element missed.
+template <int Levels, int Power, bool Step>
+inline int32_t int8_code(float magnitude, float safe, const float* d, uint32_t random16,
+                         int32_t& missed) {
   const float raw = clamp_unit(magnitude / safe);
   const bool nan = raw != raw;
   const float x = nan ? 0.0f : raw;
   const float root = Power == 2 ? std::sqrt(x) : std::sqrt(std::sqrt(x));
   // x in [0, 1]: truncation is floor, and the code at most Levels
   int32_t low = std::min(static_cast<int32_t>(root * static_cast<float>(Levels)), Levels);
-  low -= d[low] > x ? 1 : 0;
-  low += (d[low + 1] <= x && low < Levels) ? 1 : 0;
+  if constexpr (Step) {
+    low -= d[low] > x ? 1 : 0;
+    low += (d[low + 1] <= x && low < Levels) ? 1 : 0;
+  }
   const float below = d[low], above = d[low + 1];
+  if constexpr (!Step) missed |= below > x || (above <= x && low < Levels);
   const float fraction = (x - below) / (above - below);
   const float threshold = (static_cast<float>(random16) + 0.5f) / 65536.0f;
   const int32_t code = std::min(low + (fraction > threshold ? 1 : 0), Levels);
   return nan ? 0 : code;
+}
+
+// Codes of a block's new m and v (see int8_code); returns whether an element missed.
+template <bool Step>
+inline int32_t int8_codes(int8_t* __restrict qm, uint8_t* __restrict qv, const float* m,
+                          const float* v, float safe_m, float safe_v, uint32_t first,
+                          int32_t count, uint32_t key, Int8Levels levels) {
+  int32_t missed = 0;
+#pragma omp simd reduction(| : missed)
+  for (int32_t k = 0; k < count; ++k) {
+    const uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ key);
+    const int32_t code =
+        int8_code<127, 2, Step>(std::abs(m[k]), safe_m, levels.m, random & 0xFFFFU, missed);
+    qm[k] = static_cast<int8_t>(m[k] < 0 ? -code : code);
+    qv[k] = static_cast<uint8_t>(
+        int8_code<255, 4, Step>(std::abs(v[k]), safe_v, levels.v, random >> 16, missed));
+  }
+  return missed;
 }
 
 // The block's scale as _int8.encode_ takes it: the largest magnitude, NaN when any is NaN.
@@ -459,12 +483,8 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
   }
   const float new_sm = block_scale(m, count), new_sv = block_scale(v, count);
   const float safe_m = new_sm > 0 ? new_sm : 1.0f, safe_v = new_sv > 0 ? new_sv : 1.0f;
-#pragma omp simd
-  for (int32_t k = 0; k < count; ++k) {
-    const uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ s.key);
-    const int32_t code = int8_code<127, 2>(std::abs(m[k]), safe_m, levels.m, random & 0xFFFFU);
-    qm[k] = static_cast<int8_t>(m[k] < 0 ? -code : code);
-    qv[k] = static_cast<uint8_t>(int8_code<255, 4>(std::abs(v[k]), safe_v, levels.v, random >> 16));
+  if (int8_codes<false>(qm, qv, m, v, safe_m, safe_v, first, count, s.key, levels)) {
+    int8_codes<true>(qm, qv, m, v, safe_m, safe_v, first, count, s.key, levels);
   }
   *scale_m = new_sm;
   *scale_v = new_sv;
