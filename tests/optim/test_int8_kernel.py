@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 import decoupled
 from decoupled.optim import _build, _kernels
+from decoupled.optim._int8 import new_moments
+from decoupled.optim.adam import adam_update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CODE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -223,3 +225,28 @@ def test_values_on_the_levels_take_the_exact_coding(int8_log):
         reference.step()
     assert answers == [True] * 3
     assert_matches(fast, reference, fast_params, reference_params)
+
+
+def test_the_loss_scale_is_divided_out_as_in_the_reference(int8_log):
+    """GradScaler's protocol (``grad_scale``): g ← g / scale, written back, then the step."""
+    _, answers = int8_log
+    runs = []
+    for update in (_kernels.kernel_adam_update, adam_update):
+        (param,) = make_params([(700,)], False)
+        state = {"step": torch.tensor(0.0), **new_moments(param, CODE_KEYS)}
+        grad = torch.randn(700, generator=torch.Generator().manual_seed(3)) * 1024
+        options = {"fallback": adam_update} if update is not adam_update else {}
+        for _ in range(3):
+            update(
+                [param.data], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [],
+                [state["step"]], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                decoupled=True, decay_rate=1e-3, grad_scale=torch.tensor(1024.0),
+                coded_states=[state], **options,
+            )  # fmt: skip
+        runs.append((param.detach(), grad, state))
+    assert answers == [True] * 3
+    (p_f, g_f, s_f), (p_r, g_r, s_r) = runs
+    assert torch.equal(g_f, g_r)  # unscaled in place, three times
+    assert ((p_f - p_r).abs().max() / p_r.abs().max()).item() <= 1e-6
+    for key in CODE_KEYS + SCALE_KEYS:
+        assert torch.equal(s_f[key], s_r[key]), key
