@@ -5,8 +5,8 @@
 Same as `decoupled bench`; prints the CPU and its vector instruction sets, params/s, the ratio
 to torch's fused AdamW measured in the same run, and the share of the memory-bandwidth floor.
 ``--int8`` adds a row for ``state_dtype="int8"`` (16 bytes moved per parameter, plus the
-scales). It steps through the reference loop for now (no kernel yet), about 100 times slower
-than the kernel: use it with ``--layouts resnet50 --steps 1 --rounds 1``.
+scales). On float32 CPU parameters it steps through the C++ kernel's int8 path, which the
+coding makes compute-bound (README, "Smallest state").
 """
 
 import argparse

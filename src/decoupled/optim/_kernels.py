@@ -10,9 +10,10 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    kernel, float32/bfloat16/float16 θ computed in float32, no host synchronization.
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, cautious
-   decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state). All tensors of a group in
-   one parallel region, one pass over memory. Built with the machine's C++ compiler the first
-   time it is needed (``_build.py``).
+   decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state; int8 moments, ``_int8.py``,
+   for Adam/AdamW without cautious decay through ``adam_int8_step_``). All tensors of a group
+   in one parallel region, one pass over memory. Built with the machine's C++ compiler the
+   first time it is needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
    float dtypes on the CPU, when the C++ kernel is unavailable. The fused AdamW kernel applies
    ``θ ← θ·(1 − lr·λ')``, so a per-step rate c of any convention is passed as λ' = c / lr;
@@ -21,8 +22,9 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    gradient laid out otherwise is copied into its parameter's layout first, and a parameter
    whose moments are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
-   rates (the lab's batched executor), int8 moments (``_int8.py``) and compensated
-   bfloat16/float16 weights (``_compensated.py``), which no kernel steps yet, tensor
+   rates (the lab's batched executor), int8 moments of parameters the C++ kernel does not
+   take (CUDA ones included: no Triton kernel for them yet), compensated bfloat16/float16
+   weights (``_compensated.py``), which no kernel steps yet, tensor
    subclasses (DTensor shards take their local tensors' path, ``_shards.py``), CUDA tensors
    without triton or with ``triton=False``, ``torch.compile``, and
    groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
@@ -42,13 +44,17 @@ same. Adam's parameters are not: torch's CPU ``sqrt`` is not always correctly ro
 torch 2.13's x86 wheel about one float32 result in six differs from IEEE ``sqrt`` by an ulp),
 the kernel's is, so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels
 (path 2) round differently again. The tests hold float32 to 1e-6 relative after 100 steps,
-bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
+bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit. int8 moments
+are decoded and rounded with the reference's level table ``(q/levels)^power``, computed by
+torch (``_int8_levels``), its thresholds and its hash bits, so their codes and scales equal
+the reference loop's bit for bit as long as the gradients are the same (with Adam's L2 term θ's
+ulps enter g: a code may then differ by one step); θ as for float32 state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial, update_wrapper
+from functools import cache, partial, update_wrapper
 from operator import attrgetter
 
 import torch
@@ -56,6 +62,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from decoupled.optim._build import kernel_ops
+from decoupled.optim._int8 import BLOCK, SCALE_SUFFIX
 from decoupled.optim._layout import in_layout_of, is_dense
 from decoupled.optim._shards import is_sharded, local, on_local_shards
 from decoupled.optim._triton import triton_adam_update, triton_sgd_update, use_triton
@@ -110,9 +117,39 @@ def kernel_adam_update(
             _scale_value(options["grad_scale"]), options["cautious"],
         )  # fmt: skip
 
+    coded_states = options.get("coded_states")
+    if coded_states is not None:
+        step = partial(_int8_step, params, exp_avgs, exp_avg_sqs, coded_states, state_steps,
+                       options)  # fmt: skip
     done = _step_any_layout(step, grads, params)
     if not done:
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
+
+
+def _int8_step(params, exp_avgs, exp_avg_sqs, coded_states, state_steps, options, grads) -> bool:
+    """The C++ kernel's step with int8 moments (``_int8.py``): codes in ``exp_avgs`` and
+    ``exp_avg_sqs``, scales in the state dicts; amsgrad is refused with int8 state, and
+    cautious decay (which this kernel has no mask for) steps in the reference loop."""
+    if options["amsgrad"] or options["cautious"]:
+        return False
+    scales = [[s[key + SCALE_SUFFIX] for s in coded_states] for key in ("exp_avg", "exp_avg_sq")]
+    return kernel_ops().adam_int8_step_(
+        params, grads, exp_avgs, exp_avg_sqs, *scales, *_int8_levels(),
+        _kernel_references(options["references"]), state_steps, float(options["lr"]),
+        options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
+        float(options["decay_rate"]), options["decoupled"], options["maximize"],
+        _scale_value(options["grad_scale"]),
+    )  # fmt: skip
+
+
+@cache
+def _int8_levels() -> tuple[Tensor, Tensor]:
+    """d(q) = (q/127)² for q in 0..128 and (q/255)⁴ for q in 0..256, computed as ``_int8.py``
+    computes them (torch's pow, whose float32 results are not always correctly rounded), so
+    that the kernel decodes and rounds to the same thresholds, bit for bit."""
+    whole = torch.arange(2 * BLOCK, dtype=torch.float32)  # whole blocks: the vectorized pow
+    return tuple(((whole / levels) ** power)[: levels + 2].contiguous()
+                 for levels, power in ((127, 2), (255, 4)))  # fmt: skip
 
 
 def kernel_sgd_update(

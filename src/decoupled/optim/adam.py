@@ -496,7 +496,7 @@ class Adam(DecayOptimizer):
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
         update = choose_adam_update(
-            False if differentiable or coded or compensated else group["fused"],
+            False if differentiable or compensated else group["fused"],
             adam_update,
             params,
             grads,
@@ -505,7 +505,7 @@ class Adam(DecayOptimizer):
             decoupled=self.decoupled,
             references=decay.references,
             compact=group["state_dtype"] is not None,
-            triton=group.get("triton"),
+            triton=False if coded else group.get("triton"),  # int8: the C++ kernel or none
             cautious=group.get("cautious", False),
         )
         on_device = update.__name__ == "triton_adam_update"

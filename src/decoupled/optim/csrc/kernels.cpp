@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -397,6 +398,230 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
   return true;
 }
 
+// ---- int8 moments (decoupled/optim/_int8.py) ----------------------------------------------
+// Blocks of kInt8Block elements in memory order, one float32 scale each (the block's largest
+// |m|, largest v); m as int8 codes q, m = s·sign(q)·d_m(|q|), v as uint8 codes, v = s·d_v(q),
+// with d(q) = (q/levels)^power taken from a table that the caller computes with torch's own
+// pow (so that decoding and the rounding thresholds are _int8.py's to the bit). A block is
+// decoded, stepped with the float32 path's arithmetic, its new m and v kept in a stack buffer
+// (L1), its new scales taken, and it is coded again with stochastic rounding: one pass over
+// θ, g, codes and scales.
+
+constexpr int32_t kInt8Block = 256;
+static_assert(kChunk % kInt8Block == 0, "a chunk must hold whole int8 blocks");
+
+struct Int8Levels {
+  const float* m;  // d_m(0..128): 127 levels, and one above for the last code's upper neighbour
+  const float* v;  // d_v(0..256)
+};
+
+// torch.clamp(x, 0, 1), NaN propagating
+inline float clamp_unit(float x) { return x != x ? x : std::min(std::max(x, 0.0f), 1.0f); }
+
+// _int8.encode_ for one element: the magnitude divided by the block's (safe) scale, its code
+// below, d(low) <= x < d(low + 1) (from a root, then stepped once down and once up as the
+// reference does), then low + 1 when the fraction of the way to d(low + 1) exceeds
+// (r + 0.5) / 2^16. A NaN gives code 0 (its block's scale is NaN: decoded, all NaN anyway).
+// Written with selects, not branches, so that the loop over a block is vectorized (gathers
+// from the table). `Step` false skips the two steps and sets `missed` where one was due: the
+// root's code is almost always right, so a block is coded with half the gathers and coded
+// again with the steps only when some element missed.
+template <int Levels, int Power, bool Step>
+inline int32_t int8_code(float magnitude, float safe, const float* d, uint32_t random16,
+                         int32_t& missed) {
+  const float raw = clamp_unit(magnitude / safe);
+  const bool nan = raw != raw;
+  const float x = nan ? 0.0f : raw;
+  const float root = Power == 2 ? std::sqrt(x) : std::sqrt(std::sqrt(x));
+  // x in [0, 1]: truncation is floor, and the code at most Levels
+  int32_t low = std::min(static_cast<int32_t>(root * static_cast<float>(Levels)), Levels);
+  if constexpr (Step) {
+    low -= d[low] > x ? 1 : 0;
+    low += (d[low + 1] <= x && low < Levels) ? 1 : 0;
+  }
+  const float below = d[low], above = d[low + 1];
+  if constexpr (!Step) missed |= below > x || (above <= x && low < Levels);
+  const float fraction = (x - below) / (above - below);
+  const float threshold = (static_cast<float>(random16) + 0.5f) / 65536.0f;
+  const int32_t code = std::min(low + (fraction > threshold ? 1 : 0), Levels);
+  return nan ? 0 : code;
+}
+
+// Codes of a block's new m and v (see int8_code); returns whether an element missed.
+template <bool Step>
+inline int32_t int8_codes(int8_t* __restrict qm, uint8_t* __restrict qv, const float* m,
+                          const float* v, float safe_m, float safe_v, uint32_t first,
+                          int32_t count, uint32_t key, Int8Levels levels) {
+  int32_t missed = 0;
+#pragma omp simd reduction(| : missed)
+  for (int32_t k = 0; k < count; ++k) {
+    const uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ key);
+    const int32_t code =
+        int8_code<127, 2, Step>(std::abs(m[k]), safe_m, levels.m, random & 0xFFFFU, missed);
+    qm[k] = static_cast<int8_t>(m[k] < 0 ? -code : code);
+    qv[k] = static_cast<uint8_t>(
+        int8_code<255, 4, Step>(std::abs(v[k]), safe_v, levels.v, random >> 16, missed));
+  }
+  return missed;
+}
+
+// The block's scale as _int8.encode_ takes it: the largest magnitude, NaN when any is NaN.
+inline float block_scale(const float* values, int32_t count) {
+  float largest = 0.0f;
+  int32_t nan = 0;
+#pragma omp simd reduction(max : largest) reduction(| : nan)
+  for (int32_t k = 0; k < count; ++k) {
+    const float magnitude = std::abs(values[k]);
+    nan |= magnitude != magnitude;
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : largest;
+}
+
+// One block of `count` <= kInt8Block elements starting at element `first` of its tensor (the
+// pointers already point there); `scale_m`, `scale_v` point at the block's scales.
+template <Decay D, bool Ref>
+void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __restrict qm,
+                     uint8_t* __restrict qv, float* scale_m, float* scale_v,
+                     const float* __restrict ref, uint32_t first, int32_t count,
+                     const AdamScalars& s, Int8Levels levels) {
+  alignas(64) float m[kInt8Block];
+  alignas(64) float v[kInt8Block];
+  const float sm = *scale_m, sv = *scale_v;
+#pragma omp simd
+  for (int32_t k = 0; k < count; ++k) {
+    float grad, param = p[k];
+    apply_decay<D, Ref>(grad, param, g[k], ref, k, s.decay);
+    const int32_t code = qm[k];
+    // decode: (d(|q|)·s)·sign(q), the reference's order
+    const float sign = static_cast<float>((code > 0) - (code < 0));
+    const float m_old = (levels.m[code < 0 ? -code : code] * sm) * sign;
+    const float v_old = (levels.v[qv[k]] * sv) * static_cast<float>(qv[k] != 0);
+    const float exp_avg = lerp(m_old, grad, s.beta1_weight);
+    const float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, v_old * s.beta2);
+    const float denom = std::sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
+    p[k] = param + s.lr_neg_step_size * exp_avg / denom;
+    m[k] = exp_avg;
+    v[k] = exp_avg_sq;
+  }
+  const float new_sm = block_scale(m, count), new_sv = block_scale(v, count);
+  const float safe_m = new_sm > 0 ? new_sm : 1.0f, safe_v = new_sv > 0 ? new_sv : 1.0f;
+  if (int8_codes<false>(qm, qv, m, v, safe_m, safe_v, first, count, s.key, levels)) {
+    int8_codes<true>(qm, qv, m, v, safe_m, safe_v, first, count, s.key, levels);
+  }
+  *scale_m = new_sm;
+  *scale_v = new_sv;
+}
+
+using Int8Chunk = void (*)(float*, const float*, int8_t*, uint8_t*, float*, float*, const float*,
+                           int64_t, int64_t, const AdamScalars&, Int8Levels);
+
+// The elements [begin, end) of a tensor, begin a multiple of kInt8Block (for_each_chunk's).
+template <Decay D, bool Ref>
+void adam_int8_chunk(float* p, const float* g, int8_t* qm, uint8_t* qv, float* scale_m,
+                     float* scale_v, const float* ref, int64_t begin, int64_t end,
+                     const AdamScalars& s, Int8Levels levels) {
+  for (int64_t k = begin; k < end; k += kInt8Block) {
+    const int64_t block = k / kInt8Block;
+    adam_int8_block<D, Ref>(p + k, g + k, qm + k, qv + k, scale_m + block, scale_v + block,
+                            Ref ? ref + k : nullptr, static_cast<uint32_t>(k),
+                            static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s,
+                            levels);
+  }
+}
+
+template <Decay D>
+Int8Chunk pick_adam_int8(bool ref) {
+  return ref ? adam_int8_chunk<D, true> : adam_int8_chunk<D, false>;
+}
+
+Int8Chunk pick_adam_int8(Decay decay, bool ref) {
+  switch (decay) {
+    case Decay::kL2: return pick_adam_int8<Decay::kL2>(ref);
+    case Decay::kDecoupled: return pick_adam_int8<Decay::kDecoupled>(ref);
+    default: return pick_adam_int8<Decay::kNone>(ref);
+  }
+}
+
+bool usable_scales(const Tensors& scales, at::TensorList params) {
+  if (scales.size() != params.size()) return false;
+  for (size_t t = 0; t < scales.size(); ++t) {
+    const auto& s = scales[t];
+    const int64_t blocks = (params[t].numel() + kInt8Block - 1) / kInt8Block;
+    if (!s.defined() || !s.device().is_cpu() || s.scalar_type() != at::kFloat ||
+        !s.is_contiguous() || s.dim() != 1 || s.numel() != blocks || s.is_inference()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool usable_levels(const at::Tensor& t, int64_t size) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+         t.is_contiguous() && t.numel() == size;
+}
+
+// Adam/AdamW (no amsgrad: _int8.py refuses it) with int8 moments; as adam_step_ otherwise.
+// `m_levels`, `v_levels`: d_m(0..128) and d_v(0..256) as torch computes (q/127)² and (q/255)⁴.
+bool adam_int8_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+                     const Tensors& exp_avg_sqs, const Tensors& exp_avg_scales,
+                     const Tensors& exp_avg_sq_scales, const at::Tensor& m_levels,
+                     const at::Tensor& v_levels, const Tensors& references,
+                     const Tensors& steps, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, double decay, bool decoupled, bool maximize,
+                     double grad_scale) {
+  const size_t n = params.size();
+  if (n == 0) return true;
+  const bool ref = !references.empty();
+  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
+      !usable_list(exp_avgs, params, at::kChar) || !usable_list(exp_avg_sqs, params, at::kByte) ||
+      !usable_scales(exp_avg_scales, params) || !usable_scales(exp_avg_sq_scales, params) ||
+      !usable_levels(m_levels, 129) || !usable_levels(v_levels, 257) ||
+      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
+      !disjoint(params)) {
+    return false;
+  }
+  for (const auto& step : steps) {
+    if (!step.device().is_cpu() || step.scalar_type() != at::kFloat || step.numel() != 1 ||
+        step.is_inference()) {
+      return false;
+    }
+    const float count = *step.data_ptr<float>();
+    if (!std::isfinite(count) || count < 0) return false;
+  }
+  const Int8Chunk chunk = pick_adam_int8(decay_mode(decoupled, weight_decay, decay), ref);
+  const Int8Levels levels{m_levels.data_ptr<float>(), v_levels.data_ptr<float>()};
+  std::vector<AdamScalars> scalars(n);
+  for (size_t t = 0; t < n; ++t) {
+    float* step = steps[t].data_ptr<float>();
+    *step += 1.0f;
+    const double count = *step;
+    scalars[t] = AdamScalars{
+        static_cast<float>(-(lr / (1 - std::pow(beta1, count)))),
+        static_cast<float>(std::pow(1 - std::pow(beta2, count), 0.5)),
+        static_cast<float>(1 - beta1),
+        static_cast<float>(beta2),
+        static_cast<float>(1 - beta2),
+        static_cast<float>(eps),
+        decay_scalars(weight_decay, decay, maximize),
+        rounding_key(count, static_cast<int64_t>(t)),
+    };
+  }
+  for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+    unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
+    chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
+          exp_avgs[t].data_ptr<int8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
+          exp_avg_scales[t].data_ptr<float>(), exp_avg_sq_scales[t].data_ptr<float>(),
+          ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t], levels);
+  });
+  for (at::TensorList written :
+       {params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps}) {
+    bump_versions(written);
+  }
+  if (grad_scale != 1.0) bump_versions(grads);
+  return true;
+}
+
 struct SgdScalars {
   float neg_lr;
   float momentum;
@@ -499,4 +724,5 @@ bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momen
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_step_", &adam_step_, py::call_guard<py::gil_scoped_release>());
   m.def("sgd_step_", &sgd_step_, py::call_guard<py::gil_scoped_release>());
+  m.def("adam_int8_step_", &adam_int8_step_, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,273 @@
+"""int8 moments (``_int8.py``) in the one-pass C++ kernel against the reference loop.
+
+Twin parameters fed the same gradients (a fixed random stream, not functions of θ) step once
+through the kernel (``fused=None``) and once through the reference loop (``fused=False``).
+The codes and scales must be equal bit for bit: the kernel decodes with torch's own
+``(q/levels)^power`` table, computes m and v with the reference's roundings and rounds with
+the same hash bits and thresholds. θ is held to 1e-6 relative, the float32 kernel's bound
+(``_kernels.py``: torch's CPU ``sqrt`` is not always correctly rounded, the kernel's is). With
+Adam's L2 term those ulps of θ enter g, hence m and v: a code may then land one step away.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import decoupled
+from decoupled.optim import _build, _kernels
+from decoupled.optim._int8 import new_moments
+from decoupled.optim.adam import adam_update
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CODE_KEYS = ("exp_avg", "exp_avg_sq")
+SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
+
+
+class RecordingOps:
+    """The kernel module, recording each int8 step's answer (False: refused, nothing changed)."""
+
+    def __init__(self, ops):
+        self.ops, self.answers = ops, []
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def adam_int8_step_(self, *args):
+        self.answers.append(self.ops.adam_int8_step_(*args))
+        return self.answers[-1]
+
+
+@pytest.fixture
+def int8_log(monkeypatch):
+    """(names of the update functions chosen, the kernel's int8 answers), in call order."""
+    assert _kernels.kernel_ops() is not None, "the kernel does not build on this machine"
+    recording = RecordingOps(_build.kernel_ops())
+    monkeypatch.setattr(_build, "_ops", recording)
+    chosen: list[str] = []
+    choose = _kernels.choose_adam_update
+
+    def spy(*args, **kwargs):
+        update = choose(*args, **kwargs)
+        chosen.append(update.__name__)
+        return update
+
+    monkeypatch.setattr(decoupled.optim.adam, "choose_adam_update", spy)
+    return chosen, recording.answers
+
+
+def make_params(shapes, channels_last, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        value = torch.randn(shape, generator=generator)
+        if channels_last and value.dim() == 4:
+            value = value.to(memory_format=torch.channels_last)
+        params.append(torch.nn.Parameter(value))
+    return params
+
+
+def run_both(cls, kwargs, shapes, steps, channels_last=False):
+    """(kernel optimizer, reference optimizer, kernel params, reference params)."""
+    fast_params = make_params(shapes, channels_last)
+    reference_params = make_params(shapes, channels_last)
+    options = {"lr": 1e-2, "state_dtype": "int8", **kwargs}
+    fast = cls(fast_params, fused=None, **options)
+    reference = cls(reference_params, fused=False, **options)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p_f, p_r in zip(fast_params, reference_params):
+            grad = torch.randn(p_f.shape, generator=generator)
+            p_f.grad, p_r.grad = grad.clone(), grad.clone()
+        fast.step()
+        reference.step()
+    return fast, reference, fast_params, reference_params
+
+
+def assert_matches(fast, reference, fast_params, reference_params, codes_exact=True):
+    for p_f, p_r in zip(fast_params, reference_params):
+        scale = p_r.detach().abs().max().clamp_min(1e-30)
+        assert ((p_f - p_r).abs().max() / scale).item() <= 1e-6
+        assert p_f.stride() == p_r.stride()
+        s_f, s_r = fast.state[p_f], reference.state[p_r]
+        assert torch.equal(s_f["step"], s_r["step"])
+        for key in CODE_KEYS:
+            assert s_f[key].dtype == s_r[key].dtype and s_f[key].stride() == s_r[key].stride()
+            difference = (s_f[key].int() - s_r[key].int()).abs()
+            assert difference.max() <= (0 if codes_exact else 1), key
+            assert (difference != 0).float().mean() <= 1e-3, key
+        for key in SCALE_KEYS:
+            if codes_exact:
+                assert torch.equal(s_f[key], s_r[key]), key
+            else:
+                relative = (s_f[key] - s_r[key]).abs() / s_r[key].clamp_min(1e-30)
+                assert relative.max() <= 1e-5, key
+
+
+SIZES = st.sampled_from([(1,), (255,), (256,), (257,), (3, 300), (2, 3, 5, 7), (4, 8, 3, 3)])
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    adamw=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    decay_to_init=st.booleans(),
+    maximize=st.booleans(),
+    shapes=st.lists(SIZES, min_size=1, max_size=4),
+    channels_last=st.booleans(),
+)
+def test_kernel_matches_the_reference_loop(
+    int8_log, adamw, weight_decay, decay_to_init, maximize, shapes, channels_last
+):
+    chosen, answers = int8_log
+    chosen.clear()
+    answers.clear()
+    cls = decoupled.AdamW if adamw else decoupled.Adam
+    kwargs = {"weight_decay": weight_decay, "maximize": maximize}
+    if decay_to_init:
+        kwargs["decay_to"] = "init"
+    results = run_both(cls, kwargs, shapes, steps=6, channels_last=channels_last)
+    assert chosen == ["kernel_adam_update", "adam_update"] * 6
+    assert answers.count(True) == 6  # after a refusal, a retry with gradients laid out as θ
+    l2 = not adamw and weight_decay != 0
+    assert_matches(*results, codes_exact=not l2)
+
+
+def test_kernel_matches_over_many_steps_chunks_and_tensors(int8_log):
+    """40 000 elements span two kernel chunks and end in a partial block; many tensors share
+    one parallel region; 30 steps of AdamW toward θ₀."""
+    chosen, answers = int8_log
+    shapes = [(40_000,), (16, 8, 3, 3), *[(17,)] * 20]
+    kwargs = {"weight_decay": 0.1, "decay_to": "init"}
+    results = run_both(decoupled.AdamW, kwargs, shapes, steps=30, channels_last=True)
+    assert answers.count(True) == 30
+    assert set(chosen[::2]) == {"kernel_adam_update"}
+    assert_matches(*results)
+
+
+def test_wide_ranges_of_moments_and_zero_blocks(int8_log):
+    """Gradients spanning twelve decades (most codes of v small, some 0) and a tensor whose
+    gradient is zero (zero scales, as the reference keeps them)."""
+    _, answers = int8_log
+    fast, reference, p_f, p_r = run_both(decoupled.Adam, {}, [(600,), (300,)], steps=5)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        decades = torch.rand(600, generator=generator) * 12 - 6
+        grad = torch.randn(600, generator=generator) * 10**decades
+        p_f[0].grad, p_r[0].grad = grad.clone(), grad.clone()
+        p_f[1].grad, p_r[1].grad = torch.zeros(300), torch.zeros(300)
+        fast.step()
+        reference.step()
+    assert all(answers)
+    assert_matches(fast, reference, p_f, p_r)
+    assert (fast.state[p_f[0]]["exp_avg_sq"] == 0).any()
+
+
+def test_fused_false_and_a_refused_tensor_take_the_reference_loop(int8_log):
+    chosen, answers = int8_log
+    strided = torch.nn.Parameter(torch.randn(10, 20)[:, ::2])  # not dense: the kernel refuses
+    optimizer = decoupled.AdamW([strided], lr=1e-2, state_dtype="int8")
+    twin = torch.nn.Parameter(strided.detach().clone())
+    reference = decoupled.AdamW([twin], lr=1e-2, state_dtype="int8", fused=False)
+    for _ in range(3):
+        grad = torch.randn(10, 10)
+        strided.grad, twin.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference.step()
+    assert chosen == ["kernel_adam_update", "adam_update"] * 3
+    assert len(answers) >= 3 and not any(answers)
+    assert torch.equal(strided, twin)
+    for key in CODE_KEYS + SCALE_KEYS:
+        assert torch.equal(optimizer.state[strided][key], reference.state[twin][key])
+
+
+def test_a_nan_gradient_makes_its_block_nan_as_the_reference(int8_log):
+    _, answers = int8_log
+    fast_params, reference_params = make_params([(600,)], False), make_params([(600,)], False)
+    fast = decoupled.AdamW(fast_params, lr=1e-2, state_dtype="int8")
+    reference = decoupled.AdamW(reference_params, lr=1e-2, state_dtype="int8", fused=False)
+    grad = torch.ones(600)
+    grad[300] = float("nan")  # block 1 of 3
+    for optimizer, (param,) in ((fast, fast_params), (reference, reference_params)):
+        param.grad = grad.clone()
+        optimizer.step()
+    assert answers == [True]
+    s_f, s_r = fast.state[fast_params[0]], reference.state[reference_params[0]]
+    for key in SCALE_KEYS:
+        assert torch.equal(s_f[key].isnan(), torch.tensor([False, True, False]))
+        assert torch.equal(s_f[key][[0, 2]], s_r[key][[0, 2]])
+    assert torch.equal(fast_params[0].isnan(), reference_params[0].isnan())
+
+
+def test_values_on_the_levels_take_the_exact_coding(int8_log):
+    """With β1 = 0, m is the gradient: gradients one float below the levels s·d(q) of the code
+    (s = 1: every block holds a 1) are where the root's code is one too high (75 of the 127
+    levels of m in torch 2.13): every block takes the kernel's second coding, with the
+    reference's two steps. (Coding them without the steps gave the same codes here too: one
+    float from a level, the fraction is within 2⁻¹⁷ of 1, above every threshold.)"""
+    _, answers = int8_log
+    levels = (torch.arange(128, dtype=torch.float32) / 127) ** 2
+    levels[1:127] = torch.nextafter(levels[1:127], torch.tensor(0.0))
+    levels = levels.repeat(8)
+    signs = torch.where(torch.arange(levels.numel()) % 3 == 0, -1.0, 1.0)
+    fast_params, reference_params = make_params([(1024,)], False), make_params([(1024,)], False)
+    options = {"lr": 1e-2, "betas": (0.0, 0.999), "state_dtype": "int8"}
+    fast = decoupled.Adam(fast_params, **options)
+    reference = decoupled.Adam(reference_params, fused=False, **options)
+    for step in range(3):
+        grad = levels.roll(step) * signs
+        fast_params[0].grad, reference_params[0].grad = grad.clone(), grad.clone()
+        fast.step()
+        reference.step()
+    assert answers == [True] * 3
+    assert_matches(fast, reference, fast_params, reference_params)
+
+
+def test_the_loss_scale_is_divided_out_as_in_the_reference(int8_log):
+    """GradScaler's protocol (``grad_scale``): g ← g / scale, written back, then the step."""
+    _, answers = int8_log
+    runs = []
+    for update in (_kernels.kernel_adam_update, adam_update):
+        (param,) = make_params([(700,)], False)
+        state = {"step": torch.tensor(0.0), **new_moments(param, CODE_KEYS)}
+        grad = torch.randn(700, generator=torch.Generator().manual_seed(3)) * 1024
+        options = {"fallback": adam_update} if update is not adam_update else {}
+        for _ in range(3):
+            update(
+                [param.data], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [],
+                [state["step"]], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                decoupled=True, decay_rate=1e-3, grad_scale=torch.tensor(1024.0),
+                coded_states=[state], **options,
+            )  # fmt: skip
+        runs.append((param.detach(), grad, state))
+    assert answers == [True] * 3
+    (p_f, g_f, s_f), (p_r, g_r, s_r) = runs
+    assert torch.equal(g_f, g_r)  # unscaled in place, three times
+    assert ((p_f - p_r).abs().max() / p_r.abs().max()).item() <= 1e-6
+    for key in CODE_KEYS + SCALE_KEYS:
+        assert torch.equal(s_f[key], s_r[key]), key
+
+
+def test_cautious_decay_with_int8_moments_steps_as_the_reference_loop():
+    """The int8 kernel has no cautious mask: such groups take the reference loop, whose
+    masked decay they must then match exactly."""
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randn(300, generator=generator)
+    runs = []
+    for fused in (None, False):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = decoupled.AdamW(
+            [param], lr=1e-2, weight_decay=0.5, cautious=True, state_dtype="int8", fused=fused
+        )
+        for step in range(4):
+            param.grad = torch.randn(300, generator=torch.Generator().manual_seed(step))
+            optimizer.step()
+        runs.append((param.detach().clone(), optimizer.state[param]))
+    (ours, our_state), (reference, reference_state) = runs
+    assert torch.equal(ours, reference)
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+        assert torch.equal(our_state[key], reference_state[key]), key
