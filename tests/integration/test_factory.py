@@ -56,7 +56,7 @@ def test_defaults_are_the_class_defaults_and_options_pass_through():
 
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"Invalid optimizer value: 'adan' \(choose from adam, "
-                       r"adamw, sgd, sgdw\)"):  # fmt: skip
+                       r"adamw, sgd, sgdw, adamw-cautious, sgdw-cautious\)"):  # fmt: skip
         decoupled.create_optimizer(nn.Linear(2, 2), "adan", lr=1e-3)
 
 
