@@ -73,6 +73,30 @@ def test_adam_l2_decay_summary_is_uneven(mnist1d):
     assert summary["spread_p95_p5"] > 1.5 and summary["cv"] > 0.1
 
 
+def test_cautious_decay_summary_counts_only_the_masked_elements():
+    """AdamW + CWD: rate c where sign(m) agrees with sign(θ), 0 elsewhere; the median and the
+    percentiles come from that mix, not from c alone."""
+    torch.manual_seed(0)
+    model = nn.Linear(40, 30)
+    optimizer = decoupled.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, cautious=True)
+    for _ in range(5):
+        model.zero_grad()
+        model(torch.randn(8, 40)).pow(2).mean().backward()
+        optimizer.step()
+    masks = [
+        (torch.sign(optimizer.state[p]["exp_avg"]) * torch.sign(p.detach()) >= 0).flatten()
+        for p in model.parameters()
+    ]
+    expected = torch.cat(masks).double() * (1e-2 * 0.1)
+    assert 0.2 < float(torch.cat(masks).double().mean()) < 0.8  # both kinds occur
+    p5, p50, p95 = torch.quantile(expected, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    summary = decay_summary(optimizer)
+    assert summary["median"] == pytest.approx(p50.item())
+    assert summary["p5"] == pytest.approx(p5.item()) and summary["p95"] == pytest.approx(p95.item())
+    cv = (expected.std(correction=0) / expected.mean()).item()
+    assert summary["cv"] == pytest.approx(cv, rel=1e-6)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_adam_l2_decay_summary_is_the_formula_at_the_peak_lr(amsgrad):
     """γλ/(sqrt(v̂)+ε) per element at α, with v^max under amsgrad, after a schedule to lr 0."""

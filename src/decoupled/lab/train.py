@@ -187,7 +187,9 @@ def decay_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     :func:`decoupled.diagnostics.rates.element_decay_rates`, pooled over every decayed element
     and evaluated at the peak lr α, so that a schedule that ends at lr 0 still shows the shape.
     Reported: the median rate, the 5th/95th percentiles, their ratio, and the coefficient of
-    variation.
+    variation. Cautious decay (arXiv 2510.12402) decays only where the update direction and θ
+    agree in sign: its rate is c there and 0 elsewhere, the mask taken from the last step's
+    direction and the final weights.
     """
     rates = []
     for group in optimizer.param_groups:
@@ -195,7 +197,9 @@ def decay_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             continue
         peak_lr = optimizer.peak_lr(group)
         for p in group["params"]:
-            rate, _ = element_decay_rates(optimizer, p, group, with_grad_rms=False, lr=peak_lr)
+            rate, _ = element_decay_rates(
+                optimizer, p, group, with_grad_rms=False, lr=peak_lr, before=_masked_at(p, group)
+            )
             if isinstance(rate, Tensor):
                 rates.append(rate.detach().flatten().double())
             else:
@@ -211,6 +215,14 @@ def decay_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         "spread_p95_p5": p95 / p5 if p5 > 0 else math.inf,
         "cv": summary["rate_cv"] if summary["rate_mean"] > 0 else 0.0,
     }
+
+
+def _masked_at(param: Tensor, group: dict) -> Tensor | None:
+    """θ for the cautious mask of ``param`` (None: not cautious, or no direction to read:
+    SGDW's comes from the gradient, which ``zero_grad`` may have cleared)."""
+    if not group.get("cautious") or (param.grad is None and not group.get("betas")):
+        return None
+    return param.detach()
 
 
 def run(
