@@ -55,6 +55,29 @@ def train(model, optimizer, steps: int, seed: int = 0):
         optimizer.step()
 
 
+def test_a_closure_that_computes_the_gradients_inside_step_is_recorded_from_step_1():
+    """Lightning's way: ``step(closure)``, the gradients made after the pre-hooks ran. The
+    first step has none before it; it is recorded all the same, without the frozen tensor."""
+    model = normalized_net()
+    frozen = nn.Parameter(torch.ones(3))
+    groups = decoupled.param_groups(model, 0.1, verbose=False)
+    groups[1]["params"].append(frozen)
+    optimizer = decoupled.AdamW(groups, lr=1e-2)
+    monitor = DecayMonitor(optimizer, model, every=1)
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+
+        def closure(step=step):
+            loss = mse(model, regression_batch(step))
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    table = monitor.table
+    assert sorted(set(table.column("step"))) == [1, 2]
+    assert set(table.tensors()) == {name for name, _ in model.named_parameters()}
+
+
 def test_records_every_n_steps_for_tensors_with_gradients():
     model = normalized_net()
     frozen = nn.Parameter(torch.ones(3))  # in the optimizer, never gets a gradient

@@ -131,12 +131,12 @@ class DecayMonitor:
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self._recording(self.steps + 1):
             return
-        self._before = {
-            id(p): p.detach().clone()
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        }
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # a closure passed to step() (Lightning's, LBFGS-style loops) computes the gradients
+        # after this hook: then every tensor is kept, and those still without a gradient
+        # after the step are left out there
+        chosen = [p for p in params if p.grad is not None] or params
+        self._before = {id(p): p.detach().clone() for p in chosen}
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -146,7 +146,8 @@ class DecayMonitor:
         for i, group in enumerate(optimizer.param_groups):
             for j, param in enumerate(group["params"]):
                 before = self._before.get(id(param))
-                if before is not None:  # groups added after attaching are named by position
+                if before is not None and param.grad is not None:
+                    # groups added after attaching are named by position
                     name = self.names.get(id(param), f"group{i}.param{j}")
                     self.records.append(self._measure(group, param, name, before))
         self._before = {}

@@ -11,9 +11,9 @@ TensorBoard, CSV, W&B, MLflow, ...). The loggers are called directly rather than
 callback's own ``every_n_steps``. Needs the ``lightning`` extra.
 
 Lightning steps the optimizer with a closure that computes the gradients inside ``step()``,
-after torch's step pre-hooks have run; the monitor's pre-hook picks the tensors to record by
-their gradients, which do not exist yet at the very first step. So step 1 is never recorded
-(it matters only with ``every_n_steps=1``); every later step is.
+after torch's step pre-hooks have run; at the very first step no gradient exists yet when the
+monitor's pre-hook runs, so it keeps every tensor and records those that have a gradient after
+the step: step 1 is recorded like every other.
 """
 
 from __future__ import annotations
