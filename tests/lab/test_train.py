@@ -424,8 +424,9 @@ PATH_OF_UPDATE = {"kernel": "kernel", "fused": "torch-fused"}  # by the update's
 @pytest.mark.parametrize(
     "changes",
     [{"optimizer": "adamw"}, {"optimizer": "adam"}, {"optimizer": "sgdw", "momentum": 0.9},
-     {"optimizer": "adamw", "state_dtype": "bfloat16"}],
-    ids=["adamw", "adam", "sgdw", "adamw-bf16"],
+     {"optimizer": "adamw", "state_dtype": "bfloat16"},
+     {"optimizer": "adamw", "state_dtype": "int8"}],
+    ids=["adamw", "adam", "sgdw", "adamw-bf16", "adamw-int8"],
 )  # fmt: skip
 def test_the_run_key_names_the_path_that_really_steps(mnist1d, monkeypatch, kernel, changes):
     """The kernel and the other paths round differently (final losses 0.43001533349 vs

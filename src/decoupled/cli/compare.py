@@ -116,9 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=nonnegative_int, default=0, help="warm-up steps")
     parser.add_argument(
         "--state-dtype",
-        choices=["bfloat16"],
+        choices=["bfloat16", "int8"],
         default=None,
-        help="keep Adam/AdamW's moments in bfloat16 (default: the parameters' dtype)",
+        help="keep Adam/AdamW's moments in bfloat16 or in blockwise int8 codes (default: the "
+        "parameters' dtype)",
     )
 
 

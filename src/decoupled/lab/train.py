@@ -37,7 +37,7 @@ from decoupled.optim import kernel_available
 from decoupled.optim.registry import REGISTRY, check_optimizer
 
 # Compact moments (decoupled.optim._compact); None keeps them in the parameters' dtype.
-STATE_DTYPES = (None, "bfloat16")
+STATE_DTYPES = (None, "bfloat16", "int8")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class RunSpec:
     warmup_steps: int = 0
     eval_every: int = 0  # 0: the task's default
     data_dir: str | None = None
-    state_dtype: str | None = None  # Adam/AdamW's moments: None (θ's dtype) or "bfloat16"
+    state_dtype: str | None = None  # Adam/AdamW's moments: None (θ's dtype), "bfloat16", "int8"
     threads: int = 1  # torch threads of the run (float rounding depends on it)
     batched: bool = False  # trained with other cells at once (lab/batched.py): other rounding
 
