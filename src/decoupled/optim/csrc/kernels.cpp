@@ -327,43 +327,29 @@ inline void unscale(float* __restrict g, int64_t begin, int64_t end, double grad
   for (int64_t k = begin; k < end; ++k) g[k] = g[k] / scale;
 }
 
-bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-                const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
-                const Tensors& references, const Tensors& steps, double lr, double beta1,
-                double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                bool amsgrad, bool maximize, double grad_scale, bool cautious) {
-  const size_t n = params.size();
-  if (n == 0) return true;
-  if (exp_avgs.size() != n) return false;
-  const auto state_dtype = exp_avgs[0].scalar_type();
-  if (state_dtype != at::kFloat && state_dtype != at::kBFloat16) return false;
-  const bool ref = !references.empty();
-  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
-      !usable_list(exp_avgs, params, state_dtype) ||
-      !usable_list(exp_avg_sqs, params, state_dtype) ||
-      (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) ||
-      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
-      !disjoint(params)) {
-    return false;
-  }
+// Every step count a CPU float32 scalar, finite and >= 0. A negative or non-finite count
+// would make 1 − β1ᵗ zero or NaN and write NaN into θ; the reference loop raises there
+// (ZeroDivisionError, as torch's loop does).
+bool usable_steps(const Tensors& steps) {
   for (const auto& step : steps) {
     if (!step.device().is_cpu() || step.scalar_type() != at::kFloat || step.numel() != 1 ||
         step.is_inference()) {
       return false;
     }
-    // A negative or non-finite count would make 1 − β1ᵗ zero or NaN and write NaN into θ;
-    // the reference loop raises there (ZeroDivisionError, as torch's loop does).
     const float count = *step.data_ptr<float>();
     if (!std::isfinite(count) || count < 0) return false;
   }
+  return true;
+}
 
-  const Decay mode = decay_mode(decoupled, weight_decay, decay);
-  const AdamChunk chunk =
-      pick_adam(state_dtype == at::kBFloat16, amsgrad, mode, ref, cautious);
-
-  std::vector<AdamScalars> scalars(n);
+// Adds 1 to every step count and returns each tensor's scalars for this step: the bias
+// corrections of its count, and its rounding key (count, position).
+std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double beta1,
+                                       double beta2, double eps, double weight_decay,
+                                       double decay, bool maximize) {
+  std::vector<AdamScalars> scalars(steps.size());
   double previous_count = -1;  // tensors of a group usually share their step count
-  for (size_t t = 0; t < n; ++t) {
+  for (size_t t = 0; t < steps.size(); ++t) {
     float* step = steps[t].data_ptr<float>();
     *step += 1.0f;
     const double count = *step;
@@ -386,6 +372,36 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
     }
     scalars[t].key = rounding_key(count, static_cast<int64_t>(t));
   }
+  return scalars;
+}
+
+bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+                const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+                const Tensors& references, const Tensors& steps, double lr, double beta1,
+                double beta2, double eps, double weight_decay, double decay, bool decoupled,
+                bool amsgrad, bool maximize, double grad_scale, bool cautious) {
+  const size_t n = params.size();
+  if (n == 0) return true;
+  if (exp_avgs.size() != n) return false;
+  const auto state_dtype = exp_avgs[0].scalar_type();
+  if (state_dtype != at::kFloat && state_dtype != at::kBFloat16) return false;
+  const bool ref = !references.empty();
+  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
+      !usable_list(exp_avgs, params, state_dtype) ||
+      !usable_list(exp_avg_sqs, params, state_dtype) ||
+      (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) ||
+      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
+      !disjoint(params)) {
+    return false;
+  }
+  if (!usable_steps(steps)) return false;
+
+  const Decay mode = decay_mode(decoupled, weight_decay, decay);
+  const AdamChunk chunk =
+      pick_adam(state_dtype == at::kBFloat16, amsgrad, mode, ref, cautious);
+
+  const std::vector<AdamScalars> scalars =
+      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
     unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
     chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(), exp_avgs[t].data_ptr(),
@@ -581,32 +597,11 @@ bool adam_int8_step_(const Tensors& params, const Tensors& grads, const Tensors&
       !disjoint(params)) {
     return false;
   }
-  for (const auto& step : steps) {
-    if (!step.device().is_cpu() || step.scalar_type() != at::kFloat || step.numel() != 1 ||
-        step.is_inference()) {
-      return false;
-    }
-    const float count = *step.data_ptr<float>();
-    if (!std::isfinite(count) || count < 0) return false;
-  }
+  if (!usable_steps(steps)) return false;
   const Int8Chunk chunk = pick_adam_int8(decay_mode(decoupled, weight_decay, decay), ref);
   const Int8Levels levels{m_levels.data_ptr<float>(), v_levels.data_ptr<float>()};
-  std::vector<AdamScalars> scalars(n);
-  for (size_t t = 0; t < n; ++t) {
-    float* step = steps[t].data_ptr<float>();
-    *step += 1.0f;
-    const double count = *step;
-    scalars[t] = AdamScalars{
-        static_cast<float>(-(lr / (1 - std::pow(beta1, count)))),
-        static_cast<float>(std::pow(1 - std::pow(beta2, count), 0.5)),
-        static_cast<float>(1 - beta1),
-        static_cast<float>(beta2),
-        static_cast<float>(1 - beta2),
-        static_cast<float>(eps),
-        decay_scalars(weight_decay, decay, maximize),
-        rounding_key(count, static_cast<int64_t>(t)),
-    };
-  }
+  const std::vector<AdamScalars> scalars =
+      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
     unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
     chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
