@@ -24,7 +24,8 @@ The remainder is kept in the optimizer state as ``param_remainder`` (int8, shape
 like θ), saved and loaded with the state dict; a checkpoint without it loads with r = 0.
 
 Memory per parameter, AdamW, bfloat16 θ and g: 2 + 2 + 1 (remainder) + moments — 4 bytes in
-bfloat16 (9 in all), about 2 in int8 (7 in all, ``_int8.py``).
+bfloat16 (9 in all), about 2 in int8 (7 in all, ``_int8.py``). SGD/SGDW with momentum:
+2 + 2 + 1 + 4, the momentum buffer of a compensated θ being float32 (``sgd.buffer_dtype``).
 """
 
 from __future__ import annotations
