@@ -43,13 +43,16 @@ def float64_sgd(w, buffer, grad, options, init, first):
     if not decoupled_:
         grad = grad.add(offset, alpha=WEIGHT_DECAY)
     w, grad, offset = w.double(), grad.double(), offset.double()
-    if decoupled_:
-        w = w - RATES[options.get("decay_scale", "lr")] * offset
+    rate = RATES[options.get("decay_scale", "lr")]
+    if decoupled_ and not options.get("cautious"):
+        w = w - rate * offset
     momentum, dampening = options.get("momentum", 0.0), options.get("dampening", 0.0)
     direction = grad
     if momentum:
         buffer = grad if first else momentum * buffer.double() + (1 - dampening) * grad
         direction = grad + momentum * buffer if options.get("nesterov") else buffer
+    if options.get("cautious"):  # decay only where d and w − w₀ agree in sign
+        w = w - rate * offset * (direction * offset >= 0)
     return w - LR * direction, buffer
 
 
@@ -61,7 +64,13 @@ CASES = [
     {"cls": decoupled.SGDW, "momentum": 0.5, "nesterov": True, "decay_scale": "schedule"},
     {"cls": decoupled.SGDW, "momentum": 0.9, "dampening": 0.5, "decay_scale": "constant"},
     {"cls": decoupled.SGDW, "decay_scale": "corrected", "decay_to": "init"},
+    {"cls": decoupled.SGDW, "momentum": 0.9, "cautious": True, "decay_scale": "constant"},
 ]
+
+
+def _case_name(options):
+    for key, value in options.items():
+        yield value.__name__ if key == "cls" else f"{key}={value}"
 
 
 def _optimizer(theta, options, **extra):
@@ -72,7 +81,7 @@ def _optimizer(theta, options, **extra):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+@pytest.mark.parametrize("options", CASES, ids=lambda o: ",".join(_case_name(o)))
 def test_each_step_is_the_float32_update_of_the_master_weight(options, dtype):
     """Over 25 steps, each step's master weight θ + r·ulp(θ)/256 equals the float64 formula
     applied to the one before, to one remainder unit, and the float32 momentum buffer equals
