@@ -302,3 +302,14 @@ def test_bad_compensate_values_are_refused_by_name(cls):
         cls([param], triton=True, compensate=True)
     assert cls([param], triton=True).param_groups[0]["compensate"] is False
     assert cls([param]).param_groups[0]["compensate"] is None
+
+
+def test_a_checkpoint_of_compensated_weights_loads_into_float32_ones():
+    """A float32 model takes the remainder-free state: the float32 buffer as it was saved."""
+    theta, optimizer = _trained()
+    saved = copy.deepcopy(optimizer.state_dict())
+    wide = torch.nn.Parameter(theta.detach().float())
+    again = decoupled.SGDW([wide], lr=1e-4, momentum=0.9, weight_decay=0.1)
+    again.load_state_dict(saved)
+    assert "param_remainder" not in again.state[wide]
+    assert torch.equal(again.state[wide]["momentum_buffer"], saved["state"][0]["momentum_buffer"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -303,12 +304,38 @@ class SGD(DecayOptimizer):
             and param.dtype in COMPENSATED_DTYPES
         ]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a remainder saved for θ now float32 has no use
+            for param in group["params"]:
+                if param.dtype not in COMPENSATED_DTYPES:
+                    self.state.get(param, {}).pop(REMAINDER, None)
         for param, buffer in float32_buffers:
             self.state[param]["momentum_buffer"] = buffer.to(param.device, copy=True)
             self._lay_out_state_like(param)
 
     def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
+
+    def _compensation_state(self, group: dict, params: list[Tensor]) -> bool:
+        """Whether the group steps compensated θ; creates, casts or drops the remainders of its
+        bfloat16/float16 tensors and casts their buffers to ``buffer_dtype`` (compensation
+        turned on or off, a state dict loaded). Differentiable steps record torch's
+        operations on θ itself: not compensated. Only low-precision tensors are visited: a
+        float32 group's step pays one dtype test per tensor."""
+        if set(map(attrgetter("dtype"), params)).isdisjoint(COMPENSATED_DTYPES):
+            return False
+        low = [p for p in params if p.dtype in COMPENSATED_DTYPES]
+        compensate = group.get("compensate")
+        compensated = not group.get("differentiable") and any(
+            compensates(compensate, p) for p in low
+        )
+        for p in low:
+            state = self.state[p]
+            init_remainder(compensate if compensated else False, p, state)
+            buf = state.get("momentum_buffer")
+            dtype = buffer_dtype(compensated, p)
+            if buf is not None and buf.dtype != dtype:
+                state["momentum_buffer"] = buf.to(dtype)
+        return compensated
 
     def _update_group(
         self,
@@ -320,18 +347,7 @@ class SGD(DecayOptimizer):
         grad_scale: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
-        # differentiable steps record torch's operations on θ itself: not compensated
-        compensate = group.get("compensate")
-        compensated = not group.get("differentiable") and any(
-            compensates(compensate, p) for p in params
-        )
-        for p in params:
-            state = self.state[p]
-            init_remainder(compensate if compensated else False, p, state)
-            buf = state.get("momentum_buffer")
-            dtype = buffer_dtype(REMAINDER in state, p)
-            if buf is not None and buf.dtype != dtype:  # compensation turned on or off, a load
-                state["momentum_buffer"] = buf.to(dtype)
+        compensated = self._compensation_state(group, params)
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         update = choose_sgd_update(
             False if compensated else group["fused"],
@@ -341,7 +357,7 @@ class SGD(DecayOptimizer):
             group["lr"],
             group.get("triton"),
         )
-        remainders = [self.state[p].get(REMAINDER) for p in params]
+        remainders = [self.state[p].get(REMAINDER) for p in params] if compensated else []
         update(
             params,
             grads,
