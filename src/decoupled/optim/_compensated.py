@@ -25,7 +25,7 @@ like θ), saved and loaded with the state dict; a checkpoint without it loads wi
 
 Memory per parameter, AdamW, bfloat16 θ and g: 2 + 2 + 1 (remainder) + moments — 4 bytes in
 bfloat16 (9 in all), about 2 in int8 (7 in all, ``_int8.py``). SGD/SGDW with momentum:
-2 + 2 + 1 + 4, the momentum buffer of a compensated θ being float32 (``sgd.buffer_dtype``).
+2 + 2 + 1 + 4, the momentum buffer of a compensated θ being float32 (``_sgd_compensation.py``).
 """
 
 from __future__ import annotations

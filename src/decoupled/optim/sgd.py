@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from operator import attrgetter
 
-import torch
 from torch import Tensor
 
 from decoupled.optim._base import (
@@ -25,18 +23,20 @@ from decoupled.optim._base import (
     torch_implementation_options,
 )
 from decoupled.optim._compensated import (
-    COMPENSATED_DTYPES,
     REMAINDER,
     check_compensate,
     check_remainder,
-    compensates,
     compensation_with_triton,
-    init_remainder,
     master,
     store_,
 )
 from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim._loaded_state import check_like_param
+from decoupled.optim._sgd_compensation import (
+    compensation_state,
+    restore_after_load,
+    saved_float32_buffers,
+)
 from decoupled.optim._triton import check_triton_option
 from decoupled.optim.decay import (
     add_l2_penalty,
@@ -94,8 +94,8 @@ def sgd_update(
             equals SGDW's bit for bit.
         remainders: compensated bfloat16/float16 θ (``_compensated.py``): per parameter its
             int8 remainder (None: not compensated). The step then runs in float32 on the
-            master weight θ + remainder, with a float32 momentum buffer, and writes θ and the
-            remainder back.
+            master weight θ + remainder, with a float32 momentum buffer
+            (``_sgd_compensation.py``), and writes θ and the remainder back.
         step: the group's step count (1 at the first step): keys the remainders' stochastic
             rounding, so that it draws new bits at each step.
     """
@@ -136,13 +136,6 @@ def sgd_update(
             param.add_(grad, alpha=-lr)
         if remainder is not None:
             store_(stored_param, remainder, param, step, position=i)
-
-
-def buffer_dtype(compensated: bool, param: Tensor) -> torch.dtype:
-    """The momentum buffer's dtype: θ's (as torch), float32 for compensated θ, whose update is
-    computed in float32 on the master weight: a bfloat16 buffer would round the direction
-    that moves the master weight to 8 significant bits at every step."""
-    return torch.float32 if compensated else param.dtype
 
 
 class SGD(DecayOptimizer):
@@ -293,49 +286,16 @@ class SGD(DecayOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As :class:`DecayOptimizer`'s; a float32 momentum buffer saved for a bfloat16/float16
-        parameter (a compensated one) stays float32, where torch would round it to θ's dtype."""
-        saved = state_dict["state"]
-        float32_buffers = [
-            (param, saved[key]["momentum_buffer"])
-            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
-            for key, param in zip(saved_group["params"], group["params"])
-            if isinstance(saved.get(key, {}).get("momentum_buffer"), Tensor)
-            and saved[key]["momentum_buffer"].dtype == torch.float32
-            and param.dtype in COMPENSATED_DTYPES
-        ]
+        parameter (a compensated one) stays float32, where torch would round it to θ's dtype
+        (``_sgd_compensation.py``)."""
+        buffers = saved_float32_buffers(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # a remainder saved for θ now float32 has no use
-            for param in group["params"]:
-                if param.dtype not in COMPENSATED_DTYPES:
-                    self.state.get(param, {}).pop(REMAINDER, None)
-        for param, buffer in float32_buffers:
-            self.state[param]["momentum_buffer"] = buffer.to(param.device, copy=True)
+        restore_after_load(self.state, self.param_groups, buffers)
+        for param, _ in buffers:
             self._lay_out_state_like(param)
 
     def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
-
-    def _compensation_state(self, group: dict, params: list[Tensor]) -> bool:
-        """Whether the group steps compensated θ; creates, casts or drops the remainders of its
-        bfloat16/float16 tensors and casts their buffers to ``buffer_dtype`` (compensation
-        turned on or off, a state dict loaded). Differentiable steps record torch's
-        operations on θ itself: not compensated. Only low-precision tensors are visited: a
-        float32 group's step pays one dtype test per tensor."""
-        if set(map(attrgetter("dtype"), params)).isdisjoint(COMPENSATED_DTYPES):
-            return False
-        low = [p for p in params if p.dtype in COMPENSATED_DTYPES]
-        compensate = group.get("compensate")
-        compensated = not group.get("differentiable") and any(
-            compensates(compensate, p) for p in low
-        )
-        for p in low:
-            state = self.state[p]
-            init_remainder(compensate if compensated else False, p, state)
-            buf = state.get("momentum_buffer")
-            dtype = buffer_dtype(compensated, p)
-            if buf is not None and buf.dtype != dtype:
-                state["momentum_buffer"] = buf.to(dtype)
-        return compensated
 
     def _update_group(
         self,
@@ -347,7 +307,7 @@ class SGD(DecayOptimizer):
         grad_scale: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
-        compensated = self._compensation_state(group, params)
+        compensated = compensation_state(self.state, group, params)
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         update = choose_sgd_update(
             False if compensated else group["fused"],
