@@ -32,6 +32,8 @@ from decoupled.optim._compensated import (
     check_compensate,
     check_remainder,
     compensates,
+    compensation_with_triton,
+    init_remainder,
     master,
     store_,
 )
@@ -229,12 +231,7 @@ def _compensation_with_kernels(
             "Invalid state_dtype value: int8 with triton=True (int8 moments step only "
             "through the reference loop; use state_dtype=torch.bfloat16 or triton=None)"
         )
-    if compensate:
-        raise ValueError(
-            "Invalid compensate value: True with triton=True (the Triton kernels do not keep "
-            "the remainder; use compensate=None or False, or triton=None)"
-        )
-    return False
+    return compensation_with_triton(compensate, triton)
 
 
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
@@ -412,14 +409,6 @@ class Adam(DecayOptimizer):
         if REMAINDER in state:
             check_remainder(where, state[REMAINDER], param)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As :class:`DecayOptimizer`'s; each group also keeps its ``compensate``, this
-        process's choice (the remainder is then cast, created or dropped at the next step)."""
-        kept = [group.get("compensate") for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, compensate in zip(self.param_groups, kept):
-            group["compensate"] = compensate
-
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -446,7 +435,7 @@ class Adam(DecayOptimizer):
         coded = "step" in state and is_coded(state, "exp_avg")
         if "step" in state and state["exp_avg"].dtype == dtype and coded == (dtype == INT8):
             if (REMAINDER in state) != compensates(group.get("compensate"), param):
-                self._init_remainder(group, param, state)
+                init_remainder(group.get("compensate"), param, state)
             return state  # every step after the first
         if torch.is_complex(param):
             dtype = param.dtype
@@ -465,20 +454,8 @@ class Adam(DecayOptimizer):
             # a loaded state dict (torch casts moments to θ's dtype, codes included) or a
             # changed state_dtype
             recast_moments_(state, self.state_keys[1:], dtype)
-        self._init_remainder(group, param, state)
+        init_remainder(group.get("compensate"), param, state)
         return state
-
-    @staticmethod
-    def _init_remainder(group: dict, param: Tensor, state: dict) -> None:
-        """The int8 remainder of compensated θ (``_compensated.py``): created at the first
-        step (r = 0: θ is the master weight), cast back from θ's dtype after a load; dropped
-        when compensation is off."""
-        if not compensates(group.get("compensate"), param):
-            state.pop(REMAINDER, None)
-        elif REMAINDER not in state:
-            state[REMAINDER] = torch.zeros_like(param, dtype=torch.int8)
-        elif state[REMAINDER].dtype != torch.int8:
-            state[REMAINDER] = state[REMAINDER].to(torch.int8)
 
     def _update_group(
         self,
