@@ -496,7 +496,7 @@ class Adam(DecayOptimizer):
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
         update = choose_adam_update(
-            False if differentiable or compensated else group["fused"],
+            False if differentiable else group["fused"],
             adam_update,
             params,
             grads,
@@ -507,6 +507,7 @@ class Adam(DecayOptimizer):
             compact=group["state_dtype"] is not None,
             triton=False if coded else group.get("triton"),  # int8: the C++ kernel or none
             cautious=group.get("cautious", False),
+            compensated=compensated,
         )
         on_device = update.__name__ == "triton_adam_update"
         states = [self._init_state(group, p, on_device) for p in params]
