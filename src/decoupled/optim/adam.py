@@ -445,8 +445,7 @@ class Adam(DecayOptimizer):
             on_device_steps(state, param.device if device_steps else torch.device("cpu"))
         coded = "step" in state and is_coded(state, "exp_avg")
         if "step" in state and state["exp_avg"].dtype == dtype and coded == (dtype == INT8):
-            if (REMAINDER in state) != compensates(group.get("compensate"), param):
-                self._init_remainder(group, param, state)
+            self._init_remainder(group, param, state)  # after a load: cast back to int8
             return state  # every step after the first
         if torch.is_complex(param):
             dtype = param.dtype
