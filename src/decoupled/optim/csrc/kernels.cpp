@@ -168,7 +168,17 @@ struct AdamScalars {
 // Its products with r and divisions by it are exact, so w and r are the reference's bit for
 // bit. load_master and store_master are the whole difference from a float32 θ.
 
+#if defined(__FLT16_MAX__)
+// _Float16's conversions are IEEE's (exact widening, narrowing rounded to nearest even, as
+// c10's), and compilers vectorize them (F16C, AVX-512 FP16, Arm); c10's are scalar calls.
+inline float load(c10::Half x) {
+  _Float16 half;
+  std::memcpy(&half, &x.x, sizeof half);
+  return static_cast<float>(half);
+}
+#else
 inline float load(c10::Half x) { return c10::detail::fp16_ieee_to_fp32_value(x.x); }
+#endif
 
 // float32 -> θ's dtype, rounded to nearest even, as torch's conversions (copy_, .to()).
 inline float narrow(float, float value) { return value; }
@@ -179,7 +189,14 @@ inline uint16_t narrow(uint16_t, float value) {
   return static_cast<uint16_t>(value != value ? 0x7FC0U : rounded);
 }
 inline c10::Half narrow(c10::Half, float value) {
+#if defined(__FLT16_MAX__)
+  const _Float16 half = static_cast<_Float16>(value);
+  uint16_t bits;
+  std::memcpy(&bits, &half, sizeof bits);
+  return c10::Half(bits, c10::Half::from_bits());
+#else
   return c10::Half(c10::detail::fp16_ieee_from_fp32_value(value), c10::Half::from_bits());
+#endif
 }
 
 template <typename T>
@@ -195,20 +212,44 @@ struct Compensated<c10::Half> {
   static uint32_t bits(c10::Half theta) { return theta.x; }
 };
 
-// ulp(θ)/256 in float32 (the section's header): 2^n with n = e − p − 8 and e = E − bias + 1
-// for the biased exponent E (at least 1); a float32 subnormal below 2⁻¹²⁶ (bfloat16 θ under
-// 2⁻¹¹⁰). The shifts are clamped so that the arm a select discards is defined too.
+// ulp(θ)/256 = 2^n in float32 (the section's header): n = e − p − 8 with e = E − bias + 1 for
+// θ's biased exponent E (at least 1), from −141 (bfloat16 θ below 2⁻¹²⁶) to 113.
 template <typename T>
-inline float remainder_unit(T theta) {
+inline int32_t unit_exponent(T theta) {
   using F = Compensated<T>;
   const int32_t field = static_cast<int32_t>((F::bits(theta) >> F::kMantissa) & F::kExponentMask);
-  const int32_t n = std::max(field, 1) - F::kBias + 1 - (F::kMantissa + 1) - 8;
+  return std::max(field, 1) - F::kBias + 1 - (F::kMantissa + 1) - 8;
+}
+
+// 2^n for n in [−126, 127] (a normal float32)
+inline float normal_power(int32_t n) {
+  const uint32_t word = static_cast<uint32_t>(n + 127) << 23;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+// 2^n, a float32 subnormal below 2⁻¹²⁶ (bfloat16 θ under 2⁻¹¹⁰). The shifts are clamped so
+// that the arm a select discards is defined too.
+template <typename T>
+inline float remainder_unit(T theta) {
+  const int32_t n = unit_exponent(theta);
   const uint32_t normal = static_cast<uint32_t>(std::max(n + 127, 0)) << 23;
   const uint32_t subnormal = 1U << std::min(std::max(n + 149, 0), 31);
   const uint32_t word = n >= -126 ? normal : subnormal;
   float unit;
   std::memcpy(&unit, &word, sizeof unit);
   return unit;
+}
+
+// x / 2^n, as torch divides by the unit, computed as x·2^a·2^b with a + b = −n: a product by a
+// power of two is exact unless it leaves the normal range, and here x·2^a lies between x
+// (a multiple of θ's float32 spacing, at least 2⁻⁸ units) and the quotient (at most a few
+// hundred units), so both products are exact and equal the (exact) quotient. One reciprocal
+// 2⁻ⁿ would overflow for n < −127; a vector division costs several multiplications.
+inline float divide_by_power(float x, int32_t n) {
+  const int32_t a = (-n) >> 1;  // floor(−n/2): a and −n − a in [−57, 71]
+  return (x * normal_power(a)) * normal_power(-n - a);
 }
 
 // w = θ + r·ulp(θ)/256 (torch: theta.float() + remainder.float() * unit; not fused)
@@ -225,8 +266,8 @@ inline void store_master(T* theta, int8_t* remainder, int64_t k, float weight,
   const T rounded = narrow(T{}, weight);
   theta[k] = rounded;
   const float offset = (static_cast<float>(random16) + 0.5f) / 65536.0f;
-  // divided, not multiplied by the reciprocal: 1/unit overflows float32 for bfloat16 θ < 2⁻¹⁰²
-  const float units = std::floor((weight - load(rounded)) / remainder_unit(rounded) + offset);
+  const float units =
+      std::floor(divide_by_power(weight - load(rounded), unit_exponent(rounded)) + offset);
   const float clamped = std::min(std::max(units, -128.0f), 127.0f);
   const bool finite = std::abs(weight) <= std::numeric_limits<float>::max();
   remainder[k] = static_cast<int8_t>(finite ? clamped : 0.0f);
