@@ -52,7 +52,12 @@ bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit.
 are decoded and rounded with the reference's level table ``(q/levels)^power``, computed by
 torch (``_int8_levels``), its thresholds and its hash bits, so their codes and scales equal
 the reference loop's bit for bit as long as the gradients are the same (with Adam's L2 term θ's
-ulps enter g: a code may then differ by one step); θ as for float32 state.
+ulps enter g: a code may then differ by one step); θ as for float32 state. Compensated
+bfloat16/float16 weights are loaded into their float32 master weight and stored back (θ rounded
+to nearest, the remainder rounded stochastically with the reference's hash bits) with the
+reference's exact operations, so θ, the remainder and the moments equal the reference loop's bit
+for bit but for the same ``sqrt``: a master weight one float32 ulp off can move its remainder by
+a unit (or θ to its other rounding), and with Adam's L2 term that difference enters g.
 """
 
 from __future__ import annotations

@@ -219,9 +219,10 @@ def _differentiable_update(
 def _compensation_with_kernels(
     compensate: bool | None, state_dtype: torch.dtype | str | None, triton: bool | None
 ) -> bool | None:
-    """``compensate`` as the group keeps it. int8 moments and compensated weights step only
-    through the reference loop for now, so asking for the Triton kernels (``triton=True``)
-    turns the default compensation off and refuses what the kernels cannot do."""
+    """``compensate`` as the group keeps it. The Triton kernels keep neither int8 moments nor
+    the remainder of compensated weights (the C++ kernel and the reference loop do), so
+    asking for the Triton kernels (``triton=True``) turns the default compensation off and
+    refuses what the kernels cannot do."""
     if not triton:
         return compensate
     if state_dtype == INT8:
@@ -316,9 +317,10 @@ class Adam(DecayOptimizer):
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
             away (``_compensated.py``). ``None`` (default) and ``True``: on for such
-            parameters (the reference loop steps them; with ``triton=True``, None means off
-            and True is refused); ``False``: plain bfloat16 updates, bit-identical to
-            torch.optim, on the fast paths.
+            parameters (on the CPU the C++ kernel steps them, with bfloat16 moments, else
+            the reference loop; with ``triton=True``, None means off and True is refused);
+            ``False``: plain bfloat16 updates, bit-identical to torch.optim, on the fast
+            paths.
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
             (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
             autograd record the step (the reference loop, as torch's: gradients reach θ,
