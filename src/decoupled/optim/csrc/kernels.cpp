@@ -65,6 +65,8 @@ inline float load(uint16_t bits) {  // bfloat16 -> float32: the high half of the
   return value;
 }
 
+inline float load(int16_t bits);  // float16 -> float32 (the compensated weights' section)
+
 inline void store(float* out, float value, uint32_t) { *out = value; }
 // The NaN select is made on 32-bit words, before narrowing: a float32 compare choosing between
 // 16-bit values has no single instruction before AVX-512 (mask registers), and GCC then gives
@@ -156,7 +158,8 @@ struct AdamScalars {
 };
 
 // ---- Compensated bfloat16/float16 weights (decoupled/optim/_compensated.py) ---------------
-// θ kept in bfloat16 (stored as uint16_t words) or float16 (c10::Half) with a signed byte r per
+// θ kept in bfloat16 (its words as uint16_t) or float16 (its words as int16_t: a type of its own
+// for overloads, where c10::Half's struct copies keep loops scalar) with a signed byte r per
 // element: the float32 master weight w = θ + r·ulp(θ)/256 is what a step reads and computes
 // on, as a float32 θ; it is written back as θ = round-to-nearest-even(w) and
 // r = floor((w − θ)/(ulp(θ)/256) + (bits + 0.5)/2¹⁶) clamped to [−128, 127] (0 where w is not
@@ -168,17 +171,27 @@ struct AdamScalars {
 // Its products with r and divisions by it are exact, so w and r are the reference's bit for
 // bit. load_master and store_master are the whole difference from a float32 θ.
 
-#if defined(__FLT16_MAX__)
-// _Float16's conversions are IEEE's (exact widening, narrowing rounded to nearest even, as
-// c10's), and compilers vectorize them (F16C, AVX-512 FP16, Arm); c10's are scalar calls.
-inline float load(c10::Half x) {
-  _Float16 half;
-  std::memcpy(&half, &x.x, sizeof half);
-  return static_cast<float>(half);
+// float16 <-> float32 as IEEE converts (exact widening; narrowing rounded to nearest even, as
+// torch's conversions), written with integer operations and selects so that the loops
+// vectorize: c10's helpers are scalar F16C calls on x86, and GCC vectorizes _Float16
+// conversions only with AVX-512 FP16.
+inline float bits_to_float(uint32_t word) {
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
 }
-#else
-inline float load(c10::Half x) { return c10::detail::fp16_ieee_to_fp32_value(x.x); }
-#endif
+
+__attribute__((always_inline)) inline float load(int16_t x) {
+  const uint32_t bits = static_cast<uint16_t>(x), magnitude = bits & 0x7FFFU;
+  const uint32_t field = magnitude >> 10;
+  // normal: rebias the exponent (15 -> 127, +112); infinity/NaN: all ones (another +112)
+  const uint32_t word = (magnitude << 13) + ((field == 0x1FU ? 224U : 112U) << 23);
+  const float subnormal = static_cast<float>(magnitude) * 0x1p-24f;  // exact: m·2⁻²⁴
+  const float value = field == 0 ? subnormal : bits_to_float(word);
+  uint32_t out;
+  std::memcpy(&out, &value, sizeof out);
+  return bits_to_float(out | ((bits & 0x8000U) << 16));
+}
 
 // float32 -> θ's dtype, rounded to nearest even, as torch's conversions (copy_, .to()).
 inline float narrow(float, float value) { return value; }
@@ -188,15 +201,24 @@ inline uint16_t narrow(uint16_t, float value) {
   const uint32_t rounded = (word + 0x7FFFU + ((word >> 16) & 1U)) >> 16;
   return static_cast<uint16_t>(value != value ? 0x7FC0U : rounded);
 }
-inline c10::Half narrow(c10::Half, float value) {
-#if defined(__FLT16_MAX__)
-  const _Float16 half = static_cast<_Float16>(value);
-  uint16_t bits;
-  std::memcpy(&bits, &half, sizeof bits);
-  return c10::Half(bits, c10::Half::from_bits());
-#else
-  return c10::Half(c10::detail::fp16_ieee_from_fp32_value(value), c10::Half::from_bits());
-#endif
+__attribute__((always_inline)) inline int16_t narrow(int16_t, float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof word);
+  const uint32_t magnitude = word & 0x7FFFFFFFU;
+  // normal float16 (|x| >= 2⁻¹⁴): rebias, round the 13 dropped bits to nearest even; a carry
+  // may reach the exponent, and from 65520 up the result is infinity
+  const uint32_t normal =
+      std::min((magnitude - 0x38000000U + 0xFFFU + ((magnitude >> 13) & 1U)) >> 13, 0x7C00U);
+  // below 2⁻¹⁴: the float32 sum |x| + 0.5 rounds |x| to a multiple of 2⁻²⁴ (nearest even),
+  // the float16 subnormal spacing, and its low bits count them
+  uint32_t sum;
+  const float shifted = bits_to_float(magnitude) + 0.5f;
+  std::memcpy(&sum, &shifted, sizeof sum);
+  const uint32_t small = sum - 0x3F000000U;
+  const uint32_t rounded = magnitude > 0x7F800000U   ? 0x7E00U  // NaN
+                           : magnitude >= 0x38800000U ? normal
+                                                      : small;
+  return static_cast<int16_t>(rounded | ((word >> 16) & 0x8000U));
 }
 
 template <typename T>
@@ -207,9 +229,9 @@ struct Compensated<uint16_t> {
   static uint32_t bits(uint16_t theta) { return theta; }
 };
 template <>
-struct Compensated<c10::Half> {
+struct Compensated<int16_t> {
   static constexpr int kMantissa = 10, kExponentMask = 0x1F, kBias = 15;
-  static uint32_t bits(c10::Half theta) { return theta.x; }
+  static uint32_t bits(int16_t theta) { return static_cast<uint16_t>(theta); }
 };
 
 // ulp(θ)/256 = 2^n in float32 (the section's header): n = e − p − 8 with e = E − bias + 1 for
@@ -254,15 +276,16 @@ inline float divide_by_power(float x, int32_t n) {
 
 // w = θ + r·ulp(θ)/256 (torch: theta.float() + remainder.float() * unit; not fused)
 template <typename T>
-inline float load_master(const T* theta, const int8_t* remainder, int64_t k) {
+__attribute__((always_inline)) inline float load_master(const T* theta, const int8_t* remainder,
+                                                        int64_t k) {
   return load(theta[k]) + static_cast<float>(remainder[k]) * remainder_unit(theta[k]);
 }
 
 // θ ← round-to-nearest(w), r ← what was lost in units of the new θ's ulp/256, rounded
 // stochastically with `random16` (uniform in [0, 2¹⁶)); r = 0 where w is NaN or infinite.
 template <typename T>
-inline void store_master(T* theta, int8_t* remainder, int64_t k, float weight,
-                         uint32_t random16) {
+__attribute__((always_inline)) inline void store_master(T* theta, int8_t* remainder, int64_t k,
+                                                        float weight, uint32_t random16) {
   const T rounded = narrow(T{}, weight);
   theta[k] = rounded;
   const float offset = (static_cast<float>(random16) + 0.5f) / 65536.0f;
@@ -274,18 +297,20 @@ inline void store_master(T* theta, int8_t* remainder, int64_t k, float weight,
 }
 
 // The weight as the Adam element loop reads and writes it: a float32 θ itself, a compensated
-// one through its master weight (`rehash`: the element's second hash, mix(random)).
+// one through its master weight (`rehash`: the element's second hash, mix(random)). Always
+// inlined: a call left in the element loop keeps it scalar.
 inline float load_weight(const float* theta, const int8_t*, int64_t k) { return theta[k]; }
 template <typename T>
-inline float load_weight(const T* theta, const int8_t* remainder, int64_t k) {
+__attribute__((always_inline)) inline float load_weight(const T* theta, const int8_t* remainder,
+                                                        int64_t k) {
   return load_master(theta, remainder, k);
 }
 inline void store_weight(float* theta, int8_t*, int64_t k, float weight, uint32_t) {
   theta[k] = weight;
 }
 template <typename T>
-inline void store_weight(T* theta, int8_t* remainder, int64_t k, float weight,
-                         uint32_t rehash) {
+__attribute__((always_inline)) inline void store_weight(T* theta, int8_t* remainder, int64_t k,
+                                                        float weight, uint32_t rehash) {
   store_master(theta, remainder, k, weight, rehash >> 16);
 }
 
@@ -294,7 +319,7 @@ inline void store_weight(T* theta, int8_t* remainder, int64_t k, float weight,
 // `count` elements starting at element `first` of their tensor (the pointers already point
 // there). A 32-bit loop counter keeps the hash's index arithmetic in 32-bit vector lanes.
 // Cautious: decay after m_t, masked by the sign of m_t (that of m̂/(sqrt(v̂)+ε)).
-// T is θ's storage: float, or bfloat16 (uint16_t)/float16 (c10::Half) compensated by the
+// T is θ's storage: float, or bfloat16 (uint16_t)/float16 (int16_t) words compensated by the
 // remainders `r` (nullptr for float); g and θ₀ are in θ's dtype, read as float32 (grad.float(),
 // reference.float() in the reference loop).
 template <typename T, typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious = false>
@@ -416,7 +441,7 @@ AdamChunk pick_adam(at::ScalarType param_dtype, bool compact, bool amsgrad, Deca
                     bool ref, bool cautious) {
   switch (param_dtype) {
     case at::kBFloat16: return pick_adam<uint16_t>(compact, amsgrad, decay, ref, cautious);
-    case at::kHalf: return pick_adam<c10::Half>(compact, amsgrad, decay, ref, cautious);
+    case at::kHalf: return pick_adam<int16_t>(compact, amsgrad, decay, ref, cautious);
     default: return pick_adam<float>(compact, amsgrad, decay, ref, cautious);
   }
 }
@@ -579,7 +604,7 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
     void* g = grads[t].data_ptr();
     switch (param_dtype) {
       case at::kBFloat16: unscale(static_cast<uint16_t*>(g), begin, end, grad_scale); break;
-      case at::kHalf: unscale(static_cast<c10::Half*>(g), begin, end, grad_scale); break;
+      case at::kHalf: unscale(static_cast<int16_t*>(g), begin, end, grad_scale); break;
       default: unscale(static_cast<float*>(g), begin, end, grad_scale);
     }
     chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
