@@ -19,8 +19,9 @@
 // decoupled/optim/_compact.py, so the reference path and this kernel round alike.
 //
 // Each op checks every tensor before touching any and returns false (changing nothing) when
-// a tensor is not a dense CPU float32 tensor laid out like its parameter, or a step count is
-// negative or not finite: the caller then takes the reference path.
+// a tensor is not a dense CPU tensor of the expected dtype (float32; bfloat16/float16 θ, g and
+// θ₀ with int8 remainders for compensated weights) laid out like its parameter, or a step
+// count is negative or not finite: the caller then takes the reference path.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
