@@ -221,9 +221,10 @@ def _differentiable_update(
 def _compensation_with_kernels(
     compensate: bool | None, state_dtype: torch.dtype | str | None, triton: bool | None
 ) -> bool | None:
-    """``compensate`` as the group keeps it. int8 moments and compensated weights step only
-    through the reference loop for now, so asking for the Triton kernels (``triton=True``)
-    turns the default compensation off and refuses what the kernels cannot do."""
+    """``compensate`` as the group keeps it. The Triton kernels keep neither int8 moments nor
+    the remainder of compensated weights (the C++ kernel and the reference loop do), so
+    asking for the Triton kernels (``triton=True``) turns the default compensation off and
+    refuses what the kernels cannot do."""
     if not triton:
         return compensate
     if state_dtype == INT8:
@@ -313,9 +314,10 @@ class Adam(DecayOptimizer):
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
             away (``_compensated.py``). ``None`` (default) and ``True``: on for such
-            parameters (the reference loop steps them; with ``triton=True``, None means off
-            and True is refused); ``False``: plain bfloat16 updates, bit-identical to
-            torch.optim, on the fast paths.
+            parameters (on the CPU the C++ kernel steps them, with bfloat16 moments, else
+            the reference loop; with ``triton=True``, None means off and True is refused);
+            ``False``: plain bfloat16 updates, bit-identical to torch.optim, on the fast
+            paths.
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
             (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
             autograd record the step (the reference loop, as torch's: gradients reach θ,
@@ -434,8 +436,7 @@ class Adam(DecayOptimizer):
             on_device_steps(state, param.device if device_steps else torch.device("cpu"))
         coded = "step" in state and is_coded(state, "exp_avg")
         if "step" in state and state["exp_avg"].dtype == dtype and coded == (dtype == INT8):
-            if (REMAINDER in state) != compensates(group.get("compensate"), param):
-                init_remainder(group.get("compensate"), param, state)
+            init_remainder(group.get("compensate"), param, state)  # after a load: cast to int8
             return state  # every step after the first
         if torch.is_complex(param):
             dtype = param.dtype
@@ -473,7 +474,7 @@ class Adam(DecayOptimizer):
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
         update = choose_adam_update(
-            False if differentiable or compensated else group["fused"],
+            False if differentiable else group["fused"],
             adam_update,
             params,
             grads,
@@ -484,6 +485,7 @@ class Adam(DecayOptimizer):
             compact=group["state_dtype"] is not None,
             triton=False if coded else group.get("triton"),  # int8: the C++ kernel or none
             cautious=group.get("cautious", False),
+            compensated=compensated,
         )
         on_device = update.__name__ == "triton_adam_update"
         states = [self._init_state(group, p, on_device) for p in params]
