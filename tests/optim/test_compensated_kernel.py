@@ -139,6 +139,37 @@ def test_kernel_equals_the_reference_loop_bit_for_bit(
     assert_same(*results)
 
 
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    dtype=st.sampled_from(LOW),
+    decoupled_=st.booleans(),
+    decay_scale=st.sampled_from(sorted(RATES)),
+    decay=st.booleans(),
+    decay_to=st.sampled_from(["zero", "init"]),
+    maximize=st.booleans(),
+    shapes=st.lists(st.sampled_from([(1,), (255,), (256,), (257,), (3, 300)]), max_size=3),
+    layout=st.sampled_from(["contiguous", "transposed"]),
+)
+def test_int8_moments_over_compensated_weights_equal_the_reference_bit_for_bit(
+    exact_sqrt, path_log, dtype, decoupled_, decay_scale, decay, decay_to, maximize, shapes,
+    layout,
+):  # fmt: skip
+    """The 7-byte combination (bfloat16 θ + remainder + int8 moments) and float16 θ with int8
+    moments: θ, remainder, codes and scales as the reference loop's, across int8 blocks."""
+    path_log.clear()
+    options = {"lr": 1e-2, "maximize": maximize, "decay_to": decay_to, "state_dtype": "int8"}
+    if decoupled_:
+        cls = decoupled.AdamW
+        options |= {"decay_scale": decay_scale, "weight_decay": RATES[decay_scale] * decay}
+    else:
+        cls, options["weight_decay"] = decoupled.Adam, 0.1 * decay
+    results = run_twins(cls, options, shapes or [(300,)], dtype, steps=6, layout=layout)
+    assert path_log == ["kernel_adam_update", "adam_update"] * 6
+    assert_same(*results)
+
+
 def test_chunk_boundaries_many_tensors_and_the_loss_scale(exact_sqrt, path_log):
     """Tensors across the kernel's 32768-element chunks and its 64-element prefetch blocks,
     one group, amsgrad and θ₀, gradients divided by a loss scale (rounded to θ's dtype)."""
@@ -277,15 +308,16 @@ def test_state_dict_round_trips_between_the_kernel_and_the_reference(exact_sqrt,
 
 
 def test_the_kernel_steps_compensated_groups_and_only_those_it_can(path_log):
-    """bfloat16/float16 θ with bfloat16 moments take the kernel, also with fused=True (torch's
-    fused kernels would drop the remainder); fused=False, int8 moments, float16 moments (float16
-    θ's default) and a group mixing float32 and bfloat16 θ take the reference loop."""
+    """bfloat16/float16 θ with bfloat16 or int8 moments take the kernel, also with fused=True
+    (torch's fused kernels would drop the remainder); fused=False, float16 moments (float16 θ's
+    default) and a group mixing float32 and bfloat16 θ take the reference loop."""
     cases = [
         ({}, [torch.bfloat16], "kernel_adam_update"),
         ({"fused": True}, [torch.bfloat16], "kernel_adam_update"),
         ({"state_dtype": "bfloat16"}, [torch.float16], "kernel_adam_update"),
         ({"fused": False}, [torch.bfloat16], "adam_update"),
-        ({"state_dtype": "int8"}, [torch.bfloat16], "kernel_adam_update (refused)"),
+        ({"state_dtype": "int8"}, [torch.bfloat16], "kernel_adam_update"),
+        ({"state_dtype": "int8"}, [torch.float16], "kernel_adam_update"),
         ({}, [torch.float16], "kernel_adam_update (refused)"),
         ({}, [torch.bfloat16, torch.float32], "adam_update"),
     ]

@@ -13,8 +13,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state; int8 moments, ``_int8.py``,
    for Adam/AdamW without cautious decay through ``adam_int8_step_``); and compensated
    bfloat16/float16 CPU parameters of Adam/AdamW (``_compensated.py``, the same options and
-   float32 or bfloat16 moments, through ``adam_compensated_step_``), the only path that keeps
-   their remainder. All tensors of a group
+   float32 or bfloat16 moments, through ``adam_compensated_step_``; int8 moments through
+   ``adam_int8_step_``), the only CPU path that keeps their remainder. All tensors of a group
    in one parallel region, one pass over memory. Built with the machine's C++ compiler the
    first time it is needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
@@ -27,8 +27,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
    rates (the lab's batched executor), int8 moments of parameters the C++ kernel does not
    take (CUDA ones included: no Triton kernel for them yet), compensated bfloat16/float16
-   weights the C++ kernel does not take (CUDA ones, int8 or float16 moments, groups mixing
-   them with other parameters, ``fused=False``), tensor
+   weights the C++ kernel does not take (float16 moments, groups mixing them with other
+   parameters, ``fused=False``), tensor
    subclasses (DTensor shards take their local tensors' path, ``_shards.py``), CUDA tensors
    without triton or with ``triton=False``, ``torch.compile``, and
    groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
@@ -133,22 +133,22 @@ def kernel_adam_update(
 
     coded_states, remainders = options.get("coded_states"), options.get("remainders")
     if coded_states is not None:
-        step = partial(_int8_step, params, exp_avgs, exp_avg_sqs, coded_states, state_steps,
-                       options)  # fmt: skip
-    if remainders is not None:
+        step = partial(_int8_step, params, remainders, exp_avgs, exp_avg_sqs, coded_states,
+                       state_steps, options)  # fmt: skip
+    elif remainders is not None:
         step = partial(_compensated_step, params, remainders, exp_avgs, exp_avg_sqs,
-                       max_exp_avg_sqs, state_steps, options, coded_states)  # fmt: skip
+                       max_exp_avg_sqs, state_steps, options)  # fmt: skip
     done = _step_any_layout(step, grads, params)
     if not done:
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
 
 
 def _compensated_step(params, remainders, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                      options, coded_states, grads) -> bool:  # fmt: skip
+                      options, grads) -> bool:  # fmt: skip
     """The C++ kernel's step of compensated bfloat16/float16 θ (``_compensated.py``): every
-    parameter with its int8 remainder, float32 or bfloat16 moments. int8 moments and groups
-    mixing compensated and other parameters take the reference loop."""
-    if coded_states is not None or any(r is None for r in remainders):
+    parameter with its int8 remainder, float32 or bfloat16 moments (int8 ones: ``_int8_step``).
+    Groups mixing compensated and other parameters take the reference loop."""
+    if any(r is None for r in remainders):
         return False
     amsgrad = options["amsgrad"]
     return kernel_ops().adam_compensated_step_(
@@ -160,15 +160,20 @@ def _compensated_step(params, remainders, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
     )  # fmt: skip
 
 
-def _int8_step(params, exp_avgs, exp_avg_sqs, coded_states, state_steps, options, grads) -> bool:
+def _int8_step(params, remainders, exp_avgs, exp_avg_sqs, coded_states, state_steps, options,
+               grads) -> bool:  # fmt: skip
     """The C++ kernel's step with int8 moments (``_int8.py``): codes in ``exp_avgs`` and
-    ``exp_avg_sqs``, scales in the state dicts; amsgrad is refused with int8 state, and
-    cautious decay (which this kernel has no mask for) steps in the reference loop."""
+    ``exp_avg_sqs``, scales in the state dicts, over float32 θ (``remainders`` None) or
+    compensated bfloat16/float16 θ; amsgrad is refused with int8 state, and cautious decay
+    (which this kernel has no mask for) and groups mixing compensated and other parameters
+    step in the reference loop."""
     if options["amsgrad"] or options["cautious"]:
+        return False
+    if remainders is not None and any(r is None for r in remainders):
         return False
     scales = [[s[key + SCALE_SUFFIX] for s in coded_states] for key in ("exp_avg", "exp_avg_sq")]
     return kernel_ops().adam_int8_step_(
-        params, grads, exp_avgs, exp_avg_sqs, *scales,
+        params, remainders or [], grads, exp_avgs, exp_avg_sqs, *scales,
         _kernel_references(options["references"]), state_steps, float(options["lr"]),
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], options["maximize"],

@@ -314,8 +314,9 @@ class Adam(DecayOptimizer):
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
             away (``_compensated.py``). ``None`` (default) and ``True``: on for such
-            parameters (on the CPU the C++ kernel steps them, with bfloat16 moments, else
-            the reference loop; with ``triton=True``, None means off and True is refused);
+            parameters (on the CPU the C++ kernel steps them, with bfloat16 or int8 moments,
+            else the reference loop; with ``triton=True``, None means off and True is
+            refused);
             ``False``: plain bfloat16 updates, bit-identical to torch.optim, on the fast
             paths.
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``

@@ -515,6 +515,15 @@ inline void unscale(G* __restrict g, int64_t begin, int64_t end, double grad_sca
   for (int64_t k = begin; k < end; ++k) g[k] = narrow(G{}, load(g[k]) / scale);
 }
 
+// unscale for a gradient of θ's dtype: float32, bfloat16 or float16 words
+inline void unscale(at::ScalarType dtype, void* g, int64_t begin, int64_t end, double grad_scale) {
+  switch (dtype) {
+    case at::kBFloat16: unscale(static_cast<uint16_t*>(g), begin, end, grad_scale); break;
+    case at::kHalf: unscale(static_cast<int16_t*>(g), begin, end, grad_scale); break;
+    default: unscale(static_cast<float*>(g), begin, end, grad_scale);
+  }
+}
+
 // Every step count a CPU float32 scalar, finite and >= 0. A negative or non-finite count
 // would make 1 − β1ᵗ zero or NaN and write NaN into θ; the reference loop raises there
 // (ZeroDivisionError, as torch's loop does).
@@ -603,11 +612,7 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
     void* g = grads[t].data_ptr();
-    switch (param_dtype) {
-      case at::kBFloat16: unscale(static_cast<uint16_t*>(g), begin, end, grad_scale); break;
-      case at::kHalf: unscale(static_cast<int16_t*>(g), begin, end, grad_scale); break;
-      default: unscale(static_cast<float*>(g), begin, end, grad_scale);
-    }
+    unscale(param_dtype, g, begin, end, grad_scale);
     chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
           exp_avgs[t].data_ptr(), exp_avg_sqs[t].data_ptr(),
           amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
@@ -739,11 +744,12 @@ inline float block_scale(const float* values, int32_t count) {
 }
 
 // One block of `count` <= kInt8Block elements starting at element `first` of its tensor (the
-// pointers already point there); `scale_m`, `scale_v` point at the block's scales.
-template <Decay D, bool Ref>
-void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __restrict qm,
-                     uint8_t* __restrict qv, float* scale_m, float* scale_v,
-                     const float* __restrict ref, uint32_t first, int32_t count,
+// pointers already point there); `scale_m`, `scale_v` point at the block's scales. T is θ's
+// storage, as in adam_elements: float, or bfloat16/float16 compensated by the remainders `r`.
+template <typename T, Decay D, bool Ref>
+void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict g,
+                     int8_t* __restrict qm, uint8_t* __restrict qv, float* scale_m,
+                     float* scale_v, const T* __restrict ref, uint32_t first, int32_t count,
                      const AdamScalars& scalars) {
   // every loop runs on 32-bit lanes (codes widened first, narrowed last): a byte load or store
   // in a loop makes GCC process 64 elements at a time, which spills registers
@@ -761,8 +767,8 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
   const float sm = *scale_m, sv = *scale_v;
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
-    float grad, param = p[k];
-    apply_decay<D, Ref>(grad, param, g[k], ref, k, s.decay);
+    float grad, param = load_weight(p, r, k);
+    apply_decay<D, Ref>(grad, param, load(g[k]), ref, k, s.decay);
     const int32_t code = codes_m[k];
     const int32_t code_v = codes_v[k];
     // decode: (d(|q|)·s)·sign(q), the reference's order
@@ -773,7 +779,10 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
     const float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, v_old * s.beta2);
     const float root = std::sqrt(exp_avg_sq);
     const float denom = root / s.bias_correction2_sqrt + s.eps;
-    p[k] = param + s.lr_neg_step_size * exp_avg / denom;
+    // a compensated θ's remainder takes the rehash's high half, as with bfloat16 moments (the
+    // codes take the hash itself); a float32 θ does not compute it
+    const uint32_t rehash = mix(mix((first + static_cast<uint32_t>(k)) ^ s.key));
+    store_weight(p, r, k, param + s.lr_neg_step_size * exp_avg / denom, rehash);
     m[k] = exp_avg;
     v[k] = exp_avg_sq;
     root_v[k] = root;
@@ -792,32 +801,46 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
   *scale_v = new_sv;
 }
 
-using Int8Chunk = void (*)(float*, const float*, int8_t*, uint8_t*, float*, float*, const float*,
-                           int64_t, int64_t, const AdamScalars&);
+// θ, g, θ₀ of θ's dtype, the remainders (compensated θ) or nullptr, codes and scales.
+using Int8Chunk = void (*)(void*, int8_t*, const void*, int8_t*, uint8_t*, float*, float*,
+                           const void*, int64_t, int64_t, const AdamScalars&);
 
 // The elements [begin, end) of a tensor, begin a multiple of kInt8Block (for_each_chunk's).
-template <Decay D, bool Ref>
-void adam_int8_chunk(float* p, const float* g, int8_t* qm, uint8_t* qv, float* scale_m,
-                     float* scale_v, const float* ref, int64_t begin, int64_t end,
+template <typename T, Decay D, bool Ref>
+void adam_int8_chunk(void* p, int8_t* r, const void* g, int8_t* qm, uint8_t* qv, float* scale_m,
+                     float* scale_v, const void* ref, int64_t begin, int64_t end,
                      const AdamScalars& s) {
+  T* const theta = static_cast<T*>(p);
+  const T* const grad = static_cast<const T*>(g);
+  const T* const init = static_cast<const T*>(ref);
   for (int64_t k = begin; k < end; k += kInt8Block) {
     const int64_t block = k / kInt8Block;
-    adam_int8_block<D, Ref>(p + k, g + k, qm + k, qv + k, scale_m + block, scale_v + block,
-                            Ref ? ref + k : nullptr, static_cast<uint32_t>(k),
-                            static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s);
+    adam_int8_block<T, D, Ref>(theta + k, r ? r + k : nullptr, grad + k, qm + k, qv + k,
+                               scale_m + block, scale_v + block, Ref ? init + k : nullptr,
+                               static_cast<uint32_t>(k),
+                               static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s);
   }
 }
 
-template <Decay D>
+template <typename T, Decay D>
 Int8Chunk pick_adam_int8(bool ref) {
-  return ref ? adam_int8_chunk<D, true> : adam_int8_chunk<D, false>;
+  return ref ? adam_int8_chunk<T, D, true> : adam_int8_chunk<T, D, false>;
 }
 
+template <typename T>
 Int8Chunk pick_adam_int8(Decay decay, bool ref) {
   switch (decay) {
-    case Decay::kL2: return pick_adam_int8<Decay::kL2>(ref);
-    case Decay::kDecoupled: return pick_adam_int8<Decay::kDecoupled>(ref);
-    default: return pick_adam_int8<Decay::kNone>(ref);
+    case Decay::kL2: return pick_adam_int8<T, Decay::kL2>(ref);
+    case Decay::kDecoupled: return pick_adam_int8<T, Decay::kDecoupled>(ref);
+    default: return pick_adam_int8<T, Decay::kNone>(ref);
+  }
+}
+
+Int8Chunk pick_adam_int8(at::ScalarType param_dtype, Decay decay, bool ref) {
+  switch (param_dtype) {
+    case at::kBFloat16: return pick_adam_int8<uint16_t>(decay, ref);
+    case at::kHalf: return pick_adam_int8<int16_t>(decay, ref);
+    default: return pick_adam_int8<float>(decay, ref);
   }
 }
 
@@ -834,38 +857,50 @@ bool usable_scales(const Tensors& scales, at::TensorList params) {
   return true;
 }
 
-// Adam/AdamW (no amsgrad: _int8.py refuses it) with int8 moments; as adam_step_ otherwise.
-bool adam_int8_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-                     const Tensors& exp_avg_sqs, const Tensors& exp_avg_scales,
-                     const Tensors& exp_avg_sq_scales, const Tensors& references,
-                     const Tensors& steps, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, double decay, bool decoupled, bool maximize,
-                     double grad_scale) {
+// Adam/AdamW (no amsgrad: _int8.py refuses it) with int8 moments, over float32 θ (`remainders`
+// empty) or bfloat16/float16 θ compensated by int8 `remainders`; as adam_step_ otherwise.
+bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Tensors& grads,
+                     const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
+                     const Tensors& exp_avg_scales, const Tensors& exp_avg_sq_scales,
+                     const Tensors& references, const Tensors& steps, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, double decay, bool decoupled,
+                     bool maximize, double grad_scale) {
   const size_t n = params.size();
   if (n == 0) return true;
+  const auto param_dtype = params[0].scalar_type();
+  const bool compensated = !remainders.empty();
+  if (compensated ? remainders.size() != n ||
+                        (param_dtype != at::kBFloat16 && param_dtype != at::kHalf)
+                  : param_dtype != at::kFloat) {
+    return false;
+  }
   const bool ref = !references.empty();
-  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
+  if (!usable_list(params, params, param_dtype) || !usable_list(grads, params, param_dtype) ||
+      (compensated && !usable_list(remainders, params, at::kChar)) ||
       !usable_list(exp_avgs, params, at::kChar) || !usable_list(exp_avg_sqs, params, at::kByte) ||
       !usable_scales(exp_avg_scales, params) || !usable_scales(exp_avg_sq_scales, params) ||
-      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
+      (ref && !usable_list(references, params, param_dtype)) || steps.size() != n ||
       !disjoint(params)) {
     return false;
   }
   if (!usable_steps(steps)) return false;
-  const Int8Chunk chunk = pick_adam_int8(decay_mode(decoupled, weight_decay, decay), ref);
+  const Int8Chunk chunk =
+      pick_adam_int8(param_dtype, decay_mode(decoupled, weight_decay, decay), ref);
   const std::vector<AdamScalars> scalars =
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
-    unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
-    chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
+    void* g = grads[t].data_ptr();
+    unscale(param_dtype, g, begin, end, grad_scale);
+    chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
           exp_avgs[t].data_ptr<int8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
           exp_avg_scales[t].data_ptr<float>(), exp_avg_sq_scales[t].data_ptr<float>(),
-          ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
+          ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);
   });
   for (at::TensorList written :
        {params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps}) {
     bump_versions(written);
   }
+  if (compensated) bump_versions(remainders);
   if (grad_scale != 1.0) bump_versions(grads);
   return true;
 }
