@@ -53,6 +53,15 @@ def float64_adamw(w, grad, m, v, step, lr, weight_decay, decoupled_, init=None):
     return w - lr * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
 
 
+def assert_master_within_a_unit(theta, state, dtype, expected):
+    """θ kept in ``dtype`` with an int8 remainder whose master weight is ``expected`` (float64)
+    to one remainder unit (ulp(θ)/256) and float32 rounding."""
+    assert theta.dtype == dtype and state["param_remainder"].dtype == torch.int8
+    after = master(theta.detach(), state["param_remainder"]).double()
+    unit = _unit(theta.detach()).double()
+    assert ((after - expected).abs() <= unit + 1e-6 * expected.abs()).all()
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     dtype=st.sampled_from([torch.bfloat16, torch.float16]),
@@ -88,11 +97,7 @@ def test_each_step_is_the_float32_update_of_the_master_weight(
             w, m, v, count = theta.detach().float(), *[torch.zeros(shape)] * 2, 1.0
         expected = float64_adamw(w, theta.grad.float(), m, v, count, 1e-3, 0.1, decoupled_, init)
         optimizer.step()
-        state = optimizer.state[theta]
-        assert theta.dtype == dtype and state["param_remainder"].dtype == torch.int8
-        after = master(theta.detach(), state["param_remainder"]).double()
-        unit = _unit(theta.detach()).double()
-        assert ((after - expected).abs() <= unit + 1e-6 * expected.abs()).all()
+        assert_master_within_a_unit(theta, optimizer.state[theta], dtype, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -155,18 +160,30 @@ def test_float32_parameters_and_compensate_false_keep_no_remainder():
         assert "param_remainder" not in optimizer.state[theta]
 
 
-def test_compensate_false_is_torchs_bfloat16_update_bit_for_bit():
+@pytest.mark.parametrize(
+    ("ours", "theirs", "options"),
+    [
+        (decoupled.AdamW, torch.optim.AdamW, {"lr": 1e-2}),
+        (decoupled.SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
+        (decoupled.SGDW, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
+    ],
+    ids=["AdamW", "SGD", "SGDW"],
+)
+def test_compensate_false_is_torchs_bfloat16_update_bit_for_bit(ours, theirs, options):
+    """Plain bfloat16 θ steps as torch.optim's single-tensor loop; its state (SGD's momentum
+    buffer included) stays in bfloat16."""
     generator = torch.Generator().manual_seed(0)
-    ours = torch.nn.Parameter(torch.randn(300, generator=generator).bfloat16())
-    theirs = torch.nn.Parameter(ours.detach().clone())
-    optimizers = [decoupled.AdamW([ours], lr=1e-2, compensate=False),
-                  torch.optim.AdamW([theirs], lr=1e-2, foreach=False)]  # fmt: skip
+    mine = torch.nn.Parameter(torch.randn(300, generator=generator).bfloat16())
+    torchs = torch.nn.Parameter(mine.detach().clone())
+    optimizers = [ours([mine], compensate=False, **options),
+                  theirs([torchs], foreach=False, **options)]  # fmt: skip
     for _ in range(10):
-        ours.grad = torch.randn(300, generator=generator).bfloat16()
-        theirs.grad = ours.grad.clone()
+        mine.grad = torch.randn(300, generator=generator).bfloat16()
+        torchs.grad = mine.grad.clone()
         for optimizer in optimizers:
             optimizer.step()
-    assert torch.equal(ours, theirs)
+    assert torch.equal(mine, torchs)
+    assert all(t.dtype == torch.bfloat16 for t in optimizers[0].state[mine].values() if t.dim())
 
 
 def test_invalid_compensate_names_the_value():
