@@ -233,13 +233,25 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _by_kind(params: list[Tensor], state: list[Tensor]) -> dict[tuple, list[int]]:
-    """Indices of the list grouped by (device, θ dtype, state dtype): one launch each."""
+def _by_kind(
+    params: list[Tensor], state: list[Tensor], remainders: list[Tensor | None] | None = None
+) -> dict[tuple, list[int]]:
+    """Indices of the list grouped by (device, θ dtype, state dtype, compensated): one launch
+    each."""
     kinds: dict[tuple, list[int]] = {}
     for index, param in enumerate(params):
+        compensated = remainders is not None and remainders[index] is not None
         kind = (param.device, param.dtype, state[index].dtype if state else param.dtype)
-        kinds.setdefault(kind, []).append(index)
+        kinds.setdefault((*kind, compensated), []).append(index)
     return kinds
+
+
+def _remainders(params: list[Tensor], remainders: list[Tensor | None] | None) -> list[Tensor]:
+    """The remainders of compensated θ, with each uncompensated parameter standing in for
+    its missing one (so that the layout checks pass it; the kernel does not read it)."""
+    if remainders is None:
+        return list(params)
+    return [p if r is None else r for p, r in zip(params, remainders)]
 
 
 def _bump_versions(*lists: list[Tensor]) -> None:
@@ -284,6 +296,7 @@ def triton_adam_update(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     cautious: bool = False,
+    remainders: list[Tensor | None] | None = None,
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the Triton kernel,
     or through ``fallback`` when the launcher refuses the list. ``found_inf``: a device flag;
@@ -293,9 +306,13 @@ def triton_adam_update(
     refs = [] if references is None or references[0] is None else list(references)
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
     state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [refs] * bool(refs)
+    kept = _remainders(params, remainders)
     if not params:
         return
-    if _refused(params, grads, state, lr, state_steps) or not _adam_dtypes_ok(params, exp_avgs):
+    if (
+        _refused(params, grads, state + [kept], lr, state_steps)
+        or not _adam_dtypes_ok(params, exp_avgs, remainders)
+    ):  # fmt: skip
         given = {
             "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
             "decoupled": decoupled, "decay_rate": decay_rate, "amsgrad": amsgrad,
@@ -305,13 +322,17 @@ def triton_adam_update(
             given["cautious"] = True
         if grad_scale is not None:
             given["grad_scale"] = grad_scale
+        if remainders is not None:
+            given["remainders"] = remainders
         if found_inf is not None and bool(found_inf):  # the reference loop reads it on the host
             return
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
         return
 
     decay = _decay_mode(decoupled, weight_decay, decay_rate)
-    for (device, dtype, state_dtype), indices in _by_kind(params, exp_avgs).items():
+    for (device, dtype, state_dtype, compensated), indices in _by_kind(
+        params, exp_avgs, remainders
+    ).items():
         dummy = state_steps[indices[0]]
         steps = [state_steps[i] for i in indices]
         if found_inf is None:
@@ -323,7 +344,7 @@ def triton_adam_update(
                 params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                 exp_avg_sqs[i].data_ptr(), _address(max_exp_avg_sqs[i]) if amsgrad else 0,
                 refs[i].data_ptr() if refs else 0, state_steps[i].data_ptr(),
-                params[i].numel(), i,
+                params[i].numel(), i, kept[i].data_ptr() if compensated else 0,
             )
             for i in indices
         ]  # fmt: skip
@@ -340,13 +361,14 @@ def triton_adam_update(
             scale_ptr, skip_ptr,
             _bias_corrections(steps, beta1, beta2), beta1, beta2,
             float(eps), float(weight_decay),
-            DTYPE=_TL_DTYPES()[dtype], STATE=_state_pointer_dtype(dtype, state_dtype),
-            ROUND=_rounds(dtype, state_dtype), DECAY=decay, REF=bool(refs), AMSGRAD=amsgrad,
-            MAXIMIZE=maximize, CAUTIOUS=bool(cautious), LR_TENSOR=lr_arg.is_tensor,
-            RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip, BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+            DTYPE=_TL_DTYPES()[dtype], STATE=_state_pointer_dtype(dtype, state_dtype, compensated),
+            ROUND=_rounds(dtype, state_dtype, compensated), DECAY=decay, REF=bool(refs),
+            AMSGRAD=amsgrad, MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
+            LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip,
+            COMPENSATE=compensated, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     _bump_versions(params, exp_avgs, exp_avg_sqs, state_steps)
+    _bump_versions([r for r in remainders or [] if r is not None])
     if amsgrad:
         _bump_versions(max_exp_avg_sqs)
     if grad_scale is not None:
@@ -400,13 +422,13 @@ def triton_sgd_update(
         return
 
     decay = _decay_mode(decoupled, weight_decay, decay_rate)
-    for (device, dtype, _), indices in _by_kind(params, []).items():
+    for (device, dtype, _, _), indices in _by_kind(params, []).items():
         dummy = params[indices[0]]
         rows = [
             (
                 params[i].data_ptr(), grads[i].data_ptr(),
                 buffers[i].data_ptr() if has_momentum else 0, 0, 0,
-                refs[i].data_ptr() if refs else 0, 0, params[i].numel(), int(fresh[i]),
+                refs[i].data_ptr() if refs else 0, 0, params[i].numel(), int(fresh[i]), 0,
             )
             for i in indices
         ]  # fmt: skip
@@ -442,21 +464,34 @@ def _decay_mode(decoupled: bool, weight_decay: float, decay_rate: float | Tensor
     return L2_DECAY if weight_decay != 0 else NO_DECAY
 
 
-def _adam_dtypes_ok(params: list[Tensor], exp_avgs: list[Tensor]) -> bool:
-    """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ."""
-    return all(m.dtype in (p.dtype, torch.bfloat16) for p, m in zip(params, exp_avgs))
+def _adam_dtypes_ok(
+    params: list[Tensor], exp_avgs: list[Tensor], remainders: list[Tensor | None] | None
+) -> bool:
+    """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ; compensated
+    θ (computed in float32) with bfloat16 moments, rounded stochastically as in the
+    reference loop, and int8 remainders. Compensated float16 θ with float16 moments is left
+    to the reference loop, which stores them through the bfloat16 rounding of
+    ``_compact.stochastic_round_``."""
+    for index, (p, m) in enumerate(zip(params, exp_avgs)):
+        if remainders is not None and remainders[index] is not None:
+            if m.dtype != torch.bfloat16 or remainders[index].dtype != torch.int8:
+                return False
+        elif m.dtype not in (p.dtype, torch.bfloat16):
+            return False
+    return True
 
 
-def _rounds(dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
-    """bfloat16 moments of a wider θ are rounded stochastically (``_compact.py``); moments in
-    θ's own dtype round to nearest, as the reference's operations in that dtype do."""
-    return state_dtype == torch.bfloat16 and dtype != torch.bfloat16
+def _rounds(dtype: torch.dtype, state_dtype: torch.dtype, compensated: bool = False) -> bool:
+    """bfloat16 moments computed in float32 (beside wider θ, or compensated θ's master weight)
+    are rounded stochastically (``_compact.py``); moments in θ's own dtype round to nearest, as
+    the reference's operations in that dtype do."""
+    return state_dtype == torch.bfloat16 and (dtype != torch.bfloat16 or compensated)
 
 
-def _state_pointer_dtype(dtype: torch.dtype, state_dtype: torch.dtype):
+def _state_pointer_dtype(dtype: torch.dtype, state_dtype: torch.dtype, compensated: bool):
     import triton.language as tl
 
-    return tl.uint16 if _rounds(dtype, state_dtype) else _TL_DTYPES()[state_dtype]
+    return tl.uint16 if _rounds(dtype, state_dtype, compensated) else _TL_DTYPES()[state_dtype]
 
 
 @cache

@@ -37,11 +37,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from decoupled.optim._triton_compact import load_master, store_master
+
 #: Columns of the tensor table: addresses of θ, g, m (or the momentum buffer), v, max(v), θ₀,
 #: the step counter, then the element count and the tensor's position in the list (its
-#: stochastic-rounding key; for SGD: 1 where the momentum buffer is fresh).
+#: stochastic-rounding key; for SGD: 1 where the momentum buffer is fresh), then the address
+#: of compensated θ's remainder (``_triton_compact.py``).
 THETA, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, REFERENCE, STEP, NUMEL, POSITION = range(9)
-TABLE_COLUMNS = 9
+REMAINDER = 9
+TABLE_COLUMNS = tl.constexpr(10)
 
 #: Decay modes (constexpr ``DECAY``).
 NO_DECAY, L2_DECAY, DECOUPLED_DECAY = 0, 1, 2
@@ -115,7 +119,7 @@ def _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP: tl.constexpr, BLOCK: tl.conste
     pid = tl.program_id(0)
     tensor = tl.load(chunks_ptr + 2 * pid)
     first = tl.load(chunks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor * 9
+    row = table_ptr + tensor * TABLE_COLUMNS
     idx = first + tl.arange(0, BLOCK)
     mask = idx < tl.load(row + 7)
     if SKIP:
@@ -158,9 +162,10 @@ def adam_kernel(
     DTYPE: tl.constexpr, STATE: tl.constexpr, ROUND: tl.constexpr, DECAY: tl.constexpr,
     REF: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
     LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr, SCALE: tl.constexpr,
-    SKIP: tl.constexpr, BLOCK: tl.constexpr,
+    SKIP: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One Adam/AdamW step on one chunk (the algorithm box of ``decoupled.Adam``)."""
+    """One Adam/AdamW step on one chunk (the algorithm box of ``decoupled.Adam``); with
+    ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ and its remainder."""
     tensor, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     m_ptr = _address(row, 2, STATE)
@@ -168,7 +173,11 @@ def adam_kernel(
     step = tl.load(_address(row, 6, tl.float32)).to(tl.float64)
 
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)
-    param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if COMPENSATE:
+        r_ptr = _address(row, 9, tl.int8)
+        param = load_master(p_ptr, r_ptr, idx, mask, DTYPE)
+    else:
+        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     ref = param
     if REF:
         ref = tl.load(_address(row, 5, DTYPE) + idx, mask=mask, other=0.0).to(tl.float32)
@@ -204,7 +213,10 @@ def adam_kernel(
     denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
-    tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
+    if COMPENSATE:  # the remainder's bits: a rehash's high half (max(v) has its low half)
+        store_master(p_ptr, r_ptr, idx, param, mask, _mix(random) >> 16, DTYPE)
+    else:
+        tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
     _store_state(m_ptr, idx, exp_avg, mask, random & 0xFFFF, ROUND)
     _store_state(v_ptr, idx, exp_avg_sq, mask, random >> 16, ROUND)
 

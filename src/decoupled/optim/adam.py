@@ -45,7 +45,12 @@ from decoupled.optim._int8 import (
 )
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
-from decoupled.optim._triton import check_capturable, check_triton_option, on_device_steps
+from decoupled.optim._triton import (
+    check_capturable,
+    check_triton_option,
+    on_device_steps,
+    use_triton,
+)
 from decoupled.optim.decay import (
     add_l2_penalty,
     apply_cautious_decay_,
@@ -219,22 +224,15 @@ def _differentiable_update(
 def _compensation_with_kernels(
     compensate: bool | None, state_dtype: torch.dtype | str | None, triton: bool | None
 ) -> bool | None:
-    """``compensate`` as the group keeps it. int8 moments and compensated weights step only
-    through the reference loop for now, so asking for the Triton kernels (``triton=True``)
-    turns the default compensation off and refuses what the kernels cannot do."""
-    if not triton:
-        return compensate
-    if state_dtype == INT8:
+    """``compensate`` as the group keeps it (the Triton kernel steps compensated weights too).
+    int8 moments step only through the reference loop and the C++ kernel for now, so asking
+    for the Triton kernels (``triton=True``) refuses them."""
+    if triton and state_dtype == INT8:
         raise ValueError(
             "Invalid state_dtype value: int8 with triton=True (int8 moments step only "
             "through the reference loop; use state_dtype=torch.bfloat16 or triton=None)"
         )
-    if compensate:
-        raise ValueError(
-            "Invalid compensate value: True with triton=True (the Triton kernels do not keep "
-            "the remainder; use compensate=None or False, or triton=None)"
-        )
-    return False
+    return compensate
 
 
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
@@ -316,9 +314,8 @@ class Adam(DecayOptimizer):
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
             away (``_compensated.py``). ``None`` (default) and ``True``: on for such
-            parameters (the reference loop steps them; with ``triton=True``, None means off
-            and True is refused); ``False``: plain bfloat16 updates, bit-identical to
-            torch.optim, on the fast paths.
+            parameters (the Triton kernel or the reference loop steps them); ``False``: plain
+            bfloat16 updates, bit-identical to torch.optim, on the fast paths.
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
             (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
             autograd record the step (the reference loop, as torch's: gradients reach θ,
@@ -414,11 +411,15 @@ class Adam(DecayOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As :class:`DecayOptimizer`'s; each group also keeps its ``compensate``, this
-        process's choice (the remainder is then cast, created or dropped at the next step)."""
+        process's choice (the remainder is cast back to int8 here, created or dropped at the
+        next step)."""
         kept = [group.get("compensate") for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, compensate in zip(self.param_groups, kept):
             group["compensate"] = compensate
+        for state in self.state.values():  # torch casts the remainder to θ's dtype
+            if REMAINDER in state and state[REMAINDER].dtype != torch.int8:
+                state[REMAINDER] = state[REMAINDER].to(torch.int8)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -495,8 +496,10 @@ class Adam(DecayOptimizer):
         # differentiable steps record torch's operations on θ itself: not compensated
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
+        # compensated θ: the Triton kernel keeps the remainder, the other fast paths do not
+        triton = not coded and use_triton(group.get("triton"), group["fused"], params)
         update = choose_adam_update(
-            False if differentiable or compensated else group["fused"],
+            False if differentiable or (compensated and not triton) else group["fused"],
             adam_update,
             params,
             grads,

@@ -1,0 +1,72 @@
+r"""The smallest storage in the Triton kernels: compensated bfloat16/float16 θ.
+
+Compensated θ (``_compensated.py``): the master weight ``w = θ + r·ulp(θ)/256`` is loaded
+(exact in float32: θ's 8 or 11 significant bits and r's 8 fit in 24), stepped in float32 like
+a float32 parameter, and stored as ``θ ← round_to_nearest_even(w)`` and
+``r ← clamp(floor((w − θ)/unit + (bits + ½)/2¹⁶), −128, 127)`` (0 where w is not finite),
+``unit = ulp(θ)/256 = 2^{e−p−8}`` with ``θ = m·2^e``, ``m ∈ [0.5, 1)``, e at least the
+exponent of the dtype's smallest normal, p = 8 (bfloat16) or 11 (float16). Every operation
+is the reference's in float32 and each is exact except the one addition of the rounding
+offset, which both round alike, so θ and r equal the reference's whenever w does.
+
+bfloat16 is converted with integer operations (``(bits + 0x7FFF + lsb) >> 16``, NaN as
+0x7FC0, c10's rounding) rather than ``.to(tl.bfloat16)``: the Triton interpreter truncates
+that cast, and ``r`` is only right beside a correctly rounded θ.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _exponent_unit(theta, TINY_EXPONENT: tl.constexpr, PRECISION: tl.constexpr):
+    """ulp(θ)/256 = 2^(e − p − 8) as float32 (``_compensated._unit``): e is frexp's exponent
+    of θ, raised to that of the smallest normal (zero and subnormals); the result, down to
+    2⁻¹⁴¹ for bfloat16, may itself be a float32 subnormal, hence its two encodings."""
+    biased = ((theta.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    power = tl.maximum(biased - 126, TINY_EXPONENT) - (PRECISION + 8)
+    normal = (tl.maximum(power, -126) + 127) << 23
+    subnormal = 1 << tl.minimum(tl.maximum(power + 149, 0), 22)
+    return tl.where(power >= -126, normal, subnormal).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unit(theta, DTYPE: tl.constexpr):
+    if DTYPE == tl.bfloat16:
+        return _exponent_unit(theta, -125, 8)
+    return _exponent_unit(theta, -13, 11)  # float16
+
+
+@triton.jit
+def load_master(p_ptr, r_ptr, idx, mask, DTYPE: tl.constexpr):
+    """The float32 master weight θ + r·unit of compensated θ."""
+    if DTYPE == tl.bfloat16:
+        bits = tl.load(p_ptr.to(tl.pointer_type(tl.uint16)) + idx, mask=mask, other=0)
+        theta = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        theta = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    remainder = tl.load(r_ptr + idx, mask=mask, other=0).to(tl.float32)
+    return theta + remainder * _unit(theta, DTYPE)
+
+
+@triton.jit
+def store_master(p_ptr, r_ptr, idx, weight, mask, random16, DTYPE: tl.constexpr):
+    """Store the float32 master ``weight``: θ rounded to nearest even, r what rounding
+    removed in units of ulp(θ)/256, rounded stochastically with the 16 bits ``random16``."""
+    if DTYPE == tl.bfloat16:
+        word = weight.to(tl.uint32, bitcast=True)
+        rounded = (word + 0x7FFF + ((word >> 16) & 1)) >> 16
+        rounded = tl.where(weight != weight, 0x7FC0, rounded).to(tl.uint16)
+        tl.store(p_ptr.to(tl.pointer_type(tl.uint16)) + idx, rounded, mask=mask)
+        theta = (rounded.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        stored = weight.to(tl.float16)
+        tl.store(p_ptr + idx, stored, mask=mask)
+        theta = stored.to(tl.float32)
+    offset = (random16.to(tl.float32) + 0.5) * (1.0 / 65536)
+    lost = tl.div_rn(weight - theta, _unit(theta, DTYPE))  # exact: a power of two
+    remainder = tl.minimum(tl.maximum(tl.floor(lost + offset), -128.0), 127.0)
+    finite = tl.abs(weight) < float("inf")
+    tl.store(r_ptr + idx, tl.where(finite, remainder, 0.0).to(tl.int8), mask=mask)
