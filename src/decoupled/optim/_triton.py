@@ -9,13 +9,15 @@ Which parameters take it (the ``triton`` keyword of the optimizers):
 - ``False``: never.
 
 The launcher steps a whole list at once: the tensors are grouped by (device, θ dtype, state
-dtype), and each group is one launch over a table of chunks (``_triton_kernels.py``). The
-tables are cached by their content (addresses, sizes, positions), so a training loop whose
-tensors stay put builds them once and a CUDA graph replays them. It refuses (the reference
-loop steps instead, as for the C++ kernel) a list with a tensor it cannot take: a tensor
-subclass, complex or float64 parameters, sparse gradients, state or gradients laid out unlike
-their parameter (a gradient is first copied into its parameter's layout), parameters sharing
-memory, step counters not on the parameters' device, or one lr per stacked run.
+dtype, compensated or not), and each group is one launch over a table of chunks
+(``_triton_kernels.py``). The tables are cached by their content (addresses, sizes,
+positions), so a training loop whose tensors stay put builds them once and a CUDA graph
+replays them. It refuses (the reference loop steps instead, as for the C++ kernel) a list
+with a tensor it cannot take: a tensor subclass, complex or float64 parameters, sparse
+gradients, state or gradients laid out unlike their parameter (a gradient is first copied
+into its parameter's layout), parameters sharing memory, step counters not on the
+parameters' device, one lr per stacked run, or compensated float16 θ with float16 moments
+(compensated θ takes bfloat16 moments: ``_triton_compact.py``).
 """
 
 from __future__ import annotations

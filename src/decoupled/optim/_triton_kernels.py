@@ -26,6 +26,11 @@ key = lowbias32(uint32(t)·0x9E3779B9 ^ uint32(position)·0x85EBCA6B), bits =
 lowbias32(element ^ key), m takes the low 16 bits, v the high 16, max(v) lowbias32(bits) &
 0xFFFF; the rounded value is ``(bits(x) + r) >> 16``, NaN stored as 0x7FC0.
 
+Compensated bfloat16/float16 θ (``_compensated.py``) is the constexpr ``COMPENSATE``: the
+step runs on the float32 master weight θ + r·ulp(θ)/256, loaded and stored by
+``_triton_compact.py`` (r's 16 random bits: lowbias32(bits) >> 16), and bfloat16 moments are
+then rounded stochastically, as the reference loop rounds them beside a float32 master.
+
 Cautious weight decay (Chen, Li, Liang et al., arXiv 2510.12402) is the constexpr
 ``CAUTIOUS``: the decoupled decay applies where u and θ − θ₀ agree in sign (zero agrees, a
 NaN does not), u being the update direction (Adam: m_t; SGD: the buffer b_t, g + μ·b_t with
