@@ -323,3 +323,33 @@ def test_grad_scale_unscales_bfloat16_gradients_in_the_kernel(launches):
     for ours, reference in zip(*results):
         assert torch.equal(_bits(ours), _bits(reference))
     assert launches["adam_kernel"] == 1
+
+
+def test_sharded_remainders_step_through_their_local_tensors(launches):
+    """DTensor shards (``_shards.py``) reach the launcher as local θ, g and moments while
+    the ``remainders`` option still holds DTensors: their local tensors are stepped."""
+
+    class Shard:  # what ``_shards.local`` reads of a DTensor
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def to_local(self):
+            return self.tensor
+
+    results = []
+    for update in (adam_update, _triton.triton_adam_update):
+        params = [p.detach() for p in make_params(shapes=[(70,), (9, 13)])]
+        grads = [g.detach() for g in make_params(seed=4, shapes=[(70,), (9, 13)])]
+        moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        remainders = [torch.zeros_like(p, dtype=torch.int8) for p in params]
+        options = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+                   "decoupled": True, "decay_rate": 1e-3, "remainders": remainders}  # fmt: skip
+        if update is not adam_update:
+            options |= {"fallback": None, "remainders": [Shard(r) for r in remainders]}
+        for _ in range(2):
+            update(params, grads, *moments, [], [torch.tensor(0.0) for _ in params], **options)
+        results.append(params + moments[0] + moments[1] + remainders)
+    for ours, reference in zip(*results):
+        assert torch.equal(_bits(ours), _bits(reference))
+    assert bool(results[1][-1].abs().sum() > 0)
+    assert launches["adam_kernel"] == 2

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from decoupled.optim._layout import in_layout_of, is_dense
+from decoupled.optim._shards import local
 
 #: Elements per program (one chunk); tests lower it to cross chunk boundaries cheaply.
 BLOCK = 1024
@@ -308,6 +309,7 @@ def triton_adam_update(
     refs = [] if references is None or references[0] is None else list(references)
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
     state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [refs] * bool(refs)
+    remainders = local(remainders)  # DTensor shards' remainders: their local tensors, as θ's
     kept = _remainders(params, remainders)
     if not params:
         return
