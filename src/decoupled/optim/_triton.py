@@ -203,16 +203,18 @@ def _refused(
 _tables: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
-def _tables_for(rows: list[tuple[int, ...]], device: torch.device) -> tuple[Tensor, Tensor]:
+def _tables_for(
+    rows: list[tuple[int, ...]], device: torch.device, block: int
+) -> tuple[Tensor, Tensor]:
     """The tensor table and the chunk table of these rows on ``device``, each cached by its
-    content: the chunk table (the large one: a row per ``BLOCK`` elements) depends only on
+    content: the chunk table (the large one: a row per ``block`` elements) depends only on
     the sizes, so gradients reallocated at every step (``zero_grad()`` sets them to None)
     cost only a new tensor table, a few bytes per tensor copied without waiting."""
     numels = tuple(row[NUMEL] for row in rows)
     table = _cached((device, "tensors", *rows), lambda: rows, device)
     chunk_table = _cached(
-        (device, "chunks", BLOCK, *numels),
-        lambda: [(row, first) for row, n in enumerate(numels) for first in range(0, n, BLOCK)],
+        (device, "chunks", block, *numels),
+        lambda: [(row, first) for row, n in enumerate(numels) for first in range(0, n, block)],
         device,
     )
     return table, chunk_table.reshape(-1, 2)
@@ -300,10 +302,12 @@ def triton_adam_update(
     found_inf: Tensor | None = None,
     cautious: bool = False,
     remainders: list[Tensor | None] | None = None,
+    coded_states: list[dict] | None = None,
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the Triton kernel,
     or through ``fallback`` when the launcher refuses the list. ``found_inf``: a device flag;
-    nonzero makes the step change nothing (step counts included), decided on the device."""
+    nonzero makes the step change nothing (step counts included), decided on the device.
+    With ``coded_states`` (int8 moments) each program steps whole blocks of 256 elements."""
     from decoupled.optim import _triton_kernels as kernels
 
     refs = [] if references is None or references[0] is None else list(references)
@@ -313,9 +317,11 @@ def triton_adam_update(
     kept = _remainders(params, remainders)
     if not params:
         return
+    scales = _int8_scales(params, coded_states)
     if (
         _refused(params, grads, state + [kept], lr, state_steps)
-        or not _adam_dtypes_ok(params, exp_avgs, remainders)
+        or not _adam_dtypes_ok(params, exp_avgs, remainders, coded=scales is not None)
+        or (coded_states is not None and (scales is None or amsgrad))
     ):  # fmt: skip
         given = {
             "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
@@ -328,6 +334,8 @@ def triton_adam_update(
             given["grad_scale"] = grad_scale
         if remainders is not None:
             given["remainders"] = remainders
+        if coded_states is not None:
+            given["coded_states"] = coded_states
         if found_inf is not None and bool(found_inf):  # the reference loop reads it on the host
             return
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
@@ -349,10 +357,12 @@ def triton_adam_update(
                 exp_avg_sqs[i].data_ptr(), _address(max_exp_avg_sqs[i]) if amsgrad else 0,
                 refs[i].data_ptr() if refs else 0, state_steps[i].data_ptr(),
                 params[i].numel(), i, kept[i].data_ptr() if compensated else 0,
+                *((scales[0][i].data_ptr(), scales[1][i].data_ptr()) if scales else (0, 0)),
             )
             for i in indices
         ]  # fmt: skip
-        table, chunks = _tables_for(rows, device)
+        block = _int8_chunk() if scales else BLOCK
+        table, chunks = _tables_for(rows, device, block)
         if chunks.shape[0] == 0:  # only empty tensors
             continue
         lr_arg = _Scalar(lr, device, dummy)
@@ -369,10 +379,13 @@ def triton_adam_update(
             ROUND=_rounds(dtype, state_dtype, compensated), DECAY=decay, REF=bool(refs),
             AMSGRAD=amsgrad, MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
             LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip,
-            COMPENSATE=compensated, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            COMPENSATE=compensated, CODED=scales is not None, BLOCK=block,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     _bump_versions(params, exp_avgs, exp_avg_sqs, state_steps)
     _bump_versions([r for r in remainders or [] if r is not None])
+    if scales:
+        _bump_versions(*scales)
     if amsgrad:
         _bump_versions(max_exp_avg_sqs)
     if grad_scale is not None:
@@ -432,11 +445,12 @@ def triton_sgd_update(
             (
                 params[i].data_ptr(), grads[i].data_ptr(),
                 buffers[i].data_ptr() if has_momentum else 0, 0, 0,
-                refs[i].data_ptr() if refs else 0, 0, params[i].numel(), int(fresh[i]), 0,
+                refs[i].data_ptr() if refs else 0, 0, params[i].numel(), int(fresh[i]),
+                0, 0, 0,
             )
             for i in indices
         ]  # fmt: skip
-        table, chunks = _tables_for(rows, device)
+        table, chunks = _tables_for(rows, device, BLOCK)
         if chunks.shape[0] == 0:  # only empty tensors
             continue
         lr_arg = _Scalar(lr, device, dummy)
@@ -469,13 +483,19 @@ def _decay_mode(decoupled: bool, weight_decay: float, decay_rate: float | Tensor
 
 
 def _adam_dtypes_ok(
-    params: list[Tensor], exp_avgs: list[Tensor], remainders: list[Tensor | None] | None
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    remainders: list[Tensor | None] | None,
+    coded: bool = False,
 ) -> bool:
-    """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ; compensated
-    θ (computed in float32) with bfloat16 moments, rounded stochastically as in the
-    reference loop, and int8 remainders. Compensated float16 θ with float16 moments is left
-    to the reference loop, which stores them through the bfloat16 rounding of
-    ``_compact.stochastic_round_``."""
+    """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ, or int8
+    codes (``coded``, every tensor's); compensated θ (computed in float32) with bfloat16 or
+    int8 moments, rounded stochastically as in the reference loop, and int8 remainders.
+    Compensated float16 θ with float16 moments is left to the reference loop, which stores
+    them through the bfloat16 rounding of ``_compact.stochastic_round_``."""
+    if coded:
+        compensated = [r for r in remainders or [] if r is not None]
+        return all(r.dtype == torch.int8 for r in compensated)
     for index, (p, m) in enumerate(zip(params, exp_avgs)):
         if remainders is not None and remainders[index] is not None:
             if m.dtype != torch.bfloat16 or remainders[index].dtype != torch.int8:
@@ -483,6 +503,38 @@ def _adam_dtypes_ok(
         elif m.dtype not in (p.dtype, torch.bfloat16):
             return False
     return True
+
+
+def _int8_scales(
+    params: list[Tensor], coded_states: list[dict] | None
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The per-block scales of int8 moments (``_int8.py``), m's and v's, or None when a state
+    is not coded as the kernel reads it: int8 m and uint8 v codes (checked beside θ by
+    ``_refused``), contiguous float32 scales, one per block of 256, on θ's device."""
+    from decoupled.optim._int8 import SCALE_SUFFIX, blocks
+
+    if not coded_states:
+        return None
+    found: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for param, state in zip(params, coded_states):
+        dtypes = (torch.int8, torch.uint8)
+        for key, dtype, scales in zip(("exp_avg", "exp_avg_sq"), dtypes, found):
+            scale = state.get(key + SCALE_SUFFIX)
+            if (
+                state.get(key) is None or state[key].dtype != dtype or scale is None
+                or scale.dtype != torch.float32 or not scale.is_contiguous()
+                or scale.shape != (blocks(param.numel()),) or scale.device != param.device
+            ):  # fmt: skip
+                return None
+            scales.append(scale)
+    return found
+
+
+def _int8_chunk() -> int:
+    """Elements per program with int8 moments: whole blocks of 256, at least one."""
+    from decoupled.optim._int8 import BLOCK as INT8_BLOCK
+
+    return max(INT8_BLOCK, BLOCK // INT8_BLOCK * INT8_BLOCK)
 
 
 def _rounds(dtype: torch.dtype, state_dtype: torch.dtype, compensated: bool = False) -> bool:
@@ -495,6 +547,8 @@ def _rounds(dtype: torch.dtype, state_dtype: torch.dtype, compensated: bool = Fa
 def _state_pointer_dtype(dtype: torch.dtype, state_dtype: torch.dtype, compensated: bool):
     import triton.language as tl
 
+    if state_dtype == torch.int8:  # codes: the kernel reads them by their own types
+        return tl.int8
     return tl.uint16 if _rounds(dtype, state_dtype, compensated) else _TL_DTYPES()[state_dtype]
 
 

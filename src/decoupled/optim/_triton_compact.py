@@ -70,3 +70,58 @@ def store_master(p_ptr, r_ptr, idx, weight, mask, random16, DTYPE: tl.constexpr)
     remainder = tl.minimum(tl.maximum(tl.floor(lost + offset), -128.0), 127.0)
     finite = tl.abs(weight) < float("inf")
     tl.store(r_ptr + idx, tl.where(finite, remainder, 0.0).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _level(code, LEVELS: tl.constexpr, POWER: tl.constexpr):
+    """d(q) = (q/levels)^power, the fraction of the block's scale that code q stands for."""
+    t = tl.div_rn(code, LEVELS * 1.0)
+    square = t * t
+    if POWER == 4:
+        return square * square
+    return square
+
+
+@triton.jit
+def load_int8(codes_ptr, scales_ptr, idx, mask, LEVELS: tl.constexpr, POWER: tl.constexpr):
+    """A moment decoded from its codes: s·sign(q)·d(|q|), s its block's scale."""
+    code = tl.load(codes_ptr + idx, mask=mask, other=0).to(tl.float32)
+    scale = tl.load(scales_ptr + idx // 256, mask=mask, other=0.0)
+    magnitude = _level(tl.abs(code), LEVELS, POWER) * scale
+    return tl.where(code < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, random16, LEVELS: tl.constexpr,
+               POWER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Code a moment: per block of 256 its scale (the largest magnitude; NaN when any is),
+    per element the code below or above |value|/scale, the upper one with probability the
+    fraction of the way to it (``_int8.encode_``)."""
+    BLOCKS: tl.constexpr = BLOCK // 256
+    magnitude = tl.where(mask, tl.abs(value), 0.0)
+    nan = tl.max(tl.reshape((magnitude != magnitude).to(tl.int32), (BLOCKS, 256)), axis=1)
+    largest = tl.max(tl.reshape(tl.where(magnitude == magnitude, magnitude, 0.0),
+                                (BLOCKS, 256)), axis=1)  # fmt: skip
+    scale = tl.where(nan > 0, float("nan"), largest)
+    live = tl.max(tl.reshape(mask.to(tl.int32), (BLOCKS, 256)), axis=1) > 0
+    tl.store(scales_ptr + first // 256 + tl.arange(0, BLOCKS), scale, mask=live)
+
+    safe = tl.where(scale > 0, scale, 1.0)
+    safe = tl.reshape(tl.broadcast_to(tl.expand_dims(safe, 1), (BLOCKS, 256)), (BLOCK,))
+    x = tl.minimum(tl.maximum(tl.div_rn(magnitude, safe), 0.0), 1.0)
+    if POWER == 4:
+        root = tl.sqrt_rn(tl.sqrt_rn(x))
+    else:
+        root = tl.sqrt_rn(x)
+    low = tl.minimum(tl.maximum(tl.floor(root * LEVELS), 0.0), LEVELS * 1.0)
+    # the root is rounded: step the code down or up once so that d(low) <= x < d(low + 1)
+    low = tl.where(_level(low, LEVELS, POWER) > x, low - 1, low)
+    up = (_level(low + 1, LEVELS, POWER) <= x) & (low < LEVELS)
+    low = tl.where(up, low + 1, low)
+    low_value = _level(low, LEVELS, POWER)
+    high_value = _level(low + 1, LEVELS, POWER)
+    fraction = tl.div_rn(x - low_value, high_value - low_value)
+    threshold = (random16.to(tl.float32) + 0.5) * (1.0 / 65536)
+    code = tl.minimum(low + tl.where(fraction > threshold, 1.0, 0.0), LEVELS * 1.0)
+    code = tl.where(value < 0, -code, code)
+    tl.store(codes_ptr + idx, code.to(tl.int32).to(codes_ptr.dtype.element_ty), mask=mask)

@@ -42,15 +42,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from decoupled.optim._triton_compact import load_master, store_master
+from decoupled.optim._triton_compact import load_int8, load_master, store_int8, store_master
 
 #: Columns of the tensor table: addresses of θ, g, m (or the momentum buffer), v, max(v), θ₀,
 #: the step counter, then the element count and the tensor's position in the list (its
 #: stochastic-rounding key; for SGD: 1 where the momentum buffer is fresh), then the address
-#: of compensated θ's remainder (``_triton_compact.py``).
+#: of compensated θ's remainder and those of int8 moments' scales (``_triton_compact.py``).
 THETA, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, REFERENCE, STEP, NUMEL, POSITION = range(9)
-REMAINDER = 9
-TABLE_COLUMNS = tl.constexpr(10)
+REMAINDER, EXP_AVG_SCALE, EXP_AVG_SQ_SCALE = 9, 10, 11
+TABLE_COLUMNS = tl.constexpr(12)
 
 #: Decay modes (constexpr ``DECAY``).
 NO_DECAY, L2_DECAY, DECOUPLED_DECAY = 0, 1, 2
@@ -167,10 +167,11 @@ def adam_kernel(
     DTYPE: tl.constexpr, STATE: tl.constexpr, ROUND: tl.constexpr, DECAY: tl.constexpr,
     REF: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
     LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr, SCALE: tl.constexpr,
-    SKIP: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK: tl.constexpr,
+    SKIP: tl.constexpr, COMPENSATE: tl.constexpr, CODED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One Adam/AdamW step on one chunk (the algorithm box of ``decoupled.Adam``); with
-    ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ and its remainder."""
+    ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ and its remainder; with
+    ``CODED`` on int8 moments, the chunk being whole blocks of 256."""
     tensor, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     m_ptr = _address(row, 2, STATE)
@@ -190,8 +191,16 @@ def adam_kernel(
         offset = param - ref if REF else param
         g = tl.fma(weight_decay, offset, g)
 
-    exp_avg = _lerp(_load_state(m_ptr, idx, mask, ROUND), g, 1.0 - beta1)
-    exp_avg_sq = tl.fma((1.0 - beta2) * g, g, _load_state(v_ptr, idx, mask, ROUND) * beta2)
+    if CODED:
+        m_scales = _address(row, 10, tl.float32)
+        v_scales = _address(row, 11, tl.float32)
+        previous_m = load_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, idx, mask, 127, 2)
+        previous_v = load_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, idx, mask, 255, 4)
+    else:
+        previous_m = _load_state(m_ptr, idx, mask, ROUND)
+        previous_v = _load_state(v_ptr, idx, mask, ROUND)
+    exp_avg = _lerp(previous_m, g, 1.0 - beta1)
+    exp_avg_sq = tl.fma((1.0 - beta2) * g, g, previous_v * beta2)
     second = exp_avg_sq
     key = _mix(step.to(tl.uint32) * 0x9E3779B9 ^ tl.load(row + 8).to(tl.uint32) * 0x85EBCA6B)
     random = _mix(idx.to(tl.uint32) ^ key)
@@ -222,8 +231,15 @@ def adam_kernel(
         store_master(p_ptr, r_ptr, idx, param, mask, _mix(random) >> 16, DTYPE)
     else:
         tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
-    _store_state(m_ptr, idx, exp_avg, mask, random & 0xFFFF, ROUND)
-    _store_state(v_ptr, idx, exp_avg_sq, mask, random >> 16, ROUND)
+    if CODED:  # m takes the low 16 bits, v the high 16, as bfloat16 moments
+        first = tl.load(chunks_ptr + 2 * tl.program_id(0) + 1)
+        store_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, first, idx, exp_avg, mask,
+                   random & 0xFFFF, 127, 2, BLOCK)  # fmt: skip
+        store_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, first, idx, exp_avg_sq, mask,
+                   random >> 16, 255, 4, BLOCK)  # fmt: skip
+    else:
+        _store_state(m_ptr, idx, exp_avg, mask, random & 0xFFFF, ROUND)
+        _store_state(v_ptr, idx, exp_avg_sq, mask, random >> 16, ROUND)
 
 
 @triton.jit
