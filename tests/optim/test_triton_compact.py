@@ -1,7 +1,8 @@
-"""Compensated bfloat16/float16 θ through the Triton kernel, under the Triton interpreter
-(``TRITON_INTERPRET=1``, CPU tensors), against the reference loop (``adam_update`` with
-``remainders``, ``_compensated.py``): every option, chunk boundaries, the storage arithmetic
-bit for bit, state-dict round trips between paths, and the device-side skip.
+"""Compensated bfloat16/float16 θ and int8 moments through the Triton kernel, under the Triton
+interpreter (``TRITON_INTERPRET=1``, CPU tensors), against the reference loop (``adam_update``
+with ``remainders``, ``_compensated.py``, and ``coded_states``, ``_int8.py``): every option,
+chunk and block boundaries, the storage arithmetic bit for bit, state-dict round trips
+between paths, and the device-side skip.
 
 How close: the storage arithmetic (master weight in, θ and r out) is the reference's bit for
 bit (``test_storage_arithmetic_is_the_reference_bit_for_bit``). A whole step is not always:
@@ -20,7 +21,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import decoupled
@@ -59,6 +60,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 SHAPES = [(5,), (70,), (9, 13), (1,)]  # with BLOCK = 64: several chunks, ragged ends
+# interpreted steps are slow: no shrinking (a failure prints its example as drawn)
+QUICK = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture],
+    "phases": [Phase.explicit, Phase.reuse, Phase.generate],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -105,8 +112,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.element_size() == 2 else t
 
 
-def assert_compensated_close(ours, reference, our_params, reference_params):
-    """The module docstring's standard, on θ and every state tensor."""
+def assert_close_to_reference(ours, reference, our_params, reference_params):
+    """The module docstring's standard, on θ and every state tensor (codes: one step);
+    float32 θ and scales as ``test_triton.py`` holds float32 θ."""
     differing = total = 0
     for p, q in zip(our_params, reference_params):
         state_p, state_q = ours.state[p], reference.state[q]
@@ -122,11 +130,14 @@ def assert_compensated_close(ours, reference, our_params, reference_params):
             (state_p[k], state_q[k]) for k in state_q if k != "step"
         ]:
             assert a.dtype == b.dtype
+            if a.dtype == torch.float32:  # θ as test_triton.py holds it, and int8 scales
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+                continue
             same = _bits(a) == _bits(b)
             differing, total = differing + int((~same).sum()), total + same.numel()
             if a.is_floating_point():
                 torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-6)
-            else:  # the remainder: one unit
+            else:  # the remainder, int8 codes: one unit
                 assert bool(((a.int() - b.int()).abs() <= 1).all())
     assert differing <= 0.01 * total, (differing, total)
 
@@ -137,7 +148,7 @@ def compare(cls, steps=3, shapes=SHAPES, dtype=torch.bfloat16, **options):
     reference = train(cls, reference_params, steps, fused=False, **options)
     ours = train(cls, triton_params, steps, triton=True, **options)
     assert all(REMAINDER in ours.state[p] for p in triton_params)
-    assert_compensated_close(ours, reference, triton_params, reference_params)
+    assert_close_to_reference(ours, reference, triton_params, reference_params)
 
 
 COMPENSATED_OPTIONS = st.fixed_dictionaries(
@@ -155,9 +166,7 @@ COMPENSATED_OPTIONS = st.fixed_dictionaries(
 )
 
 
-@settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=12, **QUICK)
 @given(options=COMPENSATED_OPTIONS)
 def test_compensated_adam_matches_the_reference_loop(options, launches):
     options = dict(options)
@@ -199,7 +208,7 @@ def test_chunk_boundaries_mixed_dtypes_and_layouts(launches):
             optimizer.step()
         runs.append((optimizer, everything))
     (reference, reference_params), (ours, our_params) = runs
-    assert_compensated_close(ours, reference, our_params, reference_params)
+    assert_close_to_reference(ours, reference, our_params, reference_params)
     assert launches["adam_kernel"] == 3 * 3
 
 
@@ -277,7 +286,7 @@ def test_state_dict_round_trips_keep_the_remainder(first, second, launches):
     for _ in range(2):
         gradients(params, generator)
         resumed.step()
-    assert_compensated_close(resumed, expected, params, expected_params)  # r is int8 again
+    assert_close_to_reference(resumed, expected, params, expected_params)  # r is int8 again
     assert launches["adam_kernel"] == 2 * [first, second].count("triton")
 
 
@@ -299,7 +308,7 @@ def test_skipped_step_leaves_theta_and_the_remainder(launches):
         assert all(torch.equal(ours.state[p][k], v) for k, v in state.items())
     gradients(params, generator)
     ours.step()
-    assert_compensated_close(ours, reference, params, reference_params)
+    assert_close_to_reference(ours, reference, params, reference_params)
     assert launches["adam_kernel"] == 3
 
 
@@ -353,3 +362,129 @@ def test_sharded_remainders_step_through_their_local_tensors(launches):
         assert torch.equal(_bits(ours), _bits(reference))
     assert bool(results[1][-1].abs().sum() > 0)
     assert launches["adam_kernel"] == 2
+
+
+# ---- int8 moments (``_int8.py``) ------------------------------------------------------------
+
+INT8_SHAPES = [(300,), (17, 19), (5,), (256,)]  # blocks of 256: ragged, whole, one element
+
+
+INT8_OPTIONS = st.fixed_dictionaries(
+    {
+        "cls": st.sampled_from([decoupled.Adam, decoupled.AdamW]),
+        "dtype": st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16]),
+        "maximize": st.booleans(),
+        "cautious": st.booleans(),
+        "decay_to": st.sampled_from(["zero", "init"]),
+        "weight_decay": st.sampled_from([0.0, 0.1]),
+        "lr": st.sampled_from([1e-2, "tensor"]),
+        "betas": st.sampled_from([(0.9, 0.999), (0.0, 0.5)]),
+    }
+)
+
+
+@settings(max_examples=8, **QUICK)
+@given(options=INT8_OPTIONS)
+def test_int8_moments_match_the_reference_loop(options, launches):
+    """int8 codes and scales beside float32 θ or compensated bfloat16/float16 θ (whose step
+    runs on the float32 master weight), every option the reference loop takes with int8."""
+    options = dict(options)
+    cls, dtype = options.pop("cls"), options.pop("dtype")
+    if cls is decoupled.Adam:
+        options["cautious"] = False  # an AdamW option
+    if options["lr"] == "tensor":
+        options["lr"] = torch.tensor(1e-2)
+    reference_params = make_params(shapes=INT8_SHAPES, dtype=dtype)
+    params = make_params(shapes=INT8_SHAPES, dtype=dtype)
+    before = launches["adam_kernel"]
+    reference = train(cls, reference_params, 3, fused=False, state_dtype="int8", **options)
+    ours = train(cls, params, 3, triton=True, state_dtype="int8", **options)
+    assert ours.state[params[0]]["exp_avg"].dtype == torch.int8
+    assert (REMAINDER in ours.state[params[0]]) == (dtype != torch.float32)
+    assert_close_to_reference(ours, reference, params, reference_params)
+    assert launches["adam_kernel"] == before + 3
+
+
+def test_int8_codes_and_scales_are_the_reference_bit_for_bit(launches):
+    """AdamW's moments do not read θ: with the same gradients the kernel's codes and scales
+    are the reference loop's bit for bit (decoded, stepped, re-coded with the same
+    arithmetic and the same hash bits), over block boundaries and many steps."""
+    shapes = [(255,), (257,), (513,), (3, 5, 7)]
+    reference_params, params = make_params(shapes=shapes), make_params(shapes=shapes)
+    params = [torch.nn.Parameter(p.detach().float()) for p in params]
+    reference_params = [torch.nn.Parameter(p.detach().float()) for p in reference_params]
+    options = {"lr": 1e-2, "weight_decay": 0.1, "state_dtype": "int8"}
+    reference = train(decoupled.AdamW, reference_params, 6, fused=False, **options)
+    ours = train(decoupled.AdamW, params, 6, triton=True, **options)
+    assert launches["adam_kernel"] == 6
+    for p, q in zip(params, reference_params):
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+            assert torch.equal(ours.state[p][key], reference.state[q][key]), key
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_int8_block_boundaries_mixed_dtypes_and_layouts(launches):
+    """Sizes around the block (256) and the chunk, 0-dim and empty tensors, a channels_last
+    weight with a contiguous gradient, float32 and compensated bfloat16 θ in one int8 group:
+    one launch per kind and step, against the reference loop."""
+    shapes = [(), (0,), (1,), (255,), (256,), (257,), (3, 5, 7)]
+    runs = []
+    for options in ({"fused": False}, {"triton": True}):
+        params = make_params(shapes=shapes, dtype=torch.float32)
+        params += make_params(seed=2, shapes=[(300,), (40,)])
+        weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(9))
+        conv = torch.nn.Parameter(weight.to(memory_format=torch.channels_last))
+        everything = [*params, conv]
+        optimizer = decoupled.AdamW(
+            everything, lr=1e-2, weight_decay=0.1, state_dtype="int8", **options
+        )
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            for p in everything:
+                p.grad = torch.randn(p.shape, generator=generator).to(p.dtype).contiguous()
+            optimizer.step()
+        runs.append((optimizer, everything))
+    (reference, reference_params), (ours, our_params) = runs
+    assert_close_to_reference(ours, reference, our_params, reference_params)
+    assert launches["adam_kernel"] == 2 * 3
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [("triton", "kernel"), ("kernel", "triton"), ("reference", "triton"), ("triton", "reference")],
+)
+def test_int8_state_dict_round_trips(first, second, launches):
+    """Two int8 steps on one path (``kernel``: the C++ kernel), save, load into another, two
+    more: the same as four steps of the reference loop."""
+    paths = {"triton": {"triton": True}, "kernel": {"triton": False}, "reference": {"fused": False}}
+    options = {"lr": 1e-2, "weight_decay": 0.1, "state_dtype": "int8"}
+    shapes = [(300,), (9, 13)]
+    expected_params = make_params(shapes=shapes, dtype=torch.float32)
+    expected = train(decoupled.AdamW, expected_params, 4, **options, fused=False)
+
+    params = make_params(shapes=shapes, dtype=torch.float32)
+    saved = train(decoupled.AdamW, params, 2, **options, **paths[first]).state_dict()
+    resumed = decoupled.AdamW(params, **options, **paths[second])
+    resumed.load_state_dict(saved)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the gradients of steps 1–2, then those of steps 3–4
+        for p in params:
+            torch.randn(p.shape, generator=generator)
+    for _ in range(2):
+        gradients(params, generator)
+        resumed.step()
+    assert_close_to_reference(resumed, expected, params, expected_params)
+    assert launches["adam_kernel"] == 2 * [first, second].count("triton")
+
+
+def test_int8_with_uncompensated_low_precision_theta_takes_the_reference_loop(launches):
+    """``compensate=False`` bfloat16 θ with int8 moments: the reference loop computes them in
+    bfloat16, so the launcher leaves them to it."""
+    reference_params, params = make_params(), make_params()
+    options = {"state_dtype": "int8", "compensate": False}
+    reference = train(decoupled.AdamW, reference_params, 2, fused=False, **options)
+    ours = train(decoupled.AdamW, params, 2, triton=True, **options)
+    assert launches["adam_kernel"] == 0
+    for p, q in zip(params, reference_params):
+        assert torch.equal(p, q)
+        assert all(torch.equal(ours.state[p][k].cpu(), v) for k, v in reference.state[q].items())

@@ -489,13 +489,18 @@ def _adam_dtypes_ok(
     coded: bool = False,
 ) -> bool:
     """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ, or int8
-    codes (``coded``, every tensor's); compensated θ (computed in float32) with bfloat16 or
-    int8 moments, rounded stochastically as in the reference loop, and int8 remainders.
+    codes (``coded``, every tensor's) beside float32 θ; compensated θ (computed in float32)
+    with bfloat16 or int8 moments, rounded stochastically as in the reference loop, and int8
+    remainders. int8 moments of uncompensated bfloat16/float16 θ (``compensate=False``,
+    computed in θ's dtype by the reference loop) are left to the reference loop.
     Compensated float16 θ with float16 moments is left to the reference loop, which stores
     them through the bfloat16 rounding of ``_compact.stochastic_round_``."""
-    if coded:
-        compensated = [r for r in remainders or [] if r is not None]
-        return all(r.dtype == torch.int8 for r in compensated)
+    if coded:  # float32 θ, or compensated θ's float32 master, as the reference computes in
+        remainders = remainders or [None] * len(params)
+        return all(
+            p.dtype == torch.float32 if r is None else r.dtype == torch.int8
+            for p, r in zip(params, remainders)
+        )
     for index, (p, m) in enumerate(zip(params, exp_avgs)):
         if remainders is not None and remainders[index] is not None:
             if m.dtype != torch.bfloat16 or remainders[index].dtype != torch.int8:

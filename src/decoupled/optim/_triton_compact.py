@@ -92,18 +92,30 @@ def load_int8(codes_ptr, scales_ptr, idx, mask, LEVELS: tl.constexpr, POWER: tl.
 
 
 @triton.jit
-def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, random16, LEVELS: tl.constexpr,
-               POWER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _larger(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _block_scale(magnitude, BLOCKS: tl.constexpr):
+    """Each block's largest magnitude, NaN when any is NaN (``_int8.encode_``'s scale): the
+    largest of their bit patterns, which order non-negative floats and put a NaN (sign
+    cleared) above +inf. ``tl.max``'s reduction, with a combine function of this module: the
+    interpreter cannot call triton's own once triton was imported without it."""
+    bits = tl.reshape(magnitude.to(tl.int32, bitcast=True), (BLOCKS, 256))
+    return tl.reduce(bits, 1, _larger).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
+               LEVELS: tl.constexpr, POWER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Code a moment: per block of 256 its scale (the largest magnitude; NaN when any is),
-    per element the code below or above |value|/scale, the upper one with probability the
-    fraction of the way to it (``_int8.encode_``)."""
+    stored where ``live`` (the block is in the tensor and the step not skipped); per element
+    the code below or above |value|/scale, the upper one with probability the fraction of the
+    way to it (``_int8.encode_``)."""
     BLOCKS: tl.constexpr = BLOCK // 256
     magnitude = tl.where(mask, tl.abs(value), 0.0)
-    nan = tl.max(tl.reshape((magnitude != magnitude).to(tl.int32), (BLOCKS, 256)), axis=1)
-    largest = tl.max(tl.reshape(tl.where(magnitude == magnitude, magnitude, 0.0),
-                                (BLOCKS, 256)), axis=1)  # fmt: skip
-    scale = tl.where(nan > 0, float("nan"), largest)
-    live = tl.max(tl.reshape(mask.to(tl.int32), (BLOCKS, 256)), axis=1) > 0
+    scale = _block_scale(magnitude, BLOCKS)
     tl.store(scales_ptr + first // 256 + tl.arange(0, BLOCKS), scale, mask=live)
 
     safe = tl.where(scale > 0, scale, 1.0)

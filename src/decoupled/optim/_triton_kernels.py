@@ -233,10 +233,13 @@ def adam_kernel(
         tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
     if CODED:  # m takes the low 16 bits, v the high 16, as bfloat16 moments
         first = tl.load(chunks_ptr + 2 * tl.program_id(0) + 1)
+        live = first + tl.arange(0, BLOCK // 256) * 256 < tl.load(row + 7)  # blocks in θ
+        if SKIP:
+            live = live & (tl.load(skip_ptr) == 0)
         store_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, first, idx, exp_avg, mask,
-                   random & 0xFFFF, 127, 2, BLOCK)  # fmt: skip
+                   live, random & 0xFFFF, 127, 2, BLOCK)  # fmt: skip
         store_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, first, idx, exp_avg_sq, mask,
-                   random >> 16, 255, 4, BLOCK)  # fmt: skip
+                   live, random >> 16, 255, 4, BLOCK)  # fmt: skip
     else:
         _store_state(m_ptr, idx, exp_avg, mask, random & 0xFFFF, ROUND)
         _store_state(v_ptr, idx, exp_avg_sq, mask, random >> 16, ROUND)

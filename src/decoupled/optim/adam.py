@@ -221,20 +221,6 @@ def _differentiable_update(
     param.addcdiv_(exp_avg.clone(), denom)
 
 
-def _compensation_with_kernels(
-    compensate: bool | None, state_dtype: torch.dtype | str | None, triton: bool | None
-) -> bool | None:
-    """``compensate`` as the group keeps it (the Triton kernel steps compensated weights too).
-    int8 moments step only through the reference loop and the C++ kernel for now, so asking
-    for the Triton kernels (``triton=True``) refuses them."""
-    if triton and state_dtype == INT8:
-        raise ValueError(
-            "Invalid state_dtype value: int8 with triton=True (int8 moments step only "
-            "through the reference loop; use state_dtype=torch.bfloat16 or triton=None)"
-        )
-    return compensate
-
-
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
     (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2, with torch's lr-scaled decay):
 
@@ -307,9 +293,9 @@ class Adam(DecayOptimizer):
             of state per parameter and 20 instead of 28 bytes moved per float32 step
             (``_compact.py``). ``"int8"`` (or ``torch.int8``): 8-bit blockwise codes with one
             float32 scale per 256 elements (``exp_avg``/``exp_avg_sq`` hold the codes,
-            ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; not with amsgrad; the
-            reference loop steps; ``_int8.py``). ``None`` (default): the parameters' dtype,
-            as torch.
+            ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; not with amsgrad; the C++
+            kernel, the Triton kernel or the reference loop steps; ``_int8.py``). ``None``
+            (default): the parameters' dtype, as torch.
         compensate: for bfloat16/float16 parameters, keep an int8 remainder per element
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
@@ -356,7 +342,7 @@ class Adam(DecayOptimizer):
         check_tensor_hyperparameters(lr, betas, foreach=foreach, capturable=capturable)
         fused = torch_implementation_options(fused, foreach, capturable, differentiable)
         check_triton_option(triton, fused, capturable)
-        compensate = _compensation_with_kernels(check_compensate(compensate), state_dtype, triton)
+        compensate = check_compensate(compensate)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -497,7 +483,7 @@ class Adam(DecayOptimizer):
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
         # compensated θ: the Triton kernel keeps the remainder, the other fast paths do not
-        triton = not coded and use_triton(group.get("triton"), group["fused"], params)
+        triton = use_triton(group.get("triton"), group["fused"], params)
         update = choose_adam_update(
             False if differentiable or (compensated and not triton) else group["fused"],
             adam_update,
@@ -508,7 +494,7 @@ class Adam(DecayOptimizer):
             decoupled=self.decoupled,
             references=decay.references,
             compact=group["state_dtype"] is not None,
-            triton=False if coded else group.get("triton"),  # int8: the C++ kernel or none
+            triton=group.get("triton"),
             cautious=group.get("cautious", False),
         )
         on_device = update.__name__ == "triton_adam_update"
