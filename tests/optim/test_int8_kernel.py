@@ -2,9 +2,9 @@
 
 Twin parameters fed the same gradients (a fixed random stream, not functions of θ) step once
 through the kernel (``fused=None``) and once through the reference loop (``fused=False``).
-The codes and scales must be equal bit for bit: the kernel decodes with torch's own
-``(q/levels)^power`` table, computes m and v with the reference's roundings and rounds with
-the same hash bits and thresholds. θ is held to 1e-6 relative, the float32 kernel's bound
+The codes and scales must be equal bit for bit: the kernel decodes and codes with the
+reference's float32 operations (``_int8.levels``, correctly rounded roots, the same hash bits
+and thresholds). θ is held to 1e-6 relative, the float32 kernel's bound
 (``_kernels.py``: torch's CPU ``sqrt`` is not always correctly rounded, the kernel's is). With
 Adam's L2 term those ulps of θ enter g, hence m and v: a code may then land one step away.
 """
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import decoupled
 from decoupled.optim import _build, _kernels
-from decoupled.optim._int8 import new_moments
+from decoupled.optim._int8 import levels, new_moments
 from decoupled.optim.adam import adam_update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,23 +203,22 @@ def test_a_nan_gradient_makes_its_block_nan_as_the_reference(int8_log):
     assert torch.equal(fast_params[0].isnan(), reference_params[0].isnan())
 
 
-def test_values_on_the_levels_take_the_exact_coding(int8_log):
-    """With β1 = 0, m is the gradient: gradients one float below the levels s·d(q) of the code
-    (s = 1: every block holds a 1) are where the root's code is one too high (75 of the 127
-    levels of m in torch 2.13): every block takes the kernel's second coding, with the
-    reference's two steps. (Coding them without the steps gave the same codes here too: one
-    float from a level, the fraction is within 2⁻¹⁷ of 1, above every threshold.)"""
+def test_values_at_and_next_to_the_levels_code_alike(int8_log):
+    """With β1 = 0, m is the gradient: gradients on the levels s·d(q) of the code and one float
+    below them (s = 1: every block holds a 1) are where a root's code could go either way; the
+    kernel takes the same code as the reference, since both compute correctly rounded roots."""
     _, answers = int8_log
-    levels = (torch.arange(128, dtype=torch.float32) / 127) ** 2
-    levels[1:127] = torch.nextafter(levels[1:127], torch.tensor(0.0))
-    levels = levels.repeat(8)
-    signs = torch.where(torch.arange(levels.numel()) % 3 == 0, -1.0, 1.0)
+    on = levels(torch.arange(128), "exp_avg")
+    below = on.clone()
+    below[1:127] = torch.nextafter(on[1:127], torch.tensor(0.0))
+    grads = torch.cat([on, below]).repeat(4)
+    signs = torch.where(torch.arange(grads.numel()) % 3 == 0, -1.0, 1.0)
     fast_params, reference_params = make_params([(1024,)], False), make_params([(1024,)], False)
     options = {"lr": 1e-2, "betas": (0.0, 0.999), "state_dtype": "int8"}
     fast = decoupled.Adam(fast_params, **options)
     reference = decoupled.Adam(reference_params, fused=False, **options)
     for step in range(3):
-        grad = levels.roll(step) * signs
+        grad = grads.roll(step) * signs
         fast_params[0].grad, reference_params[0].grad = grad.clone(), grad.clone()
         fast.step()
         reference.step()

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decoupled
-from decoupled.optim._int8 import BLOCK, decode, encode_, new_moments
+from decoupled.optim._int8 import BLOCK, decode, encode_, levels, new_moments, sqrt_rn
 
 from .test_compact_state import quadratic_run
 
@@ -30,6 +30,29 @@ def coded(value: torch.Tensor, key: str, bits: torch.Tensor):
 
 def uniform_bits(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 1 << 16, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("key", "largest"), [("exp_avg", 127), ("exp_avg_sq", 255)])
+def test_levels_rise_from_zero_to_exactly_one(key, largest):
+    """d(0) = 0, d(largest) = 1 exactly (the block's largest value is coded without error),
+    strictly increasing, and within the roundings of its float32 products (one per
+    multiplication, and c's, raised to the power) of (q/largest)^power in float64."""
+    d = levels(torch.arange(largest + 1), key)
+    assert d[0] == 0 and d[largest] == 1
+    assert bool((d[1:] > d[:-1]).all())
+    power = 2 if key == "exp_avg" else 4
+    exact = (torch.arange(largest + 1, dtype=torch.float64) / largest) ** power
+    assert torch.allclose(d.double(), exact, rtol=(2 * power) * 2**-24, atol=0)
+
+
+def test_sqrt_rn_is_the_correctly_rounded_float32_root():
+    """numpy's float32 sqrt is the IEEE operation (the hardware instruction); torch's CPU
+    float32 sqrt is not always (which is why the coding does not use it)."""
+    np = pytest.importorskip("numpy")
+    x = torch.rand(1 << 16, generator=torch.Generator().manual_seed(1)) * torch.logspace(
+        -30, 0, 1 << 16
+    )
+    assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))
 
 
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])

@@ -23,6 +23,12 @@ averages do not stall on updates below a code step, as for ``bfloat16`` state. T
 bits come from the same hash as bfloat16 state (``_compact.rounding_bits``: m the low 16 bits,
 v the high 16), so runs are reproducible.
 
+**Arithmetic.** ``d(q)`` is computed, not looked up (``levels``: multiplications by the float32
+``1/levels``), ``q`` comes from a correctly rounded root, and the probability is compared as
+``x − d(q) > t·(d(q+1) − d(q))``: no table, no division per element, so that the C++ kernel's
+loops vectorize; ``encode_`` states the float32 operations, which every implementation
+repeats in the same order and so writes the same codes.
+
 **Error bound.** One rounding moves a value by less than one code step:
 
 .. math::
@@ -64,6 +70,11 @@ INT8 = torch.int8
 SCALE_SUFFIX = "_scale"
 # key -> (code dtype, largest code, power of the square law on |value|/scale)
 _CODES = {"exp_avg": (torch.int8, 127, 2), "exp_avg_sq": (torch.uint8, 255, 4)}
+# the code step c of d(q) = (q·c)^power: 1/levels rounded to float32 (through a double, as the
+# C++ kernel's static_cast<float>(1.0 / levels))
+_STEP = {
+    key: torch.tensor(1 / largest, dtype=torch.float32) for key, (_, largest, _) in _CODES.items()
+}
 
 
 def blocks(numel: int) -> int:
@@ -76,39 +87,67 @@ def _padded(flat: Tensor) -> Tensor:
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
 
 
+def levels(codes: Tensor, key: str) -> Tensor:
+    """d(q) for codes ``q >= 0`` (any dtype): ``(q·c)²`` for m and ``((q·c)²)²`` for v, in
+    float32, where ``c`` is 1/127 (1/255) rounded to float32. Multiplications only (no
+    division, no pow), so that every implementation, vectorized or not, computes the same
+    bits; ``d(127) = 1`` for m and ``d(255) = 1`` for v exactly (tested)."""
+    _, _, power = _CODES[key]
+    t = codes.to(torch.float32) * _STEP[key]
+    t = t * t
+    return t * t if power == 4 else t
+
+
 def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
     """The float32 values of the codes of moment ``key`` (``exp_avg`` or ``exp_avg_sq``),
-    shaped and laid out like ``codes``."""
-    _, levels, power = _CODES[key]
-    flat = in_memory_order(codes).float()
-    magnitude = (_padded(flat.abs()) / levels) ** power * scale.view(-1, 1)
-    values = magnitude.view(-1)[: flat.numel()] * flat.sign()
+    shaped and laid out like ``codes``: ``(d(|q|)·s)·sign(q)``."""
+    flat = in_memory_order(codes)
+    magnitude = levels(_padded(flat.abs()), key) * scale.view(-1, 1)
+    values = magnitude.view(-1)[: flat.numel()] * flat.sign().to(torch.float32)
     out = torch.empty_like(codes, dtype=torch.float32)
     in_memory_order(out).copy_(values)
     return out
 
 
+def sqrt_rn(x: Tensor) -> Tensor:
+    """IEEE float32 square root (correctly rounded), as the C++ and Triton kernels compute it:
+    torch's float32 ``sqrt`` on the CPU is an approximation (about one result in five is an
+    ulp off in torch 2.13), a float64 root rounded to float32 is exact."""
+    return x.double().sqrt().float()
+
+
 def encode_(codes: Tensor, scale: Tensor, value: Tensor, key: str, random16: Tensor) -> None:
     """Write ``value`` (float, shaped and laid out like ``codes``) into ``codes`` and
     ``scale`` with the rounding of the module docstring; ``random16[i]`` (in [0, 2¹⁶)) decides
-    for the i-th element in memory order. A NaN makes its block's scale NaN (the moment stays
-    NaN, as in float32); an infinite value, likewise."""
-    _, levels, power = _CODES[key]
+    for the i-th element in memory order. A NaN makes its block's scale NaN and its codes 0 (the
+    block decodes to NaN: the moment stays NaN, as in float32); an infinite value makes the
+    scale infinite.
+
+    In float32, per block: ``s``, the largest magnitude (1 where that is 0 or NaN), ``1/s``
+    and ``1/√s``; per element: ``x = min(|value|·(1/s), 1)``, or 1 where ``|value| >= s`` (so
+    the largest element is coded exactly); the code below, ``q = min(⌊r·levels⌋, levels)``
+    from the root ``r = √x`` for m and ``r = √(√|value|·(1/√s))`` for v (1 where ``x = 1``),
+    correctly rounded roots; the code is ``q + 1`` where ``x − d(q) > t·(d(q + 1) − d(q))``,
+    ``t = (r + 0.5)/2¹⁶``, else ``q``. Up to rounding, ``d(q) <= x < d(q + 1)`` and the code is
+    unbiased; where x lies within float32 rounding of a level d(q), q may be one off, and the
+    comparison then keeps the nearer level. The kernels compute these operations in this
+    order, so they write the same codes."""
+    _, largest, power = _CODES[key]
     flat = in_memory_order(value.float())
     magnitude = _padded(flat.abs())
     block_scale = magnitude.amax(dim=1)
     block_scale = torch.where(magnitude.isnan().any(dim=1), float("nan"), block_scale)
     safe = torch.where(block_scale > 0, block_scale, 1.0).view(-1, 1)
-    x = (magnitude / safe).clamp(0, 1)
-    low = torch.floor(x ** (1 / power) * levels).clamp(0, levels)
-    # the root is rounded: step the code down or up once so that d(low) <= x < d(low + 1)
-    low = torch.where((low / levels) ** power > x, low - 1, low)
-    high_value = ((low + 1) / levels) ** power
-    low = torch.where((high_value <= x) & (low < levels), low + 1, low)
-    low_value, high_value = (low / levels) ** power, ((low + 1) / levels) ** power
-    fraction = ((x - low_value) / (high_value - low_value)).view(-1)[: flat.numel()]
-    threshold = (random16.to(torch.float32) + 0.5) / 65536
-    code = (low.view(-1)[: flat.numel()] + (fraction > threshold)).clamp(max=levels)
+    x = torch.where(magnitude >= safe, 1.0, (magnitude * (1 / safe)).clamp(0, 1))
+    if power == 2:
+        root = sqrt_rn(x)
+    else:  # from √v, which the kernels have from the step: one more root, not two
+        root = torch.where(x >= 1, 1.0, sqrt_rn(sqrt_rn(magnitude) * (1 / sqrt_rn(safe))))
+    low = torch.floor(root * largest).clamp(0, largest)
+    below, above = levels(low, key), levels(low + 1, key)
+    threshold = _padded((random16.to(torch.float32) + 0.5) / 65536)
+    code = (low + ((x - below) > threshold * (above - below))).clamp(max=largest)
+    code = torch.where(block_scale.isnan().view(-1, 1), 0, code).view(-1)[: flat.numel()]
     code = torch.where(flat < 0, -code, code)
     in_memory_order(codes).copy_(code.to(codes.dtype))
     scale.copy_(block_scale)

@@ -45,16 +45,16 @@ torch 2.13's x86 wheel about one float32 result in six differs from IEEE ``sqrt`
 the kernel's is, so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels
 (path 2) round differently again. The tests hold float32 to 1e-6 relative after 100 steps,
 bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit. int8 moments
-are decoded and rounded with the reference's level table ``(q/levels)^power``, computed by
-torch (``_int8_levels``), its thresholds and its hash bits, so their codes and scales equal
-the reference loop's bit for bit as long as the gradients are the same (with Adam's L2 term θ's
-ulps enter g: a code may then differ by one step); θ as for float32 state.
+are decoded and rounded with the reference's float32 operations (``_int8.encode_``:
+multiplications, one reciprocal per block, the same thresholds and hash bits), so their codes
+and scales equal the reference loop's bit for bit as long as the gradients are the same (with
+Adam's L2 term θ's ulps enter g: a code may then differ by one step); θ as for float32 state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache, partial, update_wrapper
+from functools import partial, update_wrapper
 from operator import attrgetter
 
 import torch
@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from decoupled.optim._build import kernel_ops
-from decoupled.optim._int8 import BLOCK, SCALE_SUFFIX
+from decoupled.optim._int8 import SCALE_SUFFIX
 from decoupled.optim._layout import in_layout_of, is_dense
 from decoupled.optim._shards import is_sharded, local, on_local_shards
 from decoupled.optim._triton import triton_adam_update, triton_sgd_update, use_triton
@@ -134,22 +134,12 @@ def _int8_step(params, exp_avgs, exp_avg_sqs, coded_states, state_steps, options
         return False
     scales = [[s[key + SCALE_SUFFIX] for s in coded_states] for key in ("exp_avg", "exp_avg_sq")]
     return kernel_ops().adam_int8_step_(
-        params, grads, exp_avgs, exp_avg_sqs, *scales, *_int8_levels(),
+        params, grads, exp_avgs, exp_avg_sqs, *scales,
         _kernel_references(options["references"]), state_steps, float(options["lr"]),
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], options["maximize"],
         _scale_value(options["grad_scale"]),
     )  # fmt: skip
-
-
-@cache
-def _int8_levels() -> tuple[Tensor, Tensor]:
-    """d(q) = (q/127)² for q in 0..128 and (q/255)⁴ for q in 0..256, computed as ``_int8.py``
-    computes them (torch's pow, whose float32 results are not always correctly rounded), so
-    that the kernel decodes and rounds to the same thresholds, bit for bit."""
-    whole = torch.arange(2 * BLOCK, dtype=torch.float32)  # whole blocks: the vectorized pow
-    return tuple(((whole / levels) ** power)[: levels + 2].contiguous()
-                 for levels, power in ((127, 2), (255, 4)))  # fmt: skip
 
 
 def kernel_sgd_update(

@@ -416,69 +416,81 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
 
 // ---- int8 moments (decoupled/optim/_int8.py) ----------------------------------------------
 // Blocks of kInt8Block elements in memory order, one float32 scale each (the block's largest
-// |m|, largest v); m as int8 codes q, m = s·sign(q)·d_m(|q|), v as uint8 codes, v = s·d_v(q),
-// with d(q) = (q/levels)^power taken from a table that the caller computes with torch's own
-// pow (so that decoding and the rounding thresholds are _int8.py's to the bit). A block is
-// decoded, stepped with the float32 path's arithmetic, its new m and v kept in a stack buffer
-// (L1), its new scales taken, and it is coded again with stochastic rounding: one pass over
-// θ, g, codes and scales.
+// |m|, largest v); m as int8 codes q, m = (d_m(|q|)·s)·sign(q), v as uint8 codes,
+// v = d_v(q)·s, with d(q) = (q·c)² for m and ((q·c)²)² for v, c = 1/levels in float32
+// (_int8.levels). A block is decoded, stepped with the float32 path's arithmetic, its new m
+// and v (and sqrt(v), which the step computes anyway) kept in stack buffers (L1), its new
+// scales taken, and it is coded again with stochastic rounding: one pass over θ, g, codes and
+// scales. Everything is arithmetic on vector lanes (no table lookups, no divisions but the
+// step's own two), so that both loops vectorize.
 
 constexpr int32_t kInt8Block = 256;
 static_assert(kChunk % kInt8Block == 0, "a chunk must hold whole int8 blocks");
 
-struct Int8Levels {
-  const float* m;  // d_m(0..128): 127 levels, and one above for the last code's upper neighbour
-  const float* v;  // d_v(0..256)
-};
-
-// torch.clamp(x, 0, 1), NaN propagating
-inline float clamp_unit(float x) { return x != x ? x : std::min(std::max(x, 0.0f), 1.0f); }
-
-// _int8.encode_ for one element: the magnitude divided by the block's (safe) scale, its code
-// below, d(low) <= x < d(low + 1) (from a root, then stepped once down and once up as the
-// reference does), then low + 1 when the fraction of the way to d(low + 1) exceeds
-// (r + 0.5) / 2^16. A NaN gives code 0 (its block's scale is NaN: decoded, all NaN anyway).
-// Written with selects, not branches, so that the loop over a block is vectorized (gathers
-// from the table). `Step` false skips the two steps and sets `missed` where one was due: the
-// root's code is almost always right, so a block is coded with half the gathers and coded
-// again with the steps only when some element missed.
-template <int Levels, int Power, bool Step>
-inline int32_t int8_code(float magnitude, float safe, const float* d, uint32_t random16,
-                         int32_t& missed) {
-  const float raw = clamp_unit(magnitude / safe);
-  const bool nan = raw != raw;
-  const float x = nan ? 0.0f : raw;
-  const float root = Power == 2 ? std::sqrt(x) : std::sqrt(std::sqrt(x));
-  // x in [0, 1]: truncation is floor, and the code at most Levels
-  int32_t low = std::min(static_cast<int32_t>(root * static_cast<float>(Levels)), Levels);
-  if constexpr (Step) {
-    low -= d[low] > x ? 1 : 0;
-    low += (d[low + 1] <= x && low < Levels) ? 1 : 0;
-  }
-  const float below = d[low], above = d[low + 1];
-  if constexpr (!Step) missed |= below > x || (above <= x && low < Levels);
-  const float fraction = (x - below) / (above - below);
-  const float threshold = (static_cast<float>(random16) + 0.5f) / 65536.0f;
-  const int32_t code = std::min(low + (fraction > threshold ? 1 : 0), Levels);
-  return nan ? 0 : code;
+// d(q) of _int8.levels; q may be any int32 (the first guess of a code may be off by one)
+template <int Levels, int Power>
+inline float level(int32_t q) {
+  constexpr float step = static_cast<float>(1.0 / Levels);
+  float t = static_cast<float>(q) * step;
+  t = t * t;
+  return Power == 4 ? t * t : t;
 }
 
-// Codes of a block's new m and v (see int8_code); returns whether an element missed.
-template <bool Step>
-inline int32_t int8_codes(int8_t* __restrict qm, uint8_t* __restrict qv, const float* m,
-                          const float* v, float safe_m, float safe_v, uint32_t first,
-                          int32_t count, uint32_t key, Int8Levels levels) {
-  int32_t missed = 0;
-#pragma omp simd reduction(| : missed)
-  for (int32_t k = 0; k < count; ++k) {
-    const uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ key);
-    const int32_t code =
-        int8_code<127, 2, Step>(std::abs(m[k]), safe_m, levels.m, random & 0xFFFFU, missed);
-    qm[k] = static_cast<int8_t>(m[k] < 0 ? -code : code);
-    qv[k] = static_cast<uint8_t>(
-        int8_code<255, 4, Step>(std::abs(v[k]), safe_v, levels.v, random >> 16, missed));
+// x of _int8.encode_ for a finite magnitude: |value|·(1/s), at most 1, and 1 for |value| >= s
+inline float unit_fraction(float magnitude, float safe, float inverse) {
+  return magnitude >= safe ? 1.0f : std::min(magnitude * inverse, 1.0f);
+}
+
+// _int8.encode_'s code of one element of fraction x in [0, 1]: floor(root·Levels) or one
+// above, chosen by comparing x − d(low) with the random threshold's share of the step.
+template <int Levels, int Power>
+inline int32_t int8_code(float x, float root, uint32_t random16) {
+  const int32_t low = std::min(static_cast<int32_t>(root * static_cast<float>(Levels)), Levels);
+  const float below = level<Levels, Power>(low), above = level<Levels, Power>(low + 1);
+  const float threshold = (static_cast<float>(random16) + 0.5f) / 65536.0f;
+  return low + ((x - below) > threshold * (above - below) ? 1 : 0);  // low = Levels: x − 1 <= 0
+}
+
+struct BlockScales {
+  float safe_m, inverse_m;  // s of m (1 where it is 0 or NaN) and 1/s
+  float safe_v, inverse_v, inverse_root_v;  // s of v, 1/s, 1/sqrt(s)
+};
+
+// Codes of a block's new m and v (see int8_code) as int32, one loop per moment: with 32-bit
+// lanes only, each loop vectorizes 16 elements wide without spilling registers (an int8 store
+// in the loop makes GCC process 64 at a time). A block with a NaN (its scale NaN) is all 0,
+// so that the loops see finite values only.
+inline void int8_codes(int32_t* __restrict qm, int32_t* __restrict qv, const float* __restrict m,
+                       const float* __restrict v, const float* __restrict root_v, uint32_t first,
+                       int32_t count, uint32_t key, bool nan_m, bool nan_v,
+                       const BlockScales& b) {
+  // the scales are read into locals: loads through `b` inside a loop that stores to memory
+  // are not hoisted, and leave the loop scalar
+  const float safe_m = b.safe_m, inverse_m = b.inverse_m;
+  const float safe_v = b.safe_v, inverse_v = b.inverse_v, inverse_root_v = b.inverse_root_v;
+  if (nan_m) {
+    std::fill(qm, qm + count, 0);
+  } else {
+#pragma omp simd
+    for (int32_t k = 0; k < count; ++k) {
+      const uint32_t random16 = mix((first + static_cast<uint32_t>(k)) ^ key) & 0xFFFFU;
+      const float x = unit_fraction(std::abs(m[k]), safe_m, inverse_m);
+      const int32_t code = int8_code<127, 2>(x, std::sqrt(x), random16);
+      qm[k] = m[k] < 0 ? -code : code;
+    }
   }
-  return missed;
+  if (nan_v) {
+    std::fill(qv, qv + count, 0);
+  } else {
+#pragma omp simd
+    for (int32_t k = 0; k < count; ++k) {
+      const uint32_t random16 = mix((first + static_cast<uint32_t>(k)) ^ key) >> 16;
+      const float x = unit_fraction(v[k], safe_v, inverse_v);
+      // the fourth root from the step's sqrt(v): (sqrt(v)·(1/sqrt(s)))^(1/2), one sqrt, not two
+      const float root = std::sqrt(root_v[k] * inverse_root_v);
+      qv[k] = int8_code<255, 4>(x, x >= 1.0f ? 1.0f : root, random16);
+    }
+  }
 }
 
 // The block's scale as _int8.encode_ takes it: the largest magnitude, NaN when any is NaN.
@@ -500,49 +512,67 @@ template <Decay D, bool Ref>
 void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __restrict qm,
                      uint8_t* __restrict qv, float* scale_m, float* scale_v,
                      const float* __restrict ref, uint32_t first, int32_t count,
-                     const AdamScalars& s, Int8Levels levels) {
+                     const AdamScalars& scalars) {
+  // every loop runs on 32-bit lanes (codes widened first, narrowed last): a byte load or store
+  // in a loop makes GCC process 64 elements at a time, which spills registers
+  alignas(64) int32_t codes_m[kInt8Block];
+  alignas(64) int32_t codes_v[kInt8Block];
   alignas(64) float m[kInt8Block];
   alignas(64) float v[kInt8Block];
+  alignas(64) float root_v[kInt8Block];
+#pragma omp simd
+  for (int32_t k = 0; k < count; ++k) {
+    codes_m[k] = qm[k];
+    codes_v[k] = qv[k];
+  }
+  const AdamScalars s = scalars;  // a local copy: stores through p cannot change it
   const float sm = *scale_m, sv = *scale_v;
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
     float grad, param = p[k];
     apply_decay<D, Ref>(grad, param, g[k], ref, k, s.decay);
-    const int32_t code = qm[k];
+    const int32_t code = codes_m[k];
+    const int32_t code_v = codes_v[k];
     // decode: (d(|q|)·s)·sign(q), the reference's order
     const float sign = static_cast<float>((code > 0) - (code < 0));
-    const float m_old = (levels.m[code < 0 ? -code : code] * sm) * sign;
-    const float v_old = (levels.v[qv[k]] * sv) * static_cast<float>(qv[k] != 0);
+    const float m_old = (level<127, 2>(code < 0 ? -code : code) * sm) * sign;
+    const float v_old = (level<255, 4>(code_v) * sv) * static_cast<float>(code_v != 0);
     const float exp_avg = lerp(m_old, grad, s.beta1_weight);
     const float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, v_old * s.beta2);
-    const float denom = std::sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
+    const float root = std::sqrt(exp_avg_sq);
+    const float denom = root / s.bias_correction2_sqrt + s.eps;
     p[k] = param + s.lr_neg_step_size * exp_avg / denom;
     m[k] = exp_avg;
     v[k] = exp_avg_sq;
+    root_v[k] = root;
   }
   const float new_sm = block_scale(m, count), new_sv = block_scale(v, count);
   const float safe_m = new_sm > 0 ? new_sm : 1.0f, safe_v = new_sv > 0 ? new_sv : 1.0f;
-  if (int8_codes<false>(qm, qv, m, v, safe_m, safe_v, first, count, s.key, levels)) {
-    int8_codes<true>(qm, qv, m, v, safe_m, safe_v, first, count, s.key, levels);
+  const BlockScales scales{safe_m, 1.0f / safe_m, safe_v, 1.0f / safe_v, 1.0f / std::sqrt(safe_v)};
+  int8_codes(codes_m, codes_v, m, v, root_v, first, count, s.key, new_sm != new_sm,
+             new_sv != new_sv, scales);
+#pragma omp simd
+  for (int32_t k = 0; k < count; ++k) {
+    qm[k] = static_cast<int8_t>(codes_m[k]);
+    qv[k] = static_cast<uint8_t>(codes_v[k]);
   }
   *scale_m = new_sm;
   *scale_v = new_sv;
 }
 
 using Int8Chunk = void (*)(float*, const float*, int8_t*, uint8_t*, float*, float*, const float*,
-                           int64_t, int64_t, const AdamScalars&, Int8Levels);
+                           int64_t, int64_t, const AdamScalars&);
 
 // The elements [begin, end) of a tensor, begin a multiple of kInt8Block (for_each_chunk's).
 template <Decay D, bool Ref>
 void adam_int8_chunk(float* p, const float* g, int8_t* qm, uint8_t* qv, float* scale_m,
                      float* scale_v, const float* ref, int64_t begin, int64_t end,
-                     const AdamScalars& s, Int8Levels levels) {
+                     const AdamScalars& s) {
   for (int64_t k = begin; k < end; k += kInt8Block) {
     const int64_t block = k / kInt8Block;
     adam_int8_block<D, Ref>(p + k, g + k, qm + k, qv + k, scale_m + block, scale_v + block,
                             Ref ? ref + k : nullptr, static_cast<uint32_t>(k),
-                            static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s,
-                            levels);
+                            static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s);
   }
 }
 
@@ -572,17 +602,10 @@ bool usable_scales(const Tensors& scales, at::TensorList params) {
   return true;
 }
 
-bool usable_levels(const at::Tensor& t, int64_t size) {
-  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
-         t.is_contiguous() && t.numel() == size;
-}
-
 // Adam/AdamW (no amsgrad: _int8.py refuses it) with int8 moments; as adam_step_ otherwise.
-// `m_levels`, `v_levels`: d_m(0..128) and d_v(0..256) as torch computes (q/127)² and (q/255)⁴.
 bool adam_int8_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
                      const Tensors& exp_avg_sqs, const Tensors& exp_avg_scales,
-                     const Tensors& exp_avg_sq_scales, const at::Tensor& m_levels,
-                     const at::Tensor& v_levels, const Tensors& references,
+                     const Tensors& exp_avg_sq_scales, const Tensors& references,
                      const Tensors& steps, double lr, double beta1, double beta2, double eps,
                      double weight_decay, double decay, bool decoupled, bool maximize,
                      double grad_scale) {
@@ -592,14 +615,12 @@ bool adam_int8_step_(const Tensors& params, const Tensors& grads, const Tensors&
   if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
       !usable_list(exp_avgs, params, at::kChar) || !usable_list(exp_avg_sqs, params, at::kByte) ||
       !usable_scales(exp_avg_scales, params) || !usable_scales(exp_avg_sq_scales, params) ||
-      !usable_levels(m_levels, 129) || !usable_levels(v_levels, 257) ||
       (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
       !disjoint(params)) {
     return false;
   }
   if (!usable_steps(steps)) return false;
   const Int8Chunk chunk = pick_adam_int8(decay_mode(decoupled, weight_decay, decay), ref);
-  const Int8Levels levels{m_levels.data_ptr<float>(), v_levels.data_ptr<float>()};
   const std::vector<AdamScalars> scalars =
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
@@ -607,7 +628,7 @@ bool adam_int8_step_(const Tensors& params, const Tensors& grads, const Tensors&
     chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
           exp_avgs[t].data_ptr<int8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
           exp_avg_scales[t].data_ptr<float>(), exp_avg_sq_scales[t].data_ptr<float>(),
-          ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t], levels);
+          ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
   });
   for (at::TensorList written :
        {params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps}) {
