@@ -149,12 +149,12 @@ def test_invalid_compensate_names_the_value():
         decoupled.AdamW([torch.nn.Parameter(torch.zeros(1))], compensate="yes")
 
 
-def test_asking_for_triton_keeps_compensation_and_refuses_int8_moments():
-    """The Triton kernel keeps the remainder (``test_triton_compact.py``): triton=True leaves
-    ``compensate`` as given; int8 moments it refuses by name."""
+def test_asking_for_triton_keeps_compensation_and_int8_moments():
+    """The Triton kernel keeps the remainder and int8 codes (``test_triton_compact.py``):
+    triton=True leaves ``compensate`` and ``state_dtype`` as given."""
     param = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
     for compensate in (None, True, False):
         optimizer = decoupled.AdamW([param], triton=True, compensate=compensate)
         assert optimizer.param_groups[0]["compensate"] is compensate
-    with pytest.raises(ValueError, match="Invalid state_dtype value: int8 with triton=True"):
-        decoupled.AdamW([param.detach().float().requires_grad_()], triton=True, state_dtype="int8")
+    optimizer = decoupled.AdamW([param], triton=True, state_dtype="int8")
+    assert optimizer.param_groups[0]["state_dtype"] == torch.int8

@@ -82,9 +82,9 @@ def test_compiled_kernel_steps_compensated_weights_like_the_reference_loop(
     dtype, options, monkeypatch
 ):
     """Compensated θ (``param_remainder``) by default on CUDA: the Triton kernel launched,
-    master weights θ + r·ulp/256 within one remainder unit of the reference loop's and at
-    least 99 % of θ, r and the moments bit for bit (``test_triton_compact.py`` says why not
-    all)."""
+    master weights θ + r·ulp/256 within one remainder unit per step of the reference loop's
+    and at least 99 % of θ, r and the moments bit for bit (``test_triton_compact.py`` says
+    why not all)."""
     from decoupled.optim import _triton_kernels
     from decoupled.optim._compensated import _unit, master
 
@@ -106,8 +106,8 @@ def test_compiled_kernel_steps_compensated_weights_like_the_reference_loop(
         assert set(state_p) == set(state_q) and "param_remainder" in state_p
         ours_weight = master(p.detach(), state_p["param_remainder"]).double()
         weight = master(q.detach(), state_q["param_remainder"]).double()
-        unit = _unit(q.detach()).double()
-        assert bool(((ours_weight - weight).abs() <= unit + 2**-22 * weight.abs()).all())
+        units = 5 * _unit(q.detach()).double()  # at most one a step
+        assert bool(((ours_weight - weight).abs() <= units + 2**-22 * weight.abs()).all())
         pairs = [(p.detach(), q.detach())]
         pairs += [(state_p[k], state_q[k]) for k in state_q if k != "step"]
         for a, b in pairs:

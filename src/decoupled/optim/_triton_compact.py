@@ -74,21 +74,22 @@ def store_master(p_ptr, r_ptr, idx, weight, mask, random16, DTYPE: tl.constexpr)
 
 @triton.jit
 def _level(code, LEVELS: tl.constexpr, POWER: tl.constexpr):
-    """d(q) = (q/levels)^power, the fraction of the block's scale that code q stands for."""
-    t = tl.div_rn(code, LEVELS * 1.0)
-    square = t * t
+    """d(q) = (q·c)^power (``_int8.levels``): c = 1/levels rounded to float32, and
+    multiplications only, so that every implementation computes the same bits."""
+    t = code * tl.full([], 1.0 / LEVELS, tl.float32)
+    t = t * t
     if POWER == 4:
-        return square * square
-    return square
+        t = t * t
+    return t
 
 
 @triton.jit
 def load_int8(codes_ptr, scales_ptr, idx, mask, LEVELS: tl.constexpr, POWER: tl.constexpr):
-    """A moment decoded from its codes: s·sign(q)·d(|q|), s its block's scale."""
+    """A moment decoded from its codes: (d(|q|)·s)·sign(q), s its block's scale."""
     code = tl.load(codes_ptr + idx, mask=mask, other=0).to(tl.float32)
     scale = tl.load(scales_ptr + idx // 256, mask=mask, other=0.0)
-    magnitude = _level(tl.abs(code), LEVELS, POWER) * scale
-    return tl.where(code < 0, -magnitude, magnitude)
+    sign = tl.where(code > 0, 1.0, tl.where(code < 0, -1.0, 0.0))
+    return _level(tl.abs(code), LEVELS, POWER) * scale * sign
 
 
 @triton.jit
@@ -103,37 +104,45 @@ def _block_scale(magnitude, BLOCKS: tl.constexpr):
     cleared) above +inf. ``tl.max``'s reduction, with a combine function of this module: the
     interpreter cannot call triton's own once triton was imported without it."""
     bits = tl.reshape(magnitude.to(tl.int32, bitcast=True), (BLOCKS, 256))
-    return tl.reduce(bits, 1, _larger).to(tl.float32, bitcast=True)
+    largest = tl.reduce(bits, 1, _larger).to(tl.float32, bitcast=True)
+    return tl.where(largest != largest, float("nan"), largest)
+
+
+@triton.jit
+def _per_element(block_values, BLOCKS: tl.constexpr):
+    return tl.reshape(
+        tl.broadcast_to(tl.expand_dims(block_values, 1), (BLOCKS, 256)), (BLOCKS * 256,)
+    )
 
 
 @triton.jit
 def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
                LEVELS: tl.constexpr, POWER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """Code a moment: per block of 256 its scale (the largest magnitude; NaN when any is),
-    stored where ``live`` (the block is in the tensor and the step not skipped); per element
-    the code below or above |value|/scale, the upper one with probability the fraction of the
-    way to it (``_int8.encode_``)."""
+    """Code a moment with ``_int8.encode_``'s operations in its order: per block of 256 the
+    scale s (stored where ``live``: the block is in the tensor and the step not skipped);
+    per element x = min(|value|·(1/s), 1) (1 where |value| >= s), the code q below from the
+    correctly rounded root (v's as √(√|v|·(1/√s))), q + 1 where x − d(q) > t·(d(q+1) − d(q)),
+    t = (random16 + ½)/2¹⁶; the codes of a NaN block 0."""
     BLOCKS: tl.constexpr = BLOCK // 256
     magnitude = tl.where(mask, tl.abs(value), 0.0)
     scale = _block_scale(magnitude, BLOCKS)
     tl.store(scales_ptr + first // 256 + tl.arange(0, BLOCKS), scale, mask=live)
 
     safe = tl.where(scale > 0, scale, 1.0)
-    safe = tl.reshape(tl.broadcast_to(tl.expand_dims(safe, 1), (BLOCKS, 256)), (BLOCK,))
-    x = tl.minimum(tl.maximum(tl.div_rn(magnitude, safe), 0.0), 1.0)
+    inverse = _per_element(tl.div_rn(1.0, safe), BLOCKS)
+    x = tl.minimum(tl.maximum(magnitude * inverse, 0.0), 1.0)
+    x = tl.where(magnitude >= _per_element(safe, BLOCKS), 1.0, x)
     if POWER == 4:
-        root = tl.sqrt_rn(tl.sqrt_rn(x))
+        inverse_root = _per_element(tl.div_rn(1.0, tl.sqrt_rn(safe)), BLOCKS)
+        root = tl.where(x >= 1.0, 1.0, tl.sqrt_rn(tl.sqrt_rn(magnitude) * inverse_root))
     else:
         root = tl.sqrt_rn(x)
     low = tl.minimum(tl.maximum(tl.floor(root * LEVELS), 0.0), LEVELS * 1.0)
-    # the root is rounded: step the code down or up once so that d(low) <= x < d(low + 1)
-    low = tl.where(_level(low, LEVELS, POWER) > x, low - 1, low)
-    up = (_level(low + 1, LEVELS, POWER) <= x) & (low < LEVELS)
-    low = tl.where(up, low + 1, low)
-    low_value = _level(low, LEVELS, POWER)
-    high_value = _level(low + 1, LEVELS, POWER)
-    fraction = tl.div_rn(x - low_value, high_value - low_value)
+    below = _level(low, LEVELS, POWER)
+    above = _level(low + 1.0, LEVELS, POWER)
     threshold = (random16.to(tl.float32) + 0.5) * (1.0 / 65536)
-    code = tl.minimum(low + tl.where(fraction > threshold, 1.0, 0.0), LEVELS * 1.0)
+    code = tl.minimum(low + tl.where(x - below > threshold * (above - below), 1.0, 0.0),
+                      LEVELS * 1.0)  # fmt: skip
+    code = tl.where(_per_element(scale != scale, BLOCKS), 0.0, code)
     code = tl.where(value < 0, -code, code)
     tl.store(codes_ptr + idx, code.to(tl.int32).to(codes_ptr.dtype.element_ty), mask=mask)
