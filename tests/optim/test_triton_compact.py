@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import decoupled
-from decoupled.optim import _compact, _triton
+from decoupled.optim import _compact, _int8, _triton
 from decoupled.optim._compensated import REMAINDER, _unit, master, store_
 from decoupled.optim.adam import adam_update
 
@@ -48,6 +48,22 @@ try:
         random16 = tl.load(bits_ptr + idx, mask=mask, other=0).to(tl.uint32)
         compact.store_master(p_ptr, r_ptr, idx, weight, mask, random16, DTYPE)
         tl.store(w_out_ptr + idx, compact.load_master(p_ptr, r_ptr, idx, mask, DTYPE), mask=mask)
+
+    @triton.jit
+    def _int8_round_trip_kernel(codes_ptr, scales_ptr, value_ptr, out_ptr, bits_ptr, n,
+                                LEVELS: tl.constexpr, POWER: tl.constexpr,
+                                BLOCK: tl.constexpr):  # fmt: skip
+        """Code ``value`` into codes and scales, then decode them into ``out``."""
+        first = tl.program_id(0) * BLOCK
+        idx = first + tl.arange(0, BLOCK)
+        mask = idx < n
+        value = tl.load(value_ptr + idx, mask=mask, other=0.0)
+        random16 = tl.load(bits_ptr + idx, mask=mask, other=0).to(tl.uint32)
+        live = first + tl.arange(0, BLOCK // 256) * 256 < n
+        compact.store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
+                           LEVELS, POWER, BLOCK)  # fmt: skip
+        decoded = compact.load_int8(codes_ptr, scales_ptr, idx, mask, LEVELS, POWER)
+        tl.store(out_ptr + idx, decoded, mask=mask)
 
 finally:
     if _saved is None:
@@ -422,6 +438,42 @@ def test_int8_codes_and_scales_are_the_reference_bit_for_bit(launches):
         for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
             assert torch.equal(ours.state[p][key], reference.state[q][key]), key
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_int8_coding_is_the_reference_bit_for_bit():
+    """``store_int8``/``load_int8`` against ``_int8.encode_``/``decode``: blocks of values
+    across many magnitudes, values on and between the levels, zeros, a block with a NaN
+    (scale NaN, codes 0), one with ±inf (scale inf), a ragged last block; two blocks per
+    program."""
+    generator = torch.Generator().manual_seed(1)
+    n = 256 * 6 + 77
+    values = torch.randn(n, generator=generator) * torch.logspace(-30, 30, n)
+    values[:256] = torch.randn(256, generator=generator)  # one ordinary block
+    values[256:512] = torch.linspace(-1, 1, 256) ** 2  # on and between the levels
+    values[512:768] = 0.0
+    values[800], values[1100], values[1101] = math.nan, math.inf, -math.inf
+    values[1300:1400] = torch.randn(100, generator=generator) * 1e-40  # subnormal
+    bits = _compact.rounding_bits(n, step=3.0, position=1, device="cpu")
+    for key, levels, power, dtype, random16 in (
+        ("exp_avg", 127, 2, torch.int8, bits & 0xFFFF),
+        ("exp_avg_sq", 255, 4, torch.uint8, bits >> 16),
+    ):
+        value = values if key == "exp_avg" else values.abs()
+        codes, scales = torch.empty(n, dtype=dtype), torch.empty(-(-n // 256))
+        _int8.encode_(codes, scales, value, key, random16)
+        ours_codes, ours_scales = torch.empty_like(codes), torch.full_like(scales, -1.0)
+        decoded = torch.empty(n)
+        _int8_round_trip_kernel[(triton.cdiv(n, 512),)](
+            ours_codes, ours_scales, value, decoded, random16.to(torch.int32), n,
+            LEVELS=levels, POWER=power, BLOCK=512,
+        )  # fmt: skip
+        assert torch.equal(ours_codes, codes), key
+        assert torch.equal(ours_scales.view(torch.int32), scales.view(torch.int32)), key
+        expected = _int8.decode(codes, scales, key)
+        assert torch.equal(decoded.isnan(), expected.isnan()), key
+        numbers = ~expected.isnan()
+        assert torch.equal(decoded[numbers].view(torch.int32), expected[numbers].view(torch.int32))
+        assert scales[3].isnan() and scales[4].isinf() and int((codes != 0).sum()) > n // 3
 
 
 def test_int8_block_boundaries_mixed_dtypes_and_layouts(launches):
