@@ -4,13 +4,15 @@ Measured alternately in one run (a busy or throttled device slows every contende
 
 - optimizer steps alone, in parameters per second, on the layouts of ``bench.py`` (GPT-2
   small, ResNet-50, 1000 tensors of 20k elements): decoupled.AdamW through the Triton kernel
-  with float32 and bfloat16 moments, and on bfloat16 θ with its 8-bit remainder
-  (``compensate``, ``_compensated.py``); torch.optim.AdamW ``foreach=True`` and
-  ``fused=True`` (float32 θ);
+  with float32, bfloat16 and int8 moments (``_int8.py``), and on bfloat16 θ with its 8-bit
+  remainder (``compensate``, ``_compensated.py``) with bfloat16 and int8 moments;
+  torch.optim.AdamW ``foreach=True`` and ``fused=True`` (float32 θ);
 - the device-to-device copy bandwidth (``dst.copy_(src)``: read + write) and the floor it
   implies: a float32 Adam step moves 28 bytes per parameter (θ, g, m, v read; θ, m, v
-  written), 20 with bfloat16 moments, 16 for compensated bfloat16 θ (θ, g, m, v 2 bytes
-  each and r 1, read; θ, r, m, v written), so it cannot beat ``bandwidth / bytes`` params/s;
+  written), 20 with bfloat16 moments, 16 with int8 moments (θ, g 4 bytes and m, v 1 read;
+  θ, m, v written; the scales add 1/16 byte), 16 for compensated bfloat16 θ (θ, g, m, v 2
+  bytes each and r 1, read; θ, r, m, v written), 12 for compensated bfloat16 θ with int8
+  moments, so a step cannot beat ``bandwidth / bytes`` params/s;
 - one whole training step (forward, backward, step) of a GPT-2-small-shaped model (12 blocks,
   d = 768, vocabulary 50257; Radford et al. 2019) with each optimizer of float32 θ (under
   bfloat16 autocast; a bfloat16 model's forward and backward would cost otherwise).
@@ -33,7 +35,7 @@ import decoupled
 from decoupled.bench import BYTES_PER_PARAM, LAYOUTS
 
 #: Bytes one Adam step moves per parameter, by moments' dtype and θ's (module docstring).
-STEP_BYTES = BYTES_PER_PARAM | {"compensated bfloat16": 16}
+STEP_BYTES = BYTES_PER_PARAM | {"int8": 16, "compensated bfloat16": 16, "compensated int8": 12}
 
 
 def tiny_shapes(layout: str) -> list[tuple[int, ...]]:
@@ -57,9 +59,19 @@ def contenders(device: torch.device) -> dict[str, tuple[Callable, str, torch.dty
             "bfloat16",
             torch.float32,
         ),
+        "decoupled triton int8": (
+            lambda p: decoupled.AdamW(p, triton=True, state_dtype="int8", **kwargs),
+            "int8",
+            torch.float32,
+        ),
         "decoupled triton bf16 θ+r": (  # compensated bfloat16 θ, bfloat16 moments
             lambda p: decoupled.AdamW(p, triton=True, **kwargs),
             "compensated bfloat16",
+            torch.bfloat16,
+        ),
+        "decoupled triton bf16 θ+r int8": (
+            lambda p: decoupled.AdamW(p, triton=True, state_dtype="int8", **kwargs),
+            "compensated int8",
             torch.bfloat16,
         ),
         "torch AdamW foreach": (
@@ -174,10 +186,10 @@ def measure_training_step(device, tiny: bool, steps: int, rounds: int) -> dict[s
     torch.manual_seed(0)
     model = GPT(*size).to(device)
     tokens = torch.randint(0, size[0], (batch, length + 1), device=device)
-    optimizers = {
+    optimizers = {  # under the interpreter (tiny) without int8 moments: slow there
         name: make(list(model.parameters()))
-        for name, (make, _, dtype) in contenders(device).items()
-        if dtype == torch.float32
+        for name, (make, state, dtype) in contenders(device).items()
+        if dtype == torch.float32 and not (tiny and state == "int8")
     }
 
     def training_step(optimizer) -> None:

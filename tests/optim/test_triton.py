@@ -530,6 +530,10 @@ def test_bench_runs_end_to_end_under_the_interpreter(capsys):
     for name in names:  # a layout row and a training-step row each
         rows = [line for line in lines if re.search(re.escape(name) + r" {2,}\d", line)]
         assert len(rows) == 2, (name, lines)
+    # int8 moments and compensated bfloat16 θ: a layout row each (none for the tiny model)
+    for name in ("decoupled triton int8", "decoupled triton bf16 θ+r", "bf16 θ+r int8"):
+        rows = [line for line in lines if re.search(re.escape(name) + r" {2,}\d", line)]
+        assert len(rows) == 1, (name, lines)
 
 
 def test_autograd_notices_the_kernel_changed_a_parameter():

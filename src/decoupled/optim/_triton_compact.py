@@ -97,14 +97,20 @@ def _larger(a, b):
     return tl.maximum(a, b)
 
 
+# tl.max's combine function, passed to tl.reduce directly: tl.max itself cannot run under the
+# interpreter when triton was imported before TRITON_INTERPRET=1 was set (its own functions
+# are then compiled ones), and the interpreter reduces with numpy only for this function
+# (any other combine function is called element by element, far slower)
+_MAXIMUM = getattr(tl.standard, "_elementwise_max", _larger)
+
+
 @triton.jit
 def _block_scale(magnitude, BLOCKS: tl.constexpr):
     """Each block's largest magnitude, NaN when any is NaN (``_int8.encode_``'s scale): the
     largest of their bit patterns, which order non-negative floats and put a NaN (sign
-    cleared) above +inf. ``tl.max``'s reduction, with a combine function of this module: the
-    interpreter cannot call triton's own once triton was imported without it."""
+    cleared) above +inf."""
     bits = tl.reshape(magnitude.to(tl.int32, bitcast=True), (BLOCKS, 256))
-    largest = tl.reduce(bits, 1, _larger).to(tl.float32, bitcast=True)
+    largest = tl.reduce(bits, 1, _MAXIMUM).to(tl.float32, bitcast=True)
     return tl.where(largest != largest, float("nan"), largest)
 
 
