@@ -117,6 +117,33 @@ def test_compiled_kernel_steps_compensated_weights_like_the_reference_loop(
     assert differing <= 0.01 * total, (differing, total)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_steps_int8_moments_like_the_reference_loop(dtype, monkeypatch):
+    """int8 moments on CUDA take the Triton kernel by default; AdamW's moments do not read
+    θ, so with the same gradients the codes and scales are the reference loop's bit for bit
+    (float32 θ, or compensated bfloat16 θ's float32 master weight)."""
+    from decoupled.optim import _triton_kernels
+
+    kernel, launched = _triton_kernels.adam_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    options = {"lr": 1e-3, "weight_decay": 0.1, "state_dtype": "int8"}
+    reference_params, params = make_params(dtype), make_params(dtype)
+    reference = run(decoupled.AdamW, reference_params, fused=False, **options)
+    monkeypatch.setattr(_triton_kernels, "adam_kernel", Counting())
+    ours = run(decoupled.AdamW, params, **options)
+    assert len(launched) == 5
+    for p, q in zip(params, reference_params):
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+            assert torch.equal(ours.state[p][key], reference.state[q][key]), key
+        if dtype == torch.float32:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("capturable", [False, True])
 def test_step_does_not_synchronize_with_the_host(capturable):
     params = make_params()

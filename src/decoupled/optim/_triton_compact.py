@@ -1,4 +1,4 @@
-r"""The smallest storage in the Triton kernels: compensated bfloat16/float16 θ.
+r"""The smallest storage in the Triton kernels: compensated bfloat16/float16 θ, int8 moments.
 
 Compensated θ (``_compensated.py``): the master weight ``w = θ + r·ulp(θ)/256`` is loaded
 (exact in float32: θ's 8 or 11 significant bits and r's 8 fit in 24), stepped in float32 like
@@ -12,6 +12,15 @@ offset, which both round alike, so θ and r equal the reference's whenever w doe
 bfloat16 is converted with integer operations (``(bits + 0x7FFF + lsb) >> 16``, NaN as
 0x7FC0, c10's rounding) rather than ``.to(tl.bfloat16)``: the Triton interpreter truncates
 that cast, and ``r`` is only right beside a correctly rounded θ.
+
+int8 moments (``_int8.py``): a moment is decoded per element from its code and its block's
+scale, ``(d(|q|)·s)·sign(q)``, ``d(q) = (q·c)²`` (m) or ``((q·c)²)²`` (v), ``c = fl(1/levels)``;
+after the step each program, which owns whole blocks of 256 elements, takes each block's
+largest magnitude as its new scale (a maximum over the bit patterns, which puts NaN above
+inf) and codes every element with ``_int8.encode_``'s operations in its order: products
+by the block's reciprocal, correctly rounded roots, the stochastic choice between the two
+neighbouring codes compared by multiplication. No product feeds a sum there (nothing a
+compiler could fuse into a multiply-add), so codes and scales are the reference's bit for bit.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Compensated bfloat16/float16 θ (``_compensated.py``) is the constexpr ``COMPENS
 step runs on the float32 master weight θ + r·ulp(θ)/256, loaded and stored by
 ``_triton_compact.py`` (r's 16 random bits: lowbias32(bits) >> 16), and bfloat16 moments are
 then rounded stochastically, as the reference loop rounds them beside a float32 master.
+int8 moments are the constexpr ``CODED``: m and v decoded before the step and coded after it
+(``_triton_compact.py``, m with the low 16 bits, v the high 16), each program owning whole
+blocks of 256 elements (the launcher's chunks are then multiples of 256).
 
 Cautious weight decay (Chen, Li, Liang et al., arXiv 2510.12402) is the constexpr
 ``CAUTIOUS``: the decoupled decay applies where u and θ − θ₀ agree in sign (zero agrees, a
