@@ -36,6 +36,15 @@ from torch.nn import Parameter
 
 from decoupled.optim._layout import in_layout_of, is_dense
 from decoupled.optim._shards import local
+from decoupled.optim._triton_state import (
+    adam_dtypes_ok,
+    int8_chunk,
+    int8_scales,
+    rounds,
+    stand_in_remainders,
+    state_pointer_dtype,
+    tl_dtypes,
+)
 
 #: Elements per program (one chunk); tests lower it to cross chunk boundaries cheaply.
 BLOCK = 1024
@@ -252,14 +261,6 @@ def _by_kind(
     return kinds
 
 
-def _remainders(params: list[Tensor], remainders: list[Tensor | None] | None) -> list[Tensor]:
-    """The remainders of compensated θ, with each uncompensated parameter standing in for
-    its missing one (so that the layout checks pass it; the kernel does not read it)."""
-    if remainders is None:
-        return list(params)
-    return [p if r is None else r for p, r in zip(params, remainders)]
-
-
 def _bump_versions(*lists: list[Tensor]) -> None:
     """What torch's in-place operations do, so that autograd still notices a tensor changed
     between a forward pass and its backward ("modified by an inplace operation")."""
@@ -315,13 +316,13 @@ def triton_adam_update(
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
     state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [refs] * bool(refs)
     remainders = local(remainders)  # DTensor shards' remainders: their local tensors, as θ's
-    kept = _remainders(params, remainders)
+    kept = stand_in_remainders(params, remainders)
     if not params:
         return
-    scales = _int8_scales(params, coded_states)
+    scales = int8_scales(params, coded_states)
     if (
         _refused(params, grads, state + [kept], lr, state_steps)
-        or not _adam_dtypes_ok(params, exp_avgs, remainders, coded=scales is not None)
+        or not adam_dtypes_ok(params, exp_avgs, remainders, coded=scales is not None)
         or (coded_states is not None and (scales is None or amsgrad))
     ):  # fmt: skip
         given = {
@@ -362,7 +363,7 @@ def triton_adam_update(
             )
             for i in indices
         ]  # fmt: skip
-        block = _int8_chunk() if scales else BLOCK
+        block = int8_chunk(BLOCK) if scales else BLOCK
         table, chunks = _tables_for(rows, device, block)
         if chunks.shape[0] == 0:  # only empty tensors
             continue
@@ -376,8 +377,8 @@ def triton_adam_update(
             scale_ptr, skip_ptr,
             _bias_corrections(steps, beta1, beta2), beta1, beta2,
             float(eps), float(weight_decay),
-            DTYPE=_TL_DTYPES()[dtype], STATE=_state_pointer_dtype(dtype, state_dtype, compensated),
-            ROUND=_rounds(dtype, state_dtype, compensated), DECAY=decay, REF=bool(refs),
+            DTYPE=tl_dtypes()[dtype], STATE=state_pointer_dtype(dtype, state_dtype, compensated),
+            ROUND=rounds(dtype, state_dtype, compensated), DECAY=decay, REF=bool(refs),
             AMSGRAD=amsgrad, MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
             LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip,
             COMPENSATE=compensated, CODED=scales is not None, BLOCK=block,
@@ -461,7 +462,7 @@ def triton_sgd_update(
             chunks, table,
             lr_arg.hi, lr_arg.lo, lr_arg.ptr, rate_arg.hi, rate_arg.lo, rate_arg.ptr,
             scale_ptr, skip_ptr, float(momentum), float(dampening), float(weight_decay),
-            DTYPE=_TL_DTYPES()[dtype], DECAY=decay, REF=bool(refs), MOMENTUM=has_momentum,
+            DTYPE=tl_dtypes()[dtype], DECAY=decay, REF=bool(refs), MOMENTUM=has_momentum,
             NESTEROV=bool(nesterov), MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
             LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale,
             SKIP=skip, BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -481,85 +482,3 @@ def _decay_mode(decoupled: bool, weight_decay: float, decay_rate: float | Tensor
         zero = not isinstance(decay_rate, Tensor) and decay_rate == 0
         return NO_DECAY if zero else DECOUPLED_DECAY
     return L2_DECAY if weight_decay != 0 else NO_DECAY
-
-
-def _adam_dtypes_ok(
-    params: list[Tensor],
-    exp_avgs: list[Tensor],
-    remainders: list[Tensor | None] | None,
-    coded: bool = False,
-) -> bool:
-    """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ, or int8
-    codes (``coded``, every tensor's) beside float32 θ; compensated θ (computed in float32)
-    with bfloat16 or int8 moments, rounded stochastically as in the reference loop, and int8
-    remainders. int8 moments of uncompensated bfloat16/float16 θ (``compensate=False``,
-    computed in θ's dtype by the reference loop) are left to the reference loop.
-    Compensated float16 θ with float16 moments is left to the reference loop, which stores
-    them through the bfloat16 rounding of ``_compact.stochastic_round_``."""
-    if coded:  # float32 θ, or compensated θ's float32 master, as the reference computes in
-        remainders = remainders or [None] * len(params)
-        return all(
-            p.dtype == torch.float32 if r is None else r.dtype == torch.int8
-            for p, r in zip(params, remainders)
-        )
-    for index, (p, m) in enumerate(zip(params, exp_avgs)):
-        if remainders is not None and remainders[index] is not None:
-            if m.dtype != torch.bfloat16 or remainders[index].dtype != torch.int8:
-                return False
-        elif m.dtype not in (p.dtype, torch.bfloat16):
-            return False
-    return True
-
-
-def _int8_scales(
-    params: list[Tensor], coded_states: list[dict] | None
-) -> tuple[list[Tensor], list[Tensor]] | None:
-    """The per-block scales of int8 moments (``_int8.py``), m's and v's, or None when a state
-    is not coded as the kernel reads it: int8 m and uint8 v codes (checked beside θ by
-    ``_refused``), contiguous float32 scales, one per block of 256, on θ's device."""
-    from decoupled.optim._int8 import SCALE_SUFFIX, blocks
-
-    if not coded_states:
-        return None
-    found: tuple[list[Tensor], list[Tensor]] = ([], [])
-    for param, state in zip(params, coded_states):
-        dtypes = (torch.int8, torch.uint8)
-        for key, dtype, scales in zip(("exp_avg", "exp_avg_sq"), dtypes, found):
-            scale = state.get(key + SCALE_SUFFIX)
-            if (
-                state.get(key) is None or state[key].dtype != dtype or scale is None
-                or scale.dtype != torch.float32 or not scale.is_contiguous()
-                or scale.shape != (blocks(param.numel()),) or scale.device != param.device
-            ):  # fmt: skip
-                return None
-            scales.append(scale)
-    return found
-
-
-def _int8_chunk() -> int:
-    """Elements per program with int8 moments: whole blocks of 256, at least one."""
-    from decoupled.optim._int8 import BLOCK as INT8_BLOCK
-
-    return max(INT8_BLOCK, BLOCK // INT8_BLOCK * INT8_BLOCK)
-
-
-def _rounds(dtype: torch.dtype, state_dtype: torch.dtype, compensated: bool = False) -> bool:
-    """bfloat16 moments computed in float32 (beside wider θ, or compensated θ's master weight)
-    are rounded stochastically (``_compact.py``); moments in θ's own dtype round to nearest, as
-    the reference's operations in that dtype do."""
-    return state_dtype == torch.bfloat16 and (dtype != torch.bfloat16 or compensated)
-
-
-def _state_pointer_dtype(dtype: torch.dtype, state_dtype: torch.dtype, compensated: bool):
-    import triton.language as tl
-
-    if state_dtype == torch.int8:  # codes: the kernel reads them by their own types
-        return tl.int8
-    return tl.uint16 if _rounds(dtype, state_dtype, compensated) else _TL_DTYPES()[state_dtype]
-
-
-@cache
-def _TL_DTYPES() -> dict:  # noqa: N802  (a constant, built once triton is imported)
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
