@@ -307,12 +307,15 @@ def test_state_dict_round_trips_keep_the_remainder(first, second, launches):
     assert launches["adam_kernel"] == 2 * [first, second].count("triton")
 
 
-def test_skipped_step_leaves_theta_and_the_remainder(launches):
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_skipped_step_leaves_theta_and_the_remainder(state_dtype, launches):
     """``capturable=True`` with ``skip_nonfinite``: a NaN gradient skips the step on the
-    device; θ, r and the moments stay, and the steps around it equal the reference's."""
+    device; θ, r and the moments (int8 codes and scales too) stay, and the steps around it
+    equal the reference's."""
     reference_params, params = make_params(), make_params()
-    reference = train(decoupled.AdamW, reference_params, 2, fused=False, lr=1e-2)
-    ours = decoupled.AdamW(params, lr=1e-2, triton=True, capturable=True, skip_nonfinite=True)
+    options = {"lr": 1e-2, "state_dtype": state_dtype}
+    reference = train(decoupled.AdamW, reference_params, 2, fused=False, **options)
+    ours = decoupled.AdamW(params, triton=True, capturable=True, skip_nonfinite=True, **options)
     generator = torch.Generator().manual_seed(1)
     gradients(params, generator)
     ours.step()
