@@ -237,8 +237,8 @@ def adam_kernel(
     if CODED:  # m takes the low 16 bits, v the high 16, as bfloat16 moments
         first = tl.load(chunks_ptr + 2 * tl.program_id(0) + 1)
         live = first + tl.arange(0, BLOCK // 256) * 256 < tl.load(row + 7)  # blocks in θ
-        if SKIP:
-            live = live & (tl.load(skip_ptr) == 0)
+        if SKIP:  # as _chunk's mask: blocks live only where the skip flag is 0
+            live = live & ((live.to(tl.int64) * 0) == tl.load(skip_ptr).to(tl.int64))
         store_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, first, idx, exp_avg, mask,
                    live, random & 0xFFFF, 127, 2, BLOCK)  # fmt: skip
         store_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, first, idx, exp_avg_sq, mask,
