@@ -1,11 +1,12 @@
-"""Bytes per parameter of an AdamW step, θ + g + state, measured from the tensors' ``nbytes``.
+"""Bytes per parameter of an AdamW and an SGDW step, θ + g + state, from the tensors' ``nbytes``.
 
     python benchmarks/memory_table.py
 
 Every combination of the parameters' dtype (float32; bfloat16 with the default compensation,
-an int8 remainder; bfloat16 plain, ``compensate=False``) and the moments' dtype (θ's dtype,
-``state_dtype=torch.bfloat16``, ``state_dtype="int8"``), on one 1M-element tensor after a step:
-the step counter and the int8 scales (one float32 per 256 elements) are included.
+an int8 remainder; bfloat16 plain, ``compensate=False``) and, for AdamW, the moments' dtype
+(θ's dtype, ``state_dtype=torch.bfloat16``, ``state_dtype="int8"``), on one 1M-element tensor
+after a step: the step counter and the int8 scales (one float32 per 256 elements) are
+included. SGDW (momentum 0.9) keeps one momentum buffer: θ's dtype, float32 for compensated θ.
 """
 
 from __future__ import annotations
@@ -17,37 +18,48 @@ import decoupled
 N = 1 << 20
 
 
-def bytes_per_param(param_dtype: torch.dtype, **options) -> dict[str, float]:
+def bytes_per_param(param_dtype: torch.dtype, cls=decoupled.AdamW, **options) -> dict[str, float]:
     theta = torch.nn.Parameter(torch.zeros(N, dtype=param_dtype))
-    optimizer = decoupled.AdamW([theta], **options)
+    optimizer = cls([theta], **options)
     theta.grad = torch.ones_like(theta)
     optimizer.step()
     state = optimizer.state[theta]
     parts = {"θ": theta.nbytes, "g": theta.grad.nbytes}
-    parts["moments"] = sum(t.nbytes for k, t in state.items() if k.startswith("exp_avg"))
-    parts["other state"] = sum(t.nbytes for k, t in state.items() if not k.startswith("exp_avg"))
+    moments = ("exp_avg", "momentum_buffer")
+    parts["moments"] = sum(t.nbytes for k, t in state.items() if k.startswith(moments))
+    parts["other state"] = sum(t.nbytes for k, t in state.items() if not k.startswith(moments))
     return {key: value / N for key, value in parts.items()}
 
 
 def table() -> str:
     lines = [
-        f"{'θ':<26}{'state':<10}{'θ':>6}{'g':>6}{'moments':>9}{'other':>8}{'total':>8}",
+        f"{'':<7}{'θ':<26}{'state':<10}{'θ':>6}{'g':>6}{'moments':>9}{'other':>8}{'total':>8}",
     ]
-    for label, dtype, options in (
+    weights = (
         ("float32", torch.float32, {}),
         ("bfloat16 + compensation", torch.bfloat16, {}),
         ("bfloat16 plain", torch.bfloat16, {"compensate": False}),
-    ):
+    )
+    for label, dtype, options in weights:
         for state in (None, torch.bfloat16, "int8"):
             if state is torch.bfloat16 and dtype is torch.bfloat16:
                 continue  # the same as θ's dtype
             parts = bytes_per_param(dtype, state_dtype=state, **options)
             name = "int8" if state == "int8" else str(state or dtype).removeprefix("torch.")
-            lines.append(
-                f"{label:<26}{name:<10}{parts['θ']:>6.2f}{parts['g']:>6.2f}"
-                f"{parts['moments']:>9.3f}{parts['other state']:>8.3f}{sum(parts.values()):>8.3f}"
-            )
+            lines.append(_row("AdamW", label, name, parts))
+    for label, dtype, options in weights:
+        parts = bytes_per_param(dtype, decoupled.SGDW, momentum=0.9, **options)
+        compensated = dtype != torch.float32 and options.get("compensate") is not False
+        name = "float32" if compensated else str(dtype).removeprefix("torch.")
+        lines.append(_row("SGDW", label, name, parts))
     return "\n".join(lines)
+
+
+def _row(algorithm: str, label: str, state: str, parts: dict[str, float]) -> str:
+    return (
+        f"{algorithm:<7}{label:<26}{state:<10}{parts['θ']:>6.2f}{parts['g']:>6.2f}"
+        f"{parts['moments']:>9.3f}{parts['other state']:>8.3f}{sum(parts.values()):>8.3f}"
+    )
 
 
 if __name__ == "__main__":

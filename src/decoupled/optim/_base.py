@@ -323,8 +323,9 @@ class DecayOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except for what is this process's choice rather than the checkpoint's:
-        each group keeps its ``fused`` and ``state_dtype`` (how steps run and how moments are
-        stored; a torch.optim dict would otherwise turn compact state back into float32) and
+        each group keeps its ``fused``, ``state_dtype`` and ``compensate`` (how steps run and how
+        moments and weights are stored; a torch.optim dict would otherwise turn compact state
+        back into float32; a remainder is then cast, created or dropped at the next step) and
         its ``weight_decay`` schedule, if the checkpoint was saved with one. A group that
         declined the optimizer-wide ``lambda_norm`` when it was added
         (``_given_group_declines_lambda_norm``) keeps declining it, and its biases and norm
@@ -337,7 +338,7 @@ class DecayOptimizer(torch.optim.Optimizer):
         self._check_decay_kind(state_dict["param_groups"])
         self._check_loaded_states(state_dict)
         kept = [
-            {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay")}
+            {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay", "compensate")}
             | {key: group[key] for key in ("triton", "capturable") if key in group}
             | {"declined": self._recorded_as_declining_lambda_norm(group)}
             for group in self.param_groups
@@ -349,6 +350,8 @@ class DecayOptimizer(torch.optim.Optimizer):
         for group, local in zip(self.param_groups, kept):
             group["fused"] = local["fused"]
             group.update({key: local[key] for key in ("triton", "capturable") if key in local})
+            if "compensate" in self.defaults:
+                group["compensate"] = local["compensate"]
             if "state_dtype" in group or local["state_dtype"] is not None:
                 group["state_dtype"] = local["state_dtype"]
             if group.pop("weight_decay_schedule", False) and callable(local["weight_decay"]):

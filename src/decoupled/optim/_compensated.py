@@ -24,7 +24,8 @@ The remainder is kept in the optimizer state as ``param_remainder`` (int8, shape
 like θ), saved and loaded with the state dict; a checkpoint without it loads with r = 0.
 
 Memory per parameter, AdamW, bfloat16 θ and g: 2 + 2 + 1 (remainder) + moments — 4 bytes in
-bfloat16 (9 in all), about 2 in int8 (7 in all, ``_int8.py``).
+bfloat16 (9 in all), about 2 in int8 (7 in all, ``_int8.py``). SGD/SGDW with momentum:
+2 + 2 + 1 + 4, the momentum buffer of a compensated θ being float32 (``_sgd_compensation.py``).
 """
 
 from __future__ import annotations
@@ -94,3 +95,29 @@ def check_remainder(where: str, value: object, param: Tensor) -> None:
         (value == value.round()).all() and (value.abs() <= 128).all()
     )):  # fmt: skip
         refuse(where, f"{REMAINDER} dtype", value.dtype, "must be int8 (whole numbers)")
+
+
+def init_remainder(compensate: bool | None, param: Tensor, state: dict) -> None:
+    """The int8 remainder of compensated θ: created at the first step (r = 0: θ is the master
+    weight), cast back from θ's dtype after a load (torch casts every floating state tensor
+    to θ's dtype; whole numbers in [-128, 127] survive it exactly); dropped when
+    compensation is off."""
+    if not compensates(compensate, param):
+        state.pop(REMAINDER, None)
+    elif REMAINDER not in state:
+        state[REMAINDER] = torch.zeros_like(param, dtype=torch.int8)
+    elif state[REMAINDER].dtype != torch.int8:
+        state[REMAINDER] = state[REMAINDER].to(torch.int8)
+
+
+def compensation_with_triton(compensate: bool | None, triton: bool | None) -> bool | None:
+    """``compensate`` as a group keeps it: the Triton kernels keep no remainder, so asking for
+    them (``triton=True``) turns the default compensation off and refuses ``True``."""
+    if not triton:
+        return compensate
+    if compensate:
+        raise ValueError(
+            "Invalid compensate value: True with triton=True (the Triton kernels do not keep "
+            "the remainder; use compensate=None or False, or triton=None)"
+        )
+    return False

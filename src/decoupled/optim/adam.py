@@ -32,6 +32,7 @@ from decoupled.optim._compensated import (
     check_compensate,
     check_remainder,
     compensates,
+    init_remainder,
     master,
     store_,
 )
@@ -395,18 +396,6 @@ class Adam(DecayOptimizer):
         if REMAINDER in state:
             check_remainder(where, state[REMAINDER], param)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As :class:`DecayOptimizer`'s; each group also keeps its ``compensate``, this
-        process's choice (the remainder is cast back to int8 here, created or dropped at the
-        next step)."""
-        kept = [group.get("compensate") for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, compensate in zip(self.param_groups, kept):
-            group["compensate"] = compensate
-        for state in self.state.values():  # torch casts the remainder to θ's dtype
-            if REMAINDER in state and state[REMAINDER].dtype != torch.int8:
-                state[REMAINDER] = state[REMAINDER].to(torch.int8)
-
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -432,8 +421,8 @@ class Adam(DecayOptimizer):
             on_device_steps(state, param.device if device_steps else torch.device("cpu"))
         coded = "step" in state and is_coded(state, "exp_avg")
         if "step" in state and state["exp_avg"].dtype == dtype and coded == (dtype == INT8):
-            if (REMAINDER in state) != compensates(group.get("compensate"), param):
-                self._init_remainder(group, param, state)
+            # created, dropped, or cast back to int8 after a load (torch casts it to θ's dtype)
+            init_remainder(group.get("compensate"), param, state)
             return state  # every step after the first
         if torch.is_complex(param):
             dtype = param.dtype
@@ -452,20 +441,8 @@ class Adam(DecayOptimizer):
             # a loaded state dict (torch casts moments to θ's dtype, codes included) or a
             # changed state_dtype
             recast_moments_(state, self.state_keys[1:], dtype)
-        self._init_remainder(group, param, state)
+        init_remainder(group.get("compensate"), param, state)
         return state
-
-    @staticmethod
-    def _init_remainder(group: dict, param: Tensor, state: dict) -> None:
-        """The int8 remainder of compensated θ (``_compensated.py``): created at the first
-        step (r = 0: θ is the master weight), cast back from θ's dtype after a load; dropped
-        when compensation is off."""
-        if not compensates(group.get("compensate"), param):
-            state.pop(REMAINDER, None)
-        elif REMAINDER not in state:
-            state[REMAINDER] = torch.zeros_like(param, dtype=torch.int8)
-        elif state[REMAINDER].dtype != torch.int8:
-            state[REMAINDER] = state[REMAINDER].to(torch.int8)
 
     def _update_group(
         self,

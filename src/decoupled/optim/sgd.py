@@ -22,8 +22,21 @@ from decoupled.optim._base import (
     is_zero,
     torch_implementation_options,
 )
+from decoupled.optim._compensated import (
+    REMAINDER,
+    check_compensate,
+    check_remainder,
+    compensation_with_triton,
+    master,
+    store_,
+)
 from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim._loaded_state import check_like_param
+from decoupled.optim._sgd_compensation import (
+    compensation_state,
+    restore_after_load,
+    saved_float32_buffers,
+)
 from decoupled.optim._triton import check_triton_option
 from decoupled.optim.decay import (
     add_l2_penalty,
@@ -61,6 +74,8 @@ def sgd_update(
     maximize: bool = False,
     grad_scale: Tensor | None = None,
     cautious: bool = False,
+    remainders: list[Tensor | None] | None = None,
+    step: float = 1.0,
 ) -> None:
     """One SGD step over a list of tensors, in place; new momentum buffers are written back
     into ``momentum_buffers`` (the algorithm box of :class:`SGD`). Gradients may be sparse
@@ -77,19 +92,30 @@ def sgd_update(
             in sign with θ − θ₀ (``decay.cautious_mask``); the decay then follows the
             buffer's update, which does not read θ, so with every mask entry True the step
             equals SGDW's bit for bit.
+        remainders: compensated bfloat16/float16 θ (``_compensated.py``): per parameter its
+            int8 remainder (None: not compensated). The step then runs in float32 on the
+            master weight θ + remainder, with a float32 momentum buffer
+            (``_sgd_compensation.py``), and writes θ and the remainder back.
+        step: the group's step count (1 at the first step): keys the remainders' stochastic
+            rounding, so that it draws new bits at each step.
     """
     check_no_sparse_l2(grads, weight_decay, decoupled)
     unscale_(grads, grad_scale)
     references = references or [None] * len(params)
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
+        remainder = remainders[i] if remainders is not None else None
+        reference = references[i]
+        if remainder is not None:  # compensated θ: step the float32 master weight
+            stored_param, param, grad = param, master(param, remainder), grad.float()
+            reference = reference.float() if reference is not None else None
 
         # ---- the only place SGD and SGDW differ -------------------------------------
         if decoupled:
             if not (cautious or is_zero(decay_rate)):
-                apply_decoupled_decay_(param, decay_rate, references[i])  # SGDW:  θ ← θ·(1 − γλ)
+                apply_decoupled_decay_(param, decay_rate, reference)  # SGDW:  θ ← θ·(1 − γλ)
         elif not is_zero(weight_decay):
-            grad = add_l2_penalty(grad, param, weight_decay, references[i])  # SGD:  g ← g + λθ
+            grad = add_l2_penalty(grad, param, weight_decay, reference)  # SGD:  g ← g + λθ
         # ------------------------------------------------------------------------------
 
         if momentum != 0:
@@ -101,13 +127,15 @@ def sgd_update(
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         if decoupled and cautious and not is_zero(decay_rate):  # SGDW + CWD: after b_t
-            apply_cautious_decay_(param, decay_rate, references[i], grad)
+            apply_cautious_decay_(param, decay_rate, reference, grad)
 
         # one lr per stacked run, or a tensor lr that autograd differentiates (as torch)
         if isinstance(lr, Tensor) and (lr.dim() > 0 or lr.requires_grad):
             param.addcmul_(grad, lr, value=-1)
         else:
             param.add_(grad, alpha=-lr)
+        if remainder is not None:
+            store_(stored_param, remainder, param, step, position=i)
 
 
 class SGD(DecayOptimizer):
@@ -159,9 +187,16 @@ class SGD(DecayOptimizer):
         triton: the one-pass Triton kernel (``_triton.py``). ``None`` (default): for CUDA
             parameters when triton is installed; ``True``: always (CPU tensors only under
             ``TRITON_INTERPRET=1``); ``False``: never.
+        compensate: for bfloat16/float16 parameters, keep an int8 remainder per element
+            (``param_remainder`` in the state) so that the decay and the update are computed
+            in float32 on the master weight θ + remainder and small updates are not rounded
+            away (``_compensated.py``); their momentum buffer is then float32. ``None``
+            (default) and ``True``: on for such parameters (the reference loop steps them;
+            with ``triton=True``, None means off and True is refused); ``False``: plain
+            low-precision updates with a buffer in θ's dtype, bit-identical to torch.optim.
         foreach, differentiable: torch.optim's switches: ``foreach=False`` means
             ``fused=False``; ``differentiable=True`` lets autograd record the step (reference
-            loop), as torch's.
+            loop, not compensated), as torch's.
 
     Sparse gradients (``nn.Embedding(sparse=True)``) are taken as by ``torch.optim.SGD``, through
     the reference loop, with sparse momentum buffers; like torch, SGD refuses them when an L2
@@ -191,10 +226,12 @@ class SGD(DecayOptimizer):
         differentiable: bool = False,
         triton: bool | None = None,
         cautious: bool = False,
+        compensate: bool | None = None,
         **decoupled_options,  # SGDW's: decay_scale, max_lr, lambda_norm, decay_period
     ) -> None:
         fused = torch_implementation_options(fused, foreach, False, differentiable)
         check_triton_option(triton, fused)
+        compensate = compensation_with_triton(check_compensate(compensate), triton)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -205,6 +242,7 @@ class SGD(DecayOptimizer):
             "fused": None if fused is None else bool(fused),
             "triton": triton,
             "differentiable": bool(differentiable),
+            "compensate": compensate,
             **decay_defaults(decoupled=self.decoupled, decay_to=decay_to, **decoupled_options),
             # SGD's groups keep torch's keys; cautious=True is refused in _check_group
             **({"cautious": cautious} if self.decoupled or cautious else {}),
@@ -236,12 +274,25 @@ class SGD(DecayOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
             group.setdefault("triton", None)
+            group.setdefault("compensate", False)  # pickled before compensation existed
 
     def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
         super()._check_loaded_state(where, param, group, state)
         buffer = state.get("momentum_buffer")
         if buffer is not None:  # torch saves None when momentum is 0
             check_like_param(where, "momentum_buffer", buffer, param)
+        if REMAINDER in state:
+            check_remainder(where, state[REMAINDER], param)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :class:`DecayOptimizer`'s; a float32 momentum buffer saved for a bfloat16/float16
+        parameter (a compensated one) stays float32, where torch would round it to θ's dtype
+        (``_sgd_compensation.py``)."""
+        buffers = saved_float32_buffers(state_dict, self.param_groups)
+        super().load_state_dict(state_dict)
+        restore_after_load(self.state, self.param_groups, buffers)
+        for param, _ in buffers:
+            self._lay_out_state_like(param)
 
     def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
@@ -256,10 +307,17 @@ class SGD(DecayOptimizer):
         grad_scale: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
+        compensated = compensation_state(self.state, group, params)
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         update = choose_sgd_update(
-            group["fused"], sgd_update, params, grads, group["lr"], group.get("triton")
+            False if compensated else group["fused"],
+            sgd_update,
+            params,
+            grads,
+            group["lr"],
+            group.get("triton"),
         )
+        remainders = [self.state[p].get(REMAINDER) for p in params] if compensated else []
         update(
             params,
             grads,
@@ -274,6 +332,7 @@ class SGD(DecayOptimizer):
             decay_rate=decay.rate,
             maximize=group["maximize"],
             cautious=group.get("cautious", False),
+            **({"remainders": remainders, "step": group["decay_steps"] + 1} if compensated else {}),
             **({"grad_scale": grad_scale} if grad_scale is not None else {}),
         )
         for p, buf in zip(params, buffers):
@@ -318,6 +377,7 @@ class SGDW(SGD):
         differentiable: bool = False,
         triton: bool | None = None,
         cautious: bool = False,
+        compensate: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -334,6 +394,7 @@ class SGDW(SGD):
             differentiable=differentiable,
             triton=triton,
             cautious=cautious,
+            compensate=compensate,
             decay_scale=decay_scale,
             max_lr=max_lr,
             lambda_norm=lambda_norm,
