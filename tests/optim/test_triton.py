@@ -229,8 +229,7 @@ def test_low_precision_params_compute_in_float32_and_round_once(cls, dtype, laun
     if cls is decoupled.SGDW:
         options["momentum"] = 0.9
     (param,) = make_params(shapes=[(150,)], dtype=dtype)
-    plain = {"compensate": False} if cls is decoupled.AdamW else {}  # test_triton_compact.py
-    optimizer = cls([param], triton=True, **options, **plain)
+    optimizer = cls([param], triton=True, compensate=False, **options)  # test_triton_compact
     generator = torch.Generator().manual_seed(5)
     for _ in range(3):
         grad = torch.randn(param.shape, generator=generator).to(dtype)

@@ -93,16 +93,17 @@ def interpreter(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """How many times the Adam kernel was launched (a refusal launches nothing)."""
-    counts = {"adam_kernel": 0}
-    kernel = kernels.adam_kernel
+    """How many times each kernel was launched (a refusal launches nothing)."""
+    counts = {"adam_kernel": 0, "sgd_kernel": 0}
+    for name in counts:
+        kernel = getattr(kernels, name)
 
-    class Counting:
-        def __getitem__(self, grid):
-            counts["adam_kernel"] += 1
-            return kernel[grid]
+        class Counting:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                counts[_name] += 1
+                return _kernel[grid]
 
-    monkeypatch.setattr(kernels, "adam_kernel", Counting())
+        monkeypatch.setattr(kernels, name, Counting())
     return counts
 
 
@@ -136,11 +137,16 @@ def assert_close_to_reference(ours, reference, our_params, reference_params):
     for p, q in zip(our_params, reference_params):
         state_p, state_q = ours.state[p], reference.state[q]
         assert set(state_p) == set(state_q)
-        assert float(state_p["step"]) == float(state_q["step"])
+        assert float(state_p.get("step", 0)) == float(state_q.get("step", 0))
+        steps = (
+            float(state_q["step"])
+            if "step" in state_q
+            else reference.param_groups[0]["decay_steps"]
+        )  # SGD keeps the count in its group
         if REMAINDER in state_q:
             theta, weight = q.detach(), master(q.detach(), state_q[REMAINDER]).double()
             ours_weight = master(p.detach(), state_p[REMAINDER]).double()
-            units = float(state_q["step"]) * _unit(theta).double()  # at most one a step
+            units = steps * _unit(theta).double()  # at most one a step
             close = (ours_weight - weight).abs() <= units + 2**-22 * weight.abs()
             assert bool((close | (weight.isnan() & ours_weight.isnan())).all())
         for key, a, b in [("θ", p.detach(), q.detach())] + [
@@ -199,6 +205,41 @@ def test_compensated_adam_matches_the_reference_loop(options, launches):
     before = launches["adam_kernel"]
     compare(cls, state_dtype=state_dtype, **options)
     assert launches["adam_kernel"] == before + 3
+
+
+SGD_OPTIONS = st.fixed_dictionaries(
+    {
+        "cls": st.sampled_from([decoupled.SGD, decoupled.SGDW]),
+        "dtype": st.sampled_from([torch.bfloat16, torch.float16]),
+        "momentum": st.sampled_from([0.0, 0.9]),
+        "dampening": st.sampled_from([0.0, 0.3]),
+        "nesterov": st.booleans(),
+        "maximize": st.booleans(),
+        "cautious": st.booleans(),
+        "decay_to": st.sampled_from(["zero", "init"]),
+        "weight_decay": st.sampled_from([0.0, 0.1, 30.0]),
+        "lr": st.sampled_from([1e-3, "tensor"]),
+    }
+)
+
+
+@settings(max_examples=10, **QUICK)
+@given(options=SGD_OPTIONS)
+def test_compensated_sgd_matches_the_reference_loop(options, launches):
+    """SGD/SGDW on the float32 master weight with a float32 momentum buffer
+    (``_sgd_compensation.py``), the remainder's bits keyed by the group's step count."""
+    options = dict(options)
+    cls = options.pop("cls")
+    if cls is decoupled.SGD:
+        options["cautious"] = False  # an SGDW option
+        options["weight_decay"] = min(options["weight_decay"], 0.1)
+    if options["nesterov"] and (options["momentum"] == 0 or options["dampening"] != 0):
+        options["nesterov"] = False
+    if options["lr"] == "tensor":
+        options["lr"] = torch.tensor(1e-3)
+    before = launches["sgd_kernel"]
+    compare(cls, **options)
+    assert launches["sgd_kernel"] == before + 3
 
 
 def test_chunk_boundaries_mixed_dtypes_and_layouts(launches):
@@ -283,19 +324,21 @@ def test_float16_with_float16_moments_takes_the_reference_loop(launches):
     "first,second",
     [("triton", "kernel"), ("kernel", "triton"), ("reference", "triton"), ("triton", "reference")],
 )
-def test_state_dict_round_trips_keep_the_remainder(first, second, launches):
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
+def test_state_dict_round_trips_keep_the_remainder(cls, first, second, launches):
     """Two compensated steps on one path, save, load into another, two more steps: the same
     as four steps of the reference loop (``kernel``: ``triton=False``, whatever CPU path
-    steps compensated θ)."""
+    steps compensated θ); SGDW's float32 momentum buffer included."""
     paths = {"triton": {"triton": True}, "kernel": {"triton": False}, "reference": {"fused": False}}
-    options = {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}
+    options = {"lr": 1e-2, "weight_decay": 0.1}
+    options |= {"amsgrad": True} if cls is decoupled.AdamW else {"momentum": 0.9}
     expected_params = make_params()
-    expected = train(decoupled.AdamW, expected_params, 4, **options, fused=False)
+    expected = train(cls, expected_params, 4, **options, fused=False)
 
     params = make_params()
-    saved = train(decoupled.AdamW, params, 2, **options, **paths[first]).state_dict()
+    saved = train(cls, params, 2, **options, **paths[first]).state_dict()
     assert all(state[REMAINDER].abs().sum() > 0 for state in saved["state"].values())
-    resumed = decoupled.AdamW(params, **options, **paths[second])
+    resumed = cls(params, **options, **paths[second])
     resumed.load_state_dict(saved)
     generator = torch.Generator().manual_seed(1)
     for _ in range(2):  # the gradients of steps 1–2, then those of steps 3–4
@@ -305,7 +348,8 @@ def test_state_dict_round_trips_keep_the_remainder(first, second, launches):
         gradients(params, generator)
         resumed.step()
     assert_close_to_reference(resumed, expected, params, expected_params)  # r is int8 again
-    assert launches["adam_kernel"] == 2 * [first, second].count("triton")
+    kernel = "adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"
+    assert launches[kernel] == 2 * [first, second].count("triton")
 
 
 @pytest.mark.parametrize("state_dtype", [None, "int8"])

@@ -38,9 +38,11 @@ from decoupled.optim._layout import in_layout_of, is_dense
 from decoupled.optim._shards import local
 from decoupled.optim._triton_state import (
     adam_dtypes_ok,
+    buffer_dtype,
     int8_chunk,
     int8_scales,
     rounds,
+    sgd_dtypes_ok,
     stand_in_remainders,
     state_pointer_dtype,
     tl_dtypes,
@@ -411,22 +413,31 @@ def triton_sgd_update(
     references: list[Tensor | None] | None = None,
     grad_scale: Tensor | None = None,
     cautious: bool = False,
+    remainders: list[Tensor | None] | None = None,
+    step: float = 1.0,
 ) -> None:
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the Triton kernel, or
     through ``fallback`` when the launcher refuses the list; new momentum buffers are written
-    back into ``momentum_buffers`` as the reference does."""
+    back into ``momentum_buffers`` as the reference does (float32 for compensated θ)."""
     from decoupled.optim import _triton_kernels as kernels
 
     if not params:
         return
     refs = [] if references is None or references[0] is None else list(references)
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
+    remainders = local(remainders) or None  # DTensor shards: their local tensors, as θ's
+    kept = stand_in_remainders(params, remainders)
     has_momentum = momentum != 0
     fresh = [b is None for b in momentum_buffers] if has_momentum else [False] * len(params)
-    buffers = [torch.empty_like(p) if f else b for p, b, f in zip(params, momentum_buffers, fresh)]
+    buffers = [
+        torch.empty_like(p, dtype=buffer_dtype(p, r)) if f else b
+        for p, r, f, b in zip(params, remainders or [None] * len(params), fresh, momentum_buffers)
+    ]
     state = ([buffers] if has_momentum else []) + ([refs] if refs else [])
-    if _refused(params, grads, state, lr, None) or any(
-        g.is_sparse for g in grads
+    if (
+        _refused(params, grads, state + [kept], lr, None)
+        or any(g.is_sparse for g in grads)
+        or not sgd_dtypes_ok(params, buffers if has_momentum else [], remainders)
     ):  # fmt: skip
         given = {
             "lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
@@ -437,18 +448,20 @@ def triton_sgd_update(
             given["cautious"] = True
         if grad_scale is not None:
             given["grad_scale"] = grad_scale
+        if remainders is not None:
+            given |= {"remainders": remainders, "step": step}
         fallback(params, grads, momentum_buffers, **given)
         return
 
     decay = _decay_mode(decoupled, weight_decay, decay_rate)
-    for (device, dtype, _, _), indices in _by_kind(params, []).items():
+    for (device, dtype, _, compensated), indices in _by_kind(params, [], remainders).items():
         dummy = params[indices[0]]
         rows = [
             (
                 params[i].data_ptr(), grads[i].data_ptr(),
                 buffers[i].data_ptr() if has_momentum else 0, 0, 0,
-                refs[i].data_ptr() if refs else 0, 0, params[i].numel(), int(fresh[i]),
-                0, 0, 0,
+                refs[i].data_ptr() if refs else 0, i, params[i].numel(), int(fresh[i]),
+                kept[i].data_ptr() if compensated else 0, 0, 0,
             )
             for i in indices
         ]  # fmt: skip
@@ -462,14 +475,17 @@ def triton_sgd_update(
             chunks, table,
             lr_arg.hi, lr_arg.lo, lr_arg.ptr, rate_arg.hi, rate_arg.lo, rate_arg.ptr,
             scale_ptr, skip_ptr, float(momentum), float(dampening), float(weight_decay),
-            DTYPE=tl_dtypes()[dtype], DECAY=decay, REF=bool(refs), MOMENTUM=has_momentum,
-            NESTEROV=bool(nesterov), MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
-            LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale,
-            SKIP=skip, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            int(step), DTYPE=tl_dtypes()[dtype],
+            BUFFER=tl_dtypes()[torch.float32 if compensated else dtype], DECAY=decay,
+            REF=bool(refs), MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=maximize,
+            CAUTIOUS=bool(cautious), LR_TENSOR=lr_arg.is_tensor,
+            RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip, COMPENSATE=compensated,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     if has_momentum:
         momentum_buffers[:] = buffers
         _bump_versions(buffers)
+    _bump_versions([r for r in remainders or [] if r is not None])
     _bump_versions(params)
     if grad_scale is not None:
         _bump_versions(grads)

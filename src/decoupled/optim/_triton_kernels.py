@@ -252,18 +252,25 @@ def adam_kernel(
 def sgd_kernel(
     chunks_ptr, table_ptr,
     lr, lr_lo, lr_ptr, rate, rate_lo, rate_ptr, scale_ptr, skip_ptr,
-    momentum, dampening, weight_decay,
-    DTYPE: tl.constexpr, DECAY: tl.constexpr, REF: tl.constexpr, MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
-    LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr, SCALE: tl.constexpr,
-    SKIP: tl.constexpr, BLOCK: tl.constexpr,
+    momentum, dampening, weight_decay, step_count,
+    DTYPE: tl.constexpr, BUFFER: tl.constexpr, DECAY: tl.constexpr, REF: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    CAUTIOUS: tl.constexpr, LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr,
+    SCALE: tl.constexpr, SKIP: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One SGD/SGDW step on one chunk (the algorithm box of ``decoupled.SGD``). A fresh
-    momentum buffer (the table's position column is 1) starts as b ← g, as torch's."""
+    momentum buffer (the table's position column is 1) starts as b ← g, as torch's. With
+    ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ, with a float32 buffer
+    (``BUFFER``); the remainder's bits are keyed by the group's ``step_count`` and the
+    tensor's position in the list (the table's step column, unused otherwise by SGD)."""
     _, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)
-    param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if COMPENSATE:
+        r_ptr = _address(row, 9, tl.int8)
+        param = load_master(p_ptr, r_ptr, idx, mask, DTYPE)
+    else:
+        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     ref = param
     if REF:
         ref = tl.load(_address(row, 5, DTYPE) + idx, mask=mask, other=0.0).to(tl.float32)
@@ -273,13 +280,13 @@ def sgd_kernel(
 
     direction = g
     if MOMENTUM:
-        b_ptr = _address(row, 2, DTYPE)
+        b_ptr = _address(row, 2, BUFFER)
         fresh = tl.load(row + 8) != 0
         stale = mask & ((idx - idx) == tl.load(row + 8))  # a fresh buffer is not read
         previous = tl.load(b_ptr + idx, mask=stale, other=0.0).to(tl.float32)
         # b.mul_(μ).add_(g, alpha=1 − τ), or b ← g the first time
         b = tl.where(fresh, g, tl.fma(1.0 - dampening, g, previous * momentum))
-        tl.store(b_ptr + idx, b.to(DTYPE), mask=mask)
+        tl.store(b_ptr + idx, b.to(BUFFER), mask=mask)
         direction = tl.fma(momentum, b, g) if NESTEROV else b
 
     if DECAY == 2:  # SGDW: θ ← θ − c·(θ − θ₀), where cautious masking lets it
@@ -291,7 +298,14 @@ def sgd_kernel(
         param = decayed
 
     neg_lr = (-_scalar(lr, lr_lo, lr_ptr, LR_TENSOR)).to(tl.float32)
-    tl.store(p_ptr + idx, tl.fma(neg_lr, direction, param).to(DTYPE), mask=mask)
+    param = tl.fma(neg_lr, direction, param)
+    if COMPENSATE:  # the bits of _compensated.store_: lowbias32(bits) >> 16
+        position = tl.load(row + 6).to(tl.uint32)
+        key = _mix(step_count.to(tl.uint32) * 0x9E3779B9 ^ position * 0x85EBCA6B)
+        random = _mix(idx.to(tl.uint32) ^ key)
+        store_master(p_ptr, r_ptr, idx, param, mask, _mix(random) >> 16, DTYPE)
+    else:
+        tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
 
 
 @triton.jit

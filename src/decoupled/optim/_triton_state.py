@@ -53,6 +53,22 @@ def adam_dtypes_ok(
     return True
 
 
+def buffer_dtype(param: Tensor, remainder: Tensor | None) -> torch.dtype:
+    """SGD's momentum buffer: float32 beside compensated θ (``_sgd_compensation.py``), else
+    θ's dtype (as torch)."""
+    return param.dtype if remainder is None else torch.float32
+
+
+def sgd_dtypes_ok(
+    params: list[Tensor], buffers: list[Tensor], remainders: list[Tensor | None] | None
+) -> bool:
+    """SGD's momentum buffers in :func:`buffer_dtype` and int8 remainders."""
+    remainders = remainders or [None] * len(params)
+    if any(r is not None and r.dtype != torch.int8 for r in remainders):
+        return False
+    return all(b.dtype == buffer_dtype(p, r) for p, b, r in zip(params, buffers, remainders))
+
+
 def int8_scales(
     params: list[Tensor], coded_states: list[dict] | None
 ) -> tuple[list[Tensor], list[Tensor]] | None:
