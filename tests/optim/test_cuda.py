@@ -71,15 +71,16 @@ def test_compiled_kernels_match_the_reference_loop(cls, options):
 
 
 @pytest.mark.parametrize(
-    "dtype,options",
+    "cls,dtype,options",
     [
-        (torch.bfloat16, {"amsgrad": True, "weight_decay": 0.1}),
-        (torch.bfloat16, {"cautious": True, "decay_to": "init", "weight_decay": 0.5}),
-        (torch.float16, {"state_dtype": torch.bfloat16, "maximize": True}),
+        (decoupled.AdamW, torch.bfloat16, {"amsgrad": True, "weight_decay": 0.1}),
+        (decoupled.AdamW, torch.bfloat16, {"cautious": True, "decay_to": "init"}),
+        (decoupled.AdamW, torch.float16, {"state_dtype": torch.bfloat16, "maximize": True}),
+        (decoupled.SGDW, torch.bfloat16, {"momentum": 0.9, "nesterov": True}),
     ],
 )
 def test_compiled_kernel_steps_compensated_weights_like_the_reference_loop(
-    dtype, options, monkeypatch
+    cls, dtype, options, monkeypatch
 ):
     """Compensated θ (``param_remainder``) by default on CUDA: the Triton kernel launched,
     master weights θ + r·ulp/256 within one remainder unit per step of the reference loop's
@@ -88,7 +89,8 @@ def test_compiled_kernel_steps_compensated_weights_like_the_reference_loop(
     from decoupled.optim import _triton_kernels
     from decoupled.optim._compensated import _unit, master
 
-    kernel, launched = _triton_kernels.adam_kernel, []
+    name = "adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"
+    kernel, launched = getattr(_triton_kernels, name), []
 
     class Counting:
         def __getitem__(self, grid):
@@ -96,9 +98,10 @@ def test_compiled_kernel_steps_compensated_weights_like_the_reference_loop(
             return kernel[grid]
 
     reference_params, params = make_params(dtype), make_params(dtype)
-    reference = run(decoupled.AdamW, reference_params, fused=False, lr=1e-3, **options)
-    monkeypatch.setattr(_triton_kernels, "adam_kernel", Counting())
-    ours = run(decoupled.AdamW, params, lr=1e-3, **options)
+    options = {"weight_decay": 0.5} | options
+    reference = run(cls, reference_params, fused=False, lr=1e-3, **options)
+    monkeypatch.setattr(_triton_kernels, name, Counting())
+    ours = run(cls, params, lr=1e-3, **options)
     assert len(launched) == 5
     differing = total = 0
     for p, q in zip(params, reference_params):

@@ -48,9 +48,10 @@ import triton.language as tl
 from decoupled.optim._triton_compact import load_int8, load_master, store_int8, store_master
 
 #: Columns of the tensor table: addresses of θ, g, m (or the momentum buffer), v, max(v), θ₀,
-#: the step counter, then the element count and the tensor's position in the list (its
-#: stochastic-rounding key; for SGD: 1 where the momentum buffer is fresh), then the address
-#: of compensated θ's remainder and those of int8 moments' scales (``_triton_compact.py``).
+#: the step counter (for SGD: the tensor's position in the list), then the element count and
+#: the tensor's position in the list (its stochastic-rounding key; for SGD: 1 where the
+#: momentum buffer is fresh), then the address of compensated θ's remainder and those of
+#: int8 moments' scales (``_triton_compact.py``).
 THETA, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, REFERENCE, STEP, NUMEL, POSITION = range(9)
 REMAINDER, EXP_AVG_SCALE, EXP_AVG_SQ_SCALE = 9, 10, 11
 TABLE_COLUMNS = tl.constexpr(12)
