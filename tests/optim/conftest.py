@@ -27,6 +27,10 @@ class RecordingOps:
         self.answers.append(self.ops.adam_int8_step_(*args))
         return self.answers[-1]
 
+    def adam_compensated_step_(self, *args):
+        self.answers.append(self.ops.adam_compensated_step_(*args))
+        return self.answers[-1]
+
 
 @pytest.fixture
 def path_log(monkeypatch):

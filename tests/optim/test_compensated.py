@@ -95,6 +95,31 @@ def test_each_step_is_the_float32_update_of_the_master_weight(
         assert ((after - expected).abs() <= unit + 1e-6 * expected.abs()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_moments_in_thetas_dtype_follow_the_float64_recursion(dtype):
+    """Compensated θ keeps its moments in θ's dtype (as torch does) while the step computes in
+    float32: float16 moments are rounded to nearest, bfloat16 ones stochastically, so after
+    each step they are the float64 moving averages (of the same gradients) to a few roundings
+    of their dtype (float16's subnormals, below 2⁻¹⁴, are spaced 2⁻²⁴ apart)."""
+    generator = torch.Generator().manual_seed(5)
+    theta = torch.nn.Parameter(torch.randn(4096, generator=generator).to(dtype))
+    optimizer = decoupled.AdamW([theta], lr=1e-3, weight_decay=0.1)
+    exact = [torch.zeros(4096, dtype=torch.float64)] * 2
+    largest = [torch.zeros(4096, dtype=torch.float64)] * 2  # each rounding errs by its ulp
+    ulp, spacing = torch.finfo(dtype).eps, torch.finfo(dtype).smallest_normal * 2**-10
+    for step in range(1, 6):
+        theta.grad = torch.randn(4096, generator=generator).to(dtype)
+        g = theta.grad.double()
+        exact = [0.9 * exact[0] + 0.1 * g, 0.999 * exact[1] + 0.001 * g * g]
+        largest = [torch.maximum(big, value.abs()) for big, value in zip(largest, exact)]
+        optimizer.step()
+        state = optimizer.state[theta]
+        assert state["exp_avg"].dtype == dtype
+        for key, value, big in zip(("exp_avg", "exp_avg_sq"), exact, largest):
+            error = (state[key].double() - value).abs()
+            assert (error <= step * (ulp * big + spacing)).all(), key
+
+
 def test_remainder_is_kept_in_the_state_dict_and_loads_through_torch():
     theta = torch.nn.Parameter(torch.linspace(-2, 2, 64).bfloat16())
     optimizer = decoupled.AdamW([theta], lr=1e-4)

@@ -95,7 +95,10 @@ def check_state_dtype(state_dtype: torch.dtype | str | None) -> torch.dtype | No
 
 class CompactMoments:
     """The moments of one tensor for one reference step: float copies to compute in, written
-    back to their bfloat16 storage with stochastic rounding by :meth:`store`."""
+    back to their bfloat16 storage with stochastic rounding by :meth:`store`. float16 moments
+    (those of a compensated float16 θ, kept in θ's dtype as torch keeps them, while the step
+    computes in float32) are written back rounded to nearest, as torch's ``copy_``: the
+    stochastic rounding above is bfloat16's (the high half of a float32 word)."""
 
     def __init__(self, stored: list[Tensor], dtype: torch.dtype):
         self.stored = stored
@@ -106,6 +109,10 @@ class CompactMoments:
     @torch.compiler.disable
     def store(self, step: float | Tensor, position: int) -> None:
         first = self.stored[0]
+        if first.dtype != torch.bfloat16:
+            for out, value in zip(self.stored, self.values):
+                out.copy_(value)
+            return
         bits = rounding_bits(first.numel(), step, position, first.device)
         # the kernel's split of one hash: m gets the low 16 bits, v the high 16, max(v) a rehash
         for out, value, random16 in zip(

@@ -7,11 +7,15 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 0. **The one-pass Triton kernel** (``_triton_kernels.py``, launched by ``_triton.py``): CUDA
    parameters when ``triton`` is installed (``triton=None``, the default), or whenever
    ``triton=True`` (CPU tensors only under the Triton interpreter); every option of the C++
-   kernel, float32/bfloat16/float16 θ computed in float32, no host synchronization.
+   kernel, float32/bfloat16/float16 θ computed in float32, compensated bfloat16/float16 θ
+   (Adam/AdamW, SGD/SGDW) and int8 moments (``_triton_compact.py``), no host synchronization.
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, cautious
    decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state; int8 moments, ``_int8.py``,
-   for Adam/AdamW without cautious decay through ``adam_int8_step_``). All tensors of a group
+   for Adam/AdamW without cautious decay through ``adam_int8_step_``); and compensated
+   bfloat16/float16 CPU parameters of Adam/AdamW (``_compensated.py``, the same options and
+   float32 or bfloat16 moments, through ``adam_compensated_step_``; int8 moments through
+   ``adam_int8_step_``), the only CPU path that keeps their remainder. All tensors of a group
    in one parallel region, one pass over memory. Built with the machine's C++ compiler the
    first time it is needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
@@ -22,9 +26,10 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    gradient laid out otherwise is copied into its parameter's layout first, and a parameter
    whose moments are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
-   rates (the lab's batched executor), int8 moments of parameters the C++ kernel does not
-   take (CUDA ones included: no Triton kernel for them yet), compensated bfloat16/float16
-   weights (``_compensated.py``), which no kernel steps yet, tensor
+   rates (the lab's batched executor), int8 moments of parameters neither kernel takes,
+   compensated bfloat16/float16
+   weights the C++ kernel does not take (float16 moments, groups mixing them with other
+   parameters, ``fused=False``), tensor
    subclasses (DTensor shards take their local tensors' path, ``_shards.py``), CUDA tensors
    without triton or with ``triton=False``, ``torch.compile``, and
    groups the kernel refuses (parameters sharing memory, sparse gradients, state laid out
@@ -49,6 +54,12 @@ are decoded and rounded with the reference's float32 operations (``_int8.encode_
 multiplications, one reciprocal per block, the same thresholds and hash bits), so their codes
 and scales equal the reference loop's bit for bit as long as the gradients are the same (with
 Adam's L2 term θ's ulps enter g: a code may then differ by one step); θ as for float32 state.
+Compensated bfloat16/float16 weights are loaded into their float32 master weight and stored
+back (θ rounded to nearest, the remainder rounded stochastically with the reference's hash
+bits) with the reference's exact operations, so θ, the remainder and the moments equal the
+reference loop's bit for bit but for the same ``sqrt``: a master weight one float32 ulp off can
+move its remainder by a unit (or θ to its other rounding), and with Adam's L2 term that
+difference enters g.
 """
 
 from __future__ import annotations
@@ -69,15 +80,19 @@ from decoupled.optim._triton import triton_adam_update, triton_sgd_update, use_t
 
 _PLAIN = {Parameter, Tensor}
 _FLOAT32 = {torch.float32}
+_COMPENSATED = {torch.bfloat16, torch.float16}
 
 
-def _kernel_applies(params: list[Tensor], lr: float | Tensor) -> bool:
-    """Ordinary float32 parameters (not a subclass such as DTensor) and one lr. The kernel
-    checks device, layout, shapes and the gradients' and state's dtypes before changing
-    anything, and refuses (the reference loop steps instead) what it does not take."""
+def _kernel_applies(params: list[Tensor], lr: float | Tensor, compensated: bool = False) -> bool:
+    """Ordinary float32 parameters (not a subclass such as DTensor), or ``compensated``
+    bfloat16/float16 ones of one dtype, and one lr. The kernel checks device, layout, shapes
+    and the gradients' and state's dtypes before changing anything, and refuses (the reference
+    loop steps instead) what it does not take."""
     if torch.compiler.is_compiling() or (isinstance(lr, Tensor) and lr.numel() != 1):
         return False
-    if not (set(map(type, params)) <= _PLAIN and set(map(_dtype, params)) == _FLOAT32):
+    dtypes = set(map(_dtype, params))
+    wanted = len(dtypes) == 1 and dtypes <= _COMPENSATED if compensated else dtypes == _FLOAT32
+    if not (set(map(type, params)) <= _PLAIN and wanted):
         return False
     return all(map(_is_cpu, params)) and kernel_ops() is not None
 
@@ -117,24 +132,49 @@ def kernel_adam_update(
             _scale_value(options["grad_scale"]), options["cautious"],
         )  # fmt: skip
 
-    coded_states = options.get("coded_states")
+    coded_states, remainders = options.get("coded_states"), options.get("remainders")
     if coded_states is not None:
-        step = partial(_int8_step, params, exp_avgs, exp_avg_sqs, coded_states, state_steps,
-                       options)  # fmt: skip
+        step = partial(_int8_step, params, remainders, exp_avgs, exp_avg_sqs, coded_states,
+                       state_steps, options)  # fmt: skip
+    elif remainders is not None:
+        step = partial(_compensated_step, params, remainders, exp_avgs, exp_avg_sqs,
+                       max_exp_avg_sqs, state_steps, options)  # fmt: skip
     done = _step_any_layout(step, grads, params)
     if not done:
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
 
 
-def _int8_step(params, exp_avgs, exp_avg_sqs, coded_states, state_steps, options, grads) -> bool:
+def _compensated_step(params, remainders, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                      options, grads) -> bool:  # fmt: skip
+    """The C++ kernel's step of compensated bfloat16/float16 θ (``_compensated.py``): every
+    parameter with its int8 remainder, float32 or bfloat16 moments (int8 ones: ``_int8_step``).
+    Groups mixing compensated and other parameters take the reference loop."""
+    if any(r is None for r in remainders):
+        return False
+    amsgrad = options["amsgrad"]
+    return kernel_ops().adam_compensated_step_(
+        params, remainders, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+        _kernel_references(options["references"]), state_steps, float(options["lr"]),
+        options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
+        float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
+        _scale_value(options["grad_scale"]), options["cautious"],
+    )  # fmt: skip
+
+
+def _int8_step(params, remainders, exp_avgs, exp_avg_sqs, coded_states, state_steps, options,
+               grads) -> bool:  # fmt: skip
     """The C++ kernel's step with int8 moments (``_int8.py``): codes in ``exp_avgs`` and
-    ``exp_avg_sqs``, scales in the state dicts; amsgrad is refused with int8 state, and
-    cautious decay (which this kernel has no mask for) steps in the reference loop."""
+    ``exp_avg_sqs``, scales in the state dicts, over float32 θ (``remainders`` None) or
+    compensated bfloat16/float16 θ; amsgrad is refused with int8 state, and cautious decay
+    (which this kernel has no mask for) and groups mixing compensated and other parameters
+    step in the reference loop."""
     if options["amsgrad"] or options["cautious"]:
+        return False
+    if remainders is not None and any(r is None for r in remainders):
         return False
     scales = [[s[key + SCALE_SUFFIX] for s in coded_states] for key in ("exp_avg", "exp_avg_sq")]
     return kernel_ops().adam_int8_step_(
-        params, grads, exp_avgs, exp_avg_sqs, *scales,
+        params, remainders or [], grads, exp_avgs, exp_avg_sqs, *scales,
         _kernel_references(options["references"]), state_steps, float(options["lr"]),
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], options["maximize"],
@@ -316,10 +356,17 @@ def choose_adam_update(
     compact: bool,
     triton: bool | None = None,
     cautious: bool = False,
+    compensated: bool = False,
 ) -> Callable:
     """The first path of the module docstring's list that applies to this step; a fast path
     falls back on ``reference`` for the tensors it cannot take. DTensor shards take the path of
-    their local tensors (``_shards.py``)."""
+    their local tensors (``_shards.py``). Only the C++ and Triton kernels keep the remainder
+    of ``compensated`` weights; the other paths would drop it."""
+    if compensated:
+        if not is_sharded(params) and use_triton(triton, fused, params):
+            return _falling_back(triton_adam_update, reference)
+        applies = fused is not False and _kernel_applies(params, lr, compensated=True)
+        return _falling_back(kernel_adam_update, reference) if applies else reference
     if is_sharded(params) and fused is not False:
         update = choose_adam_update(
             fused, reference, local(params), local(grads), lr=lr, decay_rate=decay_rate,

@@ -16,9 +16,8 @@ replays them. It refuses (the reference loop steps instead, as for the C++ kerne
 with a tensor it cannot take: a tensor subclass, complex or float64 parameters, sparse
 gradients, state or gradients laid out unlike their parameter (a gradient is first copied
 into its parameter's layout), parameters sharing memory, step counters not on the
-parameters' device, one lr per stacked run, compensated float16 θ with float16 moments
-(compensated θ takes bfloat16 or int8 moments: ``_triton_compact.py``), or int8 moments of
-uncompensated bfloat16/float16 θ. With int8 moments a program steps whole blocks of 256.
+parameters' device, one lr per stacked run, or int8 moments of uncompensated
+bfloat16/float16 θ. With int8 moments a program steps whole blocks of 256.
 """
 
 from __future__ import annotations

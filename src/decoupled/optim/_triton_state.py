@@ -34,10 +34,9 @@ def adam_dtypes_ok(
     """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ, or int8
     codes (``coded``, every tensor's) beside float32 θ; compensated θ (computed in float32)
     with bfloat16 or int8 moments, rounded stochastically as in the reference loop, and int8
-    remainders. int8 moments of uncompensated bfloat16/float16 θ (``compensate=False``,
-    computed in θ's dtype by the reference loop) are left to the reference loop.
-    Compensated float16 θ with float16 moments is left to the reference loop, which stores
-    them through the bfloat16 rounding of ``_compact.stochastic_round_``."""
+    remainders; compensated float16 θ's float16 moments are rounded to nearest, as the
+    reference loop's ``copy_``. int8 moments of uncompensated bfloat16/float16 θ
+    (``compensate=False``, computed in θ's dtype by the reference loop) are left to it."""
     if coded:  # float32 θ, or compensated θ's float32 master, as the reference computes in
         remainders = remainders or [None] * len(params)
         return all(
@@ -46,7 +45,7 @@ def adam_dtypes_ok(
         )
     for index, (p, m) in enumerate(zip(params, exp_avgs)):
         if remainders is not None and remainders[index] is not None:
-            if m.dtype != torch.bfloat16 or remainders[index].dtype != torch.int8:
+            if m.dtype not in (p.dtype, torch.bfloat16) or remainders[index].dtype != torch.int8:
                 return False
         elif m.dtype not in (p.dtype, torch.bfloat16):
             return False

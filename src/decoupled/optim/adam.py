@@ -50,7 +50,6 @@ from decoupled.optim._triton import (
     check_capturable,
     check_triton_option,
     on_device_steps,
-    use_triton,
 )
 from decoupled.optim.decay import (
     add_l2_penalty,
@@ -301,8 +300,9 @@ class Adam(DecayOptimizer):
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
             away (``_compensated.py``). ``None`` (default) and ``True``: on for such
-            parameters (the Triton kernel or the reference loop steps them); ``False``: plain
-            bfloat16 updates, bit-identical to torch.optim, on the fast paths.
+            parameters (on the CPU the C++ kernel steps them, with bfloat16 or int8 moments,
+            on CUDA the Triton kernel, else the reference loop); ``False``: plain bfloat16
+            updates, bit-identical to torch.optim, on the fast paths.
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
             (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
             autograd record the step (the reference loop, as torch's: gradients reach θ,
@@ -421,8 +421,7 @@ class Adam(DecayOptimizer):
             on_device_steps(state, param.device if device_steps else torch.device("cpu"))
         coded = "step" in state and is_coded(state, "exp_avg")
         if "step" in state and state["exp_avg"].dtype == dtype and coded == (dtype == INT8):
-            # created, dropped, or cast back to int8 after a load (torch casts it to θ's dtype)
-            init_remainder(group.get("compensate"), param, state)
+            init_remainder(group.get("compensate"), param, state)  # after a load: cast to int8
             return state  # every step after the first
         if torch.is_complex(param):
             dtype = param.dtype
@@ -459,10 +458,8 @@ class Adam(DecayOptimizer):
         # differentiable steps record torch's operations on θ itself: not compensated
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
-        # compensated θ: the Triton kernel keeps the remainder, the other fast paths do not
-        triton = use_triton(group.get("triton"), group["fused"], params)
         update = choose_adam_update(
-            False if differentiable or (compensated and not triton) else group["fused"],
+            False if differentiable else group["fused"],
             adam_update,
             params,
             grads,
@@ -473,6 +470,7 @@ class Adam(DecayOptimizer):
             compact=group["state_dtype"] is not None,
             triton=group.get("triton"),
             cautious=group.get("cautious", False),
+            compensated=compensated,
         )
         on_device = update.__name__ == "triton_adam_update"
         states = [self._init_state(group, p, on_device) for p in params]

@@ -19,8 +19,9 @@
 // decoupled/optim/_compact.py, so the reference path and this kernel round alike.
 //
 // Each op checks every tensor before touching any and returns false (changing nothing) when
-// a tensor is not a dense CPU float32 tensor laid out like its parameter, or a step count is
-// negative or not finite: the caller then takes the reference path.
+// a tensor is not a dense CPU tensor of the expected dtype (float32; bfloat16/float16 θ, g and
+// θ₀ with int8 remainders for compensated weights) laid out like its parameter, or a step
+// count is negative or not finite: the caller then takes the reference path.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -30,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -63,6 +65,8 @@ inline float load(uint16_t bits) {  // bfloat16 -> float32: the high half of the
   std::memcpy(&value, &word, sizeof value);
   return value;
 }
+
+inline float load(int16_t bits);  // float16 -> float32 (the compensated weights' section)
 
 inline void store(float* out, float value, uint32_t) { *out = value; }
 // The NaN select is made on 32-bit words, before narrowing: a float32 compare choosing between
@@ -114,14 +118,16 @@ DecayScalars decay_scalars(double weight_decay, double decay, bool maximize) {
 // What every update does first, as the reference loops and decay.py: the gradient (negated to
 // maximize), then the one place L2 and decoupled decay differ — L2 adds λ·(θ − θ₀) to the
 // gradient, decoupled decay moves θ by c toward θ₀ (θ·(1 − c) toward zero).
-template <Decay D, bool Ref>
-inline void apply_decay(float& grad, float& param, float g, const float* ref, int64_t k,
+template <Decay D, bool Ref, typename R>
+inline void apply_decay(float& grad, float& param, float g, const R* ref, int64_t k,
                   const DecayScalars& s) {
   grad = s.sign * g;
   // g.add(θ − θ₀, alpha=λ)
-  if constexpr (D == Decay::kL2) grad = fmadd(s.weight_decay, Ref ? param - ref[k] : param, grad);
+  if constexpr (D == Decay::kL2) {
+    grad = fmadd(s.weight_decay, Ref ? param - load(ref[k]) : param, grad);
+  }
   if constexpr (D == Decay::kDecoupled) {
-    if constexpr (Ref) param = lerp(param, ref[k], s.rate);
+    if constexpr (Ref) param = lerp(param, load(ref[k]), s.rate);
     else param = param * s.keep;
   }
 }
@@ -130,13 +136,13 @@ inline void apply_decay(float& grad, float& param, float g, const float* ref, in
 // cautious_mask and apply_cautious_decay_: the decoupled decay of apply_decay, applied only
 // where the step's direction u and θ − θ₀ agree in sign (zero agrees, NaN does not). Signs
 // are compared rather than the product, which could round to ±0.
-template <bool Ref>
-inline void cautious_decay(float& param, float direction, const float* ref, int64_t k,
+template <bool Ref, typename R>
+inline void cautious_decay(float& param, float direction, const R* ref, int64_t k,
                            const DecayScalars& s) {
-  const float offset = Ref ? param - ref[k] : param;
+  const float offset = Ref ? param - load(ref[k]) : param;
   const bool agree = (direction >= 0 && offset >= 0) || (direction <= 0 && offset <= 0);
   float decayed;
-  if constexpr (Ref) decayed = lerp(param, ref[k], s.rate);
+  if constexpr (Ref) decayed = lerp(param, load(ref[k]), s.rate);
   else decayed = param * s.keep;
   param = agree ? decayed : param;
 }
@@ -152,32 +158,196 @@ struct AdamScalars {
   uint32_t key;
 };
 
+// ---- Compensated bfloat16/float16 weights (decoupled/optim/_compensated.py) ---------------
+// θ kept in bfloat16 (its words as uint16_t) or float16 (its words as int16_t: a type of its own
+// for overloads, where c10::Half's struct copies keep loops scalar) with a signed byte r per
+// element: the float32 master weight w = θ + r·ulp(θ)/256 is what a step reads and computes
+// on, as a float32 θ; it is written back as θ = round-to-nearest-even(w) and
+// r = floor((w − θ)/(ulp(θ)/256) + (bits + 0.5)/2¹⁶) clamped to [−128, 127] (0 where w is not
+// finite), the stochastic rounding of _compensated.store_ with the high 16 bits of a rehash of
+// the element's hash (bfloat16 moments use the hash itself, amsgrad's maximum the low half of
+// the rehash). ulp(θ)/256 = 2^(e − p − 8), θ = m·2^e with m in [0.5, 1), p = 8 (bfloat16) or
+// 11 (float16), e clamped below at the smallest normal's (zero and subnormals share it): a
+// power of two built from θ's exponent field, the value torch.ldexp gives _compensated._unit.
+// Its products with r and divisions by it are exact, so w and r are the reference's bit for
+// bit. load_master and store_master are the whole difference from a float32 θ.
+
+// float16 <-> float32 as IEEE converts (exact widening; narrowing rounded to nearest even, as
+// torch's conversions), written with integer operations and selects so that the loops
+// vectorize: c10's helpers are scalar F16C calls on x86, and GCC vectorizes _Float16
+// conversions only with AVX-512 FP16.
+inline float bits_to_float(uint32_t word) {
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+__attribute__((always_inline)) inline float load(int16_t x) {
+  const uint32_t bits = static_cast<uint16_t>(x), magnitude = bits & 0x7FFFU;
+  const uint32_t field = magnitude >> 10;
+  // normal: rebias the exponent (15 -> 127, +112); infinity/NaN: all ones (another +112)
+  const uint32_t word = (magnitude << 13) + ((field == 0x1FU ? 224U : 112U) << 23);
+  const float subnormal = static_cast<float>(magnitude) * 0x1p-24f;  // exact: m·2⁻²⁴
+  const float value = field == 0 ? subnormal : bits_to_float(word);
+  uint32_t out;
+  std::memcpy(&out, &value, sizeof out);
+  return bits_to_float(out | ((bits & 0x8000U) << 16));
+}
+
+// float32 -> θ's dtype, rounded to nearest even, as torch's conversions (copy_, .to()).
+inline float narrow(float, float value) { return value; }
+inline uint16_t narrow(uint16_t, float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof word);
+  const uint32_t rounded = (word + 0x7FFFU + ((word >> 16) & 1U)) >> 16;
+  return static_cast<uint16_t>(value != value ? 0x7FC0U : rounded);
+}
+__attribute__((always_inline)) inline int16_t narrow(int16_t, float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof word);
+  const uint32_t magnitude = word & 0x7FFFFFFFU;
+  // normal float16 (|x| >= 2⁻¹⁴): rebias, round the 13 dropped bits to nearest even; a carry
+  // may reach the exponent, and from 65520 up the result is infinity
+  const uint32_t normal =
+      std::min((magnitude - 0x38000000U + 0xFFFU + ((magnitude >> 13) & 1U)) >> 13, 0x7C00U);
+  // below 2⁻¹⁴: the float32 sum |x| + 0.5 rounds |x| to a multiple of 2⁻²⁴ (nearest even),
+  // the float16 subnormal spacing, and its low bits count them
+  uint32_t sum;
+  const float shifted = bits_to_float(magnitude) + 0.5f;
+  std::memcpy(&sum, &shifted, sizeof sum);
+  const uint32_t small = sum - 0x3F000000U;
+  const uint32_t rounded = magnitude > 0x7F800000U   ? 0x7E00U  // NaN
+                           : magnitude >= 0x38800000U ? normal
+                                                      : small;
+  return static_cast<int16_t>(rounded | ((word >> 16) & 0x8000U));
+}
+
+template <typename T>
+struct Compensated;  // θ's format: exponent field position and width, bias, precision p
+template <>
+struct Compensated<uint16_t> {
+  static constexpr int kMantissa = 7, kExponentMask = 0xFF, kBias = 127;
+  static uint32_t bits(uint16_t theta) { return theta; }
+};
+template <>
+struct Compensated<int16_t> {
+  static constexpr int kMantissa = 10, kExponentMask = 0x1F, kBias = 15;
+  static uint32_t bits(int16_t theta) { return static_cast<uint16_t>(theta); }
+};
+
+// ulp(θ)/256 = 2^n in float32 (the section's header): n = e − p − 8 with e = E − bias + 1 for
+// θ's biased exponent E (at least 1), from −141 (bfloat16 θ below 2⁻¹²⁶) to 113.
+template <typename T>
+inline int32_t unit_exponent(T theta) {
+  using F = Compensated<T>;
+  const int32_t field = static_cast<int32_t>((F::bits(theta) >> F::kMantissa) & F::kExponentMask);
+  return std::max(field, 1) - F::kBias + 1 - (F::kMantissa + 1) - 8;
+}
+
+// 2^n for n in [−126, 127] (a normal float32)
+inline float normal_power(int32_t n) {
+  const uint32_t word = static_cast<uint32_t>(n + 127) << 23;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+// 2^n, a float32 subnormal below 2⁻¹²⁶ (bfloat16 θ under 2⁻¹¹⁰). The shifts are clamped so
+// that the arm a select discards is defined too.
+template <typename T>
+inline float remainder_unit(T theta) {
+  const int32_t n = unit_exponent(theta);
+  const uint32_t normal = static_cast<uint32_t>(std::max(n + 127, 0)) << 23;
+  const uint32_t subnormal = 1U << std::min(std::max(n + 149, 0), 31);
+  const uint32_t word = n >= -126 ? normal : subnormal;
+  float unit;
+  std::memcpy(&unit, &word, sizeof unit);
+  return unit;
+}
+
+// x / 2^n, as torch divides by the unit, computed as x·2^a·2^b with a + b = −n: a product by a
+// power of two is exact unless it leaves the normal range, and here x·2^a lies between x
+// (a multiple of θ's float32 spacing, at least 2⁻⁸ units) and the quotient (at most a few
+// hundred units), so both products are exact and equal the (exact) quotient. One reciprocal
+// 2⁻ⁿ would overflow for n < −127; a vector division costs several multiplications.
+inline float divide_by_power(float x, int32_t n) {
+  const int32_t a = (-n) >> 1;  // floor(−n/2): a and −n − a in [−57, 71]
+  return (x * normal_power(a)) * normal_power(-n - a);
+}
+
+// w = θ + r·ulp(θ)/256 (torch: theta.float() + remainder.float() * unit; not fused)
+template <typename T>
+__attribute__((always_inline)) inline float load_master(const T* theta, const int8_t* remainder,
+                                                        int64_t k) {
+  return load(theta[k]) + static_cast<float>(remainder[k]) * remainder_unit(theta[k]);
+}
+
+// θ ← round-to-nearest(w), r ← what was lost in units of the new θ's ulp/256, rounded
+// stochastically with `random16` (uniform in [0, 2¹⁶)); r = 0 where w is NaN or infinite.
+template <typename T>
+__attribute__((always_inline)) inline void store_master(T* theta, int8_t* remainder, int64_t k,
+                                                        float weight, uint32_t random16) {
+  const T rounded = narrow(T{}, weight);
+  theta[k] = rounded;
+  const float offset = (static_cast<float>(random16) + 0.5f) / 65536.0f;
+  const float units =
+      std::floor(divide_by_power(weight - load(rounded), unit_exponent(rounded)) + offset);
+  const float clamped = std::min(std::max(units, -128.0f), 127.0f);
+  const bool finite = std::abs(weight) <= std::numeric_limits<float>::max();
+  remainder[k] = static_cast<int8_t>(finite ? clamped : 0.0f);
+}
+
+// The weight as the Adam element loop reads and writes it: a float32 θ itself, a compensated
+// one through its master weight (`rehash`: the element's second hash, mix(random)). Always
+// inlined: a call left in the element loop keeps it scalar.
+inline float load_weight(const float* theta, const int8_t*, int64_t k) { return theta[k]; }
+template <typename T>
+__attribute__((always_inline)) inline float load_weight(const T* theta, const int8_t* remainder,
+                                                        int64_t k) {
+  return load_master(theta, remainder, k);
+}
+inline void store_weight(float* theta, int8_t*, int64_t k, float weight, uint32_t) {
+  theta[k] = weight;
+}
+template <typename T>
+__attribute__((always_inline)) inline void store_weight(T* theta, int8_t* remainder, int64_t k,
+                                                        float weight, uint32_t rehash) {
+  store_master(theta, remainder, k, weight, rehash >> 16);
+}
+
+// ---- Adam/AdamW: the element loop, for float32 and compensated θ ---------------------------
+
 // `count` elements starting at element `first` of their tensor (the pointers already point
 // there). A 32-bit loop counter keeps the hash's index arithmetic in 32-bit vector lanes.
 // Cautious: decay after m_t, masked by the sign of m_t (that of m̂/(sqrt(v̂)+ε)).
-template <typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious = false>
+// T is θ's storage: float, or bfloat16 (uint16_t)/float16 (int16_t) words compensated by the
+// remainders `r` (nullptr for float); g and θ₀ are in θ's dtype, read as float32 (grad.float(),
+// reference.float() in the reference loop).
+template <typename T, typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious = false>
 __attribute__((always_inline)) inline void adam_elements(
-    float* __restrict p, const float* __restrict g, S* __restrict m, S* __restrict v,
-    S* __restrict vmax, const float* __restrict ref, uint32_t first, int32_t count,
-    const AdamScalars& s) {
+    T* __restrict p, int8_t* __restrict r, const T* __restrict g, S* __restrict m,
+    S* __restrict v, S* __restrict vmax, const T* __restrict ref, uint32_t first,
+    int32_t count, const AdamScalars& s) {
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
-    float grad, param = p[k];
-    apply_decay<Cautious ? Decay::kNone : D, Ref>(grad, param, g[k], ref, k, s.decay);
+    float grad, param = load_weight(p, r, k);
+    apply_decay<Cautious ? Decay::kNone : D, Ref>(grad, param, load(g[k]), ref, k, s.decay);
     float exp_avg = lerp(load(m[k]), grad, s.beta1_weight);
     // v.mul_(β2).addcmul_(g, g, value=1 − β2): torch fuses ((1 − β2)·g)·g + β2·v
     float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, load(v[k]) * s.beta2);
     if constexpr (Cautious) cautious_decay<Ref>(param, exp_avg, ref, k, s.decay);
     float second = exp_avg_sq;
     uint32_t random = mix((first + static_cast<uint32_t>(k)) ^ s.key);
+    const uint32_t rehash = mix(random);
     if constexpr (Amsgrad) {
       float previous = load(vmax[k]);
       // torch.maximum: a NaN in either operand gives NaN
       second = (previous > exp_avg_sq || previous != previous) ? previous : exp_avg_sq;
-      store(&vmax[k], second, mix(random) & 0xFFFFU);
+      store(&vmax[k], second, rehash & 0xFFFFU);
     }
     float denom = std::sqrt(second) / s.bias_correction2_sqrt + s.eps;
-    p[k] = param + s.lr_neg_step_size * exp_avg / denom;  // addcdiv_: not fused in torch
+    // addcdiv_: not fused in torch
+    store_weight(p, r, k, param + s.lr_neg_step_size * exp_avg / denom, rehash);
     store(&m[k], exp_avg, random & 0xFFFFU);
     store(&v[k], exp_avg_sq, random >> 16);
   }
@@ -200,18 +370,21 @@ inline void prefetch_block(const T* base, int32_t k) {
 }
 
 // One chunk of a tensor: its elements [first, first + count).
-template <typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious>
-void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
-                S* __restrict v, S* __restrict vmax, const float* __restrict ref, uint32_t first,
+template <typename T, typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious>
+void adam_chunk(T* __restrict p, int8_t* __restrict r, const T* __restrict g, S* __restrict m,
+                S* __restrict v, S* __restrict vmax, const T* __restrict ref, uint32_t first,
                 int32_t count, AdamScalars s) {
+  constexpr bool compensated = !std::is_same_v<T, float>;
   const auto elements = [&](int32_t k, int32_t n) {
-    adam_elements<S, Amsgrad, D, Ref, Cautious>(p + k, g + k, m + k, v + k, Amsgrad ? vmax + k : nullptr,
-                                      Ref ? ref + k : nullptr, first + k, n, s);
+    adam_elements<T, S, Amsgrad, D, Ref, Cautious>(
+        p + k, compensated ? r + k : nullptr, g + k, m + k, v + k,
+        Amsgrad ? vmax + k : nullptr, Ref ? ref + k : nullptr, first + k, n, s);
   };
   int32_t k = 0;
-  if constexpr (sizeof(S) < sizeof(float)) {
+  if constexpr (sizeof(S) < sizeof(float) || compensated) {
     for (; k + kBlock <= count; k += kBlock) {
       prefetch_block(p, k);
+      if constexpr (compensated) prefetch_block(r, k);
       prefetch_block(g, k);
       prefetch_block(m, k);
       prefetch_block(v, k);
@@ -223,42 +396,55 @@ void adam_chunk(float* __restrict p, const float* __restrict g, S* __restrict m,
   elements(k, count - k);
 }
 
-using AdamChunk = void (*)(float*, const float*, void*, void*, void*, const float*, int64_t,
-                           int64_t, AdamScalars);
+// θ, g, θ₀ of dtype T, moments of dtype S, the remainders (compensated T) or nullptr.
+using AdamChunk = void (*)(void*, int8_t*, const void*, void*, void*, void*, const void*,
+                           int64_t, int64_t, AdamScalars);
 
-template <typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious>
-void adam_chunk_erased(float* p, const float* g, void* m, void* v, void* vmax, const float* ref,
-                       int64_t begin, int64_t end, AdamScalars s) {
+template <typename T, typename S, bool Amsgrad, Decay D, bool Ref, bool Cautious>
+void adam_chunk_erased(void* p, int8_t* r, const void* g, void* m, void* v, void* vmax,
+                       const void* ref, int64_t begin, int64_t end, AdamScalars s) {
   auto at = [begin](void* base) { return base ? static_cast<S*>(base) + begin : nullptr; };
-  adam_chunk<S, Amsgrad, D, Ref, Cautious>(p + begin, g + begin, at(m), at(v), at(vmax),
-                                 ref ? ref + begin : nullptr, static_cast<uint32_t>(begin),
-                                 static_cast<int32_t>(end - begin), s);
+  adam_chunk<T, S, Amsgrad, D, Ref, Cautious>(
+      static_cast<T*>(p) + begin, r ? r + begin : nullptr, static_cast<const T*>(g) + begin,
+      at(m), at(v), at(vmax), ref ? static_cast<const T*>(ref) + begin : nullptr,
+      static_cast<uint32_t>(begin), static_cast<int32_t>(end - begin), s);
 }
 
-template <typename S, bool Amsgrad, Decay D, bool Cautious = false>
+template <typename T, typename S, bool Amsgrad, Decay D, bool Cautious = false>
 AdamChunk pick_adam(bool ref) {
-  return ref ? adam_chunk_erased<S, Amsgrad, D, true, Cautious>
-             : adam_chunk_erased<S, Amsgrad, D, false, Cautious>;
+  return ref ? adam_chunk_erased<T, S, Amsgrad, D, true, Cautious>
+             : adam_chunk_erased<T, S, Amsgrad, D, false, Cautious>;
 }
 
-template <typename S, bool Amsgrad>
+template <typename T, typename S, bool Amsgrad>
 AdamChunk pick_adam(Decay decay, bool ref, bool cautious) {
   switch (decay) {
-    case Decay::kL2: return pick_adam<S, Amsgrad, Decay::kL2>(ref);
+    case Decay::kL2: return pick_adam<T, S, Amsgrad, Decay::kL2>(ref);
     case Decay::kDecoupled:
-      return cautious ? pick_adam<S, Amsgrad, Decay::kDecoupled, true>(ref)
-                      : pick_adam<S, Amsgrad, Decay::kDecoupled>(ref);
-    default: return pick_adam<S, Amsgrad, Decay::kNone>(ref);
+      return cautious ? pick_adam<T, S, Amsgrad, Decay::kDecoupled, true>(ref)
+                      : pick_adam<T, S, Amsgrad, Decay::kDecoupled>(ref);
+    default: return pick_adam<T, S, Amsgrad, Decay::kNone>(ref);
   }
 }
 
+template <typename T>
 AdamChunk pick_adam(bool compact, bool amsgrad, Decay decay, bool ref, bool cautious) {
   if (compact) {
-    return amsgrad ? pick_adam<uint16_t, true>(decay, ref, cautious)
-                   : pick_adam<uint16_t, false>(decay, ref, cautious);
+    return amsgrad ? pick_adam<T, uint16_t, true>(decay, ref, cautious)
+                   : pick_adam<T, uint16_t, false>(decay, ref, cautious);
   }
-  return amsgrad ? pick_adam<float, true>(decay, ref, cautious)
-                 : pick_adam<float, false>(decay, ref, cautious);
+  return amsgrad ? pick_adam<T, float, true>(decay, ref, cautious)
+                 : pick_adam<T, float, false>(decay, ref, cautious);
+}
+
+// θ's dtype: float32, or bfloat16/float16 compensated (the only low-precision θ stepped here)
+AdamChunk pick_adam(at::ScalarType param_dtype, bool compact, bool amsgrad, Decay decay,
+                    bool ref, bool cautious) {
+  switch (param_dtype) {
+    case at::kBFloat16: return pick_adam<uint16_t>(compact, amsgrad, decay, ref, cautious);
+    case at::kHalf: return pick_adam<int16_t>(compact, amsgrad, decay, ref, cautious);
+    default: return pick_adam<float>(compact, amsgrad, decay, ref, cautious);
+  }
 }
 
 bool usable(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype) {
@@ -320,11 +506,22 @@ void for_each_chunk(at::TensorList params, const Update& update) {
 // GradScaler's protocol (torch's fused kernels take grad_scale the same way): the gradient
 // is divided by the loss scale and written back, g ← g / scale, as torch's fused Adam does. It
 // runs on the chunk the update reads next, so the gradients are still in cache; 1 means none.
-inline void unscale(float* __restrict g, int64_t begin, int64_t end, double grad_scale) {
+// A bfloat16/float16 g is divided in float32 and rounded to nearest (torch's div_).
+template <typename G>
+inline void unscale(G* __restrict g, int64_t begin, int64_t end, double grad_scale) {
   if (grad_scale == 1.0) return;
   const float scale = static_cast<float>(grad_scale);
 #pragma omp simd
-  for (int64_t k = begin; k < end; ++k) g[k] = g[k] / scale;
+  for (int64_t k = begin; k < end; ++k) g[k] = narrow(G{}, load(g[k]) / scale);
+}
+
+// unscale for a gradient of θ's dtype: float32, bfloat16 or float16 words
+inline void unscale(at::ScalarType dtype, void* g, int64_t begin, int64_t end, double grad_scale) {
+  switch (dtype) {
+    case at::kBFloat16: unscale(static_cast<uint16_t*>(g), begin, end, grad_scale); break;
+    case at::kHalf: unscale(static_cast<int16_t*>(g), begin, end, grad_scale); break;
+    default: unscale(static_cast<float*>(g), begin, end, grad_scale);
+  }
 }
 
 // Every step count a CPU float32 scalar, finite and >= 0. A negative or non-finite count
@@ -375,22 +572,33 @@ std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double b
   return scalars;
 }
 
-bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-                const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
-                const Tensors& references, const Tensors& steps, double lr, double beta1,
-                double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                bool amsgrad, bool maximize, double grad_scale, bool cautious) {
+// Adam/AdamW over float32 θ (`remainders` empty), or over bfloat16/float16 θ compensated by
+// int8 `remainders` (adam_compensated_step_); g and θ₀ in θ's dtype, float32 or bfloat16
+// moments.
+bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tensors& grads,
+                   const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
+                   const Tensors& max_exp_avg_sqs, const Tensors& references,
+                   const Tensors& steps, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, double decay, bool decoupled, bool amsgrad,
+                   bool maximize, double grad_scale, bool cautious) {
   const size_t n = params.size();
   if (n == 0) return true;
   if (exp_avgs.size() != n) return false;
   const auto state_dtype = exp_avgs[0].scalar_type();
   if (state_dtype != at::kFloat && state_dtype != at::kBFloat16) return false;
+  const auto param_dtype = params[0].scalar_type();
+  const bool compensated = !remainders.empty();
+  if (compensated ? param_dtype != at::kBFloat16 && param_dtype != at::kHalf
+                  : param_dtype != at::kFloat) {
+    return false;
+  }
   const bool ref = !references.empty();
-  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
+  if (!usable_list(params, params, param_dtype) || !usable_list(grads, params, param_dtype) ||
+      (compensated && !usable_list(remainders, params, at::kChar)) ||
       !usable_list(exp_avgs, params, state_dtype) ||
       !usable_list(exp_avg_sqs, params, state_dtype) ||
       (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) ||
-      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
+      (ref && !usable_list(references, params, param_dtype)) || steps.size() != n ||
       !disjoint(params)) {
     return false;
   }
@@ -398,20 +606,49 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
 
   const Decay mode = decay_mode(decoupled, weight_decay, decay);
   const AdamChunk chunk =
-      pick_adam(state_dtype == at::kBFloat16, amsgrad, mode, ref, cautious);
+      pick_adam(param_dtype, state_dtype == at::kBFloat16, amsgrad, mode, ref, cautious);
 
   const std::vector<AdamScalars> scalars =
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
-    unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
-    chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(), exp_avgs[t].data_ptr(),
-          exp_avg_sqs[t].data_ptr(), amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
-          ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
+    void* g = grads[t].data_ptr();
+    unscale(param_dtype, g, begin, end, grad_scale);
+    chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
+          exp_avgs[t].data_ptr(), exp_avg_sqs[t].data_ptr(),
+          amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
+          ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);
   });
   for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
+  if (compensated) bump_versions(remainders);
   if (grad_scale != 1.0) bump_versions(grads);
   if (amsgrad) bump_versions(max_exp_avg_sqs);
   return true;
+}
+
+bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+                const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+                const Tensors& references, const Tensors& steps, double lr, double beta1,
+                double beta2, double eps, double weight_decay, double decay, bool decoupled,
+                bool amsgrad, bool maximize, double grad_scale, bool cautious) {
+  return adam_any_step(params, {}, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references,
+                       steps, lr, beta1, beta2, eps, weight_decay, decay, decoupled, amsgrad,
+                       maximize, grad_scale, cautious);
+}
+
+// Compensated bfloat16/float16 θ (the section "Compensated ... weights" above): adam_step_'s
+// arguments with each parameter's int8 remainder; θ, g and θ₀ share θ's dtype.
+bool adam_compensated_step_(const Tensors& params, const Tensors& remainders,
+                            const Tensors& grads, const Tensors& exp_avgs,
+                            const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+                            const Tensors& references, const Tensors& steps, double lr,
+                            double beta1, double beta2, double eps, double weight_decay,
+                            double decay, bool decoupled, bool amsgrad, bool maximize,
+                            double grad_scale, bool cautious) {
+  if (remainders.size() != params.size()) return false;
+  if (params.empty()) return true;
+  return adam_any_step(params, remainders, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                       references, steps, lr, beta1, beta2, eps, weight_decay, decay,
+                       decoupled, amsgrad, maximize, grad_scale, cautious);
 }
 
 // ---- int8 moments (decoupled/optim/_int8.py) ----------------------------------------------
@@ -507,11 +744,12 @@ inline float block_scale(const float* values, int32_t count) {
 }
 
 // One block of `count` <= kInt8Block elements starting at element `first` of its tensor (the
-// pointers already point there); `scale_m`, `scale_v` point at the block's scales.
-template <Decay D, bool Ref>
-void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __restrict qm,
-                     uint8_t* __restrict qv, float* scale_m, float* scale_v,
-                     const float* __restrict ref, uint32_t first, int32_t count,
+// pointers already point there); `scale_m`, `scale_v` point at the block's scales. T is θ's
+// storage, as in adam_elements: float, or bfloat16/float16 compensated by the remainders `r`.
+template <typename T, Decay D, bool Ref>
+void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict g,
+                     int8_t* __restrict qm, uint8_t* __restrict qv, float* scale_m,
+                     float* scale_v, const T* __restrict ref, uint32_t first, int32_t count,
                      const AdamScalars& scalars) {
   // every loop runs on 32-bit lanes (codes widened first, narrowed last): a byte load or store
   // in a loop makes GCC process 64 elements at a time, which spills registers
@@ -529,8 +767,8 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
   const float sm = *scale_m, sv = *scale_v;
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
-    float grad, param = p[k];
-    apply_decay<D, Ref>(grad, param, g[k], ref, k, s.decay);
+    float grad, param = load_weight(p, r, k);
+    apply_decay<D, Ref>(grad, param, load(g[k]), ref, k, s.decay);
     const int32_t code = codes_m[k];
     const int32_t code_v = codes_v[k];
     // decode: (d(|q|)·s)·sign(q), the reference's order
@@ -541,7 +779,10 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
     const float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, v_old * s.beta2);
     const float root = std::sqrt(exp_avg_sq);
     const float denom = root / s.bias_correction2_sqrt + s.eps;
-    p[k] = param + s.lr_neg_step_size * exp_avg / denom;
+    // a compensated θ's remainder takes the rehash's high half, as with bfloat16 moments (the
+    // codes take the hash itself); a float32 θ does not compute it
+    const uint32_t rehash = mix(mix((first + static_cast<uint32_t>(k)) ^ s.key));
+    store_weight(p, r, k, param + s.lr_neg_step_size * exp_avg / denom, rehash);
     m[k] = exp_avg;
     v[k] = exp_avg_sq;
     root_v[k] = root;
@@ -560,32 +801,46 @@ void adam_int8_block(float* __restrict p, const float* __restrict g, int8_t* __r
   *scale_v = new_sv;
 }
 
-using Int8Chunk = void (*)(float*, const float*, int8_t*, uint8_t*, float*, float*, const float*,
-                           int64_t, int64_t, const AdamScalars&);
+// θ, g, θ₀ of θ's dtype, the remainders (compensated θ) or nullptr, codes and scales.
+using Int8Chunk = void (*)(void*, int8_t*, const void*, int8_t*, uint8_t*, float*, float*,
+                           const void*, int64_t, int64_t, const AdamScalars&);
 
 // The elements [begin, end) of a tensor, begin a multiple of kInt8Block (for_each_chunk's).
-template <Decay D, bool Ref>
-void adam_int8_chunk(float* p, const float* g, int8_t* qm, uint8_t* qv, float* scale_m,
-                     float* scale_v, const float* ref, int64_t begin, int64_t end,
+template <typename T, Decay D, bool Ref>
+void adam_int8_chunk(void* p, int8_t* r, const void* g, int8_t* qm, uint8_t* qv, float* scale_m,
+                     float* scale_v, const void* ref, int64_t begin, int64_t end,
                      const AdamScalars& s) {
+  T* const theta = static_cast<T*>(p);
+  const T* const grad = static_cast<const T*>(g);
+  const T* const init = static_cast<const T*>(ref);
   for (int64_t k = begin; k < end; k += kInt8Block) {
     const int64_t block = k / kInt8Block;
-    adam_int8_block<D, Ref>(p + k, g + k, qm + k, qv + k, scale_m + block, scale_v + block,
-                            Ref ? ref + k : nullptr, static_cast<uint32_t>(k),
-                            static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s);
+    adam_int8_block<T, D, Ref>(theta + k, r ? r + k : nullptr, grad + k, qm + k, qv + k,
+                               scale_m + block, scale_v + block, Ref ? init + k : nullptr,
+                               static_cast<uint32_t>(k),
+                               static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s);
   }
 }
 
-template <Decay D>
+template <typename T, Decay D>
 Int8Chunk pick_adam_int8(bool ref) {
-  return ref ? adam_int8_chunk<D, true> : adam_int8_chunk<D, false>;
+  return ref ? adam_int8_chunk<T, D, true> : adam_int8_chunk<T, D, false>;
 }
 
+template <typename T>
 Int8Chunk pick_adam_int8(Decay decay, bool ref) {
   switch (decay) {
-    case Decay::kL2: return pick_adam_int8<Decay::kL2>(ref);
-    case Decay::kDecoupled: return pick_adam_int8<Decay::kDecoupled>(ref);
-    default: return pick_adam_int8<Decay::kNone>(ref);
+    case Decay::kL2: return pick_adam_int8<T, Decay::kL2>(ref);
+    case Decay::kDecoupled: return pick_adam_int8<T, Decay::kDecoupled>(ref);
+    default: return pick_adam_int8<T, Decay::kNone>(ref);
+  }
+}
+
+Int8Chunk pick_adam_int8(at::ScalarType param_dtype, Decay decay, bool ref) {
+  switch (param_dtype) {
+    case at::kBFloat16: return pick_adam_int8<uint16_t>(decay, ref);
+    case at::kHalf: return pick_adam_int8<int16_t>(decay, ref);
+    default: return pick_adam_int8<float>(decay, ref);
   }
 }
 
@@ -602,38 +857,50 @@ bool usable_scales(const Tensors& scales, at::TensorList params) {
   return true;
 }
 
-// Adam/AdamW (no amsgrad: _int8.py refuses it) with int8 moments; as adam_step_ otherwise.
-bool adam_int8_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-                     const Tensors& exp_avg_sqs, const Tensors& exp_avg_scales,
-                     const Tensors& exp_avg_sq_scales, const Tensors& references,
-                     const Tensors& steps, double lr, double beta1, double beta2, double eps,
-                     double weight_decay, double decay, bool decoupled, bool maximize,
-                     double grad_scale) {
+// Adam/AdamW (no amsgrad: _int8.py refuses it) with int8 moments, over float32 θ (`remainders`
+// empty) or bfloat16/float16 θ compensated by int8 `remainders`; as adam_step_ otherwise.
+bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Tensors& grads,
+                     const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
+                     const Tensors& exp_avg_scales, const Tensors& exp_avg_sq_scales,
+                     const Tensors& references, const Tensors& steps, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, double decay, bool decoupled,
+                     bool maximize, double grad_scale) {
   const size_t n = params.size();
   if (n == 0) return true;
+  const auto param_dtype = params[0].scalar_type();
+  const bool compensated = !remainders.empty();
+  if (compensated ? remainders.size() != n ||
+                        (param_dtype != at::kBFloat16 && param_dtype != at::kHalf)
+                  : param_dtype != at::kFloat) {
+    return false;
+  }
   const bool ref = !references.empty();
-  if (!usable_list(params, params, at::kFloat) || !usable_list(grads, params, at::kFloat) ||
+  if (!usable_list(params, params, param_dtype) || !usable_list(grads, params, param_dtype) ||
+      (compensated && !usable_list(remainders, params, at::kChar)) ||
       !usable_list(exp_avgs, params, at::kChar) || !usable_list(exp_avg_sqs, params, at::kByte) ||
       !usable_scales(exp_avg_scales, params) || !usable_scales(exp_avg_sq_scales, params) ||
-      (ref && !usable_list(references, params, at::kFloat)) || steps.size() != n ||
+      (ref && !usable_list(references, params, param_dtype)) || steps.size() != n ||
       !disjoint(params)) {
     return false;
   }
   if (!usable_steps(steps)) return false;
-  const Int8Chunk chunk = pick_adam_int8(decay_mode(decoupled, weight_decay, decay), ref);
+  const Int8Chunk chunk =
+      pick_adam_int8(param_dtype, decay_mode(decoupled, weight_decay, decay), ref);
   const std::vector<AdamScalars> scalars =
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
-    unscale(grads[t].data_ptr<float>(), begin, end, grad_scale);
-    chunk(params[t].data_ptr<float>(), grads[t].data_ptr<float>(),
+    void* g = grads[t].data_ptr();
+    unscale(param_dtype, g, begin, end, grad_scale);
+    chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
           exp_avgs[t].data_ptr<int8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
           exp_avg_scales[t].data_ptr<float>(), exp_avg_sq_scales[t].data_ptr<float>(),
-          ref ? references[t].data_ptr<float>() : nullptr, begin, end, scalars[t]);
+          ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);
   });
   for (at::TensorList written :
        {params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps}) {
     bump_versions(written);
   }
+  if (compensated) bump_versions(remainders);
   if (grad_scale != 1.0) bump_versions(grads);
   return true;
 }
@@ -739,6 +1006,8 @@ bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momen
 // tensors). The GIL is released while the threads work.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_step_", &adam_step_, py::call_guard<py::gil_scoped_release>());
+  m.def("adam_compensated_step_", &adam_compensated_step_,
+        py::call_guard<py::gil_scoped_release>());
   m.def("sgd_step_", &sgd_step_, py::call_guard<py::gil_scoped_release>());
   m.def("adam_int8_step_", &adam_int8_step_, py::call_guard<py::gil_scoped_release>());
 }
