@@ -191,14 +191,12 @@ def test_invalid_compensate_names_the_value():
         decoupled.AdamW([torch.nn.Parameter(torch.zeros(1))], compensate="yes")
 
 
-def test_asking_for_triton_turns_the_default_compensation_off_and_refuses_the_rest():
-    """The Triton kernels keep neither remainders nor int8 codes: triton=True makes the
-    default compensation off, and refuses compensate=True and int8 moments by name."""
+def test_asking_for_triton_keeps_compensation_and_int8_moments():
+    """The Triton kernel keeps the remainder and int8 codes (``test_triton_compact.py``):
+    triton=True leaves ``compensate`` and ``state_dtype`` as given."""
     param = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
-    optimizer = decoupled.AdamW([param], triton=True)
-    assert optimizer.param_groups[0]["compensate"] is False
-    assert decoupled.AdamW([param]).param_groups[0]["compensate"] is None
-    with pytest.raises(ValueError, match="Invalid compensate value: True with triton=True"):
-        decoupled.AdamW([param], triton=True, compensate=True)
-    with pytest.raises(ValueError, match="Invalid state_dtype value: int8 with triton=True"):
-        decoupled.AdamW([param.detach().float().requires_grad_()], triton=True, state_dtype="int8")
+    for compensate in (None, True, False):
+        optimizer = decoupled.AdamW([param], triton=True, compensate=compensate)
+        assert optimizer.param_groups[0]["compensate"] is compensate
+    optimizer = decoupled.AdamW([param], triton=True, state_dtype="int8")
+    assert optimizer.param_groups[0]["state_dtype"] == torch.int8

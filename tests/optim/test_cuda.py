@@ -1,7 +1,8 @@
 """The Triton path compiled on a GPU: the default for CUDA parameters, equal to the reference
-loop, no host synchronization in ``step()`` (``torch.cuda.set_sync_debug_mode("error")``), a
-training step captured in a CUDA graph and replayed equal to eager steps, and the benchmark.
-Skipped without CUDA (the same kernels run under the interpreter in ``test_triton.py``)."""
+loop (compensated bfloat16/float16 θ included), no host synchronization in ``step()``
+(``torch.cuda.set_sync_debug_mode("error")``), a training step captured in a CUDA graph and
+replayed equal to eager steps, and the benchmark. Skipped without CUDA (the same kernels run
+under the interpreter in ``test_triton.py`` and ``test_triton_compact.py``)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,83 @@ def test_compiled_kernels_match_the_reference_loop(cls, options):
                 torch.testing.assert_close(
                     ours.state[p][key].float().cpu(), value.float().cpu(), rtol=rtol, atol=1e-6
                 )
+
+
+@pytest.mark.parametrize(
+    "cls,dtype,options",
+    [
+        (decoupled.AdamW, torch.bfloat16, {"amsgrad": True, "weight_decay": 0.1}),
+        (decoupled.AdamW, torch.bfloat16, {"cautious": True, "decay_to": "init"}),
+        (decoupled.AdamW, torch.float16, {"state_dtype": torch.bfloat16, "maximize": True}),
+        (decoupled.SGDW, torch.bfloat16, {"momentum": 0.9, "nesterov": True}),
+    ],
+)
+def test_compiled_kernel_steps_compensated_weights_like_the_reference_loop(
+    cls, dtype, options, monkeypatch
+):
+    """Compensated θ (``param_remainder``) by default on CUDA: the Triton kernel launched,
+    master weights θ + r·ulp/256 within one remainder unit per step of the reference loop's
+    and at least 99 % of θ, r and the moments bit for bit (``test_triton_compact.py`` says
+    why not all)."""
+    from decoupled.optim import _triton_kernels
+    from decoupled.optim._compensated import _unit, master
+
+    name = "adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"
+    kernel, launched = getattr(_triton_kernels, name), []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    reference_params, params = make_params(dtype), make_params(dtype)
+    options = {"weight_decay": 0.5} | options
+    reference = run(cls, reference_params, fused=False, lr=1e-3, **options)
+    monkeypatch.setattr(_triton_kernels, name, Counting())
+    ours = run(cls, params, lr=1e-3, **options)
+    assert len(launched) == 5
+    differing = total = 0
+    for p, q in zip(params, reference_params):
+        state_p, state_q = ours.state[p], reference.state[q]
+        assert set(state_p) == set(state_q) and "param_remainder" in state_p
+        ours_weight = master(p.detach(), state_p["param_remainder"]).double()
+        weight = master(q.detach(), state_q["param_remainder"]).double()
+        units = 5 * _unit(q.detach()).double()  # at most one a step
+        assert bool(((ours_weight - weight).abs() <= units + 2**-22 * weight.abs()).all())
+        pairs = [(p.detach(), q.detach())]
+        pairs += [(state_p[k], state_q[k]) for k in state_q if k != "step"]
+        for a, b in pairs:
+            assert a.dtype == b.dtype
+            same = a.view(torch.int16) == b.view(torch.int16) if a.element_size() == 2 else a == b
+            differing, total = differing + int((~same).sum()), total + same.numel()
+    assert differing <= 0.01 * total, (differing, total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_steps_int8_moments_like_the_reference_loop(dtype, monkeypatch):
+    """int8 moments on CUDA take the Triton kernel by default; AdamW's moments do not read
+    θ, so with the same gradients the codes and scales are the reference loop's bit for bit
+    (float32 θ, or compensated bfloat16 θ's float32 master weight)."""
+    from decoupled.optim import _triton_kernels
+
+    kernel, launched = _triton_kernels.adam_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    options = {"lr": 1e-3, "weight_decay": 0.1, "state_dtype": "int8"}
+    reference_params, params = make_params(dtype), make_params(dtype)
+    reference = run(decoupled.AdamW, reference_params, fused=False, **options)
+    monkeypatch.setattr(_triton_kernels, "adam_kernel", Counting())
+    ours = run(decoupled.AdamW, params, **options)
+    assert len(launched) == 5
+    for p, q in zip(params, reference_params):
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+            assert torch.equal(ours.state[p][key], reference.state[q][key]), key
+        if dtype == torch.float32:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("capturable", [False, True])

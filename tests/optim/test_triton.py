@@ -229,7 +229,7 @@ def test_low_precision_params_compute_in_float32_and_round_once(cls, dtype, laun
     if cls is decoupled.SGDW:
         options["momentum"] = 0.9
     (param,) = make_params(shapes=[(150,)], dtype=dtype)
-    optimizer = cls([param], triton=True, **options)  # compensation is off with triton=True
+    optimizer = cls([param], triton=True, compensate=False, **options)  # test_triton_compact
     generator = torch.Generator().manual_seed(5)
     for _ in range(3):
         grad = torch.randn(param.shape, generator=generator).to(dtype)
@@ -529,6 +529,10 @@ def test_bench_runs_end_to_end_under_the_interpreter(capsys):
     for name in names:  # a layout row and a training-step row each
         rows = [line for line in lines if re.search(re.escape(name) + r" {2,}\d", line)]
         assert len(rows) == 2, (name, lines)
+    # int8 moments and compensated bfloat16 θ: a layout row each (none for the tiny model)
+    for name in ("decoupled triton int8", "decoupled triton bf16 θ+r", "bf16 θ+r int8"):
+        rows = [line for line in lines if re.search(re.escape(name) + r" {2,}\d", line)]
+        assert len(rows) == 1, (name, lines)
 
 
 def test_autograd_notices_the_kernel_changed_a_parameter():

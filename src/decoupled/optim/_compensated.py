@@ -108,16 +108,3 @@ def init_remainder(compensate: bool | None, param: Tensor, state: dict) -> None:
         state[REMAINDER] = torch.zeros_like(param, dtype=torch.int8)
     elif state[REMAINDER].dtype != torch.int8:
         state[REMAINDER] = state[REMAINDER].to(torch.int8)
-
-
-def compensation_with_triton(compensate: bool | None, triton: bool | None) -> bool | None:
-    """``compensate`` as a group keeps it: the Triton kernels keep no remainder, so asking for
-    them (``triton=True``) turns the default compensation off and refuses ``True``."""
-    if not triton:
-        return compensate
-    if compensate:
-        raise ValueError(
-            "Invalid compensate value: True with triton=True (the Triton kernels do not keep "
-            "the remainder; use compensate=None or False, or triton=None)"
-        )
-    return False

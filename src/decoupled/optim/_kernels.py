@@ -7,7 +7,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 0. **The one-pass Triton kernel** (``_triton_kernels.py``, launched by ``_triton.py``): CUDA
    parameters when ``triton`` is installed (``triton=None``, the default), or whenever
    ``triton=True`` (CPU tensors only under the Triton interpreter); every option of the C++
-   kernel, float32/bfloat16/float16 θ computed in float32, no host synchronization.
+   kernel, float32/bfloat16/float16 θ computed in float32, compensated bfloat16/float16 θ
+   (Adam/AdamW, SGD/SGDW) and int8 moments (``_triton_compact.py``), no host synchronization.
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, cautious
    decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state; int8 moments, ``_int8.py``,
@@ -25,8 +26,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    gradient laid out otherwise is copied into its parameter's layout first, and a parameter
    whose moments are laid out otherwise (or that is not dense) takes the reference loop.
 3. **The reference loop** for everything else: complex parameters, stacked per-run learning
-   rates (the lab's batched executor), int8 moments of parameters the C++ kernel does not
-   take (CUDA ones included: no Triton kernel for them yet), compensated bfloat16/float16
+   rates (the lab's batched executor), int8 moments of parameters neither kernel takes,
+   compensated bfloat16/float16
    weights the C++ kernel does not take (float16 moments, groups mixing them with other
    parameters, ``fused=False``), tensor
    subclasses (DTensor shards take their local tensors' path, ``_shards.py``), CUDA tensors
@@ -359,9 +360,11 @@ def choose_adam_update(
 ) -> Callable:
     """The first path of the module docstring's list that applies to this step; a fast path
     falls back on ``reference`` for the tensors it cannot take. DTensor shards take the path of
-    their local tensors (``_shards.py``). Only the C++ kernel keeps the remainder of
-    ``compensated`` weights; the other paths would drop it."""
+    their local tensors (``_shards.py``). Only the C++ and Triton kernels keep the remainder
+    of ``compensated`` weights; the other paths would drop it."""
     if compensated:
+        if not is_sharded(params) and use_triton(triton, fused, params):
+            return _falling_back(triton_adam_update, reference)
         applies = fused is not False and _kernel_applies(params, lr, compensated=True)
         return _falling_back(kernel_adam_update, reference) if applies else reference
     if is_sharded(params) and fused is not False:

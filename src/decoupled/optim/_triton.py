@@ -9,13 +9,15 @@ Which parameters take it (the ``triton`` keyword of the optimizers):
 - ``False``: never.
 
 The launcher steps a whole list at once: the tensors are grouped by (device, θ dtype, state
-dtype), and each group is one launch over a table of chunks (``_triton_kernels.py``). The
-tables are cached by their content (addresses, sizes, positions), so a training loop whose
-tensors stay put builds them once and a CUDA graph replays them. It refuses (the reference
-loop steps instead, as for the C++ kernel) a list with a tensor it cannot take: a tensor
-subclass, complex or float64 parameters, sparse gradients, state or gradients laid out unlike
-their parameter (a gradient is first copied into its parameter's layout), parameters sharing
-memory, step counters not on the parameters' device, or one lr per stacked run.
+dtype, compensated or not), and each group is one launch over a table of chunks
+(``_triton_kernels.py``). The tables are cached by their content (addresses, sizes,
+positions), so a training loop whose tensors stay put builds them once and a CUDA graph
+replays them. It refuses (the reference loop steps instead, as for the C++ kernel) a list
+with a tensor it cannot take: a tensor subclass, complex or float64 parameters, sparse
+gradients, state or gradients laid out unlike their parameter (a gradient is first copied
+into its parameter's layout), parameters sharing memory, step counters not on the
+parameters' device, one lr per stacked run, or int8 moments of uncompensated
+bfloat16/float16 θ. With int8 moments a program steps whole blocks of 256.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from decoupled.optim._layout import in_layout_of, is_dense
+from decoupled.optim._shards import local
+from decoupled.optim._triton_state import (
+    adam_dtypes_ok,
+    buffer_dtype,
+    int8_chunk,
+    int8_scales,
+    rounds,
+    sgd_dtypes_ok,
+    stand_in_remainders,
+    state_pointer_dtype,
+    tl_dtypes,
+)
 
 #: Elements per program (one chunk); tests lower it to cross chunk boundaries cheaply.
 BLOCK = 1024
@@ -200,16 +214,18 @@ def _refused(
 _tables: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
-def _tables_for(rows: list[tuple[int, ...]], device: torch.device) -> tuple[Tensor, Tensor]:
+def _tables_for(
+    rows: list[tuple[int, ...]], device: torch.device, block: int
+) -> tuple[Tensor, Tensor]:
     """The tensor table and the chunk table of these rows on ``device``, each cached by its
-    content: the chunk table (the large one: a row per ``BLOCK`` elements) depends only on
+    content: the chunk table (the large one: a row per ``block`` elements) depends only on
     the sizes, so gradients reallocated at every step (``zero_grad()`` sets them to None)
     cost only a new tensor table, a few bytes per tensor copied without waiting."""
     numels = tuple(row[NUMEL] for row in rows)
     table = _cached((device, "tensors", *rows), lambda: rows, device)
     chunk_table = _cached(
-        (device, "chunks", BLOCK, *numels),
-        lambda: [(row, first) for row, n in enumerate(numels) for first in range(0, n, BLOCK)],
+        (device, "chunks", block, *numels),
+        lambda: [(row, first) for row, n in enumerate(numels) for first in range(0, n, block)],
         device,
     )
     return table, chunk_table.reshape(-1, 2)
@@ -233,12 +249,16 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _by_kind(params: list[Tensor], state: list[Tensor]) -> dict[tuple, list[int]]:
-    """Indices of the list grouped by (device, θ dtype, state dtype): one launch each."""
+def _by_kind(
+    params: list[Tensor], state: list[Tensor], remainders: list[Tensor | None] | None = None
+) -> dict[tuple, list[int]]:
+    """Indices of the list grouped by (device, θ dtype, state dtype, compensated): one launch
+    each."""
     kinds: dict[tuple, list[int]] = {}
     for index, param in enumerate(params):
+        compensated = remainders is not None and remainders[index] is not None
         kind = (param.device, param.dtype, state[index].dtype if state else param.dtype)
-        kinds.setdefault(kind, []).append(index)
+        kinds.setdefault((*kind, compensated), []).append(index)
     return kinds
 
 
@@ -284,18 +304,28 @@ def triton_adam_update(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     cautious: bool = False,
+    remainders: list[Tensor | None] | None = None,
+    coded_states: list[dict] | None = None,
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the Triton kernel,
     or through ``fallback`` when the launcher refuses the list. ``found_inf``: a device flag;
-    nonzero makes the step change nothing (step counts included), decided on the device."""
+    nonzero makes the step change nothing (step counts included), decided on the device.
+    With ``coded_states`` (int8 moments) each program steps whole blocks of 256 elements."""
     from decoupled.optim import _triton_kernels as kernels
 
     refs = [] if references is None or references[0] is None else list(references)
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
     state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [refs] * bool(refs)
+    remainders = local(remainders)  # DTensor shards' remainders: their local tensors, as θ's
+    kept = stand_in_remainders(params, remainders)
     if not params:
         return
-    if _refused(params, grads, state, lr, state_steps) or not _adam_dtypes_ok(params, exp_avgs):
+    scales = int8_scales(params, coded_states)
+    if (
+        _refused(params, grads, state + [kept], lr, state_steps)
+        or not adam_dtypes_ok(params, exp_avgs, remainders, coded=scales is not None)
+        or (coded_states is not None and (scales is None or amsgrad))
+    ):  # fmt: skip
         given = {
             "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
             "decoupled": decoupled, "decay_rate": decay_rate, "amsgrad": amsgrad,
@@ -305,13 +335,19 @@ def triton_adam_update(
             given["cautious"] = True
         if grad_scale is not None:
             given["grad_scale"] = grad_scale
+        if remainders is not None:
+            given["remainders"] = remainders
+        if coded_states is not None:
+            given["coded_states"] = coded_states
         if found_inf is not None and bool(found_inf):  # the reference loop reads it on the host
             return
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
         return
 
     decay = _decay_mode(decoupled, weight_decay, decay_rate)
-    for (device, dtype, state_dtype), indices in _by_kind(params, exp_avgs).items():
+    for (device, dtype, state_dtype, compensated), indices in _by_kind(
+        params, exp_avgs, remainders
+    ).items():
         dummy = state_steps[indices[0]]
         steps = [state_steps[i] for i in indices]
         if found_inf is None:
@@ -323,11 +359,13 @@ def triton_adam_update(
                 params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                 exp_avg_sqs[i].data_ptr(), _address(max_exp_avg_sqs[i]) if amsgrad else 0,
                 refs[i].data_ptr() if refs else 0, state_steps[i].data_ptr(),
-                params[i].numel(), i,
+                params[i].numel(), i, kept[i].data_ptr() if compensated else 0,
+                *((scales[0][i].data_ptr(), scales[1][i].data_ptr()) if scales else (0, 0)),
             )
             for i in indices
         ]  # fmt: skip
-        table, chunks = _tables_for(rows, device)
+        block = int8_chunk(BLOCK) if scales else BLOCK
+        table, chunks = _tables_for(rows, device, block)
         if chunks.shape[0] == 0:  # only empty tensors
             continue
         lr_arg = _Scalar(lr, device, dummy)
@@ -340,13 +378,17 @@ def triton_adam_update(
             scale_ptr, skip_ptr,
             _bias_corrections(steps, beta1, beta2), beta1, beta2,
             float(eps), float(weight_decay),
-            DTYPE=_TL_DTYPES()[dtype], STATE=_state_pointer_dtype(dtype, state_dtype),
-            ROUND=_rounds(dtype, state_dtype), DECAY=decay, REF=bool(refs), AMSGRAD=amsgrad,
-            MAXIMIZE=maximize, CAUTIOUS=bool(cautious), LR_TENSOR=lr_arg.is_tensor,
-            RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip, BLOCK=BLOCK,
+            DTYPE=tl_dtypes()[dtype], STATE=state_pointer_dtype(dtype, state_dtype, compensated),
+            ROUND=rounds(dtype, state_dtype, compensated), DECAY=decay, REF=bool(refs),
+            AMSGRAD=amsgrad, MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
+            LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip,
+            COMPENSATE=compensated, CODED=scales is not None, BLOCK=block,
             num_warps=NUM_WARPS,
         )  # fmt: skip
     _bump_versions(params, exp_avgs, exp_avg_sqs, state_steps)
+    _bump_versions([r for r in remainders or [] if r is not None])
+    if scales:
+        _bump_versions(*scales)
     if amsgrad:
         _bump_versions(max_exp_avg_sqs)
     if grad_scale is not None:
@@ -370,22 +412,31 @@ def triton_sgd_update(
     references: list[Tensor | None] | None = None,
     grad_scale: Tensor | None = None,
     cautious: bool = False,
+    remainders: list[Tensor | None] | None = None,
+    step: float = 1.0,
 ) -> None:
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the Triton kernel, or
     through ``fallback`` when the launcher refuses the list; new momentum buffers are written
-    back into ``momentum_buffers`` as the reference does."""
+    back into ``momentum_buffers`` as the reference does (float32 for compensated θ)."""
     from decoupled.optim import _triton_kernels as kernels
 
     if not params:
         return
     refs = [] if references is None or references[0] is None else list(references)
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
+    remainders = local(remainders) or None  # DTensor shards: their local tensors, as θ's
+    kept = stand_in_remainders(params, remainders)
     has_momentum = momentum != 0
     fresh = [b is None for b in momentum_buffers] if has_momentum else [False] * len(params)
-    buffers = [torch.empty_like(p) if f else b for p, b, f in zip(params, momentum_buffers, fresh)]
+    buffers = [
+        torch.empty_like(p, dtype=buffer_dtype(p, r)) if f else b
+        for p, r, f, b in zip(params, remainders or [None] * len(params), fresh, momentum_buffers)
+    ]
     state = ([buffers] if has_momentum else []) + ([refs] if refs else [])
-    if _refused(params, grads, state, lr, None) or any(
-        g.is_sparse for g in grads
+    if (
+        _refused(params, grads, state + [kept], lr, None)
+        or any(g.is_sparse for g in grads)
+        or not sgd_dtypes_ok(params, buffers if has_momentum else [], remainders)
     ):  # fmt: skip
         given = {
             "lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
@@ -396,21 +447,24 @@ def triton_sgd_update(
             given["cautious"] = True
         if grad_scale is not None:
             given["grad_scale"] = grad_scale
+        if remainders is not None:
+            given |= {"remainders": remainders, "step": step}
         fallback(params, grads, momentum_buffers, **given)
         return
 
     decay = _decay_mode(decoupled, weight_decay, decay_rate)
-    for (device, dtype, _), indices in _by_kind(params, []).items():
+    for (device, dtype, _, compensated), indices in _by_kind(params, [], remainders).items():
         dummy = params[indices[0]]
         rows = [
             (
                 params[i].data_ptr(), grads[i].data_ptr(),
                 buffers[i].data_ptr() if has_momentum else 0, 0, 0,
-                refs[i].data_ptr() if refs else 0, 0, params[i].numel(), int(fresh[i]),
+                refs[i].data_ptr() if refs else 0, i, params[i].numel(), int(fresh[i]),
+                kept[i].data_ptr() if compensated else 0, 0, 0,
             )
             for i in indices
         ]  # fmt: skip
-        table, chunks = _tables_for(rows, device)
+        table, chunks = _tables_for(rows, device, BLOCK)
         if chunks.shape[0] == 0:  # only empty tensors
             continue
         lr_arg = _Scalar(lr, device, dummy)
@@ -420,14 +474,17 @@ def triton_sgd_update(
             chunks, table,
             lr_arg.hi, lr_arg.lo, lr_arg.ptr, rate_arg.hi, rate_arg.lo, rate_arg.ptr,
             scale_ptr, skip_ptr, float(momentum), float(dampening), float(weight_decay),
-            DTYPE=_TL_DTYPES()[dtype], DECAY=decay, REF=bool(refs), MOMENTUM=has_momentum,
-            NESTEROV=bool(nesterov), MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
-            LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale,
-            SKIP=skip, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            int(step), DTYPE=tl_dtypes()[dtype],
+            BUFFER=tl_dtypes()[torch.float32 if compensated else dtype], DECAY=decay,
+            REF=bool(refs), MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=maximize,
+            CAUTIOUS=bool(cautious), LR_TENSOR=lr_arg.is_tensor,
+            RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip, COMPENSATE=compensated,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     if has_momentum:
         momentum_buffers[:] = buffers
         _bump_versions(buffers)
+    _bump_versions([r for r in remainders or [] if r is not None])
     _bump_versions(params)
     if grad_scale is not None:
         _bump_versions(grads)
@@ -440,27 +497,3 @@ def _decay_mode(decoupled: bool, weight_decay: float, decay_rate: float | Tensor
         zero = not isinstance(decay_rate, Tensor) and decay_rate == 0
         return NO_DECAY if zero else DECOUPLED_DECAY
     return L2_DECAY if weight_decay != 0 else NO_DECAY
-
-
-def _adam_dtypes_ok(params: list[Tensor], exp_avgs: list[Tensor]) -> bool:
-    """Moments in θ's dtype, or bfloat16 (rounded stochastically) beside wider θ."""
-    return all(m.dtype in (p.dtype, torch.bfloat16) for p, m in zip(params, exp_avgs))
-
-
-def _rounds(dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
-    """bfloat16 moments of a wider θ are rounded stochastically (``_compact.py``); moments in
-    θ's own dtype round to nearest, as the reference's operations in that dtype do."""
-    return state_dtype == torch.bfloat16 and dtype != torch.bfloat16
-
-
-def _state_pointer_dtype(dtype: torch.dtype, state_dtype: torch.dtype):
-    import triton.language as tl
-
-    return tl.uint16 if _rounds(dtype, state_dtype) else _TL_DTYPES()[state_dtype]
-
-
-@cache
-def _TL_DTYPES() -> dict:  # noqa: N802  (a constant, built once triton is imported)
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

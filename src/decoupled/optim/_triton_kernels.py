@@ -26,6 +26,14 @@ key = lowbias32(uint32(t)·0x9E3779B9 ^ uint32(position)·0x85EBCA6B), bits =
 lowbias32(element ^ key), m takes the low 16 bits, v the high 16, max(v) lowbias32(bits) &
 0xFFFF; the rounded value is ``(bits(x) + r) >> 16``, NaN stored as 0x7FC0.
 
+Compensated bfloat16/float16 θ (``_compensated.py``) is the constexpr ``COMPENSATE``: the
+step runs on the float32 master weight θ + r·ulp(θ)/256, loaded and stored by
+``_triton_compact.py`` (r's 16 random bits: lowbias32(bits) >> 16), and bfloat16 moments are
+then rounded stochastically, as the reference loop rounds them beside a float32 master.
+int8 moments are the constexpr ``CODED``: m and v decoded before the step and coded after it
+(``_triton_compact.py``, m with the low 16 bits, v the high 16), each program owning whole
+blocks of 256 elements (the launcher's chunks are then multiples of 256).
+
 Cautious weight decay (Chen, Li, Liang et al., arXiv 2510.12402) is the constexpr
 ``CAUTIOUS``: the decoupled decay applies where u and θ − θ₀ agree in sign (zero agrees, a
 NaN does not), u being the update direction (Adam: m_t; SGD: the buffer b_t, g + μ·b_t with
@@ -37,11 +45,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from decoupled.optim._triton_compact import load_int8, load_master, store_int8, store_master
+
 #: Columns of the tensor table: addresses of θ, g, m (or the momentum buffer), v, max(v), θ₀,
-#: the step counter, then the element count and the tensor's position in the list (its
-#: stochastic-rounding key; for SGD: 1 where the momentum buffer is fresh).
+#: the step counter (for SGD: the tensor's position in the list), then the element count and
+#: the tensor's position in the list (its stochastic-rounding key; for SGD: 1 where the
+#: momentum buffer is fresh), then the address of compensated θ's remainder and those of
+#: int8 moments' scales (``_triton_compact.py``).
 THETA, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, REFERENCE, STEP, NUMEL, POSITION = range(9)
-TABLE_COLUMNS = 9
+REMAINDER, EXP_AVG_SCALE, EXP_AVG_SQ_SCALE = 9, 10, 11
+TABLE_COLUMNS = tl.constexpr(12)
 
 #: Decay modes (constexpr ``DECAY``).
 NO_DECAY, L2_DECAY, DECOUPLED_DECAY = 0, 1, 2
@@ -115,7 +128,7 @@ def _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP: tl.constexpr, BLOCK: tl.conste
     pid = tl.program_id(0)
     tensor = tl.load(chunks_ptr + 2 * pid)
     first = tl.load(chunks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor * 9
+    row = table_ptr + tensor * TABLE_COLUMNS
     idx = first + tl.arange(0, BLOCK)
     mask = idx < tl.load(row + 7)
     if SKIP:
@@ -158,9 +171,11 @@ def adam_kernel(
     DTYPE: tl.constexpr, STATE: tl.constexpr, ROUND: tl.constexpr, DECAY: tl.constexpr,
     REF: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
     LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr, SCALE: tl.constexpr,
-    SKIP: tl.constexpr, BLOCK: tl.constexpr,
+    SKIP: tl.constexpr, COMPENSATE: tl.constexpr, CODED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One Adam/AdamW step on one chunk (the algorithm box of ``decoupled.Adam``)."""
+    """One Adam/AdamW step on one chunk (the algorithm box of ``decoupled.Adam``); with
+    ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ and its remainder; with
+    ``CODED`` on int8 moments, the chunk being whole blocks of 256."""
     tensor, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     m_ptr = _address(row, 2, STATE)
@@ -168,7 +183,11 @@ def adam_kernel(
     step = tl.load(_address(row, 6, tl.float32)).to(tl.float64)
 
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)
-    param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if COMPENSATE:
+        r_ptr = _address(row, 9, tl.int8)
+        param = load_master(p_ptr, r_ptr, idx, mask, DTYPE)
+    else:
+        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     ref = param
     if REF:
         ref = tl.load(_address(row, 5, DTYPE) + idx, mask=mask, other=0.0).to(tl.float32)
@@ -176,8 +195,16 @@ def adam_kernel(
         offset = param - ref if REF else param
         g = tl.fma(weight_decay, offset, g)
 
-    exp_avg = _lerp(_load_state(m_ptr, idx, mask, ROUND), g, 1.0 - beta1)
-    exp_avg_sq = tl.fma((1.0 - beta2) * g, g, _load_state(v_ptr, idx, mask, ROUND) * beta2)
+    if CODED:
+        m_scales = _address(row, 10, tl.float32)
+        v_scales = _address(row, 11, tl.float32)
+        previous_m = load_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, idx, mask, 127, 2)
+        previous_v = load_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, idx, mask, 255, 4)
+    else:
+        previous_m = _load_state(m_ptr, idx, mask, ROUND)
+        previous_v = _load_state(v_ptr, idx, mask, ROUND)
+    exp_avg = _lerp(previous_m, g, 1.0 - beta1)
+    exp_avg_sq = tl.fma((1.0 - beta2) * g, g, previous_v * beta2)
     second = exp_avg_sq
     key = _mix(step.to(tl.uint32) * 0x9E3779B9 ^ tl.load(row + 8).to(tl.uint32) * 0x85EBCA6B)
     random = _mix(idx.to(tl.uint32) ^ key)
@@ -204,27 +231,47 @@ def adam_kernel(
     denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
-    tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
-    _store_state(m_ptr, idx, exp_avg, mask, random & 0xFFFF, ROUND)
-    _store_state(v_ptr, idx, exp_avg_sq, mask, random >> 16, ROUND)
+    if COMPENSATE:  # the remainder's bits: a rehash's high half (max(v) has its low half)
+        store_master(p_ptr, r_ptr, idx, param, mask, _mix(random) >> 16, DTYPE)
+    else:
+        tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
+    if CODED:  # m takes the low 16 bits, v the high 16, as bfloat16 moments
+        first = tl.load(chunks_ptr + 2 * tl.program_id(0) + 1)
+        live = first + tl.arange(0, BLOCK // 256) * 256 < tl.load(row + 7)  # blocks in θ
+        if SKIP:  # as _chunk's mask: blocks live only where the skip flag is 0
+            live = live & ((live.to(tl.int64) * 0) == tl.load(skip_ptr).to(tl.int64))
+        store_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, first, idx, exp_avg, mask,
+                   live, random & 0xFFFF, 127, 2, BLOCK)  # fmt: skip
+        store_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, first, idx, exp_avg_sq, mask,
+                   live, random >> 16, 255, 4, BLOCK)  # fmt: skip
+    else:
+        _store_state(m_ptr, idx, exp_avg, mask, random & 0xFFFF, ROUND)
+        _store_state(v_ptr, idx, exp_avg_sq, mask, random >> 16, ROUND)
 
 
 @triton.jit
 def sgd_kernel(
     chunks_ptr, table_ptr,
     lr, lr_lo, lr_ptr, rate, rate_lo, rate_ptr, scale_ptr, skip_ptr,
-    momentum, dampening, weight_decay,
-    DTYPE: tl.constexpr, DECAY: tl.constexpr, REF: tl.constexpr, MOMENTUM: tl.constexpr,
-    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
-    LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr, SCALE: tl.constexpr,
-    SKIP: tl.constexpr, BLOCK: tl.constexpr,
+    momentum, dampening, weight_decay, step_count,
+    DTYPE: tl.constexpr, BUFFER: tl.constexpr, DECAY: tl.constexpr, REF: tl.constexpr,
+    MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    CAUTIOUS: tl.constexpr, LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr,
+    SCALE: tl.constexpr, SKIP: tl.constexpr, COMPENSATE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One SGD/SGDW step on one chunk (the algorithm box of ``decoupled.SGD``). A fresh
-    momentum buffer (the table's position column is 1) starts as b ← g, as torch's."""
+    momentum buffer (the table's position column is 1) starts as b ← g, as torch's. With
+    ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ, with a float32 buffer
+    (``BUFFER``); the remainder's bits are keyed by the group's ``step_count`` and the
+    tensor's position in the list (the table's step column, unused otherwise by SGD)."""
     _, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)
-    param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if COMPENSATE:
+        r_ptr = _address(row, 9, tl.int8)
+        param = load_master(p_ptr, r_ptr, idx, mask, DTYPE)
+    else:
+        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     ref = param
     if REF:
         ref = tl.load(_address(row, 5, DTYPE) + idx, mask=mask, other=0.0).to(tl.float32)
@@ -234,13 +281,13 @@ def sgd_kernel(
 
     direction = g
     if MOMENTUM:
-        b_ptr = _address(row, 2, DTYPE)
+        b_ptr = _address(row, 2, BUFFER)
         fresh = tl.load(row + 8) != 0
         stale = mask & ((idx - idx) == tl.load(row + 8))  # a fresh buffer is not read
         previous = tl.load(b_ptr + idx, mask=stale, other=0.0).to(tl.float32)
         # b.mul_(μ).add_(g, alpha=1 − τ), or b ← g the first time
         b = tl.where(fresh, g, tl.fma(1.0 - dampening, g, previous * momentum))
-        tl.store(b_ptr + idx, b.to(DTYPE), mask=mask)
+        tl.store(b_ptr + idx, b.to(BUFFER), mask=mask)
         direction = tl.fma(momentum, b, g) if NESTEROV else b
 
     if DECAY == 2:  # SGDW: θ ← θ − c·(θ − θ₀), where cautious masking lets it
@@ -252,7 +299,14 @@ def sgd_kernel(
         param = decayed
 
     neg_lr = (-_scalar(lr, lr_lo, lr_ptr, LR_TENSOR)).to(tl.float32)
-    tl.store(p_ptr + idx, tl.fma(neg_lr, direction, param).to(DTYPE), mask=mask)
+    param = tl.fma(neg_lr, direction, param)
+    if COMPENSATE:  # the bits of _compensated.store_: lowbias32(bits) >> 16
+        position = tl.load(row + 6).to(tl.uint32)
+        key = _mix(step_count.to(tl.uint32) * 0x9E3779B9 ^ position * 0x85EBCA6B)
+        random = _mix(idx.to(tl.uint32) ^ key)
+        store_master(p_ptr, r_ptr, idx, param, mask, _mix(random) >> 16, DTYPE)
+    else:
+        tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
 
 
 @triton.jit

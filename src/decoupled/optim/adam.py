@@ -32,7 +32,6 @@ from decoupled.optim._compensated import (
     check_compensate,
     check_remainder,
     compensates,
-    compensation_with_triton,
     init_remainder,
     master,
     store_,
@@ -47,7 +46,11 @@ from decoupled.optim._int8 import (
 )
 from decoupled.optim._kernels import choose_adam_update
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
-from decoupled.optim._triton import check_capturable, check_triton_option, on_device_steps
+from decoupled.optim._triton import (
+    check_capturable,
+    check_triton_option,
+    on_device_steps,
+)
 from decoupled.optim.decay import (
     add_l2_penalty,
     apply_cautious_decay_,
@@ -218,23 +221,6 @@ def _differentiable_update(
     param.addcdiv_(exp_avg.clone(), denom)
 
 
-def _compensation_with_kernels(
-    compensate: bool | None, state_dtype: torch.dtype | str | None, triton: bool | None
-) -> bool | None:
-    """``compensate`` as the group keeps it. The Triton kernels keep neither int8 moments nor
-    the remainder of compensated weights (the C++ kernel and the reference loop do), so
-    asking for the Triton kernels (``triton=True``) turns the default compensation off and
-    refuses what the kernels cannot do."""
-    if not triton:
-        return compensate
-    if state_dtype == INT8:
-        raise ValueError(
-            "Invalid state_dtype value: int8 with triton=True (int8 moments step only "
-            "through the reference loop; use state_dtype=torch.bfloat16 or triton=None)"
-        )
-    return compensation_with_triton(compensate, triton)
-
-
 _ALGORITHM = r"""The algorithm; the boxed lines are the whole difference between Adam and AdamW
     (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2, with torch's lr-scaled decay):
 
@@ -307,18 +293,16 @@ class Adam(DecayOptimizer):
             of state per parameter and 20 instead of 28 bytes moved per float32 step
             (``_compact.py``). ``"int8"`` (or ``torch.int8``): 8-bit blockwise codes with one
             float32 scale per 256 elements (``exp_avg``/``exp_avg_sq`` hold the codes,
-            ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; not with amsgrad; the
-            reference loop steps; ``_int8.py``). ``None`` (default): the parameters' dtype,
-            as torch.
+            ``exp_avg_scale``/``exp_avg_sq_scale`` the scales; not with amsgrad; the C++
+            kernel, the Triton kernel or the reference loop steps; ``_int8.py``). ``None``
+            (default): the parameters' dtype, as torch.
         compensate: for bfloat16/float16 parameters, keep an int8 remainder per element
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
             away (``_compensated.py``). ``None`` (default) and ``True``: on for such
             parameters (on the CPU the C++ kernel steps them, with bfloat16 or int8 moments,
-            else the reference loop; with ``triton=True``, None means off and True is
-            refused);
-            ``False``: plain bfloat16 updates, bit-identical to torch.optim, on the fast
-            paths.
+            on CUDA the Triton kernel, else the reference loop); ``False``: plain bfloat16
+            updates, bit-identical to torch.optim, on the fast paths.
         foreach, capturable, differentiable: torch.optim's switches: ``foreach=False``
             (torch's single-tensor loop) means ``fused=False``; ``differentiable=True`` lets
             autograd record the step (the reference loop, as torch's: gradients reach θ,
@@ -359,7 +343,7 @@ class Adam(DecayOptimizer):
         check_tensor_hyperparameters(lr, betas, foreach=foreach, capturable=capturable)
         fused = torch_implementation_options(fused, foreach, capturable, differentiable)
         check_triton_option(triton, fused, capturable)
-        compensate = _compensation_with_kernels(check_compensate(compensate), state_dtype, triton)
+        compensate = check_compensate(compensate)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -484,7 +468,7 @@ class Adam(DecayOptimizer):
             decoupled=self.decoupled,
             references=decay.references,
             compact=group["state_dtype"] is not None,
-            triton=False if coded else group.get("triton"),  # int8: the C++ kernel or none
+            triton=group.get("triton"),
             cautious=group.get("cautious", False),
             compensated=compensated,
         )
