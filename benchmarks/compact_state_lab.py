@@ -1,6 +1,7 @@
 """Does compact state (bfloat16 or int8 moments, bfloat16 weights) change what a task learns?
 
     python benchmarks/compact_state_lab.py [--tasks mnist1d,charlm] [--seeds 5] [--quick]
+        [--only TEXT]
 
 AdamW on each task (its full budget and default hyperparameters), the same seeds for every
 combination of weights and moments:
@@ -104,14 +105,19 @@ def main() -> None:
     parser.add_argument("--tasks", default="mnist1d,charlm")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="the tasks' smoke-test budgets")
+    parser.add_argument(
+        "--only", default="", help="only the combinations whose name contains this (e.g. int8), "
+        "besides the float32 reference"
+    )  # fmt: skip
     args = parser.parse_args()
+    chosen = [name for name in COMBINATIONS if args.only in name or name == "f32 θ, f32 state"]
     for task_name in args.tasks.split(","):
         task = get_task(task_name)
         data = task.load(None)
         steps = task.quick_steps if args.quick else task.steps
         started = time.perf_counter()
         metrics, sizes = {}, {}
-        for name in COMBINATIONS:
+        for name in chosen:
             runs = [run_one(task, data, name, seed, steps) for seed in range(args.seeds)]
             metrics[name] = np.array([metric for metric, _ in runs])
             sizes[name] = runs[0][1]
