@@ -31,6 +31,10 @@ class RecordingOps:
         self.answers.append(self.ops.adam_compensated_step_(*args))
         return self.answers[-1]
 
+    def sgd_compensated_step_(self, *args):
+        self.answers.append(self.ops.sgd_compensated_step_(*args))
+        return self.answers[-1]
+
 
 @pytest.fixture
 def path_log(monkeypatch):

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import decoupled
-from decoupled.optim import sgd as sgd_module
 from decoupled.optim._compensated import init_remainder, master
 
 from .test_compensated import assert_master_within_a_unit
+from .test_compensated_kernel import run_twins
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.py
 
@@ -212,33 +214,72 @@ def test_a_damaged_remainder_is_refused_by_name():
         optimizer.load_state_dict(saved)
 
 
-@pytest.mark.parametrize("cls", [decoupled.SGD, decoupled.SGDW], ids=lambda c: c.__name__)
-def test_compensated_groups_step_in_the_reference_loop(cls, monkeypatch):
-    """The C++ and Triton kernels take no remainder: a group with a compensated tensor (a
-    float32 one beside it included) steps through sgd_update, and fused=True does not change
-    that; float32-only and compensate=False groups keep the fast paths' choice."""
-    chosen = []
-
-    def spy(fused, reference, *args):
-        chosen.append(fused)
-        return reference
-
-    monkeypatch.setattr(sgd_module, "choose_sgd_update", spy)
+def test_compensated_groups_take_the_kernel_that_keeps_the_remainder(path_log):
+    """A compensated group steps in the C++ kernel (fused=True too: torch has no fused SGD that
+    would keep the remainder); a group mixing float32 and bfloat16 θ, and fused=False, in the
+    reference loop; compensate=False bfloat16 θ as torch.optim, in the reference loop."""
     low, high = torch.nn.Parameter(torch.ones(4).bfloat16()), torch.nn.Parameter(torch.ones(4))
-    for params, options in (
-        ([low, high], {}),
-        ([low], {"fused": True}),
-        ([high], {}),
-        ([low], {"compensate": False}),
-    ):
-        optimizer = cls(params, lr=0.1, momentum=0.9, **options)
-        for p in params:
-            p.grad = torch.ones_like(p)
-        optimizer.step()
-        compensated = params[0] is low and options.get("compensate") is not False
-        assert ("param_remainder" in optimizer.state[low]) == compensated
-    assert chosen == [False, False, None, None]
-    assert "param_remainder" not in optimizer.state[high]
+    cases = [
+        ([low], {}, "kernel_sgd_update"),
+        ([low], {"fused": True}, "kernel_sgd_update"),
+        ([low], {"fused": False}, "sgd_update"),
+        ([low, high], {}, "sgd_update"),
+        ([high], {}, "kernel_sgd_update"),
+        ([low], {"compensate": False}, "sgd_update"),
+    ]
+    for cls in (decoupled.SGD, decoupled.SGDW):
+        for params, options, expected in cases:
+            optimizer = cls(params, lr=0.1, momentum=0.9, **options)
+            path_log.clear()
+            for p in params:
+                p.grad = torch.ones_like(p)
+            optimizer.step()
+            assert path_log == [expected], (cls, options)
+            compensated = params[0] is low and options.get("compensate") is not False
+            assert ("param_remainder" in optimizer.state[low]) == compensated
+            assert "param_remainder" not in optimizer.state[high]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    decoupled_=st.booleans(),
+    momentum=st.sampled_from([0.0, 0.9]),
+    dampening=st.sampled_from([0.0, 0.5]),
+    nesterov=st.booleans(),
+    decay=st.booleans(),
+    decay_to=st.sampled_from(["zero", "init"]),
+    maximize=st.booleans(),
+    cautious=st.booleans(),
+    shapes=st.lists(st.sampled_from([(1,), (63,), (65,), (3, 300), (4, 8, 3, 3)]), max_size=3),
+    layout=st.sampled_from(["contiguous", "channels_last", "transposed"]),
+)
+def test_the_kernel_equals_the_reference_loop_bit_for_bit(
+    path_log, dtype, decoupled_, momentum, dampening, nesterov, decay, decay_to, maximize,
+    cautious, shapes, layout,
+):  # fmt: skip
+    """θ (as bits), its remainder and the float32 buffer after 8 steps, every option. (The
+    buffer's values: a buffer is laid out like θ in the kernel and like the first gradient in
+    the reference loop, as for float32 θ.)"""
+    nesterov = nesterov and momentum > 0 and dampening == 0
+    options = {"lr": 0.05, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
+               "maximize": maximize, "decay_to": decay_to, "weight_decay": 0.1 * decay}  # fmt: skip
+    cls = decoupled.SGDW if decoupled_ else decoupled.SGD
+    if decoupled_:
+        options["cautious"] = cautious
+    path_log.clear()
+    fast, reference, fast_params, reference_params = run_twins(
+        cls, options, shapes or [(300,)], dtype, steps=8, layout=layout
+    )
+    assert path_log == ["kernel_sgd_update", "sgd_update"] * 8
+    for p_f, p_r in zip(fast_params, reference_params):
+        assert torch.equal(p_f.detach().view(torch.int16), p_r.detach().view(torch.int16))
+        s_f, s_r = fast.state[p_f], reference.state[p_r]
+        assert s_f.keys() == s_r.keys() and "param_remainder" in s_r
+        for key, value in s_r.items():
+            assert (value is None) == (s_f[key] is None), key
+            assert value is None or torch.equal(s_f[key], value), key
 
 
 def test_sparse_gradients_take_the_same_compensated_step_as_dense_ones():

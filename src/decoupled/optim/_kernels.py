@@ -15,7 +15,8 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    for Adam/AdamW without cautious decay through ``adam_int8_step_``); and compensated
    bfloat16/float16 CPU parameters of Adam/AdamW (``_compensated.py``, the same options and
    float32 or bfloat16 moments, through ``adam_compensated_step_``; int8 moments through
-   ``adam_int8_step_``), the only CPU path that keeps their remainder. All tensors of a group
+   ``adam_int8_step_``) and of SGD/SGDW (a float32 buffer, ``sgd_compensated_step_``), the only
+   CPU path that keeps their remainder. All tensors of a group
    in one parallel region, one pass over memory. Built with the machine's C++ compiler the
    first time it is needed (``_build.py``).
 2. **torch's fused Adam/AdamW kernels** (``torch._fused_adam_``/``_fused_adamw_``): other
@@ -194,18 +195,29 @@ def kernel_sgd_update(
     through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
     momentum buffers are written back into ``momentum_buffers`` as the reference does."""
     options = {"references": None, "decay_rate": 0.0, "maximize": False, "grad_scale": None}
-    options |= {"cautious": False} | given
+    options |= {"cautious": False, "remainders": None} | given
+    remainders = options["remainders"]
     fresh = [b is None for b in momentum_buffers]
-    buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, momentum_buffers)]
+    # a compensated θ's buffer is float32 (_sgd_compensation.py), others are in θ's dtype
+    dtype = torch.float32 if remainders is not None else None
+    buffers = [torch.empty_like(p, dtype=dtype) if b is None else b
+               for p, b in zip(params, momentum_buffers)]  # fmt: skip
 
     def step(grads: list[Tensor]) -> bool:
-        return kernel_ops().sgd_step_(
-            params, grads, buffers, fresh, _kernel_references(options["references"]),
+        arguments = (
+            grads, buffers, fresh, _kernel_references(options["references"]),
             float(options["lr"]), options["momentum"], options["dampening"],
             options["nesterov"], float(options["weight_decay"]), float(options["decay_rate"]),
             options["decoupled"], options["maximize"], _scale_value(options["grad_scale"]),
             options["cautious"],
         )  # fmt: skip
+        if remainders is None:
+            return kernel_ops().sgd_step_(params, *arguments)
+        if any(r is None for r in remainders):  # a group mixing compensated and other θ
+            return False
+        return kernel_ops().sgd_compensated_step_(
+            params, remainders, *arguments, float(options["step"])
+        )
 
     done = _step_any_layout(step, grads, params)
     if done:
@@ -393,10 +405,16 @@ def choose_sgd_update(
     grads: list[Tensor],
     lr,
     triton: bool | None = None,
+    compensated: bool = False,
 ) -> Callable:
     """The Triton kernel or the C++ kernel when it applies (``fused`` not False), falling back
     on ``reference`` for the tensors it refuses; else ``reference``, the reference loop. DTensor
-    shards take the path of their local tensors (``_shards.py``)."""
+    shards take the path of their local tensors (``_shards.py``); ``compensated`` weights the
+    Triton kernel, the C++ kernel (plain tensors) or the reference loop, which keep the
+    remainder."""
+    if compensated and not use_triton(triton, fused, params):
+        applies = fused is not False and _kernel_applies(params, lr, compensated=True)
+        return _falling_back(kernel_sgd_update, reference) if applies else reference
     if is_sharded(params) and fused is not False:
         update = choose_sgd_update(fused, reference, local(params), local(grads), lr, triton)
         return update if update is reference else on_local_shards(update, params)

@@ -36,7 +36,7 @@ from decoupled.optim._sgd_compensation import (
     restore_after_load,
     saved_float32_buffers,
 )
-from decoupled.optim._triton import check_triton_option, use_triton
+from decoupled.optim._triton import check_triton_option
 from decoupled.optim.decay import (
     add_l2_penalty,
     apply_cautious_decay_,
@@ -190,8 +190,8 @@ class SGD(DecayOptimizer):
             (``param_remainder`` in the state) so that the decay and the update are computed
             in float32 on the master weight θ + remainder and small updates are not rounded
             away (``_compensated.py``); their momentum buffer is then float32. ``None``
-            (default) and ``True``: on for such parameters (the Triton kernel or the
-            reference loop steps them); ``False``: plain
+            (default) and ``True``: on for such parameters (the Triton kernel on CUDA, the
+            C++ kernel on the CPU, else the reference loop steps them); ``False``: plain
             low-precision updates with a buffer in θ's dtype, bit-identical to torch.optim.
         foreach, differentiable: torch.optim's switches: ``foreach=False`` means
             ``fused=False``; ``differentiable=True`` lets autograd record the step (reference
@@ -308,15 +308,14 @@ class SGD(DecayOptimizer):
         momentum = group["momentum"]
         compensated = compensation_state(self.state, group, params)
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-        # compensated θ: the Triton kernel keeps the remainder, the C++ kernel does not
-        triton = use_triton(group.get("triton"), group["fused"], params)
         update = choose_sgd_update(
-            False if compensated and not triton else group["fused"],
+            group["fused"],
             sgd_update,
             params,
             grads,
             group["lr"],
             group.get("triton"),
+            compensated=compensated,
         )
         remainders = [self.state[p].get(REMAINDER) for p in params] if compensated else []
         update(
