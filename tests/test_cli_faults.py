@@ -120,6 +120,37 @@ def test_a_ray_address_without_the_ray_executor_is_refused(executor, tmp_path, c
 
 
 @pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--executor", "local", "--ray-max-retries", "5"],
+         "argument --ray-max-retries: 5 would be ignored: only the ray executor reads it "
+         "(--executor local)"),
+        (["--executor", "ray", "--ray-max-retries", "-1"],
+         "argument --ray-max-retries: -1 is negative (0 means no retry)"),
+        (["--executor", "ray", "--ray-max-retries", "two"],
+         "argument --ray-max-retries: invalid int value: 'two'"),
+    ],
+    ids=["local", "negative", "not-a-number"],
+)  # fmt: skip
+def test_ray_max_retries_that_would_not_work_are_refused(options, message, tmp_path, capsys):
+    line = refusal([*SWEEP, *options], tmp_path / "o", capsys)
+    assert message in line, line
+
+
+@pytest.mark.parametrize(
+    ("given", "passed"), [([], {}), (["--ray-max-retries", "0"], {"max_retries": 0})]
+)
+def test_ray_max_retries_reaches_the_ray_executor(given, passed, tmp_path, monkeypatch, capsys):
+    """The sweep hands Ray the retries asked for, and its own default (3) otherwise."""
+    pytest.importorskip("ray")
+    calls = []
+    monkeypatch.setattr(ray_executor, "execute_on_ray", lambda *a, **k: calls.append(k) or {})
+    main([*SWEEP, "--executor", "ray", *given, "--no-progress", "--out", str(tmp_path / "o")])
+    assert len(calls) == 1
+    assert {k: v for k, v in calls[0].items() if k == "max_retries"} == passed
+
+
+@pytest.mark.parametrize(
     "command",
     [["compare", "--budget", "4", "--seeds", "1"], SWEEP, ["inspect", "--steps", "2"]],
     ids=["compare", "sweep", "inspect"],

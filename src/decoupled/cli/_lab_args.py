@@ -58,15 +58,26 @@ def check_seeds(seeds: int) -> None:
         )
 
 
-def check_executor(executor: str, ray_address: str | None) -> None:
-    """--ray-address is read by the ray executor only; with it, Ray must be installed and the
-    address usable (well formed, answering), all checked before anything is written."""
+def check_executor(
+    executor: str, ray_address: str | None, ray_max_retries: int | None = None
+) -> None:
+    """--ray-address and --ray-max-retries are read by the ray executor only (a whole number
+    of retries, at least 0); with it, Ray must be installed and the address usable (well
+    formed, answering), all checked before anything is written."""
+    if ray_max_retries is not None and ray_max_retries < 0:
+        raise CommandError(
+            f"argument --ray-max-retries: {ray_max_retries} is negative (0 means no retry)"
+        )
     if executor != "ray":
-        if ray_address is not None:
-            raise CommandError(
-                f"argument --ray-address: {ray_address!r} would be ignored: only the ray "
-                f"executor reads it (--executor {executor})"
-            )
+        for option, value in (
+            ("--ray-address", ray_address),
+            ("--ray-max-retries", ray_max_retries),
+        ):
+            if value is not None:
+                raise CommandError(
+                    f"argument {option}: {value!r} would be ignored: only the ray executor "
+                    f"reads it (--executor {executor})"
+                )
         return
     try:
         import ray  # noqa: F401

@@ -71,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Ray cluster address: auto, ray://host:port (default: start a local Ray instance)",
     )
+    parser.add_argument(
+        "--ray-max-retries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="times Ray reruns a run whose worker process or node died (default 3; 0: none)",
+    )
 
 
 def _grids(args, task, optimizers):
@@ -130,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     optimizers = parse_optimizers(args.optimizers)
     task = resolve_task(args.task, args.data_dir)
     lrs, wds = _grids(args, task, optimizers)
-    check_executor(args.executor, args.ray_address)
+    check_executor(args.executor, args.ray_address, args.ray_max_retries)
     steps = steps_for(args, task)
     out = output_folder(args.out)
 
@@ -154,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             ray_address=args.ray_address,
+            ray_max_retries=args.ray_max_retries,
             # the table before the reports: a disk that fills up at the plots loses no result
             before_reports=lambda summary: print(
                 f"\n{format_landscapes(summary[0], task.metric)}", flush=True

@@ -132,6 +132,7 @@ def sweep_task(
     workers: int | None = None,
     progress: bool = True,
     ray_address: str | None = None,
+    ray_max_retries: int | None = None,
     before_reports: Callable[[tuple[list[Landscape], dict[str, str]]], None] | None = None,
     **common: Any,
 ) -> tuple[list[Landscape], dict[str, str]]:
@@ -150,7 +151,8 @@ def sweep_task(
     if executor == "ray":
         from decoupled.lab.ray_executor import execute_on_ray
 
-        execute_on_ray(specs, db_path, address=ray_address, progress=progress)
+        retries = {} if ray_max_retries is None else {"max_retries": ray_max_retries}
+        execute_on_ray(specs, db_path, address=ray_address, progress=progress, **retries)
     elif executor == "batched":
         from decoupled.lab.batched import execute_batched
 
