@@ -2,8 +2,9 @@
 
 ``torch.utils.cpp_extension.load`` compiles it with the machine's C++ compiler and ninja
 (about 30 s) into ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), in a folder
-named after the CPU's instruction sets, the source and the Python and torch versions, so a
-binary is never loaded on a machine, or against a libtorch, it was not built for. Later
+named after the CPU's instruction sets, the source (``kernels.cpp`` and the ``.h`` parts it
+includes) and the Python and torch versions, so a binary is never loaded on a machine, or
+against a libtorch, it was not built for. Later
 processes load it in a fraction of a second. ``DECOUPLED_NO_KERNEL=1`` never builds it.
 
 ``DECOUPLED_KERNEL_ARCH`` names the instruction sets to compile for, in place of
@@ -50,7 +51,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+_SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"  # the translation unit; it includes
+_PARTS = sorted(_SOURCE.parent.glob("*.h"))  # these, which enter the build folder's name too
 _FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 _ARCH_VARIABLE = "DECOUPLED_KERNEL_ARCH"
 _NOT_TRIED = object()
@@ -108,7 +110,8 @@ def build_folder() -> tuple[str, Path]:
     from torch.utils import cpp_extension
 
     flags = " ".join(compile_flags())
-    source = hashlib.sha1(_SOURCE.read_bytes() + flags.encode()).hexdigest()[:8]
+    code = b"".join(path.read_bytes() for path in (_SOURCE, *_PARTS))
+    source = hashlib.sha1(code + flags.encode()).hexdigest()[:8]
     arch = kernel_arch()
     target = _cpu_tag() if arch is None else f"{_cpu_tag()}_{re.sub(r'[^A-Za-z0-9]', '_', arch)}"
     name = f"decoupled_kernels_{target}"

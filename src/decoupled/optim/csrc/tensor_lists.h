@@ -1,0 +1,122 @@
+// Running over lists of tensors: checks before anything is written, the chunks of all
+// tensors shared among threads, the loss scale, step counts and their scalars.
+//
+// A part of kernels.cpp (the one translation unit of the C++ kernel), included there inside
+// its anonymous namespace, after the Adam element loop.
+
+// Two parameters sharing memory (the same tensor listed twice, or views of one storage)
+// would be updated by two threads at once: such lists are refused.
+bool disjoint(at::TensorList params) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  spans.reserve(params.size());
+  for (const auto& p : params) {
+    const auto start = reinterpret_cast<uintptr_t>(p.data_ptr());
+    spans.emplace_back(start, start + p.numel() * p.element_size());
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].first < spans[i - 1].second) return false;
+  }
+  return true;
+}
+
+// What torch's in-place operations do, so autograd still notices a parameter changed
+// between a forward pass and its backward ("modified by an inplace operation").
+void bump_versions(at::TensorList tensors) {
+  for (const auto& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
+bool usable_list(at::TensorList list, at::TensorList params, at::ScalarType dtype) {
+  if (list.size() != params.size()) return false;
+  for (size_t i = 0; i < list.size(); ++i) {
+    if (!usable(list[i], params[i], dtype)) return false;
+  }
+  return true;
+}
+
+// Calls update(t, begin, end) for every chunk of every tensor, the chunks of all tensors
+// shared among the threads of one parallel region.
+template <typename Update>
+void for_each_chunk(at::TensorList params, const Update& update) {
+  std::vector<std::pair<int64_t, int64_t>> work;  // (tensor, first element) of each chunk
+  for (size_t t = 0; t < params.size(); ++t) {
+    for (int64_t begin = 0; begin < params[t].numel(); begin += kChunk) {
+      work.emplace_back(static_cast<int64_t>(t), begin);
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const auto [t, begin] = work[w];
+      update(t, begin, std::min(begin + kChunk, params[t].numel()));
+    }
+  });
+}
+
+// GradScaler's protocol (torch's fused kernels take grad_scale the same way): the gradient
+// is divided by the loss scale and written back, g ← g / scale, as torch's fused Adam does. It
+// runs on the chunk the update reads next, so the gradients are still in cache; 1 means none.
+// A bfloat16/float16 g is divided in float32 and rounded to nearest (torch's div_).
+template <typename G>
+inline void unscale(G* __restrict g, int64_t begin, int64_t end, double grad_scale) {
+  if (grad_scale == 1.0) return;
+  const float scale = static_cast<float>(grad_scale);
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k) g[k] = narrow(G{}, load(g[k]) / scale);
+}
+
+// unscale for a gradient of θ's dtype: float32, bfloat16 or float16 words
+inline void unscale(at::ScalarType dtype, void* g, int64_t begin, int64_t end, double grad_scale) {
+  switch (dtype) {
+    case at::kBFloat16: unscale(static_cast<uint16_t*>(g), begin, end, grad_scale); break;
+    case at::kHalf: unscale(static_cast<int16_t*>(g), begin, end, grad_scale); break;
+    default: unscale(static_cast<float*>(g), begin, end, grad_scale);
+  }
+}
+
+// Every step count a CPU float32 scalar, finite and >= 0. A negative or non-finite count
+// would make 1 − β1ᵗ zero or NaN and write NaN into θ; the reference loop raises there
+// (ZeroDivisionError, as torch's loop does).
+bool usable_steps(const Tensors& steps) {
+  for (const auto& step : steps) {
+    if (!step.device().is_cpu() || step.scalar_type() != at::kFloat || step.numel() != 1 ||
+        step.is_inference()) {
+      return false;
+    }
+    const float count = *step.data_ptr<float>();
+    if (!std::isfinite(count) || count < 0) return false;
+  }
+  return true;
+}
+
+// Adds 1 to every step count and returns each tensor's scalars for this step: the bias
+// corrections of its count, and its rounding key (count, position).
+std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double beta1,
+                                       double beta2, double eps, double weight_decay,
+                                       double decay, bool maximize) {
+  std::vector<AdamScalars> scalars(steps.size());
+  double previous_count = -1;  // tensors of a group usually share their step count
+  for (size_t t = 0; t < steps.size(); ++t) {
+    float* step = steps[t].data_ptr<float>();
+    *step += 1.0f;
+    const double count = *step;
+    if (count != previous_count) {
+      const double bias_correction1 = 1 - std::pow(beta1, count);
+      const double bias_correction2 = 1 - std::pow(beta2, count);
+      scalars[t] = AdamScalars{
+          static_cast<float>(-(lr / bias_correction1)),
+          static_cast<float>(std::pow(bias_correction2, 0.5)),
+          static_cast<float>(1 - beta1),
+          static_cast<float>(beta2),
+          static_cast<float>(1 - beta2),
+          static_cast<float>(eps),
+          decay_scalars(weight_decay, decay, maximize),
+          0,
+      };
+      previous_count = count;
+    } else {
+      scalars[t] = scalars[t - 1];
+    }
+    scalars[t].key = rounding_key(count, static_cast<int64_t>(t));
+  }
+  return scalars;
+}
