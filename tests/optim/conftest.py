@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -15,25 +17,14 @@ class RecordingOps:
     def __init__(self, ops, answers: list[bool]):
         self.ops, self.answers = ops, answers
 
-    def adam_step_(self, *args):
-        self.answers.append(self.ops.adam_step_(*args))
-        return self.answers[-1]
+    def __getattr__(self, name: str):
+        op = getattr(self.ops, name)
 
-    def sgd_step_(self, *args):
-        self.answers.append(self.ops.sgd_step_(*args))
-        return self.answers[-1]
+        def recording(*args):
+            self.answers.append(op(*args))
+            return self.answers[-1]
 
-    def adam_int8_step_(self, *args):
-        self.answers.append(self.ops.adam_int8_step_(*args))
-        return self.answers[-1]
-
-    def adam_compensated_step_(self, *args):
-        self.answers.append(self.ops.adam_compensated_step_(*args))
-        return self.answers[-1]
-
-    def sgd_compensated_step_(self, *args):
-        self.answers.append(self.ops.sgd_compensated_step_(*args))
-        return self.answers[-1]
+        return recording
 
 
 @pytest.fixture
@@ -87,3 +78,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """The Triton kernels run by the interpreter on CPU tensors, in chunks of 64 elements (so
+    that small tensors cross chunk boundaries); the Triton test modules use it for every test."""
+    from decoupled.optim import _triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_triton, "BLOCK", 64)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """How many times each Triton kernel was launched (a refusal launches nothing)."""
+    kernels = importlib.import_module("decoupled.optim._triton_kernels")
+    counts = {"adam_kernel": 0, "sgd_kernel": 0}
+    for name in counts:
+        kernel = getattr(kernels, name)
+
+        class Counting:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                counts[_name] += 1
+                return _kernel[grid]
+
+        monkeypatch.setattr(kernels, name, Counting())
+    return counts

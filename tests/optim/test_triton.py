@@ -38,34 +38,15 @@ finally:
         os.environ["TRITON_INTERPRET"] = _saved
 
 INTERPRETED = type(kernels.adam_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(
-    not INTERPRETED, reason="the Triton kernels were compiled (not interpreted) in this process"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not INTERPRETED, reason="the Triton kernels were compiled (not interpreted) in this process"
+    ),
+    pytest.mark.usefixtures("triton_interpreter"),
+]
 
 SHAPES = [(5,), (70,), (9, 13), (1,)]  # with BLOCK = 64: several chunks, ragged ends
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step")
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_triton, "BLOCK", 64)
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """How many times each kernel was launched (a refusal launches nothing)."""
-    counts = {"adam_kernel": 0, "sgd_kernel": 0}
-    for name in counts:
-        kernel = getattr(kernels, name)
-
-        class Counting:
-            def __getitem__(self, grid, _kernel=kernel, _name=name):
-                counts[_name] += 1
-                return _kernel[grid]
-
-        monkeypatch.setattr(kernels, name, Counting())
-    return counts
 
 
 def make_params(seed=0, shapes=SHAPES, dtype=torch.float32):

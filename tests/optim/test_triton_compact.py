@@ -71,10 +71,13 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _saved
 
-pytestmark = pytest.mark.skipif(
-    type(kernels.adam_kernel).__name__ != "InterpretedFunction",
-    reason="the Triton kernels were compiled (not interpreted) in this process",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        type(kernels.adam_kernel).__name__ != "InterpretedFunction",
+        reason="the Triton kernels were compiled (not interpreted) in this process",
+    ),
+    pytest.mark.usefixtures("triton_interpreter"),
+]
 
 SHAPES = [(5,), (70,), (9, 13), (1,)]  # with BLOCK = 64: several chunks, ragged ends
 # interpreted steps are slow: no shrinking (a failure prints its example as drawn)
@@ -83,28 +86,6 @@ QUICK = {
     "suppress_health_check": [HealthCheck.function_scoped_fixture],
     "phases": [Phase.explicit, Phase.reuse, Phase.generate],
 }
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_triton, "BLOCK", 64)
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """How many times each kernel was launched (a refusal launches nothing)."""
-    counts = {"adam_kernel": 0, "sgd_kernel": 0}
-    for name in counts:
-        kernel = getattr(kernels, name)
-
-        class Counting:
-            def __getitem__(self, grid, _kernel=kernel, _name=name):
-                counts[_name] += 1
-                return _kernel[grid]
-
-        monkeypatch.setattr(kernels, name, Counting())
-    return counts
 
 
 def make_params(seed=0, shapes=SHAPES, dtype=torch.bfloat16):

@@ -220,14 +220,8 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
   if (n == 0) return true;
   const auto param_dtype = params[0].scalar_type();
   const bool compensated = !remainders.empty();
-  if (compensated ? remainders.size() != n ||
-                        (param_dtype != at::kBFloat16 && param_dtype != at::kHalf)
-                  : param_dtype != at::kFloat) {
-    return false;
-  }
   const bool ref = !references.empty();
-  if (!usable_list(params, params, param_dtype) || !usable_list(grads, params, param_dtype) ||
-      (compensated && !usable_list(remainders, params, at::kChar)) ||
+  if (!usable_weights(params, remainders) || !usable_list(grads, params, param_dtype) ||
       !usable_list(exp_avgs, params, at::kChar) || !usable_list(exp_avg_sqs, params, at::kByte) ||
       !usable_scales(exp_avg_scales, params) || !usable_scales(exp_avg_sq_scales, params) ||
       (ref && !usable_list(references, params, param_dtype)) || steps.size() != n ||

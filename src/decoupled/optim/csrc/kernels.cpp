@@ -203,13 +203,8 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
   if (state_dtype != at::kFloat && state_dtype != at::kBFloat16) return false;
   const auto param_dtype = params[0].scalar_type();
   const bool compensated = !remainders.empty();
-  if (compensated ? param_dtype != at::kBFloat16 && param_dtype != at::kHalf
-                  : param_dtype != at::kFloat) {
-    return false;
-  }
   const bool ref = !references.empty();
-  if (!usable_list(params, params, param_dtype) || !usable_list(grads, params, param_dtype) ||
-      (compensated && !usable_list(remainders, params, at::kChar)) ||
+  if (!usable_weights(params, remainders) || !usable_list(grads, params, param_dtype) ||
       !usable_list(exp_avgs, params, state_dtype) ||
       !usable_list(exp_avg_sqs, params, state_dtype) ||
       (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) ||

@@ -101,15 +101,9 @@ bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensor
   if (n == 0) return true;
   const auto param_dtype = params[0].scalar_type();
   const bool compensated = !remainders.empty();
-  if (compensated ? remainders.size() != n ||
-                        (param_dtype != at::kBFloat16 && param_dtype != at::kHalf)
-                  : param_dtype != at::kFloat) {
-    return false;
-  }
   const bool ref = !references.empty();
   const bool has_momentum = momentum != 0;
-  if (!usable_list(params, params, param_dtype) || !usable_list(grads, params, param_dtype) ||
-      (compensated && !usable_list(remainders, params, at::kChar)) ||
+  if (!usable_weights(params, remainders) || !usable_list(grads, params, param_dtype) ||
       (has_momentum && (!usable_list(momentum_buffers, params, at::kFloat) ||
                         fresh.size() != n)) ||
       (ref && !usable_list(references, params, param_dtype)) || !disjoint(params)) {

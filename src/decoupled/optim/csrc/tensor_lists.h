@@ -34,6 +34,16 @@ bool usable_list(at::TensorList list, at::TensorList params, at::ScalarType dtyp
   return true;
 }
 
+// θ, and for compensated θ its remainders: float32 θ without remainders, or bfloat16/float16 θ
+// (one dtype for the list) with an int8 remainder each, all dense and laid out alike. The
+// list is not empty.
+bool usable_weights(const Tensors& params, const Tensors& remainders) {
+  const auto dtype = params[0].scalar_type();
+  if (remainders.empty()) return dtype == at::kFloat && usable_list(params, params, dtype);
+  return remainders.size() == params.size() && (dtype == at::kBFloat16 || dtype == at::kHalf) &&
+         usable_list(params, params, dtype) && usable_list(remainders, params, at::kChar);
+}
+
 // Calls update(t, begin, end) for every chunk of every tensor, the chunks of all tensors
 // shared among the threads of one parallel region.
 template <typename Update>
