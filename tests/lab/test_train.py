@@ -464,29 +464,6 @@ def test_the_run_key_names_the_path_that_really_steps(mnist1d, monkeypatch, kern
     assert run_spec.step_path() == ("kernel" if kernel else expected)
 
 
-def test_int8_moments_with_cautious_decay_are_keyed_by_the_reference_path(mnist1d, monkeypatch):
-    """The kernel's int8 step has no cautious mask: it declines every step of such a run, which
-    the reference loop then takes, and the key says so."""
-    import decoupled.optim._kernels as kernels
-
-    if not decoupled.optim.kernel_available():
-        pytest.skip("the C++ kernel cannot be built here")
-    answers = []
-    int8_step = kernels._int8_step
-
-    def recording(*args, **kwargs):
-        answers.append(int8_step(*args, **kwargs))
-        return answers[-1]
-
-    monkeypatch.setattr(kernels, "_int8_step", recording)
-    run_spec = spec(steps=3, optimizer="adamw-cautious", state_dtype="int8")
-    task, data = mnist1d
-    run(run_spec, task=task, data=data)
-    assert answers and not any(answers)
-    assert run_spec.step_path() == "reference"
-    assert spec(steps=3, optimizer="adamw", state_dtype="int8").step_path() == "kernel"
-
-
 def test_a_batched_run_is_keyed_by_the_reference_path():
     assert spec(batched=True).step_path() == "reference"
     assert spec(batched=True).key() != spec().key()

@@ -251,22 +251,17 @@ def test_the_loss_scale_is_divided_out_as_in_the_reference(int8_log):
         assert torch.equal(s_f[key], s_r[key]), key
 
 
-def test_cautious_decay_with_int8_moments_steps_as_the_reference_loop():
-    """The int8 kernel has no cautious mask: such groups take the reference loop, whose
-    masked decay they must then match exactly."""
-    generator = torch.Generator().manual_seed(3)
-    start = torch.randn(300, generator=generator)
-    runs = []
-    for fused in (None, False):
-        param = torch.nn.Parameter(start.clone())
-        optimizer = decoupled.AdamW(
-            [param], lr=1e-2, weight_decay=0.5, cautious=True, state_dtype="int8", fused=fused
-        )
-        for step in range(4):
-            param.grad = torch.randn(300, generator=torch.Generator().manual_seed(step))
-            optimizer.step()
-        runs.append((param.detach().clone(), optimizer.state[param]))
-    (ours, our_state), (reference, reference_state) = runs
-    assert torch.equal(ours, reference)
-    for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
-        assert torch.equal(our_state[key], reference_state[key]), key
+@pytest.mark.parametrize("decay_to", ["zero", "init"])
+def test_cautious_decay_with_int8_moments_in_the_kernel_equals_the_reference_loop(
+    int8_log, decay_to
+):
+    """Cautious decay (the mask by the sign of m_t) in the int8 kernel: θ, codes and scales as
+    the reference loop's, over steps where the mask is partly on."""
+    chosen, answers = int8_log
+    chosen.clear()
+    answers.clear()
+    options = {"weight_decay": 0.5, "cautious": True, "decay_to": decay_to}
+    results = run_both(decoupled.AdamW, options, [(300,), (2, 3, 5, 7)], steps=4)
+    assert chosen == ["kernel_adam_update", "adam_update"] * 4
+    assert answers == [True] * 4
+    assert_matches(*results)

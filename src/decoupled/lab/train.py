@@ -100,16 +100,14 @@ class RunSpec:
         """The implementation that steps this run's float32 CPU parameters, from the list in
         ``decoupled.optim._kernels``: "kernel" (the C++ kernel), "torch-fused" (torch's fused
         Adam kernels, where the C++ kernel cannot be built) or "reference" (the reference loop:
-        the batched executor's stacked per-cell lr, int8 moments with cautious decay, which the
-        kernel's int8 step has no mask for, or SGD and bfloat16 state without the kernel). The
-        paths round differently, so the path keys a run, as its thread count does, and a
-        stored result reproduces from its key."""
-        info = REGISTRY.get(self.optimizer)
-        cautious = info is not None and info.defaults.get("cautious", False)
-        if self.batched or (self.state_dtype == "int8" and cautious):
+        the batched executor's stacked per-cell lr, or SGD and bfloat16 state without the
+        kernel). The paths round differently, so the path keys a run, as its thread count does,
+        and a stored result reproduces from its key."""
+        if self.batched:
             return "reference"
         if kernel_available():
             return "kernel"
+        info = REGISTRY.get(self.optimizer)
         if info is not None and info.family == "adam" and self.state_dtype is None:
             return "torch-fused"
         return "reference"

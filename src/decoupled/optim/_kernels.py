@@ -12,7 +12,7 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
 1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
    (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, cautious
    decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state; int8 moments, ``_int8.py``,
-   for Adam/AdamW without cautious decay through ``adam_int8_step_``); and compensated
+   for Adam/AdamW through ``adam_int8_step_``); and compensated
    bfloat16/float16 CPU parameters of Adam/AdamW (``_compensated.py``, the same options and
    float32 or bfloat16 moments, through ``adam_compensated_step_``; int8 moments through
    ``adam_int8_step_``) and of SGD/SGDW (a float32 buffer, ``sgd_compensated_step_``), the only
@@ -166,10 +166,9 @@ def _int8_step(params, remainders, exp_avgs, exp_avg_sqs, coded_states, state_st
                grads) -> bool:  # fmt: skip
     """The C++ kernel's step with int8 moments (``_int8.py``): codes in ``exp_avgs`` and
     ``exp_avg_sqs``, scales in the state dicts, over float32 θ (``remainders`` None) or
-    compensated bfloat16/float16 θ; amsgrad is refused with int8 state, and cautious decay
-    (which this kernel has no mask for) and groups mixing compensated and other parameters
-    step in the reference loop."""
-    if options["amsgrad"] or options["cautious"]:
+    compensated bfloat16/float16 θ; amsgrad is refused with int8 state, and groups mixing
+    compensated and other parameters step in the reference loop."""
+    if options["amsgrad"]:
         return False
     if remainders is not None and any(r is None for r in remainders):
         return False
@@ -179,7 +178,7 @@ def _int8_step(params, remainders, exp_avgs, exp_avg_sqs, coded_states, state_st
         _kernel_references(options["references"]), state_steps, float(options["lr"]),
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], options["maximize"],
-        _scale_value(options["grad_scale"]),
+        _scale_value(options["grad_scale"]), options["cautious"],
     )  # fmt: skip
 
 

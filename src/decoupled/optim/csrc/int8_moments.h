@@ -97,7 +97,8 @@ inline float block_scale(const float* values, int32_t count) {
 // One block of `count` <= kInt8Block elements starting at element `first` of its tensor (the
 // pointers already point there); `scale_m`, `scale_v` point at the block's scales. T is θ's
 // storage, as in adam_elements: float, or bfloat16/float16 compensated by the remainders `r`.
-template <typename T, Decay D, bool Ref>
+// Cautious: decay after m_t, masked by its sign, as adam_elements.
+template <typename T, Decay D, bool Ref, bool Cautious>
 void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict g,
                      int8_t* __restrict qm, uint8_t* __restrict qv, float* scale_m,
                      float* scale_v, const T* __restrict ref, uint32_t first, int32_t count,
@@ -119,7 +120,7 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
     float grad, param = load_weight(p, r, k);
-    apply_decay<D, Ref>(grad, param, load(g[k]), ref, k, s.decay);
+    apply_decay<Cautious ? Decay::kNone : D, Ref>(grad, param, load(g[k]), ref, k, s.decay);
     const int32_t code = codes_m[k];
     const int32_t code_v = codes_v[k];
     // decode: (d(|q|)·s)·sign(q), the reference's order
@@ -128,6 +129,7 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
     const float v_old = (level<255, 4>(code_v) * sv) * static_cast<float>(code_v != 0);
     const float exp_avg = lerp(m_old, grad, s.beta1_weight);
     const float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, v_old * s.beta2);
+    if constexpr (Cautious) cautious_decay<Ref>(param, exp_avg, ref, k, s.decay);
     const float root = std::sqrt(exp_avg_sq);
     const float denom = root / s.bias_correction2_sqrt + s.eps;
     // a compensated θ's remainder takes the rehash's high half, as with bfloat16 moments (the
@@ -157,7 +159,7 @@ using Int8Chunk = void (*)(void*, int8_t*, const void*, int8_t*, uint8_t*, float
                            const void*, int64_t, int64_t, const AdamScalars&);
 
 // The elements [begin, end) of a tensor, begin a multiple of kInt8Block (for_each_chunk's).
-template <typename T, Decay D, bool Ref>
+template <typename T, Decay D, bool Ref, bool Cautious>
 void adam_int8_chunk(void* p, int8_t* r, const void* g, int8_t* qm, uint8_t* qv, float* scale_m,
                      float* scale_v, const void* ref, int64_t begin, int64_t end,
                      const AdamScalars& s) {
@@ -166,32 +168,34 @@ void adam_int8_chunk(void* p, int8_t* r, const void* g, int8_t* qm, uint8_t* qv,
   const T* const init = static_cast<const T*>(ref);
   for (int64_t k = begin; k < end; k += kInt8Block) {
     const int64_t block = k / kInt8Block;
-    adam_int8_block<T, D, Ref>(theta + k, r ? r + k : nullptr, grad + k, qm + k, qv + k,
+    adam_int8_block<T, D, Ref, Cautious>(theta + k, r ? r + k : nullptr, grad + k, qm + k, qv + k,
                                scale_m + block, scale_v + block, Ref ? init + k : nullptr,
                                static_cast<uint32_t>(k),
                                static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s);
   }
 }
 
-template <typename T, Decay D>
+template <typename T, Decay D, bool Cautious = false>
 Int8Chunk pick_adam_int8(bool ref) {
-  return ref ? adam_int8_chunk<T, D, true> : adam_int8_chunk<T, D, false>;
+  return ref ? adam_int8_chunk<T, D, true, Cautious> : adam_int8_chunk<T, D, false, Cautious>;
 }
 
 template <typename T>
-Int8Chunk pick_adam_int8(Decay decay, bool ref) {
+Int8Chunk pick_adam_int8(Decay decay, bool ref, bool cautious) {
   switch (decay) {
     case Decay::kL2: return pick_adam_int8<T, Decay::kL2>(ref);
-    case Decay::kDecoupled: return pick_adam_int8<T, Decay::kDecoupled>(ref);
+    case Decay::kDecoupled:
+      return cautious ? pick_adam_int8<T, Decay::kDecoupled, true>(ref)
+                      : pick_adam_int8<T, Decay::kDecoupled>(ref);
     default: return pick_adam_int8<T, Decay::kNone>(ref);
   }
 }
 
-Int8Chunk pick_adam_int8(at::ScalarType param_dtype, Decay decay, bool ref) {
+Int8Chunk pick_adam_int8(at::ScalarType param_dtype, Decay decay, bool ref, bool cautious) {
   switch (param_dtype) {
-    case at::kBFloat16: return pick_adam_int8<uint16_t>(decay, ref);
-    case at::kHalf: return pick_adam_int8<int16_t>(decay, ref);
-    default: return pick_adam_int8<float>(decay, ref);
+    case at::kBFloat16: return pick_adam_int8<uint16_t>(decay, ref, cautious);
+    case at::kHalf: return pick_adam_int8<int16_t>(decay, ref, cautious);
+    default: return pick_adam_int8<float>(decay, ref, cautious);
   }
 }
 
@@ -215,7 +219,7 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
                      const Tensors& exp_avg_scales, const Tensors& exp_avg_sq_scales,
                      const Tensors& references, const Tensors& steps, double lr, double beta1,
                      double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                     bool maximize, double grad_scale) {
+                     bool maximize, double grad_scale, bool cautious) {
   const size_t n = params.size();
   if (n == 0) return true;
   const auto param_dtype = params[0].scalar_type();
@@ -230,7 +234,7 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
   }
   if (!usable_steps(steps)) return false;
   const Int8Chunk chunk =
-      pick_adam_int8(param_dtype, decay_mode(decoupled, weight_decay, decay), ref);
+      pick_adam_int8(param_dtype, decay_mode(decoupled, weight_decay, decay), ref, cautious);
   const std::vector<AdamScalars> scalars =
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
