@@ -105,3 +105,11 @@ def launches(monkeypatch):
 
         monkeypatch.setattr(kernels, name, Counting())
     return counts
+
+
+@pytest.fixture
+def exact_sqrt(monkeypatch):
+    """The reference loop with a correctly rounded ``sqrt``, as the C++ and Triton kernels
+    compute it (torch's CPU float32 ``sqrt`` is not always; float64 then rounded is exact)."""
+    torch_sqrt = torch.Tensor.sqrt
+    monkeypatch.setattr(torch.Tensor, "sqrt", lambda t: torch_sqrt(t.double()).to(t.dtype))

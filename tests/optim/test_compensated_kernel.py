@@ -33,13 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LOW = (torch.bfloat16, torch.float16)
 
 
-@pytest.fixture
-def exact_sqrt(monkeypatch):
-    """The reference loop with a correctly rounded ``sqrt`` (what the kernel computes)."""
-    torch_sqrt = torch.Tensor.sqrt
-    monkeypatch.setattr(torch.Tensor, "sqrt", lambda t: torch_sqrt(t.double()).to(t.dtype))
-
-
 def refused(*args, **kwargs):
     raise AssertionError("the kernel refused")
 
