@@ -153,6 +153,26 @@ def _gradient(row, idx, mask, scale_ptr, DTYPE: tl.constexpr, SCALE: tl.constexp
 
 
 @triton.jit
+def _weight_and_decayed_gradient(row, p_ptr, idx, mask, g, weight_decay, DTYPE: tl.constexpr,
+                                 COMPENSATE: tl.constexpr, REF: tl.constexpr,
+                                 DECAY: tl.constexpr):  # fmt: skip
+    """θ in float32 (a compensated θ's master weight, ``load_master``), θ₀ (θ itself without
+    ``REF``), and g with L2's λ·(θ − θ₀) added (``DECAY == 1``: Adam, SGD): what every step
+    does before its moments, as the C++ kernel's ``apply_decay`` for L2."""
+    if COMPENSATE:
+        param = load_master(p_ptr, _address(row, 9, tl.int8), idx, mask, DTYPE)
+    else:
+        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    ref = param
+    if REF:
+        ref = tl.load(_address(row, 5, DTYPE) + idx, mask=mask, other=0.0).to(tl.float32)
+    if DECAY == 1:  # L2: g ← g + λ·(θ − θ₀)
+        offset = param - ref if REF else param
+        g = tl.fma(weight_decay, offset, g)
+    return param, ref, g
+
+
+@triton.jit
 def _decayed(param, ref, rate, REF: tl.constexpr):
     """θ after decoupled decay (``decay.apply_decoupled_decay_``): θ − c·(θ − θ₀) as
     lerp(θ, θ₀, c), or θ·(1 − c) toward zero, 1 − c rounded once from float64 as torch rounds
@@ -183,17 +203,9 @@ def adam_kernel(
     step = tl.load(_address(row, 6, tl.float32)).to(tl.float64)
 
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)
-    if COMPENSATE:
-        r_ptr = _address(row, 9, tl.int8)
-        param = load_master(p_ptr, r_ptr, idx, mask, DTYPE)
-    else:
-        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    ref = param
-    if REF:
-        ref = tl.load(_address(row, 5, DTYPE) + idx, mask=mask, other=0.0).to(tl.float32)
-    if DECAY == 1:  # Adam (L2): g ← g + λ·(θ − θ₀)
-        offset = param - ref if REF else param
-        g = tl.fma(weight_decay, offset, g)
+    param, ref, g = _weight_and_decayed_gradient(
+        row, p_ptr, idx, mask, g, weight_decay, DTYPE, COMPENSATE, REF, DECAY
+    )
 
     if CODED:
         m_scales = _address(row, 10, tl.float32)
@@ -232,7 +244,7 @@ def adam_kernel(
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
     if COMPENSATE:  # the remainder's bits: a rehash's high half (max(v) has its low half)
-        store_master(p_ptr, r_ptr, idx, param, mask, _mix(random) >> 16, DTYPE)
+        store_master(p_ptr, _address(row, 9, tl.int8), idx, param, mask, _mix(random) >> 16, DTYPE)
     else:
         tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
     if CODED:  # m takes the low 16 bits, v the high 16, as bfloat16 moments
@@ -267,17 +279,9 @@ def sgd_kernel(
     _, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)
-    if COMPENSATE:
-        r_ptr = _address(row, 9, tl.int8)
-        param = load_master(p_ptr, r_ptr, idx, mask, DTYPE)
-    else:
-        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    ref = param
-    if REF:
-        ref = tl.load(_address(row, 5, DTYPE) + idx, mask=mask, other=0.0).to(tl.float32)
-    if DECAY == 1:  # SGD (L2): g ← g + λ·(θ − θ₀)
-        offset = param - ref if REF else param
-        g = tl.fma(weight_decay, offset, g)
+    param, ref, g = _weight_and_decayed_gradient(
+        row, p_ptr, idx, mask, g, weight_decay, DTYPE, COMPENSATE, REF, DECAY
+    )
 
     direction = g
     if MOMENTUM:
@@ -304,7 +308,7 @@ def sgd_kernel(
         position = tl.load(row + 6).to(tl.uint32)
         key = _mix(step_count.to(tl.uint32) * 0x9E3779B9 ^ position * 0x85EBCA6B)
         random = _mix(idx.to(tl.uint32) ^ key)
-        store_master(p_ptr, r_ptr, idx, param, mask, _mix(random) >> 16, DTYPE)
+        store_master(p_ptr, _address(row, 9, tl.int8), idx, param, mask, _mix(random) >> 16, DTYPE)
     else:
         tl.store(p_ptr + idx, param.to(DTYPE), mask=mask)
 
