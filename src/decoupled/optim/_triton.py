@@ -269,6 +269,14 @@ def _bump_versions(*lists: list[Tensor]) -> None:
         torch.autograd.graph.increment_version(tensors)
 
 
+def _set(**options) -> dict:
+    """The optional keyword arguments that are set (not None, not False), for a fallback to
+    receive just what its caller passed."""
+    return {
+        name: value for name, value in options.items() if value is not None and value is not False
+    }
+
+
 def _skip_and_scale(
     grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device, dummy: Tensor
 ) -> tuple[Tensor, bool, Tensor, bool]:
@@ -331,14 +339,8 @@ def triton_adam_update(
             "decoupled": decoupled, "decay_rate": decay_rate, "amsgrad": amsgrad,
             "maximize": maximize, "references": references,
         }  # fmt: skip
-        if cautious:
-            given["cautious"] = True
-        if grad_scale is not None:
-            given["grad_scale"] = grad_scale
-        if remainders is not None:
-            given["remainders"] = remainders
-        if coded_states is not None:
-            given["coded_states"] = coded_states
+        given |= _set(cautious=cautious, grad_scale=grad_scale, remainders=remainders,
+                      coded_states=coded_states)  # fmt: skip
         if found_inf is not None and bool(found_inf):  # the reference loop reads it on the host
             return
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
@@ -443,12 +445,8 @@ def triton_sgd_update(
             "weight_decay": weight_decay, "decoupled": decoupled, "decay_rate": decay_rate,
             "maximize": maximize, "references": references,
         }  # fmt: skip
-        if cautious:
-            given["cautious"] = True
-        if grad_scale is not None:
-            given["grad_scale"] = grad_scale
-        if remainders is not None:
-            given |= {"remainders": remainders, "step": step}
+        given |= _set(cautious=cautious, grad_scale=grad_scale, remainders=remainders,
+                      step=step if remainders is not None else None)  # fmt: skip
         fallback(params, grads, momentum_buffers, **given)
         return
 
