@@ -53,13 +53,16 @@ def float64_adamw(w, grad, m, v, step, lr, weight_decay, decoupled_, init=None):
     return w - lr * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
 
 
-def assert_master_within_a_unit(theta, state, dtype, expected):
+def assert_master_within_a_unit(theta, state, dtype, expected, before):
     """θ kept in ``dtype`` with an int8 remainder whose master weight is ``expected`` (float64)
-    to one remainder unit (ulp(θ)/256) and float32 rounding."""
+    to one remainder unit (ulp(θ)/256) and float32 rounding. The float32 step rounds on the
+    scale of the weight ``before`` it: where the update nearly cancels it (θ crossing zero),
+    those roundings outweigh the unit of the small result."""
     assert theta.dtype == dtype and state["param_remainder"].dtype == torch.int8
     after = master(theta.detach(), state["param_remainder"]).double()
     unit = _unit(theta.detach()).double()
-    assert ((after - expected).abs() <= unit + 1e-6 * expected.abs()).all()
+    scale = torch.maximum(expected.abs(), before.double().abs())
+    assert ((after - expected).abs() <= unit + 1e-6 * scale).all()
 
 
 @settings(max_examples=25, deadline=None)
@@ -97,7 +100,7 @@ def test_each_step_is_the_float32_update_of_the_master_weight(
             w, m, v, count = theta.detach().float(), *[torch.zeros(shape)] * 2, 1.0
         expected = float64_adamw(w, theta.grad.float(), m, v, count, 1e-3, 0.1, decoupled_, init)
         optimizer.step()
-        assert_master_within_a_unit(theta, optimizer.state[theta], dtype, expected)
+        assert_master_within_a_unit(theta, optimizer.state[theta], dtype, expected, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

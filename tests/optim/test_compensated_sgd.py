@@ -106,7 +106,7 @@ def test_each_step_is_the_float32_update_of_the_master_weight(options, dtype):
         )
         optimizer.step()
         state = optimizer.state[theta]
-        assert_master_within_a_unit(theta, state, dtype, expected)
+        assert_master_within_a_unit(theta, state, dtype, expected, w)
         if options.get("momentum"):
             assert state["momentum_buffer"].dtype == torch.float32
             torch.testing.assert_close(
