@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils import cpp_extension
 from torch.utils.file_baton import FileBaton
 
@@ -261,3 +262,14 @@ def test_an_avx2_build_steps_like_the_reference(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "-march=x86-64-v3" in done.stdout and done.stdout.strip().endswith("ok")
+
+
+def test_cpu_summary_names_the_kernels_on_both_sides_of_a_comparison(monkeypatch):
+    """Figures compare our kernel with torch's: the summary names the -march ours is built for
+    and the instruction set torch dispatches its own CPU kernels to."""
+    from decoupled.optim._cpu import cpu_summary
+
+    monkeypatch.setenv("DECOUPLED_KERNEL_ARCH", "x86-64-v3")
+    line = cpu_summary()
+    assert "kernel built for -march=x86-64-v3" in line
+    assert line.endswith(f"torch kernels: {torch.backends.cpu.get_cpu_capability()}")

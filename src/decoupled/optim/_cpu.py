@@ -34,9 +34,15 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 
 def cpu_summary() -> str:
-    """One line: the CPU model, its logical cores and the vector instruction sets detected,
-    e.g. ``AMD EPYC 9R45 (2 logical cores); vector ISA: avx2 fma avx512f``."""
+    """One line: the CPU model, its logical cores, the vector instruction sets detected, the
+    ``-march`` our kernel is built for and the instruction set torch's own CPU kernels run
+    (``ATEN_CPU_CAPABILITY`` lowers it, e.g. to ``avx2``: with ``DECOUPLED_KERNEL_ARCH=x86-64-v3``
+    both sides of a comparison then run an AVX2 machine's code), e.g. ``CPU AMD EPYC (2 logical
+    cores, x86_64); vector ISA: avx2 fma avx512f; kernel built for -march=native; torch
+    kernels: AVX512``."""
     import os
+
+    import torch
 
     from decoupled.optim._build import kernel_arch
 
@@ -45,5 +51,6 @@ def cpu_summary() -> str:
     arch = kernel_arch() or "native"
     return (
         f"CPU {model} ({os.cpu_count()} logical cores, {platform.machine()}); "
-        f"vector ISA: {' '.join(found)}; kernel built for -march={arch}"
+        f"vector ISA: {' '.join(found)}; kernel built for -march={arch}; "
+        f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
     )

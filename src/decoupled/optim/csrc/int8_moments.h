@@ -97,12 +97,14 @@ inline float block_scale(const float* values, int32_t count) {
 // One block of `count` <= kInt8Block elements starting at element `first` of its tensor (the
 // pointers already point there); `scale_m`, `scale_v` point at the block's scales. T is θ's
 // storage, as in adam_elements: float, or bfloat16/float16 compensated by the remainders `r`.
-// Cautious: decay after m_t, masked by its sign, as adam_elements.
-template <typename T, Decay D, bool Ref, bool Cautious>
+// Cautious: decay after m_t, masked by its sign, as adam_elements. Full: a whole block, whose
+// count the compiler knows (no remainder iterations in the loops: 7-9% faster per element).
+template <typename T, Decay D, bool Ref, bool Cautious, bool Full>
 void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict g,
                      int8_t* __restrict qm, uint8_t* __restrict qv, float* scale_m,
-                     float* scale_v, const T* __restrict ref, uint32_t first, int32_t count,
-                     const AdamScalars& scalars) {
+                     float* scale_v, const T* __restrict ref, uint32_t first,
+                     int32_t partial_count, const AdamScalars& scalars) {
+  const int32_t count = Full ? kInt8Block : partial_count;
   // every loop runs on 32-bit lanes (codes widened first, narrowed last): a byte load or store
   // in a loop makes GCC process 64 elements at a time, which spills registers
   alignas(64) int32_t codes_m[kInt8Block];
@@ -168,10 +170,11 @@ void adam_int8_chunk(void* p, int8_t* r, const void* g, int8_t* qm, uint8_t* qv,
   const T* const init = static_cast<const T*>(ref);
   for (int64_t k = begin; k < end; k += kInt8Block) {
     const int64_t block = k / kInt8Block;
-    adam_int8_block<T, D, Ref, Cautious>(theta + k, r ? r + k : nullptr, grad + k, qm + k, qv + k,
-                               scale_m + block, scale_v + block, Ref ? init + k : nullptr,
-                               static_cast<uint32_t>(k),
-                               static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k)), s);
+    const int32_t count = static_cast<int32_t>(std::min<int64_t>(kInt8Block, end - k));
+    const auto block_step = count == kInt8Block ? adam_int8_block<T, D, Ref, Cautious, true>
+                                                : adam_int8_block<T, D, Ref, Cautious, false>;
+    block_step(theta + k, r ? r + k : nullptr, grad + k, qm + k, qv + k, scale_m + block,
+               scale_v + block, Ref ? init + k : nullptr, static_cast<uint32_t>(k), count, s);
   }
 }
 
