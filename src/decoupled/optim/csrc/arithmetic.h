@@ -107,7 +107,8 @@ template <bool Ref, typename R>
 inline void cautious_decay(float& param, float direction, const R* ref, int64_t k,
                            const DecayScalars& s) {
   const float offset = Ref ? param - load(ref[k]) : param;
-  const bool agree = (direction >= 0 && offset >= 0) || (direction <= 0 && offset <= 0);
+  // bitwise, not short-circuit: an && or || is a branch, which leaves the AVX2 loop scalar
+  const bool agree = ((direction >= 0) & (offset >= 0)) | ((direction <= 0) & (offset <= 0));
   float decayed;
   if constexpr (Ref) decayed = lerp(param, load(ref[k]), s.rate);
   else decayed = param * s.keep;
