@@ -210,7 +210,13 @@ def test_a_damaged_remainder_is_refused_by_name():
     with pytest.raises(ValueError, match="Invalid state for parameter 0 .*param_remainder shape"):
         optimizer.load_state_dict(saved)
     saved["state"][0]["param_remainder"] = torch.full((64,), 0.5)
-    with pytest.raises(ValueError, match="param_remainder dtype = torch.float32"):
+    with pytest.raises(ValueError, match="param_remainder = fractions"):
+        optimizer.load_state_dict(saved)
+    saved["state"][0]["param_remainder"] = torch.full((64,), 128.0)  # would wrap to -128
+    with pytest.raises(ValueError, match=r"param_remainder = 128.0 \(must be within int8"):
+        optimizer.load_state_dict(saved)
+    saved["state"][0]["param_remainder"] = torch.zeros(64, dtype=torch.int16)
+    with pytest.raises(ValueError, match="param_remainder dtype = torch.int16"):
         optimizer.load_state_dict(saved)
 
 

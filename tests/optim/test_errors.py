@@ -249,3 +249,21 @@ def test_fused_true_refuses_what_torchs_fused_kernels_cannot_take(cls, tensor, n
     twin.param_groups[0]["params"][0].grad = torch.ones_like(param)
     with pytest.raises(RuntimeError, match=rf"but {named}"):
         twin.step()
+
+
+def test_a_groups_own_state_dtype_and_compensate_are_checked_as_the_constructors():
+    """A param group may choose its own moments and compensation: names become dtypes, bad
+    values and int8 with amsgrad are refused when the group is added, not at the first step."""
+    p = torch.nn.Parameter(torch.randn(300))
+    optimizer = decoupled.AdamW([{"params": [p], "state_dtype": "int8"}])
+    assert optimizer.param_groups[0]["state_dtype"] == torch.int8
+    p.grad = torch.randn(300)
+    optimizer.step()
+    assert optimizer.state[p]["exp_avg"].dtype == torch.int8
+    with pytest.raises(ValueError, match="Invalid state_dtype value: int4"):
+        decoupled.AdamW([{"params": [p], "state_dtype": "int4"}])
+    with pytest.raises(ValueError, match="int8 with amsgrad=True"):
+        decoupled.Adam([{"params": [p], "state_dtype": "int8", "amsgrad": True}])
+    for cls in (decoupled.AdamW, decoupled.SGD):
+        with pytest.raises(ValueError, match="Invalid compensate value: 'yes'"):
+            cls([{"params": [p], "compensate": "yes"}], lr=0.1)

@@ -230,3 +230,61 @@ def test_invalid_state_dtype_and_amsgrad_are_refused():
     with pytest.raises(ValueError, match="Invalid state_dtype value: int8 with amsgrad"):
         decoupled.AdamW(theta, state_dtype=torch.int8, amsgrad=True)
     assert decoupled.Adam(theta, **INT8).param_groups[0]["state_dtype"] == torch.int8
+
+
+def _trained(param, state_dtype, steps=3, **kwargs):
+    optimizer = decoupled.AdamW([param], lr=1e-3, state_dtype=state_dtype, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        param.grad = (torch.randn(param.shape, generator=generator) * 1e-6).to(param.dtype)
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", torch.bfloat16])
+def test_a_load_keeps_the_saved_dtypes_of_compact_state(state_dtype):
+    """torch casts every loaded state tensor to θ's dtype: float16 θ would flush small v (and
+    int8 scales) to 0, then step by lr·m/ε. Loaded state keeps its dtypes, the values are
+    the saved ones, and a checkpoint saved again before any step loads again."""
+    theta = torch.nn.Parameter(torch.randn(600).half())
+    optimizer = _trained(theta, state_dtype)
+    saved = copy.deepcopy(optimizer.state_dict())
+    twin = torch.nn.Parameter(theta.detach().clone())
+    loaded = decoupled.AdamW([twin], lr=1e-3, state_dtype=state_dtype)
+    loaded.load_state_dict(copy.deepcopy(saved))
+    for key, value in saved["state"][0].items():
+        assert loaded.state[twin][key].dtype == value.dtype, key
+        assert torch.equal(loaded.state[twin][key], value), key
+    again = decoupled.AdamW([twin], lr=1e-3, state_dtype=state_dtype)
+    again.load_state_dict(copy.deepcopy(loaded.state_dict()))  # refused before: float codes
+    before = twin.detach().clone()
+    twin.grad = torch.full_like(twin, 1e-6)
+    again.step()
+    assert (twin.float() - before.float()).abs().max() <= 2e-3  # a step of about lr
+
+
+def test_coded_moments_loaded_into_another_memory_layout_keep_their_values():
+    """Block scales follow the codes' memory order: codes copied into a channels_last θ's
+    layout would be decoded with other blocks' scales. They are decoded first."""
+    weight = torch.nn.Parameter(torch.randn(2, 64, 4, 4))
+    optimizer = _trained(weight, "int8")
+    state = optimizer.state[weight]
+    expected = decode(state["exp_avg"], state["exp_avg_scale"], "exp_avg")
+    channels_last = torch.nn.Parameter(weight.detach().to(memory_format=torch.channels_last))
+    loaded = decoupled.AdamW([channels_last], lr=1e-3)
+    loaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    exp_avg = loaded.state[channels_last]["exp_avg"]
+    assert exp_avg.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(exp_avg, expected)
+
+
+def test_an_amsgrad_checkpoint_is_refused_by_an_int8_optimizer_before_anything_changes():
+    theta = torch.nn.Parameter(torch.randn(300))
+    source = _trained(theta, None, amsgrad=True)
+    target = _trained(torch.nn.Parameter(torch.randn(300)), "int8")
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match="param group 0 of the checkpoint: amsgrad = True"):
+        target.load_state_dict(copy.deepcopy(source.state_dict()))
+    after = target.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][0][k], v) for k, v in before["state"][0].items())

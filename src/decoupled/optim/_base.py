@@ -30,6 +30,7 @@ from decoupled.optim._checks import (  # noqa: F401  (re-exported: the optimizer
     is_number,
     torch_implementation_options,
 )
+from decoupled.optim._compensated import check_compensate
 from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim.decay import check_cautious, decay_rate, weight_decay_at
@@ -133,6 +134,8 @@ class DecayOptimizer(torch.optim.Optimizer):
         """Validate a group's hyperparameters; subclasses add their own."""
         check_group(group, self.decoupled)
         check_cautious(group, self.decoupled, self.family)
+        if "compensate" in group:  # a group's own, as the constructor's
+            check_compensate(group["compensate"])
 
     @torch.no_grad()
     def reset_decay_reference(self) -> None:

@@ -91,10 +91,16 @@ def check_remainder(where: str, value: object, param: Tensor) -> None:
         refuse(where, REMAINDER, type(value).__name__, "must be a tensor")
     if value.shape != param.shape:
         refuse(where, f"{REMAINDER} shape", tuple(value.shape), f"must be {tuple(param.shape)}")
-    if value.dtype != torch.int8 and not (value.is_floating_point() and bool(
-        (value == value.round()).all() and (value.abs() <= 128).all()
-    )):  # fmt: skip
+    if value.dtype == torch.int8:
+        return
+    if not value.is_floating_point():
         refuse(where, f"{REMAINDER} dtype", value.dtype, "must be int8 (whole numbers)")
+    # torch's load_state_dict casts it to θ's dtype: whole numbers of int8's range survive
+    if not bool((value == value.round()).all()):
+        refuse(where, REMAINDER, "fractions", "must be int8 (whole numbers)")
+    outside = value[(value < -128) | (value > 127)]
+    if outside.numel():
+        refuse(where, REMAINDER, outside[0].item(), "must be within int8's [-128, 127]")
 
 
 def init_remainder(compensate: bool | None, param: Tensor, state: dict) -> None:

@@ -38,13 +38,16 @@ from decoupled.optim._compensated import (
 )
 from decoupled.optim._int8 import (
     INT8,
+    SCALE_SUFFIX,
     Int8Moments,
     check_coded,
+    decode,
     is_coded,
     new_moments,
     recast_moments_,
 )
 from decoupled.optim._kernels import choose_adam_update
+from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param, check_step, refuse
 from decoupled.optim._triton import (
     check_capturable,
@@ -373,11 +376,52 @@ class Adam(DecayOptimizer):
                 stacklevel=4,
             )
         group["betas"] = checked_betas(group["betas"])
+        if "state_dtype" in group:  # a group's own, as the constructor's: names become dtypes
+            group["state_dtype"] = check_state_dtype(group["state_dtype"])
         if group.get("state_dtype") == INT8 and group.get("amsgrad"):
             raise ValueError(
                 "Invalid state_dtype value: int8 with amsgrad=True (the running maximum of v "
                 "is not kept in 8 bits: use state_dtype=torch.bfloat16 with amsgrad)"
             )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :class:`DecayOptimizer`'s, except that every saved state tensor keeps its dtype:
+        torch would cast each to θ's dtype (int8 codes, their float32 block scales and
+        bfloat16 moments of a float16 θ included), losing small values, and a checkpoint
+        saved again before the next step would hold float codes. The next step converts
+        them to this optimizer's ``state_dtype`` and compensation (``_init_state``). A group
+        saved with ``amsgrad`` is refused, before anything changes, where this optimizer keeps
+        int8 moments."""
+        for index, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            if saved.get("amsgrad") and group.get("state_dtype") == INT8:
+                raise ValueError(
+                    f"Invalid param group {index} of the checkpoint: amsgrad = True (this "
+                    "optimizer keeps int8 moments, which cannot hold amsgrad's running maximum; "
+                    "load it into one with state_dtype=torch.bfloat16 or None)"
+                )
+        saved = [
+            (param, key, value)
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
+            for index, param in zip(saved_group["params"], group["params"])
+            for key, value in state_dict["state"].get(index, {}).items()
+            if key != "step" and isinstance(value, Tensor)
+        ]
+        super().load_state_dict(state_dict)
+        for param, key, value in saved:
+            self.state[param][key] = value.to(param.device, copy=True)
+        for param in {id(param): param for param, _, _ in saved}.values():
+            self._lay_out_state_like(param)
+
+    def _lay_out_state_like(self, param: Tensor) -> None:
+        """As :class:`DecayOptimizer`'s; coded moments laid out unlike ``param`` are decoded
+        first (their block scales follow the codes' memory order, which the copy changes) and
+        coded again at the next step."""
+        state = self.state.get(param, {})
+        for key in self.state_keys[1:]:
+            coded = key in state and is_coded(state, key)
+            if coded and in_layout_of(param, state[key]) is not state[key]:
+                state[key] = decode(state[key], state.pop(key + SCALE_SUFFIX), key)
+        super()._lay_out_state_like(param)
 
     def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
         super()._check_loaded_state(where, param, group, state)
