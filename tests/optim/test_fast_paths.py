@@ -273,6 +273,7 @@ def test_the_kernel_changes_nothing_when_it_refuses_a_tensor():
         False,
         1024.0,  # a loss scale: refused, so the gradients stay scaled too
         False,  # cautious
+        False,  # a float lr
     )
     assert done is False
     assert all(torch.equal(p, torch.ones_like(p)) for p in params)
@@ -378,3 +379,56 @@ def test_decoupled_no_kernel_never_builds(monkeypatch):
     monkeypatch.setattr(_build, "_ops", _build._NOT_TRIED)
     monkeypatch.setenv("DECOUPLED_NO_KERNEL", "1")
     assert _build.kernel_ops() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, "int8"], ids=str)
+@pytest.mark.parametrize("cls", [decoupled.Adam, decoupled.AdamW], ids=lambda c: c.__name__)
+def test_tensor_lr_and_betas_step_as_the_reference_loop_bit_for_bit(
+    cls, state_dtype, dtype, exact_sqrt, path_log
+):
+    """With a tensor lr the reference divides it by 1 − β1ᵗ in float32 (torch's tensor
+    arithmetic); the kernel does the same. With tensor betas, whose powers the reference takes
+    in float32 too, the group steps in the reference loop. (Found differing by 1-2 ulp.)"""
+    for lr, betas in (
+        (torch.tensor(0.01), (0.9, 0.999)),
+        (0.01, tuple(map(torch.tensor, (0.9, 0.999)))),
+    ):
+        generator = torch.Generator().manual_seed(0)
+        start = torch.randn(3000, generator=generator).to(dtype)
+        fast, reference = (torch.nn.Parameter(start.clone()) for _ in range(2))
+        kwargs = {"lr": lr, "betas": betas, "weight_decay": 0.1, "state_dtype": state_dtype}
+        optimizers = [cls([fast], **kwargs), cls([reference], fused=False, **kwargs)]
+        path_log.clear()
+        for _ in range(5):
+            grad = torch.randn(3000, generator=generator).to(dtype)
+            for param, optimizer in zip((fast, reference), optimizers):
+                param.grad = grad.clone()
+                optimizer.step()
+        tensor_betas = isinstance(betas[0], torch.Tensor)
+        assert ("kernel_adam_update" in path_log) != tensor_betas
+        assert torch.equal(fast, reference)
+        for key, value in optimizers[1].state[reference].items():
+            assert torch.equal(optimizers[0].state[fast][key], value), key
+
+
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGD], ids=lambda c: c.__name__)
+def test_gradients_unscaled_in_a_relaid_copy_are_written_back(cls, exact_sqrt):
+    """GradScaler's step divides the gradients by the scale in place; where the kernel stepped
+    with a copy in the weight's layout, the copy's values go back to ``.grad``."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 3, 3, 3, generator=generator)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, 3, 3, 3, generator=generator)  # contiguous
+    results = []
+    for fused in (None, False):
+        param = torch.nn.Parameter(weight.clone())
+        optimizer = cls(
+            [param], lr=0.01, fused=fused, **({"momentum": 0.9} if cls is decoupled.SGD else {})
+        )
+        optimizer.grad_scale = torch.tensor(4.0)
+        param.grad = grad.clone()
+        optimizer.step()
+        results.append((param.detach(), param.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], grad / 4) and torch.equal(results[1][1], grad / 4)

@@ -131,6 +131,7 @@ def kernel_adam_update(
             options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
             float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
             _scale_value(options["grad_scale"]), options["cautious"],
+            isinstance(options["lr"], Tensor),  # γ/(1 − β1ᵗ) in float32, as the reference
         )  # fmt: skip
 
     coded_states, remainders = options.get("coded_states"), options.get("remainders")
@@ -140,7 +141,7 @@ def kernel_adam_update(
     elif remainders is not None:
         step = partial(_compensated_step, params, remainders, exp_avgs, exp_avg_sqs,
                        max_exp_avg_sqs, state_steps, options)  # fmt: skip
-    done = _step_any_layout(step, grads, params)
+    done = _step_any_layout(step, grads, params, unscales=options["grad_scale"] is not None)
     if not done:
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
 
@@ -159,6 +160,7 @@ def _compensated_step(params, remainders, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
         _scale_value(options["grad_scale"]), options["cautious"],
+        isinstance(options["lr"], Tensor),
     )  # fmt: skip
 
 
@@ -179,6 +181,7 @@ def _int8_step(params, remainders, exp_avgs, exp_avg_sqs, coded_states, state_st
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], options["maximize"],
         _scale_value(options["grad_scale"]), options["cautious"],
+        isinstance(options["lr"], Tensor),
     )  # fmt: skip
 
 
@@ -218,7 +221,7 @@ def kernel_sgd_update(
             params, remainders, *arguments, float(options["step"])
         )
 
-    done = _step_any_layout(step, grads, params)
+    done = _step_any_layout(step, grads, params, unscales=options["grad_scale"] is not None)
     if done:
         momentum_buffers[:] = buffers
     else:
@@ -231,14 +234,25 @@ def _scale_value(grad_scale: Tensor | None) -> float:
 
 
 def _step_any_layout(
-    step: Callable[[list[Tensor]], bool], grads: list[Tensor], params: list[Tensor]
+    step: Callable[[list[Tensor]], bool],
+    grads: list[Tensor],
+    params: list[Tensor],
+    unscales: bool = False,
 ) -> bool:
     """Run a kernel ``step``; after a refusal, once more with the gradients copied into their
-    parameters' layout (when one differed). True when the kernel stepped."""
+    parameters' layout (when one differed). True when the kernel stepped. A step that
+    ``unscales`` the gradients (GradScaler's scale) divided the copies: they are written back,
+    as the reference loop leaves the gradients."""
     if step(grads):
         return True
     relaid = _laid_out_like(grads, params)
-    return relaid is not None and step(relaid)
+    if relaid is None or not step(relaid):
+        return False
+    if unscales:
+        for grad, copy in zip(grads, relaid):
+            if copy is not grad:
+                grad.copy_(copy)
+    return True
 
 
 def _laid_out_like(grads: list[Tensor], params: list[Tensor]) -> list[Tensor] | None:

@@ -192,6 +192,7 @@ def adam_kernel(
     REF: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
     LR_TENSOR: tl.constexpr, RATE_TENSOR: tl.constexpr, SCALE: tl.constexpr,
     SKIP: tl.constexpr, COMPENSATE: tl.constexpr, CODED: tl.constexpr, BLOCK: tl.constexpr,
+    LR_F32: tl.constexpr,
 ):  # fmt: skip
     """One Adam/AdamW step on one chunk (the algorithm box of ``decoupled.Adam``); with
     ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ and its remainder; with
@@ -239,7 +240,10 @@ def adam_kernel(
     lr64 = _scalar(lr, lr_lo, lr_ptr, LR_TENSOR)
     bias_correction1 = tl.load(corrections_ptr + 2 * tensor)  # 1 − β1ᵗ, float64
     bias_correction2_sqrt = tl.load(corrections_ptr + 2 * tensor + 1).to(tl.float32)
-    neg_step_size = (-(lr64 / bias_correction1)).to(tl.float32)
+    if LR_F32:  # a tensor lr: torch's `lr / bias_correction1` divides float32 by float32
+        neg_step_size = -tl.div_rn(lr64.to(tl.float32), bias_correction1.to(tl.float32))
+    else:  # a number: rounded once, as the reference loop's Python float
+        neg_step_size = (-(lr64 / bias_correction1)).to(tl.float32)
     denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 

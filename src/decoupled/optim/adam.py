@@ -502,8 +502,11 @@ class Adam(DecayOptimizer):
         # differentiable steps record torch's operations on θ itself: not compensated
         compensate = group.get("compensate")
         compensated = not differentiable and any(compensates(compensate, p) for p in params)
+        # tensor betas: the reference loop raises them to the step count in float32 tensor
+        # arithmetic, which the fast paths (bias corrections from numbers) do not reproduce
+        tensor_betas = any(isinstance(beta, Tensor) for beta in group["betas"])
         update = choose_adam_update(
-            False if differentiable else group["fused"],
+            False if differentiable or tensor_betas else group["fused"],
             adam_update,
             params,
             grads,

@@ -195,7 +195,7 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
                    const Tensors& max_exp_avg_sqs, const Tensors& references,
                    const Tensors& steps, double lr, double beta1, double beta2, double eps,
                    double weight_decay, double decay, bool decoupled, bool amsgrad,
-                   bool maximize, double grad_scale, bool cautious) {
+                   bool maximize, double grad_scale, bool cautious, bool float32_lr) {
   const size_t n = params.size();
   if (n == 0) return true;
   if (exp_avgs.size() != n) return false;
@@ -219,7 +219,7 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
       pick_adam(param_dtype, state_dtype == at::kBFloat16, amsgrad, mode, ref, cautious);
 
   const std::vector<AdamScalars> scalars =
-      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize);
+      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr);
   for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
     void* g = grads[t].data_ptr();
     unscale(param_dtype, g, begin, end, grad_scale);
@@ -239,10 +239,11 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
                 const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
                 const Tensors& references, const Tensors& steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                bool amsgrad, bool maximize, double grad_scale, bool cautious) {
+                bool amsgrad, bool maximize, double grad_scale, bool cautious,
+                bool float32_lr) {
   return adam_any_step(params, {}, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references,
                        steps, lr, beta1, beta2, eps, weight_decay, decay, decoupled, amsgrad,
-                       maximize, grad_scale, cautious);
+                       maximize, grad_scale, cautious, float32_lr);
 }
 
 // Compensated bfloat16/float16 θ (the section "Compensated ... weights" above): adam_step_'s
@@ -253,12 +254,12 @@ bool adam_compensated_step_(const Tensors& params, const Tensors& remainders,
                             const Tensors& references, const Tensors& steps, double lr,
                             double beta1, double beta2, double eps, double weight_decay,
                             double decay, bool decoupled, bool amsgrad, bool maximize,
-                            double grad_scale, bool cautious) {
+                            double grad_scale, bool cautious, bool float32_lr) {
   if (remainders.size() != params.size()) return false;
   if (params.empty()) return true;
   return adam_any_step(params, remainders, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                        references, steps, lr, beta1, beta2, eps, weight_decay, decay,
-                       decoupled, amsgrad, maximize, grad_scale, cautious);
+                       decoupled, amsgrad, maximize, grad_scale, cautious, float32_lr);
 }
 
 #include "int8_moments.h"

@@ -99,10 +99,12 @@ bool usable_steps(const Tensors& steps) {
 }
 
 // Adds 1 to every step count and returns each tensor's scalars for this step: the bias
-// corrections of its count, and its rounding key (count, position).
+// corrections of its count, and its rounding key (count, position). The step size γ/(1 − β1ᵗ)
+// is rounded once from double, as the reference loop computes it for a Python float lr; for
+// a tensor lr (`float32_lr`) it divides float32 by float32, as torch's `lr / bias_correction1`.
 std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double beta1,
                                        double beta2, double eps, double weight_decay,
-                                       double decay, bool maximize) {
+                                       double decay, bool maximize, bool float32_lr) {
   std::vector<AdamScalars> scalars(steps.size());
   double previous_count = -1;  // tensors of a group usually share their step count
   for (size_t t = 0; t < steps.size(); ++t) {
@@ -113,7 +115,8 @@ std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double b
       const double bias_correction1 = 1 - std::pow(beta1, count);
       const double bias_correction2 = 1 - std::pow(beta2, count);
       scalars[t] = AdamScalars{
-          static_cast<float>(-(lr / bias_correction1)),
+          float32_lr ? -(static_cast<float>(lr) / static_cast<float>(bias_correction1))
+                     : static_cast<float>(-(lr / bias_correction1)),
           static_cast<float>(std::pow(bias_correction2, 0.5)),
           static_cast<float>(1 - beta1),
           static_cast<float>(beta2),
