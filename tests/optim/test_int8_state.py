@@ -288,3 +288,12 @@ def test_an_amsgrad_checkpoint_is_refused_by_an_int8_optimizer_before_anything_c
     after = target.state_dict()
     assert after["param_groups"] == before["param_groups"]
     assert all(torch.equal(after["state"][0][k], v) for k, v in before["state"][0].items())
+
+
+def test_saved_moments_without_their_step_count_are_refused():
+    source = _trained(torch.nn.Parameter(torch.randn(300)), "int8")
+    saved = copy.deepcopy(source.state_dict())
+    del saved["state"][0]["step"]
+    target = decoupled.AdamW([torch.nn.Parameter(torch.randn(300))], state_dtype="int8")
+    with pytest.raises(ValueError, match="step = missing \\(required with the saved exp_avg\\)"):
+        target.load_state_dict(saved)

@@ -426,6 +426,9 @@ class Adam(DecayOptimizer):
     def _check_loaded_state(self, where: str, param: Tensor, group: dict, state: dict) -> None:
         super()._check_loaded_state(where, param, group, state)
         if "step" not in state:  # no step taken yet: moments are created at the first one
+            saved = [key for key in self.state_keys[1:] if key in state]
+            if saved:  # they would be replaced by zeros at the next step
+                refuse(where, "step", "missing", f"required with the saved {saved[0]}")
             return
         check_step(where, state["step"])
         required = self.state_keys[1 : 4 if group.get("amsgrad") else 3]
