@@ -81,6 +81,18 @@ def train(
             scheduler.step()
 
 
+def drawn_sgd_options(drawn: dict, lr: float) -> tuple[type, dict]:
+    """A hypothesis draw of SGD options made valid: its ``cls`` apart, Nesterov only with
+    momentum and no dampening, ``lr="tensor"`` as a tensor of ``lr``."""
+    options = dict(drawn)
+    cls = options.pop("cls")
+    if options["nesterov"] and (options["momentum"] == 0 or options["dampening"] != 0):
+        options["nesterov"] = False
+    if options["lr"] == "tensor":
+        options["lr"] = torch.tensor(lr)
+    return cls, options
+
+
 def twin_models(name: str, dtype: torch.dtype):
     model, input_shape = make_model(name, dtype)
     return model, copy.deepcopy(model), input_shape

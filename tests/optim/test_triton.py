@@ -25,6 +25,7 @@ import decoupled
 from decoupled.optim import _compact, _triton
 from decoupled.optim.adam import adam_update
 from decoupled.optim.sgd import sgd_update
+from tests.helpers import drawn_sgd_options
 
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -150,12 +151,7 @@ SGD_OPTIONS = st.fixed_dictionaries(
 )
 @given(options=SGD_OPTIONS)
 def test_sgd_matches_the_reference_loop(options, launches):
-    options = dict(options)
-    cls = options.pop("cls")
-    if options["nesterov"] and (options["momentum"] == 0 or options["dampening"] != 0):
-        options["nesterov"] = False
-    if options["lr"] == "tensor":
-        options["lr"] = torch.tensor(1e-2)
+    cls, options = drawn_sgd_options(options, lr=1e-2)
     before = launches["sgd_kernel"]
     compare(cls, **options)
     assert launches["sgd_kernel"] == before + 3

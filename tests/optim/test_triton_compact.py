@@ -29,6 +29,7 @@ import decoupled
 from decoupled.optim import _compact, _int8, _triton
 from decoupled.optim._compensated import REMAINDER, _unit, master, store_
 from decoupled.optim.adam import adam_update
+from tests.helpers import drawn_sgd_options
 
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -209,15 +210,10 @@ SGD_OPTIONS = st.fixed_dictionaries(
 def test_compensated_sgd_matches_the_reference_loop(options, launches):
     """SGD/SGDW on the float32 master weight with a float32 momentum buffer
     (``_sgd_compensation.py``), the remainder's bits keyed by the group's step count."""
-    options = dict(options)
-    cls = options.pop("cls")
+    cls, options = drawn_sgd_options(options, lr=1e-3)
     if cls is decoupled.SGD:
         options["cautious"] = False  # an SGDW option
         options["weight_decay"] = min(options["weight_decay"], 0.1)
-    if options["nesterov"] and (options["momentum"] == 0 or options["dampening"] != 0):
-        options["nesterov"] = False
-    if options["lr"] == "tensor":
-        options["lr"] = torch.tensor(1e-3)
     before = launches["sgd_kernel"]
     compare(cls, **options)
     assert launches["sgd_kernel"] == before + 3
@@ -236,15 +232,10 @@ def test_chunk_boundaries_mixed_dtypes_and_layouts(launches):
         weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(9))
         conv = torch.nn.Parameter(weight.to(torch.bfloat16, memory_format=torch.channels_last))
         everything = [*params, conv]
-        optimizer = decoupled.AdamW(
-            everything, lr=1e-2, weight_decay=0.1, amsgrad=True, state_dtype=torch.bfloat16,
-            **options,
-        )  # fmt: skip
-        generator = torch.Generator().manual_seed(3)
-        for _ in range(3):
-            for p in everything:
-                p.grad = torch.randn(p.shape, generator=generator).to(p.dtype).contiguous()
-            optimizer.step()
+        optimizer = train(
+            decoupled.AdamW, everything, 3, seed=3, lr=1e-2, weight_decay=0.1, amsgrad=True,
+            state_dtype=torch.bfloat16, **options,
+        )  # fmt: skip  (gradients drawn contiguous: the conv weight's differs in layout)
         runs.append((optimizer, everything))
     (reference, reference_params), (ours, our_params) = runs
     assert_close_to_reference(ours, reference, our_params, reference_params)
@@ -522,14 +513,10 @@ def test_int8_block_boundaries_mixed_dtypes_and_layouts(launches):
         weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(9))
         conv = torch.nn.Parameter(weight.to(memory_format=torch.channels_last))
         everything = [*params, conv]
-        optimizer = decoupled.AdamW(
-            everything, lr=1e-2, weight_decay=0.1, state_dtype="int8", **options
-        )
-        generator = torch.Generator().manual_seed(3)
-        for _ in range(3):
-            for p in everything:
-                p.grad = torch.randn(p.shape, generator=generator).to(p.dtype).contiguous()
-            optimizer.step()
+        optimizer = train(
+            decoupled.AdamW, everything, 3, seed=3, lr=1e-2, weight_decay=0.1,
+            state_dtype="int8", **options,
+        )  # fmt: skip  (gradients drawn contiguous: the conv weight's differs in layout)
         runs.append((optimizer, everything))
     (reference, reference_params), (ours, our_params) = runs
     assert_close_to_reference(ours, reference, our_params, reference_params)
