@@ -240,9 +240,8 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
       pick_adam_int8(param_dtype, decay_mode(decoupled, weight_decay, decay), ref, cautious);
   const std::vector<AdamScalars> scalars =
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr);
-  for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
-    void* g = grads[t].data_ptr();
-    unscale(param_dtype, g, begin, end, grad_scale);
+  for_each_unscaled_chunk(params, grads, grad_scale, [&](int64_t t, void* g, int64_t begin,
+                                                         int64_t end) {
     chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
           exp_avgs[t].data_ptr<int8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
           exp_avg_scales[t].data_ptr<float>(), exp_avg_sq_scales[t].data_ptr<float>(),

@@ -220,9 +220,8 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
 
   const std::vector<AdamScalars> scalars =
       advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr);
-  for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
-    void* g = grads[t].data_ptr();
-    unscale(param_dtype, g, begin, end, grad_scale);
+  for_each_unscaled_chunk(params, grads, grad_scale, [&](int64_t t, void* g, int64_t begin,
+                                                         int64_t end) {
     chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
           exp_avgs[t].data_ptr(), exp_avg_sqs[t].data_ptr(),
           amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,

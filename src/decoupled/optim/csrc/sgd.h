@@ -121,9 +121,8 @@ bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensor
     kernels[t] = pick_sgd(param_dtype, mode, ref, has_momentum, has_momentum && fresh[t],
                           nesterov, cautious);
   }
-  for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
-    void* g = grads[t].data_ptr();
-    unscale(param_dtype, g, begin, end, grad_scale);
+  for_each_unscaled_chunk(params, grads, grad_scale, [&](int64_t t, void* g, int64_t begin,
+                                                         int64_t end) {
     kernels[t](params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr,
                g, has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);

@@ -83,6 +83,19 @@ inline void unscale(at::ScalarType dtype, void* g, int64_t begin, int64_t end, d
   }
 }
 
+// for_each_chunk, each gradient chunk unscaled just before update(t, g, begin, end) reads it
+// (g: tensor t's gradient words, of θ's dtype).
+template <typename Update>
+void for_each_unscaled_chunk(at::TensorList params, const Tensors& grads, double grad_scale,
+                             const Update& update) {
+  const auto dtype = params[0].scalar_type();
+  for_each_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+    void* g = grads[t].data_ptr();
+    unscale(dtype, g, begin, end, grad_scale);
+    update(t, g, begin, end);
+  });
+}
+
 // Every step count a CPU float32 scalar, finite and >= 0. A negative or non-finite count
 // would make 1 − β1ᵗ zero or NaN and write NaN into θ; the reference loop raises there
 // (ZeroDivisionError, as torch's loop does).
