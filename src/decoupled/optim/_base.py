@@ -336,10 +336,12 @@ class DecayOptimizer(torch.optim.Optimizer):
         (a checkpoint may store it in every group, the no-decay group included). Groups saved by
         the other algorithm (Adam vs AdamW, SGD vs SGDW) are refused before anything changes.
         State tensors are copied into their parameter's memory layout where it differs (values
-        unchanged; ``_lay_out_state_like``).
+        unchanged; ``_lay_out_state_like``); those a subclass names in
+        ``_saved_state_kept_as_is`` keep their saved dtype, which torch would cast to θ's.
         """
         self._check_decay_kind(state_dict["param_groups"])
         self._check_loaded_states(state_dict)
+        saved = self._saved_state_kept_as_is(state_dict)  # read before torch casts them
         kept = [
             {key: group.get(key) for key in ("fused", "state_dtype", "weight_decay", "compensate")}
             | {key: group[key] for key in ("triton", "capturable") if key in group}
@@ -347,6 +349,8 @@ class DecayOptimizer(torch.optim.Optimizer):
             for group in self.param_groups
         ]
         super().load_state_dict(state_dict)
+        for param, key, value in saved:
+            self.state[param][key] = value.to(param.device, copy=True)
         for group in self.param_groups:
             for param in group["params"]:
                 self._lay_out_state_like(param)
@@ -363,6 +367,12 @@ class DecayOptimizer(torch.optim.Optimizer):
                 {"weight_decay": group["weight_decay"]}
             ):
                 group["lambda_norm"] = None
+
+    def _saved_state_kept_as_is(self, state_dict: dict) -> list[tuple[Tensor, str, Tensor]]:
+        """(θ, key, saved tensor) for each state tensor that loads in its saved dtype instead
+        of torch's cast to θ's dtype (θ paired by position, as torch pairs them). None here;
+        the optimizers that convert their state themselves name theirs."""
+        return []
 
     def _check_loaded_states(self, state_dict: dict) -> None:
         """Check each saved parameter's state against the parameter it will be loaded into

@@ -56,11 +56,11 @@ def compensation_state(state: MutableMapping, group: dict, params: list[Tensor])
 
 
 def saved_float32_buffers(state_dict: dict, param_groups: list[dict]) -> list[tuple]:
-    """(θ, buffer) for each float32 buffer that ``state_dict`` holds for a bfloat16/float16 θ
-    of ``param_groups`` (paired by position, as torch pairs them), read before torch casts."""
+    """(θ, ``momentum_buffer``, buffer) for each float32 buffer that ``state_dict`` holds for a
+    bfloat16/float16 θ of ``param_groups`` (paired by position, as torch pairs them)."""
     saved = state_dict["state"]
     return [
-        (param, saved[key][BUFFER])
+        (param, BUFFER, saved[key][BUFFER])
         for saved_group, group in zip(state_dict["param_groups"], param_groups)
         for key, param in zip(saved_group["params"], group["params"])
         if isinstance(saved.get(key, {}).get(BUFFER), Tensor)
@@ -69,12 +69,9 @@ def saved_float32_buffers(state_dict: dict, param_groups: list[dict]) -> list[tu
     ]
 
 
-def restore_after_load(state: MutableMapping, param_groups: list[dict], buffers: list) -> None:
-    """Put back the float32 buffers torch cast down (:func:`saved_float32_buffers`), and drop
-    the remainders loaded for θ that is not bfloat16/float16: they have no use."""
+def drop_unused_remainders(state: MutableMapping, param_groups: list[dict]) -> None:
+    """Drop the remainders loaded for θ that is not bfloat16/float16: they have no use."""
     for group in param_groups:
         for param in group["params"]:
             if param.dtype not in COMPENSATED_DTYPES:
                 state.get(param, {}).pop(REMAINDER, None)
-    for param, buffer in buffers:
-        state[param][BUFFER] = buffer.to(param.device, copy=True)

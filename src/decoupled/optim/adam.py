@@ -399,18 +399,17 @@ class Adam(DecayOptimizer):
                     "optimizer keeps int8 moments, which cannot hold amsgrad's running maximum; "
                     "load it into one with state_dtype=torch.bfloat16 or None)"
                 )
-        saved = [
+        super().load_state_dict(state_dict)
+
+    def _saved_state_kept_as_is(self, state_dict: dict) -> list[tuple[Tensor, str, Tensor]]:
+        """Every saved state tensor but the step count: ``_init_state`` converts them."""
+        return [
             (param, key, value)
             for saved_group, group in zip(state_dict["param_groups"], self.param_groups)
             for index, param in zip(saved_group["params"], group["params"])
             for key, value in state_dict["state"].get(index, {}).items()
             if key != "step" and isinstance(value, Tensor)
         ]
-        super().load_state_dict(state_dict)
-        for param, key, value in saved:
-            self.state[param][key] = value.to(param.device, copy=True)
-        for param in {id(param): param for param, _, _ in saved}.values():
-            self._lay_out_state_like(param)
 
     def _lay_out_state_like(self, param: Tensor) -> None:
         """As :class:`DecayOptimizer`'s; coded moments laid out unlike ``param`` are decoded

@@ -33,7 +33,7 @@ from decoupled.optim._kernels import choose_sgd_update
 from decoupled.optim._loaded_state import check_like_param
 from decoupled.optim._sgd_compensation import (
     compensation_state,
-    restore_after_load,
+    drop_unused_remainders,
     saved_float32_buffers,
 )
 from decoupled.optim._triton import check_triton_option
@@ -284,14 +284,15 @@ class SGD(DecayOptimizer):
             check_remainder(where, state[REMAINDER], param)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As :class:`DecayOptimizer`'s; a float32 momentum buffer saved for a bfloat16/float16
-        parameter (a compensated one) stays float32, where torch would round it to θ's dtype
-        (``_sgd_compensation.py``)."""
-        buffers = saved_float32_buffers(state_dict, self.param_groups)
+        """As :class:`DecayOptimizer`'s; remainders loaded for θ that is not bfloat16/float16
+        are dropped."""
         super().load_state_dict(state_dict)
-        restore_after_load(self.state, self.param_groups, buffers)
-        for param, _ in buffers:
-            self._lay_out_state_like(param)
+        drop_unused_remainders(self.state, self.param_groups)
+
+    def _saved_state_kept_as_is(self, state_dict: dict) -> list[tuple[Tensor, str, Tensor]]:
+        """A float32 momentum buffer saved for a bfloat16/float16 parameter (a compensated
+        one) stays float32, where torch would round it to θ's dtype (``_sgd_compensation.py``)."""
+        return saved_float32_buffers(state_dict, self.param_groups)
 
     def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
         check_no_sparse_l2(grads, decay.weight_decay, self.decoupled)
