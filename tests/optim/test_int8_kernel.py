@@ -203,6 +203,31 @@ def test_a_nan_gradient_makes_its_block_nan_as_the_reference(int8_log):
     assert torch.equal(fast_params[0].isnan(), reference_params[0].isnan())
 
 
+def test_an_infinite_gradient_codes_its_block_as_the_reference(int8_log):
+    """An infinite gradient makes its block's scales infinite and its v's fraction
+    √v·(1/√s) = ∞·0 = NaN, which both sides take as 1 (code 255); a second step decodes what
+    the first one coded (0·∞: the block's other elements go NaN, as in the reference)."""
+    _, answers = int8_log
+    fast_params, reference_params = make_params([(600,)], False), make_params([(600,)], False)
+    fast = decoupled.AdamW(fast_params, lr=1e-2, state_dtype="int8")
+    reference = decoupled.AdamW(reference_params, lr=1e-2, state_dtype="int8", fused=False)
+    grad = torch.linspace(-1, 1, 600)
+    grad[300] = float("inf")  # block 1 of 3
+    s_f, s_r = fast.state[fast_params[0]], reference.state[reference_params[0]]
+    for step in range(2):
+        for optimizer, (param,) in ((fast, fast_params), (reference, reference_params)):
+            param.grad = grad.clone()
+            optimizer.step()
+        if step == 0:
+            assert s_r["exp_avg_sq_scale"][1].isinf() and s_r["exp_avg_sq"][300] == 255
+        for key in CODE_KEYS + SCALE_KEYS:
+            assert torch.equal(s_f[key].nan_to_num(), s_r[key].nan_to_num()), (step, key)
+        assert torch.equal(fast_params[0].isnan(), reference_params[0].isnan())
+        finite = ~reference_params[0].isnan()
+        torch.testing.assert_close(fast_params[0][finite], reference_params[0][finite])
+    assert answers == [True, True]
+
+
 def test_values_at_and_next_to_the_levels_code_alike(int8_log):
     """With β1 = 0, m is the gradient: gradients on the levels s·d(q) of the code and one float
     below them (s = 1: every block holds a 1) are where a root's code could go either way; the

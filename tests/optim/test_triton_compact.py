@@ -232,10 +232,11 @@ def test_chunk_boundaries_mixed_dtypes_and_layouts(launches):
         weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(9))
         conv = torch.nn.Parameter(weight.to(torch.bfloat16, memory_format=torch.channels_last))
         everything = [*params, conv]
+        # gradients drawn contiguous: the conv weight's differs in layout
         optimizer = train(
             decoupled.AdamW, everything, 3, seed=3, lr=1e-2, weight_decay=0.1, amsgrad=True,
             state_dtype=torch.bfloat16, **options,
-        )  # fmt: skip  (gradients drawn contiguous: the conv weight's differs in layout)
+        )  # fmt: skip
         runs.append((optimizer, everything))
     (reference, reference_params), (ours, our_params) = runs
     assert_close_to_reference(ours, reference, our_params, reference_params)
@@ -513,10 +514,11 @@ def test_int8_block_boundaries_mixed_dtypes_and_layouts(launches):
         weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(9))
         conv = torch.nn.Parameter(weight.to(memory_format=torch.channels_last))
         everything = [*params, conv]
+        # gradients drawn contiguous: the conv weight's differs in layout
         optimizer = train(
             decoupled.AdamW, everything, 3, seed=3, lr=1e-2, weight_decay=0.1,
             state_dtype="int8", **options,
-        )  # fmt: skip  (gradients drawn contiguous: the conv weight's differs in layout)
+        )  # fmt: skip
         runs.append((optimizer, everything))
     (reference, reference_params), (ours, our_params) = runs
     assert_close_to_reference(ours, reference, our_params, reference_params)

@@ -126,8 +126,9 @@ def encode_(codes: Tensor, scale: Tensor, value: Tensor, key: str, random16: Ten
     In float32, per block: ``s``, the largest magnitude (1 where that is 0 or NaN), ``1/s``
     and ``1/√s``; per element: ``x = min(|value|·(1/s), 1)``, or 1 where ``|value| >= s`` (so
     the largest element is coded exactly); the code below, ``q = min(⌊r·levels⌋, levels)``
-    from the root ``r = √x`` for m and ``r = √(√|value|·(1/√s))`` for v (1 where ``x = 1``),
-    correctly rounded roots; the code is ``q + 1`` where ``x − d(q) > t·(d(q + 1) − d(q))``,
+    from the root ``r = √x`` for m and ``r = √min(√|value|·(1/√s), 1)`` for v (the minimum
+    taken by a comparison, so that an infinite value's NaN fraction ∞·0 becomes 1), correctly
+    rounded roots; the code is ``q + 1`` where ``x − d(q) > t·(d(q + 1) − d(q))``,
     ``t = (r + 0.5)/2¹⁶``, else ``q``. Up to rounding, ``d(q) <= x < d(q + 1)`` and the code is
     unbiased; where x lies within float32 rounding of a level d(q), q may be one off, and the
     comparison then keeps the nearer level. The kernels compute these operations in this
@@ -142,7 +143,8 @@ def encode_(codes: Tensor, scale: Tensor, value: Tensor, key: str, random16: Ten
     if power == 2:
         root = sqrt_rn(x)
     else:  # from √v, which the kernels have from the step: one more root, not two
-        root = torch.where(x >= 1, 1.0, sqrt_rn(sqrt_rn(magnitude) * (1 / sqrt_rn(safe))))
+        fraction = sqrt_rn(magnitude) * (1 / sqrt_rn(safe))
+        root = sqrt_rn(torch.where(fraction < 1, fraction, 1.0))  # NaN (∞·0) -> 1
     low = torch.floor(root * largest).clamp(0, largest)
     below, above = levels(low, key), levels(low + 1, key)
     threshold = _padded((random16.to(torch.float32) + 0.5) / 65536)

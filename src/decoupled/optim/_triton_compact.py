@@ -136,8 +136,8 @@ def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
     """Code a moment with ``_int8.encode_``'s operations in its order: per block of 256 the
     scale s (stored where ``live``: the block is in the tensor and the step not skipped);
     per element x = min(|value|·(1/s), 1) (1 where |value| >= s), the code q below from the
-    correctly rounded root (v's as √(√|v|·(1/√s))), q + 1 where x − d(q) > t·(d(q+1) − d(q)),
-    t = (random16 + ½)/2¹⁶; the codes of a NaN block 0."""
+    correctly rounded root (v's as √min(√|v|·(1/√s), 1), NaN taken to 1), q + 1 where
+    x − d(q) > t·(d(q+1) − d(q)), t = (random16 + ½)/2¹⁶; the codes of a NaN block 0."""
     BLOCKS: tl.constexpr = BLOCK // 256
     magnitude = tl.where(mask, tl.abs(value), 0.0)
     scale = _block_scale(magnitude, BLOCKS)
@@ -149,7 +149,8 @@ def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
     x = tl.where(magnitude >= _per_element(safe, BLOCKS), 1.0, x)
     if POWER == 4:
         inverse_root = _per_element(tl.div_rn(1.0, tl.sqrt_rn(safe)), BLOCKS)
-        root = tl.where(x >= 1.0, 1.0, tl.sqrt_rn(tl.sqrt_rn(magnitude) * inverse_root))
+        fraction = tl.sqrt_rn(magnitude) * inverse_root
+        root = tl.sqrt_rn(tl.where(fraction < 1.0, fraction, 1.0))  # NaN (∞·0) -> 1
     else:
         root = tl.sqrt_rn(x)
     low = tl.minimum(tl.maximum(tl.floor(root * LEVELS), 0.0), LEVELS * 1.0)
