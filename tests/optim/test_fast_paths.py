@@ -352,6 +352,27 @@ def test_amsgrad_keeps_a_nan_maximum_like_torch_maximum(path_log):
     assert path_log == ["kernel_adam_update"] * 2 + ["adam_update"] * 2
 
 
+def test_bfloat16_state_stores_nonfinite_moments_as_the_reference_bit_for_bit(path_log):
+    """NaN and ±inf gradients (a negative NaN among them) in bfloat16 state: every NaN moment
+    is stored as the quiet 0x7FC0, infinities as infinities, the rest stochastically rounded."""
+    grad = torch.linspace(-3, 3, 1000)
+    grad[[5, 300, 301, 999]] = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0])
+    grad[7] = -torch.tensor(float("nan"))
+    states = []
+    for fused in (None, False):
+        theta = torch.nn.Parameter(torch.ones(1000))
+        optimizer = decoupled.AdamW([theta], lr=0.1, state_dtype=torch.bfloat16, fused=fused)
+        for _ in range(2):
+            theta.grad = grad.clone()
+            optimizer.step()
+        states.append(optimizer.state[theta])
+    for key in ("exp_avg", "exp_avg_sq"):
+        ours, reference = (state[key].view(torch.int16) for state in states)
+        assert torch.equal(ours, reference), key
+        assert ours[5] == ours[7] == 0x7FC0
+    assert path_log == ["kernel_adam_update"] * 2 + ["adam_update"] * 2
+
+
 def test_no_kernel_build_for_parameters_it_cannot_take(monkeypatch):
     monkeypatch.setattr(_kernels, "kernel_ops", lambda: pytest.fail("kernel consulted"))
     meta = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
