@@ -354,7 +354,8 @@ def test_amsgrad_keeps_a_nan_maximum_like_torch_maximum(path_log):
 
 def test_bfloat16_state_stores_nonfinite_moments_as_the_reference_bit_for_bit(path_log):
     """NaN and ±inf gradients (a negative NaN among them) in bfloat16 state: every NaN moment
-    is stored as the quiet 0x7FC0, infinities as infinities, the rest stochastically rounded."""
+    is stored as the quiet 0x7FC0 (also m of an infinite gradient at the second step, where
+    the lerp meets ∞ − ∞), v of an infinite gradient as +∞, the rest stochastically rounded."""
     grad = torch.linspace(-3, 3, 1000)
     grad[[5, 300, 301, 999]] = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0])
     grad[7] = -torch.tensor(float("nan"))
@@ -370,6 +371,8 @@ def test_bfloat16_state_stores_nonfinite_moments_as_the_reference_bit_for_bit(pa
         ours, reference = (state[key].view(torch.int16) for state in states)
         assert torch.equal(ours, reference), key
         assert ours[5] == ours[7] == 0x7FC0
+    m, v = (states[0][key].view(torch.int16) for key in ("exp_avg", "exp_avg_sq"))
+    assert m[300] == m[301] == 0x7FC0 and v[300] == v[301] == 0x7F80
     assert path_log == ["kernel_adam_update"] * 2 + ["adam_update"] * 2
 
 

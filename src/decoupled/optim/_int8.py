@@ -132,7 +132,11 @@ def encode_(codes: Tensor, scale: Tensor, value: Tensor, key: str, random16: Ten
     ``t = (r + 0.5)/2¹⁶``, else ``q``. Up to rounding, ``d(q) <= x < d(q + 1)`` and the code is
     unbiased; where x lies within float32 rounding of a level d(q), q may be one off, and the
     comparison then keeps the nearer level. The kernels compute these operations in this
-    order, so they write the same codes."""
+    order, so they write the same codes.
+
+    A block whose scale is below 2⁻¹²⁸ (1/s overflows to ∞) is not coded unbiased: its nonzero
+    m code as ±127, its zero m as 0 (through a NaN fraction, in every implementation), its
+    nonzero v one code above ⌊r·255⌋. Such m are below 10⁻³⁸, too small to move θ."""
     _, largest, power = _CODES[key]
     flat = in_memory_order(value.float())
     magnitude = _padded(flat.abs())

@@ -47,7 +47,8 @@ struct BlockScales {
 // Codes of a block's new m and v (see int8_code) as int32, one loop per moment: with 32-bit
 // lanes only, each loop vectorizes 16 elements wide without spilling registers (an int8 store
 // in the loop makes GCC process 64 at a time). A block with a NaN (its scale NaN) is all 0,
-// so that the loops see finite values only.
+// without the loops. An infinite scale does reach them (1/s = 0): its infinite elements code
+// as the largest level (x = 1, v's fraction ∞·0 clamped to 1), the finite ones as 0.
 inline void int8_codes(int32_t* __restrict qm, int32_t* __restrict qv, const float* __restrict m,
                        const float* __restrict v, const float* __restrict root_v,
                        const uint32_t* __restrict random, int32_t count, bool nan_m, bool nan_v,
