@@ -203,10 +203,22 @@ def test_a_nan_gradient_makes_its_block_nan_as_the_reference(int8_log):
     assert torch.equal(fast_params[0].isnan(), reference_params[0].isnan())
 
 
-def test_an_infinite_gradient_codes_its_block_as_the_reference(int8_log):
-    """An infinite gradient makes its block's scales infinite and its v's fraction
-    √v·(1/√s) = ∞·0 = NaN, which both sides take as 1 (code 255); a second step decodes what
-    the first one coded (0·∞: the block's other elements go NaN, as in the reference)."""
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_an_infinite_gradient_codes_its_block_as_the_reference(int8_log, flush_denormal):
+    """An infinite gradient makes its block's scales infinite and their factors k the float
+    above FLT_MIN (not 0, which would make ∞·k NaN; and normal, so that flushing denormals
+    changes nothing): the infinite element codes as the largest level, the others as 0; a
+    second step decodes what the first one coded (0·∞: the block's other elements go NaN, as
+    in the reference)."""
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        _infinite_gradient_steps(int8_log)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _infinite_gradient_steps(int8_log):
     _, answers = int8_log
     fast_params, reference_params = make_params([(600,)], False), make_params([(600,)], False)
     fast = decoupled.AdamW(fast_params, lr=1e-2, state_dtype="int8")
@@ -220,6 +232,9 @@ def test_an_infinite_gradient_codes_its_block_as_the_reference(int8_log):
             optimizer.step()
         if step == 0:
             assert s_r["exp_avg_sq_scale"][1].isinf() and s_r["exp_avg_sq"][300] == 255
+            assert s_r["exp_avg"][300] == 127
+            for key in CODE_KEYS:
+                assert not torch.cat([s_r[key][256:300], s_r[key][301:512]]).any(), key
         for key in CODE_KEYS + SCALE_KEYS:
             assert torch.equal(s_f[key].nan_to_num(), s_r[key].nan_to_num()), (step, key)
         assert torch.equal(fast_params[0].isnan(), reference_params[0].isnan())

@@ -4,8 +4,8 @@ The elements of a tensor, in memory order (the kernels' element index), are cut 
 of ``BLOCK = 256``; each block keeps one float32 scale, its largest magnitude, and one byte per
 element. The code is non-linear, so that small values keep precision (the idea of
 bitsandbytes' blockwise 8-bit optimizers, Dettmers et al. 2022, arXiv 2110.02861, and of
-FlashOptim's companded moments); here a square law, the simplest that decodes with two
-multiplications:
+FlashOptim's companded moments); here a square law, whose levels are integer squares (so
+that coding needs no division per element):
 
 .. math::
    m = s_m\,\operatorname{sign}(q)\,(|q|/127)^2,\quad q \in [-127, 127]\ (\text{int8})
@@ -23,11 +23,15 @@ averages do not stall on updates below a code step, as for ``bfloat16`` state. T
 bits come from the same hash as bfloat16 state (``_compact.rounding_bits``: m the low 16 bits,
 v the high 16), so runs are reproducible.
 
-**Arithmetic.** ``d(q)`` is computed, not looked up (``levels``: multiplications by the float32
-``1/levels``), ``q`` comes from a correctly rounded root, and the probability is compared as
-``x − d(q) > t·(d(q+1) − d(q))``: no table, no division per element, so that the C++ kernel's
-loops vectorize; ``encode_`` states the float32 operations, which every implementation
-repeats in the same order and so writes the same codes.
+**Arithmetic.** Codes are decoded with multiplications by float32 constants,
+``m = ((q·|q|)·c_m)·s`` and ``v = ((q·q·c_v)²)·s``, ``c = fl(1/levels²)`` (``q·|q|``, ``q·q`` are
+exact, ``levels²·c = 1`` exactly, so the largest code decodes to ``s`` exactly). Coding scales
+each value so that the levels become integers: ``y = |m|·k_m`` (``k_m ≈ 127²/s``) lies among
+the levels ``q²``, whose gaps ``2q + 1`` need no division; v is coded from √v, which the step
+has computed anyway, ``f = √v·k_v`` (``k_v ≈ 255²/√s``), whose square lies among ``q⁴``.
+The code below is ``⌊√y⌋`` (``⌊√f⌋``) from a correctly rounded root; no table, no division
+per element, so that the C++ kernel's loops vectorize. ``encode_`` states the float32
+operations, which every implementation repeats in the same order and so writes the same codes.
 
 **Error bound.** One rounding moves a value by less than one code step:
 
@@ -70,11 +74,14 @@ INT8 = torch.int8
 SCALE_SUFFIX = "_scale"
 # key -> (code dtype, largest code, power of the square law on |value|/scale)
 _CODES = {"exp_avg": (torch.int8, 127, 2), "exp_avg_sq": (torch.uint8, 255, 4)}
-# the code step c of d(q) = (q·c)^power: 1/levels rounded to float32 (through a double, as the
-# C++ kernel's static_cast<float>(1.0 / levels))
-_STEP = {
-    key: torch.tensor(1 / largest, dtype=torch.float32) for key, (_, largest, _) in _CODES.items()
+# c of the decode: 1/levels² rounded to float32 (the C++ kernel's 1.0f / 16129.0f; through a
+# double here, which rounds to the same float for both, tested)
+_UNIT = {
+    key: torch.tensor(1 / largest**2, dtype=torch.float32)
+    for key, (_, largest, _) in _CODES.items()
 }
+# the scale factors k are kept in [FLT_MIN, 2¹²⁷] before they are rounded up (see encode_)
+_K_RANGE = (torch.finfo(torch.float32).tiny, 2.0**127)
 
 
 def blocks(numel: int) -> int:
@@ -87,23 +94,31 @@ def _padded(flat: Tensor) -> Tensor:
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
 
 
+def _square(codes: Tensor) -> Tensor:
+    """``q·q`` in float32, exact for 8-bit codes."""
+    q = codes.to(torch.float32)
+    return q * q
+
+
 def levels(codes: Tensor, key: str) -> Tensor:
-    """d(q) for codes ``q >= 0`` (any dtype): ``(q·c)²`` for m and ``((q·c)²)²`` for v, in
-    float32, where ``c`` is 1/127 (1/255) rounded to float32. Multiplications only (no
-    division, no pow), so that every implementation, vectorized or not, computes the same
-    bits; ``d(127) = 1`` for m and ``d(255) = 1`` for v exactly (tested)."""
-    _, _, power = _CODES[key]
-    t = codes.to(torch.float32) * _STEP[key]
-    t = t * t
-    return t * t if power == 4 else t
+    """The decoded value of code ``q >= 0`` for a scale of 1: ``q²·c_m`` for m and
+    ``(q²·c_v)²`` for v, ``c = 1/levels²`` rounded to float32; multiplications only, so that
+    every implementation computes the same bits. 1 exactly at the largest code (tested)."""
+    t = _square(codes) * _UNIT[key]
+    return t * t if key == "exp_avg_sq" else t
 
 
 def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
     """The float32 values of the codes of moment ``key`` (``exp_avg`` or ``exp_avg_sq``),
-    shaped and laid out like ``codes``: ``(d(|q|)·s)·sign(q)``."""
+    shaped and laid out like ``codes``: ``((q·|q|)·c_m)·s`` for m, ``((q·q·c_v)²)·s`` for v."""
     flat = in_memory_order(codes)
-    magnitude = levels(_padded(flat.abs()), key) * scale.view(-1, 1)
-    values = magnitude.view(-1)[: flat.numel()] * flat.sign().to(torch.float32)
+    q = _padded(flat.to(torch.float32))
+    if key == "exp_avg":
+        unit = (q * q.abs()) * _UNIT[key]
+    else:
+        unit = (q * q) * _UNIT[key]
+        unit = unit * unit
+    values = (unit * scale.view(-1, 1)).view(-1)[: flat.numel()]
     out = torch.empty_like(codes, dtype=torch.float32)
     in_memory_order(out).copy_(values)
     return out
@@ -116,43 +131,59 @@ def sqrt_rn(x: Tensor) -> Tensor:
     return x.double().sqrt().float()
 
 
+def rounded_up(x: Tensor) -> Tensor:
+    """The scale factor k of ``encode_``: ``x`` kept in [FLT_MIN, 2¹²⁷], then the next float32
+    above it (its bit pattern plus one), so that the largest magnitude times k is at least the
+    largest level, and k never 0 (∞·0 would be NaN) nor ∞ (0·∞)."""
+    return x.clamp(*_K_RANGE).view(torch.int32).add(1).view(torch.float32)
+
+
 def encode_(codes: Tensor, scale: Tensor, value: Tensor, key: str, random16: Tensor) -> None:
     """Write ``value`` (float, shaped and laid out like ``codes``) into ``codes`` and
     ``scale`` with the rounding of the module docstring; ``random16[i]`` (in [0, 2¹⁶)) decides
     for the i-th element in memory order. A NaN makes its block's scale NaN and its codes 0 (the
     block decodes to NaN: the moment stays NaN, as in float32); an infinite value makes the
-    scale infinite.
+    scale infinite, its element the largest code and every finite one 0.
 
-    In float32, per block: ``s``, the largest magnitude (1 where that is 0 or NaN), ``1/s``
-    and ``1/√s``; per element: ``x = min(|value|·(1/s), 1)``, or 1 where ``|value| >= s`` (so
-    the largest element is coded exactly); the code below, ``q = min(⌊r·levels⌋, levels)``
-    from the root ``r = √x`` for m and ``r = √min(√|value|·(1/√s), 1)`` for v (the minimum
-    taken by a comparison, so that an infinite value's NaN fraction ∞·0 becomes 1), correctly
-    rounded roots; the code is ``q + 1`` where ``x − d(q) > t·(d(q + 1) − d(q))``,
-    ``t = (r + 0.5)/2¹⁶``, else ``q``. Up to rounding, ``d(q) <= x < d(q + 1)`` and the code is
-    unbiased; where x lies within float32 rounding of a level d(q), q may be one off, and the
-    comparison then keeps the nearer level. The kernels compute these operations in this
-    order, so they write the same codes.
+    In float32, per block: ``s``, the largest magnitude (1 where that is 0 or NaN), and
+    ``k_m = up(127²/s)`` or ``k_v = up(255²/√s)`` (``rounded_up``). Per element of m:
+    ``y = min(|m|·k_m, 127²)``, ``q = ⌊√y⌋``, and the code ``q + 1`` where
+    ``y − q·q > t·(q + q + 1)``, else ``q``, with m's sign. Per element of v:
+    ``f = min(√v·k_v, 255²)``, ``q = ⌊√f⌋``, ``q² = q·q``, ``o = q + q + 1``, and ``q + 1`` where
+    ``(f − q²)·(f + q²) > t·(o·((q² + q²) + o))``: ``f² − q⁴`` against the gap
+    ``(q + 1)⁴ − q⁴``, as products of sums (a product that feeds a sum is exact, so a compiler
+    that fuses it into a multiply-add changes nothing). ``t = (r + 0.5)/2¹⁶``; roots correctly
+    rounded.
+    Up to rounding, the code is unbiased (``E[decode] = value``); where y lies within float32
+    rounding of a level, q may be one off, and the comparison then keeps the nearer level.
+    The largest element reaches the largest level exactly (k rounded up, then the minimum),
+    so it is coded exactly. The kernels compute these operations in this order, so they write
+    the same codes.
 
-    A block whose scale is below 2⁻¹²⁸ (1/s overflows to ∞) is not coded unbiased: its nonzero
-    m code as ±127, its zero m as 0 (through a NaN fraction, in every implementation), its
-    nonzero v one code above ⌊r·255⌋. Such m are below 10⁻³⁸, too small to move θ."""
-    _, largest, power = _CODES[key]
+    Where ``127²/s`` exceeds 2¹²⁷ (a block of m whose largest magnitude is below 10⁻³⁴), k_m
+    is kept at 2¹²⁷ and the codes come out low (biased toward 0); such m cannot move θ."""
+    _, largest, _ = _CODES[key]
     flat = in_memory_order(value.float())
     magnitude = _padded(flat.abs())
     block_scale = magnitude.amax(dim=1)
     block_scale = torch.where(magnitude.isnan().any(dim=1), float("nan"), block_scale)
     safe = torch.where(block_scale > 0, block_scale, 1.0).view(-1, 1)
-    x = torch.where(magnitude >= safe, 1.0, (magnitude * (1 / safe)).clamp(0, 1))
-    if power == 2:
-        root = sqrt_rn(x)
-    else:  # from √v, which the kernels have from the step: one more root, not two
-        fraction = sqrt_rn(magnitude) * (1 / sqrt_rn(safe))
-        root = sqrt_rn(torch.where(fraction < 1, fraction, 1.0))  # NaN (∞·0) -> 1
-    low = torch.floor(root * largest).clamp(0, largest)
-    below, above = levels(low, key), levels(low + 1, key)
-    threshold = _padded((random16.to(torch.float32) + 0.5) / 65536)
-    code = (low + ((x - below) > threshold * (above - below))).clamp(max=largest)
+    # a tensor numerator: torch computes a number over a tensor as a reciprocal times the
+    # number, two roundings
+    top = torch.tensor(float(largest * largest), device=safe.device)
+    threshold = _padded((random16.to(torch.float32) + 0.5) * (1 / 65536))
+    if key == "exp_avg":
+        y = torch.minimum(magnitude * rounded_up(top / safe), top)
+        low = torch.floor(sqrt_rn(y))
+        gap = y - low * low
+        step = low + low + 1
+    else:
+        f = torch.minimum(sqrt_rn(magnitude) * rounded_up(top / sqrt_rn(safe)), top)
+        low = torch.floor(sqrt_rn(f))
+        square, odd = low * low, low + low + 1
+        gap = (f - square) * (f + square)  # f² − q⁴
+        step = odd * ((square + square) + odd)  # (q + 1)⁴ − q⁴
+    code = low + (gap > threshold * step)
     code = torch.where(block_scale.isnan().view(-1, 1), 0, code).view(-1)[: flat.numel()]
     code = torch.where(flat < 0, -code, code)
     in_memory_order(codes).copy_(code.to(codes.dtype))

@@ -14,13 +14,14 @@ bfloat16 is converted with integer operations (``(bits + 0x7FFF + lsb) >> 16``, 
 that cast, and ``r`` is only right beside a correctly rounded θ.
 
 int8 moments (``_int8.py``): a moment is decoded per element from its code and its block's
-scale, ``(d(|q|)·s)·sign(q)``, ``d(q) = (q·c)²`` (m) or ``((q·c)²)²`` (v), ``c = fl(1/levels)``;
-after the step each program, which owns whole blocks of 256 elements, takes each block's
-largest magnitude as its new scale (a maximum over the bit patterns, which puts NaN above
-inf) and codes every element with ``_int8.encode_``'s operations in its order: products
-by the block's reciprocal, correctly rounded roots, the stochastic choice between the two
-neighbouring codes compared by multiplication. No product feeds a sum there (nothing a
-compiler could fuse into a multiply-add), so codes and scales are the reference's bit for bit.
+scale, ``((q·|q|)·c)·s`` (m) or ``((q·q·c)²)·s`` (v), ``c = fl(1/levels²)``; after the step
+each program, which owns whole blocks of 256 elements, takes each block's largest magnitude
+as its new scale (a maximum over the bit patterns, which puts NaN above inf) and codes every
+element with ``_int8.encode_``'s operations in its order: products by the block's factor k
+(rounded up by one in its bit pattern), correctly rounded roots, the stochastic choice
+between the two neighbouring codes compared by multiplication. Every product that feeds a
+sum is exact (q·q, scales by powers of two), so a multiply-add the compiler may fuse rounds
+alike, and codes and scales are the reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -82,23 +83,16 @@ def store_master(p_ptr, r_ptr, idx, weight, mask, random16, DTYPE: tl.constexpr)
 
 
 @triton.jit
-def _level(code, LEVELS: tl.constexpr, POWER: tl.constexpr):
-    """d(q) = (q·c)^power (``_int8.levels``): c = 1/levels rounded to float32, and
-    multiplications only, so that every implementation computes the same bits."""
-    t = code * tl.full([], 1.0 / LEVELS, tl.float32)
-    t = t * t
-    if POWER == 4:
-        t = t * t
-    return t
-
-
-@triton.jit
 def load_int8(codes_ptr, scales_ptr, idx, mask, LEVELS: tl.constexpr, POWER: tl.constexpr):
-    """A moment decoded from its codes: (d(|q|)·s)·sign(q), s its block's scale."""
+    """A moment decoded from its codes (``_int8.decode``): ((q·|q|)·c)·s for m, ((q·q·c)²)·s
+    for v, c = 1/levels² rounded to float32, s the block's scale."""
     code = tl.load(codes_ptr + idx, mask=mask, other=0).to(tl.float32)
     scale = tl.load(scales_ptr + idx // 256, mask=mask, other=0.0)
-    sign = tl.where(code > 0, 1.0, tl.where(code < 0, -1.0, 0.0))
-    return _level(tl.abs(code), LEVELS, POWER) * scale * sign
+    unit = tl.full([], 1.0 / (LEVELS * LEVELS), tl.float32)
+    if POWER == 4:
+        t = (code * code) * unit
+        return (t * t) * scale
+    return ((code * tl.abs(code)) * unit) * scale
 
 
 @triton.jit
@@ -131,34 +125,44 @@ def _per_element(block_values, BLOCKS: tl.constexpr):
 
 
 @triton.jit
+def _rounded_up(x):
+    """``_int8.rounded_up``: x kept in [FLT_MIN, 2¹²⁷], then the next float32 above it."""
+    kept = tl.minimum(tl.maximum(x, 1.1754943508222875e-38), 1.7014118346046923e38)
+    return (kept.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
                LEVELS: tl.constexpr, POWER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Code a moment with ``_int8.encode_``'s operations in its order: per block of 256 the
-    scale s (stored where ``live``: the block is in the tensor and the step not skipped);
-    per element x = min(|value|·(1/s), 1) (1 where |value| >= s), the code q below from the
-    correctly rounded root (v's as √min(√|v|·(1/√s), 1), NaN taken to 1), q + 1 where
-    x − d(q) > t·(d(q+1) − d(q)), t = (random16 + ½)/2¹⁶; the codes of a NaN block 0."""
+    scale s (stored where ``live``: the block is in the tensor and the step not skipped) and
+    the factor k; per element of m y = min(|m|·k, 127²), q = ⌊√y⌋, q + 1 where
+    y − q² > t·(2q + 1); of v f = min(√v·k, 255²), q = ⌊√f⌋, q + 1 where
+    (f − q²)·(f + q²) > t·((q + 1)⁴ − q⁴); t = (random16 + ½)/2¹⁶; the codes of a NaN
+    block 0."""
     BLOCKS: tl.constexpr = BLOCK // 256
+    TOP: tl.constexpr = LEVELS * LEVELS
     magnitude = tl.where(mask, tl.abs(value), 0.0)
     scale = _block_scale(magnitude, BLOCKS)
     tl.store(scales_ptr + first // 256 + tl.arange(0, BLOCKS), scale, mask=live)
 
     safe = tl.where(scale > 0, scale, 1.0)
-    inverse = _per_element(tl.div_rn(1.0, safe), BLOCKS)
-    x = tl.minimum(tl.maximum(magnitude * inverse, 0.0), 1.0)
-    x = tl.where(magnitude >= _per_element(safe, BLOCKS), 1.0, x)
-    if POWER == 4:
-        inverse_root = _per_element(tl.div_rn(1.0, tl.sqrt_rn(safe)), BLOCKS)
-        fraction = tl.sqrt_rn(magnitude) * inverse_root
-        root = tl.sqrt_rn(tl.where(fraction < 1.0, fraction, 1.0))  # NaN (∞·0) -> 1
-    else:
-        root = tl.sqrt_rn(x)
-    low = tl.minimum(tl.maximum(tl.floor(root * LEVELS), 0.0), LEVELS * 1.0)
-    below = _level(low, LEVELS, POWER)
-    above = _level(low + 1.0, LEVELS, POWER)
     threshold = (random16.to(tl.float32) + 0.5) * (1.0 / 65536)
-    code = tl.minimum(low + tl.where(x - below > threshold * (above - below), 1.0, 0.0),
-                      LEVELS * 1.0)  # fmt: skip
+    if POWER == 4:
+        factor = _per_element(_rounded_up(tl.div_rn(TOP * 1.0, tl.sqrt_rn(safe))), BLOCKS)
+        scaled = tl.minimum(tl.sqrt_rn(magnitude) * factor, TOP * 1.0)
+        low = tl.floor(tl.sqrt_rn(scaled))
+        square = low * low
+        odd = low + low + 1.0
+        gap = (scaled - square) * (scaled + square)
+        step = odd * ((square + square) + odd)
+    else:
+        factor = _per_element(_rounded_up(tl.div_rn(TOP * 1.0, safe)), BLOCKS)
+        scaled = tl.minimum(magnitude * factor, TOP * 1.0)
+        low = tl.floor(tl.sqrt_rn(scaled))
+        gap = scaled - low * low
+        step = low + low + 1.0
+    code = low + tl.where(gap > threshold * step, 1.0, 0.0)
     code = tl.where(_per_element(scale != scale, BLOCKS), 0.0, code)
     code = tl.where(value < 0, -code, code)
     tl.store(codes_ptr + idx, code.to(tl.int32).to(codes_ptr.dtype.element_ty), mask=mask)

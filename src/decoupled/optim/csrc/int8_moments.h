@@ -4,67 +4,53 @@
 // its anonymous namespace, after tensor_lists.h and the Adam steps.
 
 // Blocks of kInt8Block elements in memory order, one float32 scale each (the block's largest
-// |m|, largest v); m as int8 codes q, m = (d_m(|q|)·s)·sign(q), v as uint8 codes,
-// v = d_v(q)·s, with d(q) = (q·c)² for m and ((q·c)²)² for v, c = 1/levels in float32
-// (_int8.levels). A block is decoded, stepped with the float32 path's arithmetic, its new m
-// and v (and sqrt(v), which the step computes anyway) kept in stack buffers (L1), its new
-// scales taken, and it is coded again with stochastic rounding: one pass over θ, g, codes and
-// scales. Everything is arithmetic on vector lanes (no table lookups, no divisions but the
-// step's own two), so that both loops vectorize.
+// |m|, largest v); m as int8 codes q, m = ((q·|q|)·c_m)·s, v as uint8 codes,
+// v = ((q·q·c_v)²)·s, c = 1/levels² in float32 (_int8.py's module docstring). A block is
+// decoded, stepped with the float32 path's arithmetic, its new m and v (and sqrt(v), which
+// the step computes anyway) kept in stack buffers (L1), its new scales taken, and it is coded
+// again with stochastic rounding: one pass over θ, g, codes and scales. Everything is
+// arithmetic on vector lanes (no table lookups, no divisions but the step's own two), so that
+// every loop vectorizes.
 
 constexpr int32_t kInt8Block = 256;
 static_assert(kChunk % kInt8Block == 0, "a chunk must hold whole int8 blocks");
+constexpr float kTopM = 127.0f * 127.0f, kTopV = 255.0f * 255.0f;  // the largest levels
 
-// d(q) of _int8.levels; q may be any int32 (the first guess of a code may be off by one)
-template <int Levels, int Power>
-inline float level(int32_t q) {
-  constexpr float step = static_cast<float>(1.0 / Levels);
-  float t = static_cast<float>(q) * step;
-  t = t * t;
-  return Power == 4 ? t * t : t;
+// _int8.rounded_up: x kept in [FLT_MIN, 2^127], then the next float above it
+inline float rounded_up(float x) {
+  x = std::min(std::max(x, std::numeric_limits<float>::min()), 0x1p127f);
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  ++bits;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
 }
 
-// x of _int8.encode_ for a finite magnitude: |value|·(1/s), at most 1, and 1 for |value| >= s
-inline float unit_fraction(float magnitude, float safe, float inverse) {
-  return magnitude >= safe ? 1.0f : std::min(magnitude * inverse, 1.0f);
+// _int8.encode_'s random threshold t in (0, 1)
+inline float threshold(uint32_t random16) {
+  return (static_cast<float>(random16) + 0.5f) * (1.0f / 65536.0f);
 }
 
-// _int8.encode_'s code of one element of fraction x in [0, 1]: floor(root·Levels) or one
-// above, chosen by comparing x − d(low) with the random threshold's share of the step.
-template <int Levels, int Power>
-inline int32_t int8_code(float x, float root, uint32_t random16) {
-  const int32_t low = std::min(static_cast<int32_t>(root * static_cast<float>(Levels)), Levels);
-  const float below = level<Levels, Power>(low), above = level<Levels, Power>(low + 1);
-  const float threshold = (static_cast<float>(random16) + 0.5f) / 65536.0f;
-  return low + ((x - below) > threshold * (above - below) ? 1 : 0);  // low = Levels: x − 1 <= 0
-}
-
-struct BlockScales {
-  float safe_m, inverse_m;  // s of m (1 where it is 0 or NaN) and 1/s
-  float safe_v, inverse_v, inverse_root_v;  // s of v, 1/s, 1/sqrt(s)
-};
-
-// Codes of a block's new m and v (see int8_code) as int32, one loop per moment: with 32-bit
-// lanes only, each loop vectorizes 16 elements wide without spilling registers (an int8 store
-// in the loop makes GCC process 64 at a time). A block with a NaN (its scale NaN) is all 0,
-// without the loops. An infinite scale does reach them (1/s = 0): its infinite elements code
-// as the largest level (x = 1, v's fraction ∞·0 clamped to 1), the finite ones as 0.
+// Codes of a block's new m and v (_int8.encode_'s operations in its order) as int32, one loop
+// per moment: with 32-bit lanes only, each loop vectorizes 16 elements wide without spilling
+// registers (an int8 store in the loop makes GCC process 64 at a time; one loop for both
+// codes is 5% slower). A block with a NaN (its scale NaN) is all 0, without the loops. The
+// factors k are finite and nonzero, so y and f are never NaN: an infinite element reaches the
+// largest level, a finite one beside it 0.
 inline void int8_codes(int32_t* __restrict qm, int32_t* __restrict qv, const float* __restrict m,
-                       const float* __restrict v, const float* __restrict root_v,
-                       const uint32_t* __restrict random, int32_t count, bool nan_m, bool nan_v,
-                       const BlockScales& b) {
-  // the scales are read into locals: loads through `b` inside a loop that stores to memory
-  // are not hoisted, and leave the loop scalar
-  const float safe_m = b.safe_m, inverse_m = b.inverse_m;
-  const float safe_v = b.safe_v, inverse_v = b.inverse_v, inverse_root_v = b.inverse_root_v;
+                       const float* __restrict root_v, const uint32_t* __restrict random,
+                       int32_t count, bool nan_m, bool nan_v, float k_m, float k_v) {
   if (nan_m) {
     std::fill(qm, qm + count, 0);
   } else {
 #pragma omp simd
     for (int32_t k = 0; k < count; ++k) {
-      const uint32_t random16 = random[k] & 0xFFFFU;
-      const float x = unit_fraction(std::abs(m[k]), safe_m, inverse_m);
-      const int32_t code = int8_code<127, 2>(x, std::sqrt(x), random16);
+      const float y = std::min(std::abs(m[k]) * k_m, kTopM);
+      const int32_t low = static_cast<int32_t>(std::sqrt(y));
+      const float below = static_cast<float>(low);
+      const float gap = y - below * below;
+      const float step = below + below + 1.0f;
+      const int32_t code = low + (gap > threshold(random[k] & 0xFFFFU) * step ? 1 : 0);
       qm[k] = m[k] < 0 ? -code : code;
     }
   }
@@ -73,29 +59,33 @@ inline void int8_codes(int32_t* __restrict qm, int32_t* __restrict qv, const flo
   } else {
 #pragma omp simd
     for (int32_t k = 0; k < count; ++k) {
-      const uint32_t random16 = random[k] >> 16;
-      const float x = unit_fraction(v[k], safe_v, inverse_v);
-      // the fourth root from the step's sqrt(v): (min(sqrt(v)·(1/sqrt(s)), 1))^(1/2), one
-      // sqrt, not two; the comparison takes NaN (an infinite v over an infinite scale) to 1.
-      // Selecting on the fraction, not on x >= 1, is 12% faster per element (AVX-512 and AVX2)
-      const float fraction = root_v[k] * inverse_root_v;
-      const float root = std::sqrt(fraction < 1.0f ? fraction : 1.0f);
-      qv[k] = int8_code<255, 4>(x, root, random16);
+      const float f = std::min(root_v[k] * k_v, kTopV);
+      const int32_t low = static_cast<int32_t>(std::sqrt(f));
+      const float below = static_cast<float>(low);
+      const float square = below * below, odd = below + below + 1.0f;
+      const float gap = (f - square) * (f + square);  // f² − q⁴
+      const float step = odd * ((square + square) + odd);  // (q + 1)⁴ − q⁴
+      qv[k] = low + (gap > threshold(random[k] >> 16) * step ? 1 : 0);
     }
   }
 }
 
-// The block's scale as _int8.encode_ takes it: the largest magnitude, NaN when any is NaN.
+// The block's scale as _int8.encode_ takes it: the largest magnitude, NaN when any is NaN. A
+// maximum over the magnitudes' bit patterns, which order non-negative floats and put every
+// NaN above +inf: two operations per element, not four.
 inline float block_scale(const float* values, int32_t count) {
-  float largest = 0.0f;
-  int32_t nan = 0;
-#pragma omp simd reduction(max : largest) reduction(| : nan)
+  int32_t largest = 0;
+#pragma omp simd reduction(max : largest)
   for (int32_t k = 0; k < count; ++k) {
-    const float magnitude = std::abs(values[k]);
-    nan |= magnitude != magnitude;
-    largest = magnitude > largest ? magnitude : largest;
+    int32_t bits;
+    std::memcpy(&bits, values + k, sizeof bits);
+    bits &= 0x7FFFFFFF;
+    largest = bits > largest ? bits : largest;
   }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : largest;
+  if (largest > 0x7F800000) return std::numeric_limits<float>::quiet_NaN();
+  float scale;
+  std::memcpy(&scale, &largest, sizeof scale);
+  return scale;
 }
 
 // One block of `count` <= kInt8Block elements starting at element `first` of its tensor (the
@@ -114,7 +104,7 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
   alignas(64) int32_t codes_m[kInt8Block];
   alignas(64) int32_t codes_v[kInt8Block];
   alignas(64) float m[kInt8Block];
-  alignas(64) float v[kInt8Block];
+  alignas(64) float v[kInt8Block];  // for its block scale
   alignas(64) float root_v[kInt8Block];
   alignas(64) uint32_t random[kInt8Block];  // the element's hash, for both codes
 #pragma omp simd
@@ -130,11 +120,11 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
     apply_decay<Cautious ? Decay::kNone : D, Ref>(grad, param, load(g[k]), ref, k, s.decay);
     const int32_t code = codes_m[k];
     const int32_t code_v = codes_v[k];
-    // decode: the reference's (d(|q|)·s)·sign(q) as a negation, the same bits (q = 0 gives
-    // d(0)·s = +0, or NaN for an infinite s, either way), without the multiplication
-    const float magnitude = level<127, 2>(code < 0 ? -code : code) * sm;
-    const float m_old = code < 0 ? -magnitude : magnitude;
-    const float v_old = level<255, 4>(code_v) * sv;
+    // decode: _int8.decode's operations (q·|q| and q·q are exact)
+    const float q_m = static_cast<float>(code), q_v = static_cast<float>(code_v);
+    const float m_old = ((q_m * std::abs(q_m)) * (1.0f / kTopM)) * sm;
+    const float v_unit = (q_v * q_v) * (1.0f / kTopV);
+    const float v_old = (v_unit * v_unit) * sv;
     const float exp_avg = lerp(m_old, grad, s.beta1_weight);
     const float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, v_old * s.beta2);
     if constexpr (Cautious) cautious_decay<Ref>(param, exp_avg, ref, k, s.decay);
@@ -152,9 +142,8 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
   }
   const float new_sm = block_scale(m, count), new_sv = block_scale(v, count);
   const float safe_m = new_sm > 0 ? new_sm : 1.0f, safe_v = new_sv > 0 ? new_sv : 1.0f;
-  const BlockScales scales{safe_m, 1.0f / safe_m, safe_v, 1.0f / safe_v, 1.0f / std::sqrt(safe_v)};
-  int8_codes(codes_m, codes_v, m, v, root_v, random, count, new_sm != new_sm, new_sv != new_sv,
-             scales);
+  int8_codes(codes_m, codes_v, m, root_v, random, count, new_sm != new_sm, new_sv != new_sv,
+             rounded_up(kTopM / safe_m), rounded_up(kTopV / std::sqrt(safe_v)));
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
     qm[k] = static_cast<int8_t>(codes_m[k]);
