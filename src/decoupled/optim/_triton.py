@@ -385,7 +385,7 @@ def triton_adam_update(
             AMSGRAD=amsgrad, MAXIMIZE=maximize, CAUTIOUS=bool(cautious),
             LR_TENSOR=lr_arg.is_tensor, RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip,
             COMPENSATE=compensated, CODED=scales is not None, BLOCK=block,
-            LR_F32=isinstance(lr, Tensor), num_warps=NUM_WARPS,
+            LR_F32=isinstance(lr, Tensor), num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
     _bump_versions(params, exp_avgs, exp_avg_sqs, state_steps)
     _bump_versions([r for r in remainders or [] if r is not None])
@@ -477,7 +477,7 @@ def triton_sgd_update(
             REF=bool(refs), MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=maximize,
             CAUTIOUS=bool(cautious), LR_TENSOR=lr_arg.is_tensor,
             RATE_TENSOR=rate_arg.is_tensor, SCALE=scale, SKIP=skip, COMPENSATE=compensated,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
+            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
     if has_momentum:
         momentum_buffers[:] = buffers

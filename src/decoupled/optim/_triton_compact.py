@@ -19,9 +19,8 @@ each program, which owns whole blocks of 256 elements, takes each block's larges
 as its new scale (a maximum over the bit patterns, which puts NaN above inf) and codes every
 element with ``_int8.encode_``'s operations in its order: products by the block's factor k
 (rounded up by one in its bit pattern), correctly rounded roots, the stochastic choice
-between the two neighbouring codes compared by multiplication. Every product that feeds a
-sum is exact (q·q, scales by powers of two), so a multiply-add the compiler may fuse rounds
-alike, and codes and scales are the reference's bit for bit.
+between the two neighbouring codes compared by multiplication, so codes and scales are the
+reference's bit for bit.
 """
 
 from __future__ import annotations

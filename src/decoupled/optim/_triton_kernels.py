@@ -5,7 +5,10 @@ kernel's (``csrc/kernels.cpp``), element by element in float32, whatever θ's dt
 bfloat16 or float16 θ is read, computed on in float32 and rounded once when stored). IEEE
 division and square root (``div_rn``, ``sqrt_rn``) and the C++ kernel's fused multiply-adds
 keep float32 steps within an ulp or two of the reference; ``_kernels.py`` says where and why
-paths round differently.
+paths round differently. The launcher compiles the kernels with ``enable_fp_fusion=False``:
+Triton otherwise lets the GPU compiler fuse any product into a following sum, rounding once
+where the reference rounds twice (a decoded moment's last product feeds ``g − m`` in lerp),
+so the only multiply-adds are the explicit ``tl.fma`` of torch's own fused operations.
 
 Multi-tensor launch (as torch's ``multi_tensor_apply``): the launcher (``_triton.py``) gives
 a *tensor table*, one row of ``TABLE_COLUMNS`` int64 per tensor of the group (the addresses
