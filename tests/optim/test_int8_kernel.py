@@ -3,8 +3,8 @@
 Twin parameters fed the same gradients (a fixed random stream, not functions of θ) step once
 through the kernel (``fused=None``) and once through the reference loop (``fused=False``).
 The codes and scales must be equal bit for bit: the kernel decodes and codes with the
-reference's float32 operations (``_int8.levels``, correctly rounded roots, the same hash bits
-and thresholds). θ is held to 1e-6 relative, the float32 kernel's bound
+reference's float32 operations (``_int8.encode_``: per-block factors, correctly rounded
+roots, the same hash bits and thresholds). θ is held to 1e-6 relative, the float32 kernel's bound
 (``_kernels.py``: torch's CPU ``sqrt`` is not always correctly rounded, the kernel's is). With
 Adam's L2 term those ulps of θ enter g, hence m and v: a code may then land one step away.
 """
@@ -207,7 +207,8 @@ def test_a_nan_gradient_makes_its_block_nan_as_the_reference(int8_log):
 def test_an_infinite_gradient_codes_its_block_as_the_reference(int8_log, flush_denormal):
     """An infinite gradient makes its block's scales infinite and their factors k the float
     above FLT_MIN (not 0, which would make ∞·k NaN; and normal, so that flushing denormals
-    changes nothing): the infinite element codes as the largest level, the others as 0; a
+    changes nothing): the infinite element codes as the largest level, the others (here
+    below 1) as 0; a
     second step decodes what the first one coded (0·∞: the block's other elements go NaN, as
     in the reference)."""
     if flush_denormal and not torch.set_flush_denormal(True):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decoupled
-from decoupled.optim._int8 import BLOCK, decode, encode_, levels, new_moments, sqrt_rn
+from decoupled.optim._int8 import _UNIT, BLOCK, decode, encode_, levels, new_moments, sqrt_rn
 
 from .test_compact_state import quadratic_run
 
@@ -39,6 +39,9 @@ def test_levels_rise_from_zero_to_exactly_one(key, largest):
     multiplication, and c's, raised to the power) of (q/largest)^power in float64."""
     d = levels(torch.arange(largest + 1), key)
     assert d[0] == 0 and d[largest] == 1
+    # c through a double equals the float32 division the kernels compile (1.0f / 16129.0f)
+    float32_division = torch.tensor(1.0) / torch.tensor(float(largest * largest))
+    assert torch.equal(_UNIT[key], float32_division)
     assert bool((d[1:] > d[:-1]).all())
     power = 2 if key == "exp_avg" else 4
     exact = (torch.arange(largest + 1, dtype=torch.float64) / largest) ** power

@@ -14,12 +14,15 @@ that coding needs no division per element):
 
 i.e. m and √v each with a square-law code, v's unsigned because it is ≥ 0. ``s`` is the
 block's largest ``|m|`` (largest ``v``), so the largest element of a block is coded exactly
-(``|q| = 127``, ``q = 255``) and every other one lies between two neighbouring codes.
+(``|q| = 127``, ``q = 255``; for m where that largest ``|m|`` is above about 10⁻³⁴, see
+``encode_``) and every other one lies between two neighbouring codes.
 
 **Rounding.** A value ``x`` between the decoded neighbours ``d(q) ≤ x < d(q+1)`` is stored as
 ``q + 1`` with probability ``(x − d(q)) / (d(q+1) − d(q))``, else ``q``: unbiased in value,
 ``E[decode] = x`` (stochastic rounding, Gupta et al. 2015, arXiv 1502.02551), so the moving
-averages do not stall on updates below a code step, as for ``bfloat16`` state. The random 16
+averages do not stall on updates below a code step, as for ``bfloat16`` state. The
+probability is resolved in steps of 2⁻¹⁶, so a value below about 2⁻¹⁷ of the step from zero to
+the first code (m: 5·10⁻¹⁰ of the block's largest, v: 2·10⁻¹⁵) always codes 0. The random 16
 bits come from the same hash as bfloat16 state (``_compact.rounding_bits``: m the low 16 bits,
 v the high 16), so runs are reproducible.
 
@@ -75,7 +78,7 @@ SCALE_SUFFIX = "_scale"
 # key -> (code dtype, largest code, power of the square law on |value|/scale)
 _CODES = {"exp_avg": (torch.int8, 127, 2), "exp_avg_sq": (torch.uint8, 255, 4)}
 # c of the decode: 1/levels² rounded to float32 (the C++ kernel's 1.0f / 16129.0f; through a
-# double here, which rounds to the same float for both, tested)
+# double here, which rounds to the same float for both: tested)
 _UNIT = {
     key: torch.tensor(1 / largest**2, dtype=torch.float32)
     for key, (_, largest, _) in _CODES.items()
@@ -101,9 +104,9 @@ def _square(codes: Tensor) -> Tensor:
 
 
 def levels(codes: Tensor, key: str) -> Tensor:
-    """The decoded value of code ``q >= 0`` for a scale of 1: ``q²·c_m`` for m and
-    ``(q²·c_v)²`` for v, ``c = 1/levels²`` rounded to float32; multiplications only, so that
-    every implementation computes the same bits. 1 exactly at the largest code (tested)."""
+    """The decoded value of code ``q >= 0`` for a scale of 1, as ``decode`` computes it:
+    ``q²·c_m`` for m and ``(q²·c_v)²`` for v, ``c = 1/levels²`` rounded to float32. 1 exactly
+    at the largest code (tested); the tests place values on and between these levels."""
     t = _square(codes) * _UNIT[key]
     return t * t if key == "exp_avg_sq" else t
 
@@ -126,7 +129,7 @@ def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
 
 def sqrt_rn(x: Tensor) -> Tensor:
     """IEEE float32 square root (correctly rounded), as the C++ and Triton kernels compute it:
-    torch's float32 ``sqrt`` on the CPU is an approximation (about one result in five is an
+    torch's float32 ``sqrt`` on the CPU is an approximation (about one result in six is an
     ulp off in torch 2.13), a float64 root rounded to float32 is exact."""
     return x.double().sqrt().float()
 
@@ -134,7 +137,7 @@ def sqrt_rn(x: Tensor) -> Tensor:
 def rounded_up(x: Tensor) -> Tensor:
     """The scale factor k of ``encode_``: ``x`` kept in [FLT_MIN, 2¹²⁷], then the next float32
     above it (its bit pattern plus one), so that the largest magnitude times k is at least the
-    largest level, and k never 0 (∞·0 would be NaN) nor ∞ (0·∞)."""
+    largest level (unless x was kept at 2¹²⁷), and k never 0 (∞·0 would be NaN) nor ∞ (0·∞)."""
     return x.clamp(*_K_RANGE).view(torch.int32).add(1).view(torch.float32)
 
 
@@ -143,7 +146,8 @@ def encode_(codes: Tensor, scale: Tensor, value: Tensor, key: str, random16: Ten
     ``scale`` with the rounding of the module docstring; ``random16[i]`` (in [0, 2¹⁶)) decides
     for the i-th element in memory order. A NaN makes its block's scale NaN and its codes 0 (the
     block decodes to NaN: the moment stays NaN, as in float32); an infinite value makes the
-    scale infinite, its element the largest code and every finite one 0.
+    scale infinite and its element the largest code; the finite ones code 0 (for m below
+    about 10³³, above which they code 1 or 2 and decode to ±∞).
 
     In float32, per block: ``s``, the largest magnitude (1 where that is 0 or NaN), and
     ``k_m = up(127²/s)`` or ``k_v = up(255²/√s)`` (``rounded_up``). Per element of m:

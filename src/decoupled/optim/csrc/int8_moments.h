@@ -9,8 +9,8 @@
 // decoded, stepped with the float32 path's arithmetic, its new m and v (and sqrt(v), which
 // the step computes anyway) kept in stack buffers (L1), its new scales taken, and it is coded
 // again with stochastic rounding: one pass over θ, g, codes and scales. Everything is
-// arithmetic on vector lanes (no table lookups, no divisions but the step's own two), so that
-// every loop vectorizes.
+// arithmetic on vector lanes (no table lookups; no divisions but the step's own two per
+// element and one per block for each factor k), so that every loop vectorizes.
 
 constexpr int32_t kInt8Block = 256;
 static_assert(kChunk % kInt8Block == 0, "a chunk must hold whole int8 blocks");
@@ -49,7 +49,7 @@ inline float threshold(uint32_t random16) {
 // registers (an int8 store in the loop makes GCC process 64 at a time; one loop for both
 // codes is 5% slower). A block with a NaN (its scale NaN) is all 0, without the loops. The
 // factors k are finite and nonzero, so y and f are never NaN: an infinite element reaches the
-// largest level, a finite one beside it 0.
+// largest level, a finite one beside it 0 (m above about 1e33: 1 or 2).
 inline void int8_codes(int32_t* __restrict qm, int32_t* __restrict qv, const float* __restrict m,
                        const float* __restrict root_v, const uint32_t* __restrict random,
                        int32_t count, bool nan_m, bool nan_v, float k_m, float k_v) {
