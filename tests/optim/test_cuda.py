@@ -26,12 +26,13 @@ def make_params(dtype=torch.float32, seed=0):
     ]
 
 
-def run(cls, params, steps=5, seed=1, **options):
+def run(cls, params, steps=5, seed=1, grad_size=1.0, **options):
     optimizer = cls(params, **options)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=generator).to("cuda", p.dtype)
+            grad = torch.randn(p.shape, generator=generator) * grad_size
+            p.grad = grad.to("cuda", p.dtype)
         optimizer.step()
     return optimizer
 
@@ -145,6 +146,20 @@ def test_compiled_kernel_steps_int8_moments_like_the_reference_loop(dtype, monke
             assert torch.equal(ours.state[p][key], reference.state[q][key]), key
         if dtype == torch.float32:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_size", [1e-21, 1e-12, 1e18])
+def test_compiled_int8_codes_match_the_reference_at_extreme_magnitudes(grad_size):
+    """Tiny gradients make v subnormal (1e-21: v near 1e-45), huge ones m near 1e18: the GPU
+    must neither flush subnormals nor fuse a product into a sum where the reference does
+    not, so codes and scales are the reference loop's bit for bit (β1 = 0: m is g)."""
+    options = {"lr": 1e-3, "betas": (0.0, 0.999), "state_dtype": "int8"}
+    reference_params, params = make_params(), make_params()
+    reference = run(decoupled.AdamW, reference_params, grad_size=grad_size, fused=False, **options)
+    ours = run(decoupled.AdamW, params, grad_size=grad_size, **options)
+    for p, q in zip(params, reference_params):
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+            assert torch.equal(ours.state[p][key], reference.state[q][key]), key
 
 
 @pytest.mark.parametrize("capturable", [False, True])
