@@ -97,31 +97,23 @@ def _padded(flat: Tensor) -> Tensor:
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
 
 
-def _square(codes: Tensor) -> Tensor:
-    """``q·q`` in float32, exact for 8-bit codes."""
-    q = codes.to(torch.float32)
-    return q * q
-
-
 def levels(codes: Tensor, key: str) -> Tensor:
-    """The decoded value of code ``q >= 0`` for a scale of 1, as ``decode`` computes it:
-    ``q²·c_m`` for m and ``(q²·c_v)²`` for v, ``c = 1/levels²`` rounded to float32. 1 exactly
-    at the largest code (tested); the tests place values on and between these levels."""
-    t = _square(codes) * _UNIT[key]
-    return t * t if key == "exp_avg_sq" else t
+    """The decoded value of code ``q`` (any integer dtype) for a scale of 1, as ``decode``
+    computes it: ``(q·|q|)·c_m`` for m and ``((q·q)·c_v)²`` for v, ``c = 1/levels²`` rounded
+    to float32 (``q·|q|`` and ``q·q`` are exact). 1 exactly at the largest code (tested); the
+    tests place values on and between these levels."""
+    q = codes.to(torch.float32)
+    if key == "exp_avg":
+        return (q * q.abs()) * _UNIT[key]
+    unit = (q * q) * _UNIT[key]
+    return unit * unit
 
 
 def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
     """The float32 values of the codes of moment ``key`` (``exp_avg`` or ``exp_avg_sq``),
-    shaped and laid out like ``codes``: ``((q·|q|)·c_m)·s`` for m, ``((q·q·c_v)²)·s`` for v."""
+    shaped and laid out like ``codes``: ``levels(q)·s``."""
     flat = in_memory_order(codes)
-    q = _padded(flat.to(torch.float32))
-    if key == "exp_avg":
-        unit = (q * q.abs()) * _UNIT[key]
-    else:
-        unit = (q * q) * _UNIT[key]
-        unit = unit * unit
-    values = (unit * scale.view(-1, 1)).view(-1)[: flat.numel()]
+    values = (levels(_padded(flat), key) * scale.view(-1, 1)).view(-1)[: flat.numel()]
     out = torch.empty_like(codes, dtype=torch.float32)
     in_memory_order(out).copy_(values)
     return out
