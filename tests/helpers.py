@@ -176,3 +176,30 @@ def wait_for_finished_runs(db, minimum: int, timeout: float = 120.0) -> int:
                 done = 0
         time.sleep(0.1)
     return done
+
+
+def twin_groups(cls, options, dtype, groups=3, steps=4, numel=1000, **path):
+    """An optimizer over ``groups`` groups of one parameter each, every parameter starting
+    from the same values and fed the same gradients; the optimizer and its parameters."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(numel, generator=generator).to(dtype)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(groups)]
+    optimizer = cls([{"params": [p]} for p in params], lr=1e-3, weight_decay=0.1,
+                    **options, **path)  # fmt: skip
+    for _ in range(steps):
+        grad = torch.randn(numel, generator=generator).to(dtype)
+        for p in params:
+            p.grad = grad.clone()
+        optimizer.step()
+    return optimizer, params
+
+
+def rounded_tensors(optimizer, param) -> dict[str, torch.Tensor]:
+    """θ and every state tensor but the step count, as integers (bits) for comparison."""
+    tensors = {"θ": param.detach(), **optimizer.state[param]}
+    tensors.pop("step", None)
+    return {
+        key: t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+        for key, t in tensors.items()
+        if isinstance(t, torch.Tensor)
+    }

@@ -170,7 +170,7 @@ warnings.simplefilter("error", RuntimeWarning)
 assert _build.kernel_ops() is not None, "prebuilt kernel not loaded"
 p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
 assert _build.kernel_ops().adam_step_([p], [p.grad], [torch.zeros(3)], [torch.zeros(3)], [], [],
-    [torch.tensor(0.0)], 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, 1.0, False, False)
+    [torch.tensor(0.0)], 0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, False, False, False, 1.0, False, False, 0)
 assert p.lt(1).all()
 _build._ops = _build._NOT_TRIED
 os.environ["TORCH_EXTENSIONS_DIR"] = sys.argv[1] + "/empty"

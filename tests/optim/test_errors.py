@@ -170,6 +170,28 @@ def test_a_step_that_raises_changes_nothing_and_does_not_count(cls):
     assert [group["decay_steps"] for group in optimizer.param_groups] == [0, 0]
 
 
+@pytest.mark.parametrize(
+    "path", [{"fused": False}, {}, {"state_dtype": "int8"}], ids=["reference", "kernel", "int8"]
+)
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("betas,index", [((0.9, -0.1), 1), ((1.0, 0.999), 0)])
+def test_betas_changed_after_construction_are_refused_at_the_step(cls, path, betas, index):
+    """torch would step with them (β2 < 0: v negative, θ NaN, and the int8 kernel would code
+    the NaN root differently from the reference loop); here the step raises, naming the
+    value, before any group moves, and the state already stored is kept as it was."""
+    first, second = torch.nn.Parameter(torch.ones(300)), torch.nn.Parameter(torch.ones(300))
+    optimizer = cls([{"params": [first]}, {"params": [second]}], lr=0.1, **path)
+    first.grad, second.grad = torch.ones(300), torch.ones(300)
+    optimizer.step()
+    saved = {key: value.clone() for key, value in optimizer.state[first].items()}
+    before = first.detach().clone(), second.detach().clone()
+    optimizer.param_groups[1]["betas"] = betas
+    with pytest.raises(ValueError, match=rf"Invalid beta parameter at index {index}: "):
+        optimizer.step()
+    assert torch.equal(first.detach(), before[0]) and torch.equal(second.detach(), before[1])
+    assert all(torch.equal(optimizer.state[first][k], v) for k, v in saved.items())
+
+
 def test_unknown_keywords_and_whole_number_periods():
     param = [torch.nn.Parameter(torch.ones(2))]
     with pytest.raises(TypeError, match="unexpected keyword argument.*capturable"):

@@ -274,6 +274,7 @@ def test_the_kernel_changes_nothing_when_it_refuses_a_tensor():
         1024.0,  # a loss scale: refused, so the gradients stay scaled too
         False,  # cautious
         False,  # a float lr
+        0,  # the first tensor's position in the optimizer
     )
     assert done is False
     assert all(torch.equal(p, torch.ones_like(p)) for p in params)

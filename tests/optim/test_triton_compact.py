@@ -29,7 +29,7 @@ import decoupled
 from decoupled.optim import _compact, _int8, _triton
 from decoupled.optim._compensated import REMAINDER, _unit, master, store_
 from decoupled.optim.adam import adam_update
-from tests.helpers import drawn_sgd_options
+from tests.helpers import drawn_sgd_options, rounded_tensors, twin_groups
 
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -463,6 +463,32 @@ def test_int8_codes_and_scales_are_the_reference_bit_for_bit(launches):
         for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
             assert torch.equal(ours.state[p][key], reference.state[q][key]), key
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "cls,options",
+    [(decoupled.AdamW, {"state_dtype": "int8"}), (decoupled.SGDW, {"momentum": 0.9})],
+    ids=["int8 moments", "compensated SGD θ"],
+)
+def test_groups_are_keyed_by_their_position_in_the_optimizer(cls, options, launches):
+    """Twin groups (same values, same gradients; ``test_rounding_positions.py``): the kernel
+    keys each group's rounding by its tensors' positions in the optimizer, as the reference
+    loop does, so int8 codes and scales of AdamW and compensated SGD θ, its remainder and
+    buffer, equal the reference's bit for bit, group by group, and the twins part."""
+    dtype = torch.float32 if "state_dtype" in options else torch.bfloat16
+    ours, params = twin_groups(cls, options, dtype, steps=3, numel=300, triton=True)
+    reference, reference_params = twin_groups(cls, options, dtype, steps=3, numel=300,
+                                              fused=False)  # fmt: skip
+    kernel = "adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"
+    assert launches[kernel] == 3 * 3  # one launch per group and step
+    tensors = [rounded_tensors(ours, p) for p in params]
+    for p_tensors, q in zip(tensors, reference_params):
+        for key, value in rounded_tensors(reference, q).items():
+            if key == "θ" and dtype == torch.float32:
+                torch.testing.assert_close(p_tensors[key], value, rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(p_tensors[key], value), key
+    assert any(not torch.equal(tensors[1][key], tensors[0][key]) for key in tensors[0])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN and inf: meant

@@ -214,6 +214,17 @@ class DecayOptimizer(torch.optim.Optimizer):
         gradients first, in the update's own pass where the path can (``_kernels.py``)."""
         raise NotImplementedError
 
+    def first_position(self, group: dict) -> int:
+        """Where ``group``'s parameters start when all groups' are counted in order: the
+        updates key the stochastic rounding of the group's i-th stepped tensor by this + i,
+        so that two groups' tensors never draw the same random bits at a step."""
+        position = 0
+        for other in self.param_groups:
+            if other is group:
+                return position
+            position += len(other["params"])
+        raise ValueError("the group is not one of this optimizer's param_groups")
+
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """GradScaler's protocol, as torch's fused optimizers have it: when True, GradScaler

@@ -121,7 +121,7 @@ def kernel_adam_update(
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``adam_update`` itself) when the kernel refuses a tensor."""
     defaults = {"references": None, "decay_rate": 0.0, "amsgrad": False, "maximize": False}
-    defaults["cautious"] = False
+    defaults |= {"cautious": False, "first_position": 0}
     options = defaults | {"grad_scale": None} | given
 
     def step(grads: list[Tensor]) -> bool:
@@ -133,6 +133,7 @@ def kernel_adam_update(
             float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
             _scale_value(options["grad_scale"]), options["cautious"],
             isinstance(options["lr"], Tensor),  # γ/(1 − β1ᵗ) in float32, as the reference
+            options["first_position"],
         )  # fmt: skip
 
     coded_states, remainders = options.get("coded_states"), options.get("remainders")
@@ -161,7 +162,7 @@ def _compensated_step(params, remainders, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], amsgrad, options["maximize"],
         _scale_value(options["grad_scale"]), options["cautious"],
-        isinstance(options["lr"], Tensor),
+        isinstance(options["lr"], Tensor), options["first_position"],
     )  # fmt: skip
 
 
@@ -182,7 +183,7 @@ def _int8_step(params, remainders, exp_avgs, exp_avg_sqs, coded_states, state_st
         options["beta1"], options["beta2"], options["eps"], float(options["weight_decay"]),
         float(options["decay_rate"]), options["decoupled"], options["maximize"],
         _scale_value(options["grad_scale"]), options["cautious"],
-        isinstance(options["lr"], Tensor),
+        isinstance(options["lr"], Tensor), options["first_position"],
     )  # fmt: skip
 
 
@@ -198,7 +199,7 @@ def kernel_sgd_update(
     through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
     momentum buffers are written back into ``momentum_buffers`` as the reference does."""
     options = {"references": None, "decay_rate": 0.0, "maximize": False, "grad_scale": None}
-    options |= {"cautious": False, "remainders": None} | given
+    options |= {"cautious": False, "remainders": None, "first_position": 0} | given
     remainders = options["remainders"]
     fresh = [b is None for b in momentum_buffers]
     # a compensated θ's buffer is float32 (_sgd_compensation.py), others are in θ's dtype
@@ -219,7 +220,7 @@ def kernel_sgd_update(
         if any(r is None for r in remainders):  # a group mixing compensated and other θ
             return False
         return kernel_ops().sgd_compensated_step_(
-            params, remainders, *arguments, float(options["step"])
+            params, remainders, *arguments, float(options["step"]), options["first_position"]
         )
 
     done = _step_any_layout(step, grads, params, unscales=options["grad_scale"] is not None)
@@ -315,6 +316,7 @@ def fused_adam_update(
     references: list[Tensor | None] | None = None,  # always None here (see can_fuse)
     grad_scale: Tensor | None = None,
     cautious: bool = False,  # always False here (see can_fuse)
+    first_position: int = 0,  # unused: torch's kernels round to nearest
 ) -> None:
     """The step of :func:`decoupled.optim.adam.adam_update` through torch's fused kernels.
 

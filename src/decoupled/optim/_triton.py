@@ -314,6 +314,7 @@ def triton_adam_update(
     cautious: bool = False,
     remainders: list[Tensor | None] | None = None,
     coded_states: list[dict] | None = None,
+    first_position: int = 0,
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the Triton kernel,
     or through ``fallback`` when the launcher refuses the list. ``found_inf``: a device flag;
@@ -340,7 +341,7 @@ def triton_adam_update(
             "maximize": maximize, "references": references,
         }  # fmt: skip
         given |= _set(cautious=cautious, grad_scale=grad_scale, remainders=remainders,
-                      coded_states=coded_states)  # fmt: skip
+                      coded_states=coded_states, first_position=first_position)  # fmt: skip
         if found_inf is not None and bool(found_inf):  # the reference loop reads it on the host
             return
         fallback(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **given)
@@ -361,7 +362,7 @@ def triton_adam_update(
                 params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                 exp_avg_sqs[i].data_ptr(), _address(max_exp_avg_sqs[i]) if amsgrad else 0,
                 refs[i].data_ptr() if refs else 0, state_steps[i].data_ptr(),
-                params[i].numel(), i, kept[i].data_ptr() if compensated else 0,
+                params[i].numel(), first_position + i, kept[i].data_ptr() if compensated else 0,
                 *((scales[0][i].data_ptr(), scales[1][i].data_ptr()) if scales else (0, 0)),
             )
             for i in indices
@@ -416,6 +417,7 @@ def triton_sgd_update(
     cautious: bool = False,
     remainders: list[Tensor | None] | None = None,
     step: float = 1.0,
+    first_position: int = 0,
 ) -> None:
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the Triton kernel, or
     through ``fallback`` when the launcher refuses the list; new momentum buffers are written
@@ -446,7 +448,8 @@ def triton_sgd_update(
             "maximize": maximize, "references": references,
         }  # fmt: skip
         given |= _set(cautious=cautious, grad_scale=grad_scale, remainders=remainders,
-                      step=step if remainders is not None else None)  # fmt: skip
+                      step=step if remainders is not None else None,
+                      first_position=first_position)  # fmt: skip
         fallback(params, grads, momentum_buffers, **given)
         return
 
@@ -457,7 +460,8 @@ def triton_sgd_update(
             (
                 params[i].data_ptr(), grads[i].data_ptr(),
                 buffers[i].data_ptr() if has_momentum else 0, 0, 0,
-                refs[i].data_ptr() if refs else 0, i, params[i].numel(), int(fresh[i]),
+                refs[i].data_ptr() if refs else 0, first_position + i, params[i].numel(),
+                int(fresh[i]),
                 kept[i].data_ptr() if compensated else 0, 0, 0,
             )
             for i in indices

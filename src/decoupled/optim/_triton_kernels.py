@@ -13,7 +13,7 @@ so the only multiply-adds are the explicit ``tl.fma`` of torch's own fused opera
 Multi-tensor launch (as torch's ``multi_tensor_apply``): the launcher (``_triton.py``) gives
 a *tensor table*, one row of ``TABLE_COLUMNS`` int64 per tensor of the group (the addresses
 of θ, g, the state and the step counter, the element count and the tensor's position in the
-update's list), and a *chunk table*, one (row, first element) pair per block of ``BLOCK``
+optimizer), and a *chunk table*, one (row, first element) pair per block of ``BLOCK``
 elements. Program ``i`` updates chunk ``i``: one grid for the whole group.
 
 Nothing is read on the host: the step counts (already incremented by the launcher), lr, the
@@ -51,8 +51,9 @@ import triton.language as tl
 from decoupled.optim._triton_compact import load_int8, load_master, store_int8, store_master
 
 #: Columns of the tensor table: addresses of θ, g, m (or the momentum buffer), v, max(v), θ₀,
-#: the step counter (for SGD: the tensor's position in the list), then the element count and
-#: the tensor's position in the list (its stochastic-rounding key; for SGD: 1 where the
+#: the step counter (for SGD: the tensor's position in the optimizer), then the element count
+#: and the tensor's position in the optimizer (its stochastic-rounding key, the update's
+#: ``first_position`` + its index in the list; for SGD: 1 where the
 #: momentum buffer is fresh), then the address of compensated θ's remainder and those of
 #: int8 moments' scales (``_triton_compact.py``).
 THETA, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, REFERENCE, STEP, NUMEL, POSITION = range(9)
@@ -282,7 +283,7 @@ def sgd_kernel(
     momentum buffer (the table's position column is 1) starts as b ← g, as torch's. With
     ``COMPENSATE`` on the float32 master weight of bfloat16/float16 θ, with a float32 buffer
     (``BUFFER``); the remainder's bits are keyed by the group's ``step_count`` and the
-    tensor's position in the list (the table's step column, unused otherwise by SGD)."""
+    tensor's position in the optimizer (the table's step column, unused otherwise by SGD)."""
     _, row, idx, mask = _chunk(chunks_ptr, table_ptr, skip_ptr, SKIP, BLOCK)
     p_ptr = _address(row, 0, DTYPE)
     g = _gradient(row, idx, mask, scale_ptr, DTYPE, SCALE, MAXIMIZE)

@@ -87,6 +87,7 @@ def adam_update(
     coded_states: list[dict] | None = None,
     remainders: list[Tensor | None] | None = None,
     cautious: bool = False,
+    first_position: int = 0,
 ) -> None:
     """One Adam step over a list of tensors, in place (the algorithm box of :class:`Adam`).
 
@@ -114,6 +115,10 @@ def adam_update(
             direction m̂/(sqrt(v̂)+ε), whose sign is that of m_t, agrees in sign with θ − θ₀
             (``decay.cautious_mask``); the decay then follows the moments' update, which does
             not read θ, so with every mask entry True the step equals AdamW's bit for bit.
+        first_position: the position of ``params[0]`` among the optimizer's parameters: the
+            stochastic rounding of bfloat16/int8 moments and of compensated θ keys tensor i
+            by ``first_position + i`` (with the step), so that tensors of different groups
+            draw different bits.
     """
     references = references or [None] * len(params)
     unscale_(grads, grad_scale)
@@ -185,9 +190,9 @@ def adam_update(
         else:
             param.addcdiv_(exp_avg, denom, value=-step_size)  # θ ← θ − γ·m̂ / (sqrt(v̂) + ε)
         if compact is not None:
-            compact.store(step, position=i)
+            compact.store(step, position=first_position + i)
         if remainder is not None:
-            store_(stored_param, remainder, param, step, position=i)
+            store_(stored_param, remainder, param, step, position=first_position + i)
 
 
 def _differentiable_update(
@@ -545,6 +550,7 @@ class Adam(DecayOptimizer):
             maximize=group["maximize"],
             references=decay.references,
             cautious=group.get("cautious", False),
+            first_position=self.first_position(group),
             **({"differentiable": True} if differentiable else {}),
             **({"coded_states": states} if coded else {}),
             **({"remainders": remainders} if compensated else {}),
@@ -554,6 +560,11 @@ class Adam(DecayOptimizer):
 
     def _check_step(self, group: dict, grads: list[Tensor], decay: DecayTerms) -> None:
         check_capturable(group, grads)
+        # betas changed in param_groups after construction: torch would step with them (a
+        # β2 outside [0, 1) makes v negative, θ NaN); checked here, before any group changes.
+        # Tensor betas are not read: on a device that would wait for it.
+        if not any(isinstance(beta, Tensor) for beta in group["betas"]):
+            checked_betas(group["betas"])
 
 
 class AdamW(Adam):

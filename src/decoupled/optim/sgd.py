@@ -75,6 +75,7 @@ def sgd_update(
     cautious: bool = False,
     remainders: list[Tensor | None] | None = None,
     step: float = 1.0,
+    first_position: int = 0,
 ) -> None:
     """One SGD step over a list of tensors, in place; new momentum buffers are written back
     into ``momentum_buffers`` (the algorithm box of :class:`SGD`). Gradients may be sparse
@@ -97,6 +98,8 @@ def sgd_update(
             (``_sgd_compensation.py``), and writes θ and the remainder back.
         step: the group's step count (1 at the first step): keys the remainders' stochastic
             rounding, so that it draws new bits at each step.
+        first_position: the position of ``params[0]`` among the optimizer's parameters
+            (tensor i's remainder is keyed by ``first_position + i``, as in ``adam_update``).
     """
     check_no_sparse_l2(grads, weight_decay, decoupled)
     unscale_(grads, grad_scale)
@@ -134,7 +137,7 @@ def sgd_update(
         else:
             param.add_(grad, alpha=-lr)
         if remainder is not None:
-            store_(stored_param, remainder, param, step, position=i)
+            store_(stored_param, remainder, param, step, position=first_position + i)
 
 
 class SGD(DecayOptimizer):
@@ -333,6 +336,7 @@ class SGD(DecayOptimizer):
             decay_rate=decay.rate,
             maximize=group["maximize"],
             cautious=group.get("cautious", False),
+            first_position=self.first_position(group),
             **({"remainders": remainders, "step": group["decay_steps"] + 1} if compensated else {}),
             **({"grad_scale": grad_scale} if grad_scale is not None else {}),
         )

@@ -232,7 +232,8 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
                      const Tensors& exp_avg_scales, const Tensors& exp_avg_sq_scales,
                      const Tensors& references, const Tensors& steps, double lr, double beta1,
                      double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                     bool maximize, double grad_scale, bool cautious, bool float32_lr) {
+                     bool maximize, double grad_scale, bool cautious, bool float32_lr,
+                     int64_t first_position) {
   const size_t n = params.size();
   if (n == 0) return true;
   const auto param_dtype = params[0].scalar_type();
@@ -249,7 +250,8 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
   const Int8Chunk chunk =
       pick_adam_int8(param_dtype, decay_mode(decoupled, weight_decay, decay), ref, cautious);
   const std::vector<AdamScalars> scalars =
-      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr);
+      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr,
+                    first_position);
   for_each_unscaled_chunk(params, grads, grad_scale, [&](int64_t t, void* g, int64_t begin,
                                                          int64_t end) {
     chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,

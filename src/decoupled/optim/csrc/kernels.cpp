@@ -15,7 +15,7 @@
 //     stochastically so that updates smaller than a bfloat16 ulp are kept on average.
 //
 // Stochastic rounding adds 16 random bits below a bfloat16's last bit and truncates; the bits
-// come from a hash of (element index, tensor position, step), mirrored in Python by
+// come from a hash of (element index, tensor position in the optimizer, step), mirrored in Python by
 // decoupled/optim/_compact.py, so the reference path and this kernel round alike.
 //
 // Each op checks every tensor before touching any and returns false (changing nothing) when
@@ -195,7 +195,8 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
                    const Tensors& max_exp_avg_sqs, const Tensors& references,
                    const Tensors& steps, double lr, double beta1, double beta2, double eps,
                    double weight_decay, double decay, bool decoupled, bool amsgrad,
-                   bool maximize, double grad_scale, bool cautious, bool float32_lr) {
+                   bool maximize, double grad_scale, bool cautious, bool float32_lr,
+                   int64_t first_position) {
   const size_t n = params.size();
   if (n == 0) return true;
   if (exp_avgs.size() != n) return false;
@@ -219,7 +220,8 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
       pick_adam(param_dtype, state_dtype == at::kBFloat16, amsgrad, mode, ref, cautious);
 
   const std::vector<AdamScalars> scalars =
-      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr);
+      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr,
+                    first_position);
   for_each_unscaled_chunk(params, grads, grad_scale, [&](int64_t t, void* g, int64_t begin,
                                                          int64_t end) {
     chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
@@ -239,10 +241,10 @@ bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_
                 const Tensors& references, const Tensors& steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, double decay, bool decoupled,
                 bool amsgrad, bool maximize, double grad_scale, bool cautious,
-                bool float32_lr) {
+                bool float32_lr, int64_t first_position) {
   return adam_any_step(params, {}, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, references,
                        steps, lr, beta1, beta2, eps, weight_decay, decay, decoupled, amsgrad,
-                       maximize, grad_scale, cautious, float32_lr);
+                       maximize, grad_scale, cautious, float32_lr, first_position);
 }
 
 // Compensated bfloat16/float16 θ (the section "Compensated ... weights" above): adam_step_'s
@@ -253,12 +255,14 @@ bool adam_compensated_step_(const Tensors& params, const Tensors& remainders,
                             const Tensors& references, const Tensors& steps, double lr,
                             double beta1, double beta2, double eps, double weight_decay,
                             double decay, bool decoupled, bool amsgrad, bool maximize,
-                            double grad_scale, bool cautious, bool float32_lr) {
+                            double grad_scale, bool cautious, bool float32_lr,
+                            int64_t first_position) {
   if (remainders.size() != params.size()) return false;
   if (params.empty()) return true;
   return adam_any_step(params, remainders, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                        references, steps, lr, beta1, beta2, eps, weight_decay, decay,
-                       decoupled, amsgrad, maximize, grad_scale, cautious, float32_lr);
+                       decoupled, amsgrad, maximize, grad_scale, cautious, float32_lr,
+                       first_position);
 }
 
 #include "int8_moments.h"

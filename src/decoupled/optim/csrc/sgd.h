@@ -96,7 +96,8 @@ bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensor
                   const Tensors& momentum_buffers, const std::vector<bool>& fresh,
                   const Tensors& references, double lr, double momentum, double dampening,
                   bool nesterov, double weight_decay, double decay, bool decoupled,
-                  bool maximize, double grad_scale, bool cautious, double step) {
+                  bool maximize, double grad_scale, bool cautious, double step,
+                  int64_t first_position) {
   const size_t n = params.size();
   if (n == 0) return true;
   const auto param_dtype = params[0].scalar_type();
@@ -114,10 +115,11 @@ bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensor
   std::vector<SgdScalars> scalars(n);
   std::vector<SgdChunk> kernels(n);
   for (size_t t = 0; t < n; ++t) {
+    const int64_t position = first_position + static_cast<int64_t>(t);
     scalars[t] = SgdScalars{static_cast<float>(-lr), static_cast<float>(momentum),
                             static_cast<float>(1 - dampening),
                             decay_scalars(weight_decay, decay, maximize),
-                            compensated ? rounding_key(step, static_cast<int64_t>(t)) : 0U};
+                            compensated ? rounding_key(step, position) : 0U};
     kernels[t] = pick_sgd(param_dtype, mode, ref, has_momentum, has_momentum && fresh[t],
                           nesterov, cautious);
   }
@@ -141,20 +143,22 @@ bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momen
                bool cautious) {
   return sgd_any_step(params, {}, grads, momentum_buffers, fresh, references, lr, momentum,
                       dampening, nesterov, weight_decay, decay, decoupled, maximize,
-                      grad_scale, cautious, 0.0);
+                      grad_scale, cautious, 0.0, 0);
 }
 
 // Compensated bfloat16/float16 θ: sgd_step_'s arguments with each parameter's int8
-// remainder and the group's step count (1 at its first step), which keys their rounding.
+// remainder, the group's step count (1 at its first step) and the position of its first
+// tensor in the optimizer, which key their rounding (as advance_steps' keys).
 bool sgd_compensated_step_(const Tensors& params, const Tensors& remainders,
                            const Tensors& grads, const Tensors& momentum_buffers,
                            const std::vector<bool>& fresh, const Tensors& references,
                            double lr, double momentum, double dampening, bool nesterov,
                            double weight_decay, double decay, bool decoupled, bool maximize,
-                           double grad_scale, bool cautious, double step) {
+                           double grad_scale, bool cautious, double step,
+                           int64_t first_position) {
   if (remainders.size() != params.size()) return false;
   if (params.empty()) return true;
   return sgd_any_step(params, remainders, grads, momentum_buffers, fresh, references, lr,
                       momentum, dampening, nesterov, weight_decay, decay, decoupled, maximize,
-                      grad_scale, cautious, step);
+                      grad_scale, cautious, step, first_position);
 }

@@ -112,12 +112,15 @@ bool usable_steps(const Tensors& steps) {
 }
 
 // Adds 1 to every step count and returns each tensor's scalars for this step: the bias
-// corrections of its count, and its rounding key (count, position). The step size γ/(1 − β1ᵗ)
+// corrections of its count, and its rounding key (count, position), the position of list
+// entry t being first_position + t (the optimizer numbers its tensors across all groups, so
+// that no two of its tensors share rounding bits at a step). The step size γ/(1 − β1ᵗ)
 // is rounded once from double, as the reference loop computes it for a Python float lr; for
 // a tensor lr (`float32_lr`) it divides float32 by float32, as torch's `lr / bias_correction1`.
 std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double beta1,
                                        double beta2, double eps, double weight_decay,
-                                       double decay, bool maximize, bool float32_lr) {
+                                       double decay, bool maximize, bool float32_lr,
+                                       int64_t first_position) {
   std::vector<AdamScalars> scalars(steps.size());
   double previous_count = -1;  // tensors of a group usually share their step count
   for (size_t t = 0; t < steps.size(); ++t) {
@@ -142,7 +145,7 @@ std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double b
     } else {
       scalars[t] = scalars[t - 1];
     }
-    scalars[t].key = rounding_key(count, static_cast<int64_t>(t));
+    scalars[t].key = rounding_key(count, first_position + static_cast<int64_t>(t));
   }
   return scalars;
 }

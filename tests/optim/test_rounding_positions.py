@@ -1,0 +1,73 @@
+"""Stochastic-rounding keys across param groups.
+
+Every rounding (bfloat16 and int8 moments, the remainder of compensated bfloat16 θ) draws its
+bits from a hash of (element, tensor position, step). The position counts the parameters of
+all groups in order (``DecayOptimizer.first_position`` + the index in the group's list), so two
+groups' tensors never share bits at a step. Twin groups fed identical values and gradients
+are the probe: their rounded tensors must part; the fast paths must key them as the
+reference loop does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decoupled
+from tests.helpers import rounded_tensors, twin_groups
+
+#: (optimizer, its options, θ's dtype): one case per kind of stochastic rounding
+ROUNDINGS = {
+    "bfloat16 moments": (decoupled.AdamW, {"state_dtype": torch.bfloat16}, torch.float32),
+    "int8 moments": (decoupled.AdamW, {"state_dtype": "int8"}, torch.float32),
+    "compensated θ": (decoupled.AdamW, {}, torch.bfloat16),
+    "compensated θ, int8 moments": (decoupled.AdamW, {"state_dtype": "int8"}, torch.bfloat16),
+    "compensated SGD θ": (decoupled.SGDW, {"momentum": 0.9}, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("path", [{"fused": False}, {}], ids=["reference loop", "C++ kernel"])
+@pytest.mark.parametrize("rounding", list(ROUNDINGS))
+def test_twin_groups_draw_different_rounding_bits(rounding, path):
+    cls, options, dtype = ROUNDINGS[rounding]
+    optimizer, params = twin_groups(cls, options, dtype, **path)
+    tensors = [rounded_tensors(optimizer, p) for p in params]
+    for later in tensors[1:]:
+        # the rounded tensors of the first twin and of each later one: some must differ
+        differing = [key for key in later if not torch.equal(later[key], tensors[0][key])]
+        assert differing, rounding
+
+
+def test_first_position_counts_every_parameter_of_the_earlier_groups():
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(2)) for _ in range(4))
+    optimizer = decoupled.AdamW([{"params": [a, b]}, {"params": [c]}, {"params": [d]}])
+    assert [optimizer.first_position(g) for g in optimizer.param_groups] == [0, 2, 3]
+    with pytest.raises(ValueError, match="not one of this optimizer's param_groups"):
+        optimizer.first_position({"params": [a]})
+
+
+@pytest.mark.parametrize("rounding", list(ROUNDINGS))
+def test_the_kernel_keys_groups_as_the_reference_loop(rounding, path_log):
+    """The C++ kernel against the reference loop, group by group. int8 codes and scales of
+    AdamW (whose moments do not read θ) and compensated SGD are bit for bit; bfloat16
+    moments and compensated Adam θ may round an entry one step apart where torch's CPU sqrt
+    is an ulp off (``_kernels.py``): at most 1 in 100 (a group keyed as another differs in
+    far more)."""
+    cls, options, dtype = ROUNDINGS[rounding]
+    path_log.clear()
+    kernel, kernel_params = twin_groups(cls, options, dtype)
+    reference, reference_params = twin_groups(cls, options, dtype, fused=False)
+    family = "adam" if cls is decoupled.AdamW else "sgd"
+    assert set(path_log) == {f"kernel_{family}_update", f"{family}_update"}
+    exact = rounding in ("int8 moments", "compensated SGD θ")
+    for p, q in zip(kernel_params, reference_params):
+        ours, theirs = rounded_tensors(kernel, p), rounded_tensors(reference, q)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            if key == "θ" and dtype == torch.float32:
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+            elif exact or key.endswith("_scale"):
+                assert torch.equal(ours[key], theirs[key]), key
+            else:
+                differing = (ours[key] != theirs[key]).float().mean().item()
+                assert differing <= 0.01, (key, differing)
