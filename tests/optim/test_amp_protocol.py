@@ -141,3 +141,28 @@ def test_grad_scaler_run_of_sgd_matches_torchs_fused_sgd(on_path):
     theirs, _ = train_with_scaler(torch.optim.SGD, momentum=0.9, fused=True)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW], ids=lambda c: c.__name__)
+def test_a_gradient_shared_by_two_parameters_is_unscaled_as_in_the_reference_loop(
+    cls, on_path, path_log
+):
+    """One ``.grad`` tensor given to two parameters: the kernel would divide it by the loss
+    scale once per chunk, in two threads at once; the list is unscaled first instead, once
+    per entry as the reference loop does, so both paths leave the same θ and .grad."""
+    on_path("kernel")
+    momentum = {"momentum": 0.9} if cls is decoupled.SGDW else {}
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(torch.ones(70_000)) for _ in range(2)]  # several chunks
+        optimizer = cls(params, lr=0.1, weight_decay=0.1, fused=fused, **momentum)
+        shared = torch.full((70_000,), 4096.0)
+        params[0].grad = params[1].grad = shared
+        optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
+        optimizer.step()
+        results.append([shared.clone(), *(p.detach().clone() for p in params)])
+    family = "adam" if cls is decoupled.AdamW else "sgd"
+    assert path_log[0] == f"kernel_{family}_update" and path_log[-1] == f"{family}_update"
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert torch.equal(results[0][0], torch.full((70_000,), 1.0))  # 4096 / 64 / 64

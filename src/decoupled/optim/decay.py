@@ -214,3 +214,18 @@ def unscale_(grads: list[Tensor], grad_scale: Tensor | None) -> None:
     if grad_scale is not None:
         for grad in grads:
             grad.div_(grad_scale.to(grad.device))
+
+
+def unscale_shared_(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
+    """The scale left for a kernel to divide out: the kernels divide each gradient as they
+    read it, chunk by chunk, in parallel, so a gradient listed twice (one ``.grad`` tensor
+    given to two parameters) would be divided by two threads at once, and once per chunk
+    where the reference loop divides it once per entry (as torch's loops). Such a list is
+    unscaled here, as the loop does it, and None returned; otherwise ``grad_scale``."""
+    if grad_scale is None:
+        return None
+    storages = [g.untyped_storage().data_ptr() for g in grads if g.layout == torch.strided]
+    if len(set(storages)) == len(storages):
+        return grad_scale
+    unscale_(grads, grad_scale)
+    return None
