@@ -90,21 +90,38 @@ def triton_interpreter(monkeypatch):
     monkeypatch.setattr(_triton, "BLOCK", 64)
 
 
+class _Launches(dict):
+    """How many times each Triton kernel was launched (``launches["adam_kernel"]``), and
+    the keyword arguments of each launch (``launches.options["adam_kernel"]``)."""
+
+    def __init__(self):
+        super().__init__(adam_kernel=0, sgd_kernel=0)
+        self.options: dict[str, list[dict]] = {name: [] for name in self}
+
+    def recording(self, name: str, kernel):
+        """A stand-in for ``kernel`` that records each launch, then launches it."""
+        launches = self
+
+        class Recording:
+            def __getitem__(self, grid):
+                def launch(*args, **options):
+                    launches[name] += 1
+                    launches.options[name].append(options)
+                    return kernel[grid](*args, **options)
+
+                return launch
+
+        return Recording()
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """How many times each Triton kernel was launched (a refusal launches nothing)."""
+    """The Triton kernels' launches (``_Launches``; a refusal launches nothing)."""
     kernels = importlib.import_module("decoupled.optim._triton_kernels")
-    counts = {"adam_kernel": 0, "sgd_kernel": 0}
-    for name in counts:
-        kernel = getattr(kernels, name)
-
-        class Counting:
-            def __getitem__(self, grid, _kernel=kernel, _name=name):
-                counts[_name] += 1
-                return _kernel[grid]
-
-        monkeypatch.setattr(kernels, name, Counting())
-    return counts
+    recorded = _Launches()
+    for name in list(recorded):
+        monkeypatch.setattr(kernels, name, recorded.recording(name, getattr(kernels, name)))
+    return recorded
 
 
 @pytest.fixture

@@ -580,29 +580,11 @@ def test_a_gradient_shared_by_two_parameters_is_unscaled_as_in_the_reference_loo
     assert torch.equal(results[1][0], torch.full((200,), 1.0))  # 4096 / 64 / 64
 
 
-class _RecordedLaunches:
-    """A kernel stand-in that records each launch's keyword arguments and runs the kernel."""
-
-    def __init__(self, kernel):
-        self.kernel, self.options = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **options):
-            self.options.append(options)
-            return self.kernel[grid](*args, **options)
-
-        return launch
-
-
-def test_kernels_are_compiled_without_implicit_multiply_adds(monkeypatch):
+def test_kernels_are_compiled_without_implicit_multiply_adds(launches):
     """Triton fuses a product into a following sum unless told not to (one rounding where the
     reference rounds twice); every launch turns that off, leaving the explicit ``tl.fma``."""
-    recorded = {}
-    for name in ("adam_kernel", "sgd_kernel"):
-        recorded[name] = _RecordedLaunches(getattr(kernels, name))
-        monkeypatch.setattr(kernels, name, recorded[name])
     train(decoupled.AdamW, make_params(), 1, triton=True, state_dtype="int8")
     train(decoupled.SGD, make_params(), 1, triton=True, momentum=0.9)
-    for name, launches in recorded.items():
-        assert launches.options, name
-        assert all(options["enable_fp_fusion"] is False for options in launches.options), name
+    for name, options in launches.options.items():
+        assert options, name
+        assert all(launch["enable_fp_fusion"] is False for launch in options), name
