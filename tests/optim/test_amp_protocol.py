@@ -18,6 +18,7 @@ import torch
 
 import decoupled
 from decoupled.optim import _build
+from decoupled.optim.decay import unscale_shared_
 
 PATHS = ["kernel", "torch-fused"]
 CASES = [
@@ -143,26 +144,51 @@ def test_grad_scaler_run_of_sgd_matches_torchs_fused_sgd(on_path):
         torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls,path",
+    [(decoupled.AdamW, "kernel"), (decoupled.SGDW, "kernel"), (decoupled.AdamW, "torch-fused")],
+    ids=["AdamW-kernel", "SGDW-kernel", "AdamW-torch-fused"],
+)
 def test_a_gradient_shared_by_two_parameters_is_unscaled_as_in_the_reference_loop(
-    cls, on_path, path_log
+    cls, path, on_path, path_log
 ):
-    """One ``.grad`` tensor given to two parameters: the kernel would divide it by the loss
-    scale once per chunk, in two threads at once; the list is unscaled first instead, once
-    per entry as the reference loop does, so both paths leave the same θ and .grad."""
-    on_path("kernel")
+    """One ``.grad`` tensor given to two parameters: the C++ kernel would divide it by the
+    loss scale once per chunk, in two threads at once, and torch's fused kernel once for the
+    first parameter before the second reads it; the list is unscaled first instead, once per
+    entry as the reference loop does, so every path leaves the same θ, state and .grad
+    (two steps; the moments show the gradient's size, which Adam's θ hardly does)."""
+    on_path(path)
     momentum = {"momentum": 0.9} if cls is decoupled.SGDW else {}
     results = []
     for fused in (True, False):
         params = [torch.nn.Parameter(torch.ones(70_000)) for _ in range(2)]  # several chunks
         optimizer = cls(params, lr=0.1, weight_decay=0.1, fused=fused, **momentum)
-        shared = torch.full((70_000,), 4096.0)
-        params[0].grad = params[1].grad = shared
-        optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
-        optimizer.step()
-        results.append([shared.clone(), *(p.detach().clone() for p in params)])
+        for _ in range(2):
+            shared = torch.full((70_000,), 4096.0)
+            params[0].grad = params[1].grad = shared
+            optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
+            optimizer.step()
+        state = [t for p in params for t in optimizer.state[p].values() if torch.is_tensor(t)]
+        results.append([shared, *(p.detach() for p in params), *state])
     family = "adam" if cls is decoupled.AdamW else "sgd"
-    assert path_log[0] == f"kernel_{family}_update" and path_log[-1] == f"{family}_update"
+    fast = f"kernel_{family}_update" if path == "kernel" else "fused_adam_update"
+    assert path_log == [fast] * 2 + [f"{family}_update"] * 2
+    assert len(results[0]) == len(results[1])
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
     assert torch.equal(results[0][0], torch.full((70_000,), 1.0))  # 4096 / 64 / 64
+
+
+def test_only_overlapping_gradients_are_unscaled_before_the_step():
+    """``unscale_shared_``: disjoint views of one flat buffer (DDP's bucket views) and empty
+    gradients keep the scale for the kernel's own pass; overlapping ones are divided here,
+    by 1 where a device flag says the step is skipped (the gradients then stay scaled)."""
+    flat, scale = torch.full((10,), 8.0), torch.tensor(2.0)
+    assert unscale_shared_([flat[:5], flat[5:], torch.empty(0), torch.empty(0)], scale) is scale
+    assert torch.equal(flat, torch.full((10,), 8.0))
+    assert unscale_shared_([flat[:6], flat[4:]], scale) is None
+    assert flat.tolist() == [4.0] * 4 + [2.0] * 2 + [4.0] * 4  # the overlap divided twice
+    grad = torch.full((3,), 8.0)
+    assert unscale_shared_([grad, grad], scale, found_inf=torch.ones(())) is None
+    assert torch.equal(grad, torch.full((3,), 8.0))
+    assert unscale_shared_([grad, grad], None) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -174,8 +175,16 @@ def test_a_step_that_raises_changes_nothing_and_does_not_count(cls):
     "path", [{"fused": False}, {}, {"state_dtype": "int8"}], ids=["reference", "kernel", "int8"]
 )
 @pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("betas,index", [((0.9, -0.1), 1), ((1.0, 0.999), 0)])
-def test_betas_changed_after_construction_are_refused_at_the_step(cls, path, betas, index):
+@pytest.mark.parametrize(
+    "betas,message",
+    [
+        ((0.9, -0.1), "Invalid beta parameter at index 1: -0.1"),
+        ((1.0, 0.999), "Invalid beta parameter at index 0: 1.0"),
+        (0.9, "Invalid betas value: 0.9"),
+        ((0.9, torch.tensor(0.999)), "either both floats or both Tensors"),
+    ],
+)
+def test_betas_changed_after_construction_are_refused_at_the_step(cls, path, betas, message):
     """torch would step with them (β2 < 0: v negative, θ NaN, and the int8 kernel would code
     the NaN root differently from the reference loop); here the step raises, naming the
     value, before any group moves, and the state already stored is kept as it was."""
@@ -186,7 +195,7 @@ def test_betas_changed_after_construction_are_refused_at_the_step(cls, path, bet
     saved = {key: value.clone() for key, value in optimizer.state[first].items()}
     before = first.detach().clone(), second.detach().clone()
     optimizer.param_groups[1]["betas"] = betas
-    with pytest.raises(ValueError, match=rf"Invalid beta parameter at index {index}: "):
+    with pytest.raises(ValueError, match=re.escape(message)):
         optimizer.step()
     assert torch.equal(first.detach(), before[0]) and torch.equal(second.detach(), before[1])
     assert all(torch.equal(optimizer.state[first][k], v) for k, v in saved.items())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import decoupled
+from decoupled.optim.adam import adam_update
 from tests.helpers import rounded_tensors, twin_groups
 
 #: (optimizer, its options, θ's dtype): one case per kind of stochastic rounding
@@ -28,9 +29,12 @@ ROUNDINGS = {
 
 @pytest.mark.parametrize("path", [{"fused": False}, {}], ids=["reference loop", "C++ kernel"])
 @pytest.mark.parametrize("rounding", list(ROUNDINGS))
-def test_twin_groups_draw_different_rounding_bits(rounding, path):
+def test_twin_groups_draw_different_rounding_bits(rounding, path, path_log):
     cls, options, dtype = ROUNDINGS[rounding]
+    path_log.clear()
     optimizer, params = twin_groups(cls, options, dtype, **path)
+    family = "adam" if cls is decoupled.AdamW else "sgd"
+    assert set(path_log) == {f"{family}_update" if path else f"kernel_{family}_update"}
     tensors = [rounded_tensors(optimizer, p) for p in params]
     for later in tensors[1:]:
         # the rounded tensors of the first twin and of each later one: some must differ
@@ -38,12 +42,26 @@ def test_twin_groups_draw_different_rounding_bits(rounding, path):
         assert differing, rounding
 
 
-def test_first_position_counts_every_parameter_of_the_earlier_groups():
-    a, b, c, d = (torch.nn.Parameter(torch.zeros(2)) for _ in range(4))
-    optimizer = decoupled.AdamW([{"params": [a, b]}, {"params": [c]}, {"params": [d]}])
-    assert [optimizer.first_position(g) for g in optimizer.param_groups] == [0, 2, 3]
-    with pytest.raises(ValueError, match="not one of this optimizer's param_groups"):
-        optimizer.first_position({"params": [a]})
+@pytest.mark.parametrize("fused", [False, None], ids=["reference loop", "C++ kernel"])
+def test_a_group_starts_after_every_parameter_of_the_earlier_groups(fused):
+    """Groups [a, b], [c], [d], where b has no gradient: c is keyed as position 2 and d as 3
+    (a parameter without a gradient still counts), as ``adam_update`` with ``first_position``
+    rounds them."""
+    generator = torch.Generator().manual_seed(0)
+    start, grad = torch.randn(2, 500, generator=generator)
+    a, b, c, d = (torch.nn.Parameter(start.clone()) for _ in range(4))
+    optimizer = decoupled.AdamW([{"params": [a, b]}, {"params": [c]}, {"params": [d]}],
+                                state_dtype=torch.bfloat16, fused=fused)  # fmt: skip
+    a.grad, c.grad, d.grad = grad.clone(), grad.clone(), grad.clone()
+    optimizer.step()
+    for param, position in ((c, 2), (d, 3)):
+        twin = start.clone()
+        moments = [torch.zeros(500, dtype=torch.bfloat16) for _ in range(2)]
+        adam_update([twin], [grad.clone()], *([m] for m in moments), [], [torch.tensor(0.0)],
+                    lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                    decoupled=True, decay_rate=1e-5, first_position=position)  # fmt: skip
+        for key, moment in zip(("exp_avg", "exp_avg_sq"), moments):
+            assert torch.equal(optimizer.state[param][key], moment), (position, key)
 
 
 @pytest.mark.parametrize("rounding", list(ROUNDINGS))

@@ -563,18 +563,22 @@ def test_grad_scale_unscales_in_the_kernel_and_writes_the_gradients_back(adam, l
 def test_a_gradient_shared_by_two_parameters_is_unscaled_as_in_the_reference_loop(cls, launches):
     """One ``.grad`` tensor given to two parameters (200 elements: several chunks): divided
     once per entry before the launch, as the reference loop does, not once per chunk by
-    concurrent programs."""
+    concurrent programs; θ, the state and .grad after two steps (the moments show the
+    gradient's size, which Adam's θ hardly does)."""
     results = []
     momentum = {"momentum": 0.9} if cls is decoupled.SGDW else {}
     for path in ({"fused": False}, {"triton": True}):
         params = [torch.nn.Parameter(torch.ones(200)) for _ in range(2)]
         optimizer = cls(params, lr=0.1, weight_decay=0.1, **path, **momentum)
-        shared = torch.full((200,), 4096.0)
-        params[0].grad = params[1].grad = shared
-        optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
-        optimizer.step()
-        results.append([shared.clone(), *(p.detach().clone() for p in params)])
-    assert launches["adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"] == 1
+        for _ in range(2):
+            shared = torch.full((200,), 4096.0)
+            params[0].grad = params[1].grad = shared
+            optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
+            optimizer.step()
+        state = [t for p in params for t in optimizer.state[p].values() if torch.is_tensor(t)]
+        results.append([shared, *(p.detach() for p in params), *state])
+    assert launches["adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"] == 2
+    assert len(results[0]) == len(results[1])
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
     assert torch.equal(results[1][0], torch.full((200,), 1.0))  # 4096 / 64 / 64

@@ -466,28 +466,37 @@ def test_int8_codes_and_scales_are_the_reference_bit_for_bit(launches):
 
 
 @pytest.mark.parametrize(
-    "cls,options",
-    [(decoupled.AdamW, {"state_dtype": "int8"}), (decoupled.SGDW, {"momentum": 0.9})],
-    ids=["int8 moments", "compensated SGD θ"],
+    "cls,options,dtype",
+    [
+        (decoupled.AdamW, {"state_dtype": "int8"}, torch.float32),
+        (decoupled.SGDW, {"momentum": 0.9}, torch.bfloat16),
+        (decoupled.AdamW, {"state_dtype": torch.bfloat16}, torch.float32),
+        (decoupled.AdamW, {}, torch.bfloat16),
+    ],
+    ids=["int8 moments", "compensated SGD θ", "bfloat16 moments", "compensated θ"],
 )
-def test_groups_are_keyed_by_their_position_in_the_optimizer(cls, options, launches):
+def test_groups_are_keyed_by_their_position_in_the_optimizer(cls, options, dtype, launches):
     """Twin groups (same values, same gradients; ``test_rounding_positions.py``): the kernel
     keys each group's rounding by its tensors' positions in the optimizer, as the reference
-    loop does, so int8 codes and scales of AdamW and compensated SGD θ, its remainder and
-    buffer, equal the reference's bit for bit, group by group, and the twins part."""
-    dtype = torch.float32 if "state_dtype" in options else torch.bfloat16
+    loop does, group by group, and the twins part. int8 codes and scales of AdamW and
+    compensated SGD θ, its remainder and buffer, equal the reference's bit for bit; bfloat16
+    moments and compensated Adam θ at least 99 % (the module docstring says why not all; a
+    group keyed as another differs in far more)."""
     ours, params = twin_groups(cls, options, dtype, steps=3, numel=300, triton=True)
     reference, reference_params = twin_groups(cls, options, dtype, steps=3, numel=300,
                                               fused=False)  # fmt: skip
     kernel = "adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"
     assert launches[kernel] == 3 * 3  # one launch per group and step
+    exact = options.get("state_dtype") == "int8" or cls is decoupled.SGDW
     tensors = [rounded_tensors(ours, p) for p in params]
     for p_tensors, q in zip(tensors, reference_params):
         for key, value in rounded_tensors(reference, q).items():
             if key == "θ" and dtype == torch.float32:
                 torch.testing.assert_close(p_tensors[key], value, rtol=1e-6, atol=1e-7)
-            else:
+            elif exact:
                 assert torch.equal(p_tensors[key], value), key
+            else:
+                assert (p_tensors[key] != value).float().mean().item() <= 0.01, key
     assert any(not torch.equal(tensors[1][key], tensors[0][key]) for key in tensors[0])
 
 

@@ -11,6 +11,7 @@ lives here once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import torch
@@ -33,7 +34,7 @@ from decoupled.optim._checks import (  # noqa: F401  (re-exported: the optimizer
 from decoupled.optim._compensated import check_compensate
 from decoupled.optim._layout import in_layout_of
 from decoupled.optim._loaded_state import check_like_param
-from decoupled.optim.decay import check_cautious, decay_rate, weight_decay_at
+from decoupled.optim.decay import check_cautious, decay_rate, unscale_shared_, weight_decay_at
 
 
 def is_zero(value: float | Tensor) -> bool:
@@ -208,22 +209,13 @@ class DecayOptimizer(torch.optim.Optimizer):
         grads: list[Tensor],
         decay: DecayTerms,
         *,
+        first_position: int = 0,
         grad_scale: Tensor | None = None,
     ) -> None:
         """Step one group; ``grad_scale`` (GradScaler's loss scale, or None) divides the
-        gradients first, in the update's own pass where the path can (``_kernels.py``)."""
+        gradients first, in the update's own pass where the path can (``_kernels.py``);
+        ``first_position`` keys the group's stochastic rounding (``_step``)."""
         raise NotImplementedError
-
-    def first_position(self, group: dict) -> int:
-        """Where ``group``'s parameters start when all groups' are counted in order: the
-        updates key the stochastic rounding of the group's i-th stepped tensor by this + i,
-        so that two groups' tensors never draw the same random bits at a step."""
-        position = 0
-        for other in self.param_groups:
-            if other is group:
-                return position
-            position += len(other["params"])
-        raise ValueError("the group is not one of this optimizer's param_groups")
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -282,6 +274,10 @@ class DecayOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         gathered = [(group, *self._params_with_grad(group)) for group in self.param_groups]
+        # each group's first_position: the parameters of the groups before it, counted whether
+        # or not they have gradients; the updates key the stochastic rounding of a group's i-th
+        # stepped tensor by first_position + i, so no two groups draw the same bits at a step
+        positions = accumulate((len(group["params"]) for group in self.param_groups), initial=0)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         capturable = bool(self.defaults.get("capturable"))
         if capturable:  # decided on the device (_capturable.py)
@@ -294,14 +290,22 @@ class DecayOptimizer(torch.optim.Optimizer):
             return loss
         # every group's decay terms first: a bad value (a schedule's λ, an lr above the peak)
         # raises before any group has changed
-        planned = [(g, p, gr, self._decay_terms(g, p)) for g, p, gr in gathered if p]
-        for group, params, grads, decay in planned:
+        planned = [
+            (g, p, gr, self._decay_terms(g, p), first)
+            for (g, p, gr), first in zip(gathered, positions)
+            if p
+        ]
+        for group, params, grads, decay, _ in planned:
             if group.get("fused"):
                 check_fusable(params)
             self._check_step(group, grads, decay)
-        for group, params, grads, decay in planned:
+        for group, params, grads, decay, first in planned:
             skip = {"found_inf": found_inf} if capturable and found_inf is not None else {}
-            self._update_group(group, params, grads, decay, grad_scale=grad_scale, **skip)
+            self._update_group(
+                group, params, grads, decay, first_position=first,
+                grad_scale=unscale_shared_(grads, grad_scale, found_inf if skip else None),
+                **skip,
+            )  # fmt: skip
             group["decay_steps"] += 1
         return loss
 

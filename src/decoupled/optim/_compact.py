@@ -7,11 +7,11 @@ is unbiased, ``E[round(x)] = x``, so small updates survive on average (Gupta et 
 arXiv 1502.02551; the idea behind bitsandbytes' and torchao's low-precision optimizer states).
 
 Rounding adds 16 random bits below a bfloat16's last bit of the float32 word and truncates.
-The bits come from a hash of (element index, position of the tensor among the optimizer's
-parameters, step), not from a random number generator: as fast as round-to-nearest,
-reproducible, and the same in the C++ kernel (``csrc/kernels.cpp``) and in this reference, bit
-for bit. The position counts the parameters of every group in order (``first_position`` of the
-updates), so tensors of different groups draw different bits at a step.
+The bits come from a hash of (element index, position of the tensor, step), not from a random
+number generator: as fast as round-to-nearest, reproducible, and the same in the C++ kernel
+(``csrc/kernels.cpp``) and in this reference, bit for bit. The position is the update's
+``first_position`` (the parameters of the optimizer's earlier groups) plus the tensor's index
+in the update's list, so tensors of different groups draw different bits at a step.
 
 Memory per parameter, float32 parameters (θ and g included):
 

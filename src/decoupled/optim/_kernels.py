@@ -79,7 +79,6 @@ from decoupled.optim._int8 import SCALE_SUFFIX
 from decoupled.optim._layout import in_layout_of, is_dense
 from decoupled.optim._shards import is_sharded, local, on_local_shards
 from decoupled.optim._triton import triton_adam_update, triton_sgd_update, use_triton
-from decoupled.optim.decay import unscale_shared_
 
 _PLAIN = {Parameter, Tensor}
 _FLOAT32 = {torch.float32}
@@ -121,7 +120,6 @@ def kernel_adam_update(
 ) -> None:
     """:func:`decoupled.optim.adam.adam_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``adam_update`` itself) when the kernel refuses a tensor."""
-    given = _shared_gradients_unscaled(grads, given)
     defaults = {"references": None, "decay_rate": 0.0, "amsgrad": False, "maximize": False}
     defaults |= {"cautious": False, "first_position": 0}
     options = defaults | {"grad_scale": None} | given
@@ -200,7 +198,6 @@ def kernel_sgd_update(
     """:func:`decoupled.optim.sgd.sgd_update` (same arguments) through the C++ kernel, or
     through ``fallback`` (``sgd_update`` itself) when the kernel refuses a tensor; new
     momentum buffers are written back into ``momentum_buffers`` as the reference does."""
-    given = _shared_gradients_unscaled(grads, given)
     options = {"references": None, "decay_rate": 0.0, "maximize": False, "grad_scale": None}
     options |= {"cautious": False, "remainders": None, "first_position": 0} | given
     remainders = options["remainders"]
@@ -231,14 +228,6 @@ def kernel_sgd_update(
         momentum_buffers[:] = buffers
     else:
         fallback(params, grads, momentum_buffers, **given)
-
-
-def _shared_gradients_unscaled(grads: list[Tensor], given: dict) -> dict:
-    """``given`` without its ``grad_scale`` once ``unscale_shared_`` has divided it out of
-    gradients that share memory (then neither the kernel nor its fallback divides again)."""
-    if unscale_shared_(grads, given.get("grad_scale")) is not None:
-        return given
-    return {key: value for key, value in given.items() if key != "grad_scale"}
 
 
 def _scale_value(grad_scale: Tensor | None) -> float:

@@ -46,7 +46,6 @@ from decoupled.optim._triton_state import (
     state_pointer_dtype,
     tl_dtypes,
 )
-from decoupled.optim.decay import unscale_shared_
 
 #: Elements per program (one chunk); tests lower it to cross chunk boundaries cheaply.
 BLOCK = 1024
@@ -324,7 +323,6 @@ def triton_adam_update(
     from decoupled.optim import _triton_kernels as kernels
 
     refs = [] if references is None or references[0] is None else list(references)
-    grad_scale = unscale_shared_(grads, grad_scale)
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
     state = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [refs] * bool(refs)
     remainders = local(remainders)  # DTensor shards' remainders: their local tensors, as θ's
@@ -429,7 +427,6 @@ def triton_sgd_update(
     if not params:
         return
     refs = [] if references is None or references[0] is None else list(references)
-    grad_scale = unscale_shared_(grads, grad_scale)
     grads = [in_layout_of(p, g) for p, g in zip(params, grads)]
     remainders = local(remainders) or None  # DTensor shards: their local tensors, as θ's
     kept = stand_in_remainders(params, remainders)

@@ -501,6 +501,7 @@ class Adam(DecayOptimizer):
         grads: list[Tensor],
         decay: DecayTerms,
         *,
+        first_position: int = 0,
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
     ) -> None:
@@ -550,7 +551,7 @@ class Adam(DecayOptimizer):
             maximize=group["maximize"],
             references=decay.references,
             cautious=group.get("cautious", False),
-            first_position=self.first_position(group),
+            first_position=first_position,
             **({"differentiable": True} if differentiable else {}),
             **({"coded_states": states} if coded else {}),
             **({"remainders": remainders} if compensated else {}),
@@ -562,9 +563,10 @@ class Adam(DecayOptimizer):
         check_capturable(group, grads)
         # betas changed in param_groups after construction: torch would step with them (a
         # β2 outside [0, 1) makes v negative, θ NaN); checked here, before any group changes.
-        # Tensor betas are not read: on a device that would wait for it.
-        if not any(isinstance(beta, Tensor) for beta in group["betas"]):
-            checked_betas(group["betas"])
+        # A pair of tensors is not read (on a device that would wait for it).
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and all(isinstance(b, Tensor) for b in betas)):
+            checked_betas(betas)
 
 
 class AdamW(Adam):

@@ -216,16 +216,38 @@ def unscale_(grads: list[Tensor], grad_scale: Tensor | None) -> None:
             grad.div_(grad_scale.to(grad.device))
 
 
-def unscale_shared_(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
-    """The scale left for a kernel to divide out: the kernels divide each gradient as they
-    read it, chunk by chunk, in parallel, so a gradient listed twice (one ``.grad`` tensor
-    given to two parameters) would be divided by two threads at once, and once per chunk
-    where the reference loop divides it once per entry (as torch's loops). Such a list is
-    unscaled here, as the loop does it, and None returned; otherwise ``grad_scale``."""
-    if grad_scale is None:
-        return None
-    storages = [g.untyped_storage().data_ptr() for g in grads if g.layout == torch.strided]
-    if len(set(storages)) == len(storages):
+def unscale_shared_(
+    grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None = None
+) -> Tensor | None:
+    """The scale left for a group's update to divide out. The kernels divide each gradient as
+    they read it, chunk by chunk, in parallel, so gradients that overlap in memory (one
+    ``.grad`` tensor given to two parameters) would be divided by two threads at once, and
+    once per chunk, where the reference loop divides each entry once (as torch's loops, and
+    torch's fused kernels in their order). Such a list is unscaled here, as the loop does
+    it, and None returned; any other list keeps its ``grad_scale`` for the update's own pass.
+    ``found_inf``: a device flag (capturable steps); where set, the division is by 1, so that
+    a skipped step leaves the gradients scaled, as the kernels do."""
+    if grad_scale is None or not _overlapping(grads):
         return grad_scale
+    if found_inf is not None:
+        skipped = found_inf.to(grad_scale.device) != 0
+        grad_scale = torch.where(skipped, torch.ones_like(grad_scale), grad_scale)
     unscale_(grads, grad_scale)
     return None
+
+
+def _overlapping(grads: list[Tensor]) -> bool:
+    """Whether two dense gradients (DTensors: their local shards) share any byte, from the
+    address range each spans (a conservative test for interleaved views)."""
+    spans = []
+    for grad in grads:
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        if local.layout != torch.strided or local.numel() == 0:
+            continue
+        extent = 1 + sum(
+            (size - 1) * abs(stride) for size, stride in zip(local.shape, local.stride())
+        )
+        start = local.data_ptr()
+        spans.append((start, start + extent * local.element_size()))
+    spans.sort()
+    return any(spans[i][0] < spans[i - 1][1] for i in range(1, len(spans)))

@@ -307,6 +307,7 @@ class SGD(DecayOptimizer):
         grads: list[Tensor],
         decay: DecayTerms,
         *,
+        first_position: int = 0,
         grad_scale: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
@@ -336,7 +337,7 @@ class SGD(DecayOptimizer):
             decay_rate=decay.rate,
             maximize=group["maximize"],
             cautious=group.get("cautious", False),
-            first_position=self.first_position(group),
+            first_position=first_position,
             **({"remainders": remainders, "step": group["decay_steps"] + 1} if compensated else {}),
             **({"grad_scale": grad_scale} if grad_scale is not None else {}),
         )

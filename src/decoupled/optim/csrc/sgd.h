@@ -90,7 +90,8 @@ SgdChunk pick_sgd(at::ScalarType param_dtype, Decay decay, bool ref, bool moment
 
 // SGD/SGDW over float32 θ (`remainders` empty) or over bfloat16/float16 θ compensated by int8
 // `remainders` (sgd_compensated_step_, whose remainders are rounded with bits keyed by the
-// group's `step` count, as the reference's); g and θ₀ in θ's dtype, float32 buffers.
+// group's `step` count and each tensor's position, as the reference's); g and θ₀ in θ's
+// dtype, float32 buffers.
 // `fresh[t]`: the buffer of tensor t is new (its first step): b ← g, as torch does.
 bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensors& grads,
                   const Tensors& momentum_buffers, const std::vector<bool>& fresh,
