@@ -203,3 +203,19 @@ def rounded_tensors(optimizer, param) -> dict[str, torch.Tensor]:
         for key, t in tensors.items()
         if isinstance(t, torch.Tensor)
     }
+
+
+def steps_with_a_shared_gradient(cls, numel: int, steps: int = 2, **path) -> list[torch.Tensor]:
+    """``steps`` steps of two parameters (ones) whose ``.grad`` is one tensor (4096 each),
+    under GradScaler's fused protocol with scale 64: the last gradient, θ and every state
+    tensor, in that order."""
+    momentum = {"momentum": 0.9} if "SGD" in cls.__name__ else {}
+    params = [torch.nn.Parameter(torch.ones(numel)) for _ in range(2)]
+    optimizer = cls(params, lr=0.1, weight_decay=0.1, **path, **momentum)
+    for _ in range(steps):
+        shared = torch.full((numel,), 4096.0)
+        params[0].grad = params[1].grad = shared
+        optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
+        optimizer.step()
+    state = [t for p in params for t in optimizer.state[p].values() if torch.is_tensor(t)]
+    return [shared, *(p.detach() for p in params), *state]

@@ -19,6 +19,7 @@ import torch
 import decoupled
 from decoupled.optim import _build
 from decoupled.optim.decay import unscale_shared_
+from tests.helpers import steps_with_a_shared_gradient
 
 PATHS = ["kernel", "torch-fused"]
 CASES = [
@@ -158,18 +159,8 @@ def test_a_gradient_shared_by_two_parameters_is_unscaled_as_in_the_reference_loo
     entry as the reference loop does, so every path leaves the same θ, state and .grad
     (two steps; the moments show the gradient's size, which Adam's θ hardly does)."""
     on_path(path)
-    momentum = {"momentum": 0.9} if cls is decoupled.SGDW else {}
-    results = []
-    for fused in (True, False):
-        params = [torch.nn.Parameter(torch.ones(70_000)) for _ in range(2)]  # several chunks
-        optimizer = cls(params, lr=0.1, weight_decay=0.1, fused=fused, **momentum)
-        for _ in range(2):
-            shared = torch.full((70_000,), 4096.0)
-            params[0].grad = params[1].grad = shared
-            optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
-            optimizer.step()
-        state = [t for p in params for t in optimizer.state[p].values() if torch.is_tensor(t)]
-        results.append([shared, *(p.detach() for p in params), *state])
+    # 70,000 elements: several chunks
+    results = [steps_with_a_shared_gradient(cls, 70_000, fused=fused) for fused in (True, False)]
     family = "adam" if cls is decoupled.AdamW else "sgd"
     fast = f"kernel_{family}_update" if path == "kernel" else "fused_adam_update"
     assert path_log == [fast] * 2 + [f"{family}_update"] * 2

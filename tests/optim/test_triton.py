@@ -25,7 +25,7 @@ import decoupled
 from decoupled.optim import _compact, _triton
 from decoupled.optim.adam import adam_update
 from decoupled.optim.sgd import sgd_update
-from tests.helpers import drawn_sgd_options
+from tests.helpers import drawn_sgd_options, steps_with_a_shared_gradient
 
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -565,18 +565,8 @@ def test_a_gradient_shared_by_two_parameters_is_unscaled_as_in_the_reference_loo
     once per entry before the launch, as the reference loop does, not once per chunk by
     concurrent programs; θ, the state and .grad after two steps (the moments show the
     gradient's size, which Adam's θ hardly does)."""
-    results = []
-    momentum = {"momentum": 0.9} if cls is decoupled.SGDW else {}
-    for path in ({"fused": False}, {"triton": True}):
-        params = [torch.nn.Parameter(torch.ones(200)) for _ in range(2)]
-        optimizer = cls(params, lr=0.1, weight_decay=0.1, **path, **momentum)
-        for _ in range(2):
-            shared = torch.full((200,), 4096.0)
-            params[0].grad = params[1].grad = shared
-            optimizer.grad_scale, optimizer.found_inf = torch.tensor(64.0), torch.zeros(())
-            optimizer.step()
-        state = [t for p in params for t in optimizer.state[p].values() if torch.is_tensor(t)]
-        results.append([shared, *(p.detach() for p in params), *state])
+    paths = ({"fused": False}, {"triton": True})
+    results = [steps_with_a_shared_gradient(cls, 200, **path) for path in paths]
     assert launches["adam_kernel" if cls is decoupled.AdamW else "sgd_kernel"] == 2
     assert len(results[0]) == len(results[1])
     for ours, reference in zip(*results):
