@@ -106,3 +106,41 @@ def test_fsdp2_shards_take_the_fast_paths_and_equal_the_unsharded_run(tmp_path):
             assert result["state_is_dtensor"]
             for key, value in result["params"].items():
                 torch.testing.assert_close(value, expected[key], msg=f"{label} rank {rank} {key}")
+
+
+def _rounding_worker(rank: int, world_size: int) -> dict:
+    """Twin shards: a (2, 600) weight sharded by rows and a replicated one, both with equal
+    rows and equal gradient rows, bfloat16 moments; this rank's local moment bits."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import decoupled
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    row = torch.randn(600, generator=torch.Generator().manual_seed(0))
+    full, grad = row.expand(2, 600).clone(), (row * 0.1).expand(2, 600).clone()
+    results = {}
+    for label, placement in (("sharded", Shard(0)), ("replicated", Replicate())):
+        param = torch.nn.Parameter(distribute_tensor(full, mesh, [placement]))
+        optimizer = decoupled.AdamW([param], lr=1e-2, state_dtype=torch.bfloat16)
+        for _ in range(3):
+            param.grad = distribute_tensor(grad, mesh, [placement])
+            optimizer.step()
+        state = optimizer.state[param]
+        results[label] = {
+            key: state[key].to_local().view(torch.int16).clone()
+            for key in ("exp_avg", "exp_avg_sq")
+        }
+    return results
+
+
+@pytest.mark.skipif(
+    "not __import__('decoupled').optim.kernel_available()", reason="no C++ compiler here"
+)
+def test_shards_on_different_ranks_draw_different_bits_and_replicas_the_same(tmp_path):
+    """Rows 0 and 1 of the sharded weight live on ranks 0 and 1 at the same local index and
+    hold the same values: keyed by the rank's shard index, their bfloat16 moments round
+    apart; the replicated weight's copies round alike on every rank."""
+    first, second = run_distributed(_rounding_worker, tmp_path)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert not torch.equal(first["sharded"][key], second["sharded"][key]), key
+        assert torch.equal(first["replicated"][key], second["replicated"][key]), key

@@ -7,9 +7,15 @@ of the reference loop over DTensors (about ten dispatches through DTensor's shar
 propagation per tensor). Nothing here communicates: ``skip_nonfinite`` reduces its flag over
 the mesh before the step (``_base.py``).
 
-One difference from an unsharded run: stochastic rounding of bfloat16 state hashes each
-element's index within its shard, so bfloat16 moments round differently (alike in
-distribution); float32 state steps exactly as the unsharded tensors would.
+One difference from an unsharded run: stochastic rounding (bfloat16 and int8 moments,
+compensated θ) hashes each element's index within its shard, so the moments round differently
+(alike in distribution); float32 state steps exactly as the unsharded tensors would. So that
+the shards of one tensor on different ranks do not draw the same bits, the tensor positions
+that key the rounding are moved by ``shard_index · 2²⁰`` (``_shard_index``: this rank's
+coordinate along the mesh dimensions the parameters are sharded over; replicas share it, so
+they stay identical), when all tensors of the update share one mesh and placement (else
+not moved). Distinct while an optimizer has fewer than 2²⁰ parameters and a tensor fewer than
+2¹² shards.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def on_local_shards(update: Callable, params: list[Tensor]) -> Callable:
 
     def sharded(*lists: list, **options):
         options = dict(options)
+        options["first_position"] = options.get("first_position", 0) + _shard_shift(params)
         if options.get("references") is not None:
             options["references"] = local(options["references"])
         local_lists = [local(values) for values in lists]
@@ -61,3 +68,24 @@ def _like_param(shard: Tensor, param) -> Tensor:
         shard, param.device_mesh, param.placements, run_check=False, shape=param.shape,
         stride=param.stride(),
     )  # fmt: skip
+
+
+def _shard_shift(params: list) -> int:
+    """``shard_index · 2²⁰`` when every parameter lies on one mesh with one placement (FSDP2's
+    ``fully_shard``); else 0: a list mixing replicated and sharded tensors keeps the ranks'
+    keys alike, since a per-list shift would make its replicas round apart."""
+    layout = (params[0].device_mesh, tuple(params[0].placements))
+    if any((p.device_mesh, tuple(p.placements)) != layout for p in params[1:]):
+        return 0
+    return _shard_index(params[0]) << 20
+
+
+def _shard_index(param) -> int:
+    """This rank's shard of ``param`` among its tensor's shards: its coordinate along the
+    mesh dimensions where ``param`` is sharded (0 when it is replicated over all of them)."""
+    mesh, coordinate = param.device_mesh, param.device_mesh.get_coordinate()
+    index = 0
+    for dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            index = index * mesh.size(dim) + coordinate[dim]
+    return index
