@@ -96,6 +96,23 @@ def test_four_arms_report_both_twins_and_extra_pairs_with_holm_adjusted_p_values
     assert len(again.paired) == 2
 
 
+def test_power_levels_count_only_the_pairs_that_were_compared():
+    """Two twin pairs, SGDW finished on one seed only (NaN: diverged): Adam–AdamW is the one
+    pair compared, so neither Holm nor its power line divides α by 2."""
+    task = get_task("mnist1d")
+    specs = plan_compare(task, ["adam", "adamw", "sgd", "sgdw"], 5, 100)
+    offsets = [0.004, -0.003, 0.006, 0.001, 0.009]
+
+    def metric(spec):
+        if spec.optimizer == "sgdw" and spec.seed > 0:
+            return float("nan")
+        return 0.2 + 0.001 * spec.seed + (offsets[spec.seed] if spec.optimizer == "adamw" else 0)
+
+    comparison = summarize(task, specs, _records(specs, metric), str)
+    assert [paired is None for _, _, paired, _ in comparison.paired] == [False, True]
+    assert "α = 0.05 " in comparison.power[0] and comparison.power[1] is None
+
+
 def comparison_pairs(comparison):
     return [(a.optimizer, b.optimizer) for a, b, _, _ in comparison.paired]
 
@@ -139,7 +156,11 @@ def test_sequential_verdict_names_the_procedure_and_stops_when_the_interval_excl
     line = comparison.paired[0][3]
     assert line.startswith("AdamW has lower test error than Adam: the 95% confidence sequence")
     assert "always-valid t confidence sequence (Lai 1976 mixture, g = 1), 5 looks" in line
-    assert "fixed-n, for reference" in format_table(comparison)
+    table = format_table(comparison)
+    assert "fixed-n, for reference" in table
+    # the power line is a fixed-n t-test's too, and says so
+    [power] = [line for line in table.splitlines() if line.startswith("power")]
+    assert power.startswith("power (of a fixed-n t-test, for reference; the confidence ")
     # three seeds only: the sequence is still the whole line, and the compare goes on
     early = summarize(task, specs[:3] + specs[7:10], records, str, sequential=design)
     assert early.sequential[0].reason is None and not early.should_stop()

@@ -23,6 +23,7 @@ from decoupled.lab.sequential import PROCEDURE, looks, stop_reason
 from decoupled.lab.stats import (
     Interval,
     PairedComparison,
+    divergence_p,
     holm,
     mean_ci,
     paired_difference,
@@ -140,6 +141,7 @@ def summarize(
     tested = [_compare_arms(arms[a], arms[b]) for a, b in chosen]
     alpha = sequential.alpha if sequential else 0.05
     adjusted = _holm_adjusted([comparison for _, comparison in tested])
+    compared = max(1, sum(comparison is not None for _, comparison in tested))  # Holm's count
     paired, power, sequences = [], [], []
     for (a, b), (prefix, comparison), final in zip(chosen, tested, adjusted, strict=True):
         first, second = arms[a], arms[b]
@@ -151,7 +153,7 @@ def summarize(
                 prefix, sequential_verdict(task, first, second, pair, sequential, len(chosen))
             )
         paired.append((first, second, final, line))
-        power.append(_power(task, comparison, final, alpha, len(chosen)))
+        power.append(_power(task, comparison, final, alpha, compared))
     return Comparison(
         task, list(arms.values()), paired, power=power, sequential=sequences, design=sequential
     )
@@ -225,11 +227,21 @@ def _compare_arms(first: Arm, second: Arm) -> tuple[str, PairedComparison | None
             "" if m == n else f" of {m}"
         )
         if k * m != j * n:
-            prefix += f": {most} is less stable at these settings"
+            prefix += ": " + _stability(most, k, n, j, m)
         prefix += f"; on the {len(seeds)} seed{'' if len(seeds) == 1 else 's'} both finished: "
     if len(seeds) < 2:
         return prefix, None
     return prefix, paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def _stability(most: str, k: int, n: int, j: int, m: int) -> str:
+    """Whether ``most`` diverging on ``k`` of ``n`` seeds against ``j`` of ``m`` is more
+    than chance (``stats.divergence_p``: 5 against 0 of 5 seeds is p = 0.008; 3 against 0,
+    p = 0.17, is not evidence)."""
+    p = divergence_p(k, n, j, m)
+    if p < 0.05:
+        return f"{most} is less stable at these settings (Fisher's exact p = {p:.2g})"
+    return f"{most} diverged more often, not significantly (Fisher's exact p = {p:.2g})"
 
 
 def _verdict_line(task, first: Arm, second: Arm, prefix: str, comparison) -> str:
@@ -275,6 +287,9 @@ def format_bound(value: float) -> str:
 #: After the fixed-n statistics of a ``--seeds auto`` compare: a t-test read after choosing
 #: when to stop is not valid (its p is too small), so the verdict reads the sequence instead.
 FIXED_N_NOTE = " (fixed-n, for reference; the verdict reads the confidence sequence)"
+#: The same for its power line: a fixed-n t-test's power; the sequence, valid at every look,
+#: needs larger differences or more seeds (its interval is wider).
+FIXED_N_POWER = " (of a fixed-n t-test, for reference; the confidence sequence needs more)"
 
 
 def format_table(comparison: Comparison) -> str:
@@ -321,7 +336,8 @@ def format_table(comparison: Comparison) -> str:
         lines.append(f"verdict: {line}")
         power = comparison.power[index] if index < len(comparison.power) else None
         if power is not None:
-            lines.append(f"power: {power}")
+            label = "power" if comparison.design is None else f"power{FIXED_N_POWER}"
+            lines.append(f"{label}: {power}")
     if comparison.adjusted:
         tested = sum(paired is not None for _, _, paired, _ in comparison.paired)
         lines.append("")

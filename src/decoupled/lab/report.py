@@ -102,7 +102,14 @@ def _statistics_blocks(comparison: Comparison) -> list[Block]:
                     f"Power, {second.name} − {first.name}: {line}. The paired t-test's power "
                     "comes from the noncentral t distribution (Cohen 1988, ch. 2) with the "
                     "spread the seeds showed; that spread is itself an estimate, hence the "
-                    "range of seeds.",
+                    "range of seeds."
+                    + (
+                        ""
+                        if comparison.design is None
+                        else " It is the power of a fixed-n t-test, for reference: the "
+                        "confidence sequence the verdict reads is valid at every look and "
+                        "needs larger differences or more seeds."
+                    ),
                 )
             )
     if comparison.design is not None:
