@@ -15,7 +15,7 @@ import torch
 
 import decoupled
 from decoupled.optim.adam import adam_update
-from tests.helpers import rounded_tensors, twin_groups
+from tests.helpers import assert_rounded_alike, rounded_tensors, twin_groups
 
 #: (optimizer, its options, θ's dtype): one case per kind of stochastic rounding
 ROUNDINGS = {
@@ -78,14 +78,4 @@ def test_the_kernel_keys_groups_as_the_reference_loop(rounding, path_log):
     family = "adam" if cls is decoupled.AdamW else "sgd"
     assert set(path_log) == {f"kernel_{family}_update", f"{family}_update"}
     exact = rounding in ("int8 moments", "compensated SGD θ")
-    for p, q in zip(kernel_params, reference_params):
-        ours, theirs = rounded_tensors(kernel, p), rounded_tensors(reference, q)
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            if key == "θ" and dtype == torch.float32:
-                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
-            elif exact or key.endswith("_scale"):
-                assert torch.equal(ours[key], theirs[key]), key
-            else:
-                differing = (ours[key] != theirs[key]).float().mean().item()
-                assert differing <= 0.01, (key, differing)
+    assert_rounded_alike(kernel, kernel_params, reference, reference_params, exact)

@@ -36,3 +36,18 @@ def is_dense(t: Tensor) -> bool:
                 return False
             expected *= size
     return True
+
+
+def overlapping(tensors: list[Tensor]) -> bool:
+    """Whether two of these strided tensors share a byte of memory, from the address range
+    each spans (a conservative test for interleaved views; empty tensors span nothing). The
+    kernels write or divide each tensor of a list in parallel, so they refuse such lists."""
+    spans = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        start = t.data_ptr()
+        spans.append((start, start + extent * t.element_size()))
+    spans.sort()
+    return any(spans[i][0] < spans[i - 1][1] for i in range(1, len(spans)))

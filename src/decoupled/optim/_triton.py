@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from decoupled.optim._layout import in_layout_of, is_dense
+from decoupled.optim._layout import in_layout_of, is_dense, overlapping
 from decoupled.optim._shards import local
 from decoupled.optim._triton_state import (
     adam_dtypes_ok,
@@ -191,7 +191,6 @@ def _refused(
     """True when the launcher cannot take this list (module docstring)."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         return True
-    spans = []
     for index, param in enumerate(params):
         if type(param) not in _PLAIN or param.dtype not in _THETA_DTYPES or not is_dense(param):
             return True
@@ -205,10 +204,7 @@ def _refused(
             step = steps[index]
             if step.device != param.device or step.dtype != torch.float32 or step.numel() != 1:
                 return True
-        start = param.data_ptr()
-        spans.append((start, start + param.numel() * param.element_size()))
-    spans.sort()
-    return any(spans[i][0] < spans[i - 1][1] for i in range(1, len(spans)))
+    return overlapping(params)
 
 
 _tables: OrderedDict[tuple, Tensor] = OrderedDict()

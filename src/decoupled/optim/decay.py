@@ -38,6 +38,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from decoupled.optim._layout import overlapping
+
 DECAY_SCALES = ("lr", "schedule", "constant", "corrected")
 DECAY_TARGETS = ("zero", "init")
 
@@ -227,27 +229,13 @@ def unscale_shared_(
     it, and None returned; any other list keeps its ``grad_scale`` for the update's own pass.
     ``found_inf``: a device flag (capturable steps); where set, the division is by 1, so that
     a skipped step leaves the gradients scaled, as the kernels do."""
-    if grad_scale is None or not _overlapping(grads):
+    if grad_scale is None:
+        return None
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor: its shard
+    if not overlapping([g for g in local if g.layout == torch.strided]):
         return grad_scale
     if found_inf is not None:
         skipped = found_inf.to(grad_scale.device) != 0
         grad_scale = torch.where(skipped, torch.ones_like(grad_scale), grad_scale)
     unscale_(grads, grad_scale)
     return None
-
-
-def _overlapping(grads: list[Tensor]) -> bool:
-    """Whether two dense gradients (DTensors: their local shards) share any byte, from the
-    address range each spans (a conservative test for interleaved views)."""
-    spans = []
-    for grad in grads:
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
-        if local.layout != torch.strided or local.numel() == 0:
-            continue
-        extent = 1 + sum(
-            (size - 1) * abs(stride) for size, stride in zip(local.shape, local.stride())
-        )
-        start = local.data_ptr()
-        spans.append((start, start + extent * local.element_size()))
-    spans.sort()
-    return any(spans[i][0] < spans[i - 1][1] for i in range(1, len(spans)))
