@@ -5,6 +5,7 @@ memory, state dicts across state dtypes, damaged state refused."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decoupled
-from decoupled.optim._int8 import _UNIT, BLOCK, decode, encode_, levels, new_moments, sqrt_rn
+from decoupled.optim._int8 import BLOCK, CODES, decode, encode_, levels, new_moments, scales_of
 
 from .test_compact_state import quadratic_run
 
@@ -32,63 +33,70 @@ def uniform_bits(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 1 << 16, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("key", "largest"), [("exp_avg", 127), ("exp_avg_sq", 255)])
-def test_levels_rise_from_zero_to_exactly_one(key, largest):
-    """d(0) = 0, d(largest) = 1 exactly (the block's largest value is coded without error),
-    strictly increasing, and within the roundings of its float32 products (one per
-    multiplication, and c's, raised to the power) of (q/largest)^power in float64."""
-    d = levels(torch.arange(largest + 1), key)
-    assert d[0] == 0 and d[largest] == 1
-    # c through a double equals the float32 division the kernels compile (1.0f / 16129.0f)
-    float32_division = torch.tensor(1.0) / torch.tensor(float(largest * largest))
-    assert torch.equal(_UNIT[key], float32_division)
-    assert bool((d[1:] > d[:-1]).all())
-    power = 2 if key == "exp_avg" else 4
-    exact = (torch.arange(largest + 1, dtype=torch.float64) / largest) ** power
-    assert torch.allclose(d.double(), exact, rtol=(2 * power) * 2**-24, atol=0)
+@pytest.mark.parametrize(("key", "b"), [("exp_avg", 15), ("exp_avg_sq", 31)])
+def test_levels_are_8_bit_floats_up_to_one(key, b):
+    """L(c) = 2^(e−b)(1 + f/8) for c = 8e + f >= 8, 2^(1−b)·c/8 below (the module docstring's
+    formula, in float64), exactly; strictly increasing, 8 linear steps then 8 per binade, each
+    at most 1/8 of the level below it; 1 at code 8b (m: 120, v: 248); m's negative codes
+    mirror the positive ones."""
+    code = CODES[key]
+    c = torch.arange(code.largest + 1)
+    d = levels(c, key)
+    e, f = (c // 8).double(), (c % 8).double()
+    exact = torch.where(e > 0, 2 ** (e - b) * (1 + f / 8), 2.0 ** (1 - b) * f / 8)
+    assert torch.equal(d.double(), exact)
+    assert d[0] == 0 and d[8 * b] == 1 and bool((d[1:] > d[:-1]).all())
+    assert bool((d[9:] - d[8:-1] <= d[8:-1] / 8).all())
+    assert bool((d[1:9] - d[:8] == 2.0 ** (1 - b) / 8).all())
+    if key == "exp_avg":
+        assert torch.equal(levels(-c, key), -d)
 
 
-def test_sqrt_rn_is_the_correctly_rounded_float32_root():
-    """numpy's float32 sqrt is the IEEE operation (the hardware instruction); torch's CPU
-    float32 sqrt is not always (which is why the coding does not use it)."""
-    np = pytest.importorskip("numpy")
-    x = torch.rand(1 << 16, generator=torch.Generator().manual_seed(1)) * torch.logspace(
-        -30, 0, 1 << 16
-    )
-    assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))
+def test_scales_are_the_power_of_two_above_the_largest():
+    largest = torch.tensor([0.0, 1e-45, 0.75, 1.0, 1.5, 2.0**126, 2.0**127, math.inf, math.nan])
+    expected = [0.0, 2.0**-126, 1.0, 2.0, 2.0, 2.0**127, math.inf, math.inf, math.nan]
+    """The block scale is 2^(E+1) for a largest magnitude in [2^E, 2^(E+1)): so every |value|/s
+    is below 1; subnormals take 2⁻¹²⁶, 0 keeps 0, and non-finite scales stay non-finite."""
+    scales = scales_of(largest)
+    assert scales[:-1].tolist() == expected[:-1] and scales[-1].isnan()
 
 
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
 def test_rounding_is_unbiased_within_one_code_step_and_exact_on_codes(key):
     generator = torch.Generator().manual_seed(0)
     value = torch.randn(3 * BLOCK + 17, generator=generator) ** 3  # wide range, not whole blocks
+    value[:BLOCK] *= torch.logspace(-12, 0, BLOCK)  # one block spanning 12 decades
     if key == "exp_avg_sq":
         value = value.abs()
     decoded = torch.stack(
         [decode(*coded(value, key, uniform_bits(value.numel(), seed)), key) for seed in range(400)]
     )
     codes, scale = coded(value, key, uniform_bits(value.numel(), 0))
-    assert codes.dtype == (torch.int8 if key == "exp_avg" else torch.uint8)
+    assert codes.dtype == CODES[key].dtype
     assert scale.shape == (4,)
     block_max = torch.nn.functional.pad(value.abs(), (0, 4 * BLOCK - value.numel()))
-    block_max = block_max.view(4, BLOCK).amax(1).repeat_interleave(BLOCK)[: value.numel()]
-    assert torch.equal(scale.repeat_interleave(BLOCK)[: value.numel()], block_max)
+    block_max = block_max.view(4, BLOCK).amax(1)
+    assert torch.equal(scale, 2.0 ** (block_max.log2().floor() + 1))
+    scale = scale.repeat_interleave(BLOCK)[: value.numel()]
     # the module docstring's bound on one rounding
-    if key == "exp_avg":
-        bound = 2 * (block_max * value.abs()).sqrt() / 127 + block_max / 127**2
-        error = (decoded - value).abs()
-    else:
-        bound = 2 * (block_max * value).sqrt().sqrt() / 255 + block_max.sqrt() / 255**2
-        error = (decoded.sqrt() - value.sqrt()).abs()
+    floor = scale * CODES[key].unit
+    bound = value.abs() / 8 + floor
+    error = (decoded - value).abs()
     assert (error <= bound * (1 + 1e-5)).all()
     assert (decoded.std(0) > 0).sum() > value.numel() // 2  # rounding is random, not nearest
-    # unbiased: one rounding errs by at most `bound` (in m, or in √v, whose decoded values'
-    # step is at most 2·bound·√s), so the mean of 400 is within 5·bound/√400 (5 sigma)
-    step = bound if key == "exp_avg" else 2 * bound * block_max.sqrt() + bound**2
-    assert ((decoded.mean(0) - value).abs() <= 5 * step / 20 + 1e-6 * block_max).all()
-    # a decoded value is coded exactly again, whatever the random bits
-    again = decode(*coded(decoded[0], key, uniform_bits(value.numel(), 9)), key)
-    assert torch.equal(again, decoded[0])
+    # unbiased: the mean of 400 roundings, each within one step (≤ bound), is within
+    # 5·bound/√400 (5 sigma)
+    assert ((decoded.mean(0) - value).abs() <= 5 * bound / 20 + 1e-6 * floor).all()
+    # a decoded value is coded exactly again, whatever the random bits, but in the linear range
+    # of a block whose scale changed (its largest rounded up to the scale itself)
+    for sample in decoded[:20]:
+        again_codes, again_scale = coded(sample, key, uniform_bits(value.numel(), 9))
+        again = decode(again_codes, again_scale, key)
+        moved = again_scale != coded(value, key, uniform_bits(value.numel(), 0))[1]
+        moved = moved.repeat_interleave(BLOCK)[: value.numel()]
+        kept = ~moved | (sample.abs() >= again_scale.repeat_interleave(BLOCK)[: value.numel()]
+                         * CODES[key].tiny)  # fmt: skip
+        assert torch.equal(again[kept], sample[kept])
 
 
 def float64_adam_step(theta, grad, m, v, step, lr, betas, eps, weight_decay, decoupled_):
@@ -144,19 +152,20 @@ def test_one_step_matches_the_float64_formula(
         torch.testing.assert_close(theta.detach().double(), expected, rtol=1e-5, atol=1e-6)
         m_new = decode(state["exp_avg"], state["exp_avg_scale"], "exp_avg").double()
         v_new = decode(state["exp_avg_sq"], state["exp_avg_sq_scale"], "exp_avg_sq").double()
-        scale_m, scale_v = m64.abs().max(), v64.max()
-        assert ((m_new - m64).abs() <= 2 * (scale_m * m64.abs()).sqrt() / 127
-                + scale_m / 127**2 + 1e-6 * scale_m).all()  # fmt: skip
-        assert ((v_new.sqrt() - v64.sqrt()).abs() <= 2 * (scale_v * v64).sqrt().sqrt() / 255
-                + scale_v.sqrt() / 255**2 + 1e-6 * scale_v.sqrt()).all()  # fmt: skip
+        scale_m, scale_v = 2 * m64.abs().max(), 2 * v64.max()  # at least the block scales
+        assert ((m_new - m64).abs() <= m64.abs() / 8 + scale_m * (2**-17 + 1e-6)).all()
+        assert ((v_new - v64).abs() <= v64 / 8 + scale_v * (2**-33 + 1e-6)).all()
 
 
 def test_error_against_float32_state_stays_bounded_over_1000_steps():
+    """Measured 2.2% of |θ₀| at most, 1.2% at the end: the blocks of this quadratic hold
+    similar values, where 3 fraction bits err most (a square-law code, finer near the
+    block's largest, drifts 0.7%); bfloat16 state 0.2%."""
     reference, _, _ = quadratic_run(None)
     compact, optimizer, theta = quadratic_run("int8")
     assert optimizer.state[theta]["exp_avg"].dtype == torch.int8
     error = (compact - reference).norm(dim=1) / reference[0].norm()
-    assert error.max().item() < 2e-2  # measured: see the report
+    assert error.max().item() < 3e-2
     assert error[-100:].max().item() < 2 * error[400:500].max().item() + 1e-3  # not growing
 
 
@@ -211,6 +220,8 @@ def test_state_dicts_load_across_state_dtypes():
     [
         ("exp_avg_scale", lambda t: t.neg_(), "exp_avg_scale"),
         ("exp_avg_sq_scale", lambda t: t.fill_(float("nan")), "exp_avg_sq_scale"),
+        # a block's largest magnitude, as the scales of a square-law int8 format were
+        ("exp_avg_scale", lambda t: t.mul_(0.75), "must be 0 or a power of two"),
         ("exp_avg_scale", lambda t: t[:-1], "exp_avg_scale shape"),
         ("exp_avg", lambda t: t.to(torch.int16), "exp_avg dtype"),
         ("exp_avg", lambda t: t.fill_(-128), "exp_avg = -128"),

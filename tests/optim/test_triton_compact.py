@@ -52,7 +52,7 @@ try:
 
     @triton.jit
     def _int8_round_trip_kernel(codes_ptr, scales_ptr, value_ptr, out_ptr, bits_ptr, n,
-                                LEVELS: tl.constexpr, POWER: tl.constexpr,
+                                BIAS: tl.constexpr, TINY: tl.constexpr,
                                 BLOCK: tl.constexpr):  # fmt: skip
         """Code ``value`` into codes and scales, then decode them into ``out``."""
         first = tl.program_id(0) * BLOCK
@@ -62,8 +62,8 @@ try:
         random16 = tl.load(bits_ptr + idx, mask=mask, other=0).to(tl.uint32)
         live = first + tl.arange(0, BLOCK // 256) * 256 < n
         compact.store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
-                           LEVELS, POWER, BLOCK)  # fmt: skip
-        decoded = compact.load_int8(codes_ptr, scales_ptr, idx, mask, LEVELS, POWER)
+                           BIAS, TINY, BLOCK)  # fmt: skip
+        decoded = compact.load_int8(codes_ptr, scales_ptr, idx, mask, BIAS, TINY)
         tl.store(out_ptr + idx, decoded, mask=mask)
 
 finally:
@@ -503,23 +503,22 @@ def test_int8_coding_is_the_reference_bit_for_bit():
     n = 256 * 6 + 77
     values = torch.randn(n, generator=generator) * torch.logspace(-30, 30, n)
     values[:256] = torch.randn(256, generator=generator)  # one ordinary block
-    values[256:512] = torch.linspace(-1, 1, 256) ** 2  # on and between the levels
+    values[256:512] = _int8.levels(torch.arange(-127, 129), "exp_avg")  # on the levels
+    values[300:400] = torch.nextafter(values[300:400], torch.tensor(0.0))  # and just below
     values[512:768] = 0.0
     values[800], values[1100], values[1101] = math.nan, math.inf, -math.inf
     values[1300:1400] = torch.randn(100, generator=generator) * 1e-40  # subnormal
     bits = _compact.rounding_bits(n, step=3.0, position=1, device="cpu")
-    for key, levels, power, dtype, random16 in (
-        ("exp_avg", 127, 2, torch.int8, bits & 0xFFFF),
-        ("exp_avg_sq", 255, 4, torch.uint8, bits >> 16),
-    ):
+    for key, random16 in (("exp_avg", bits & 0xFFFF), ("exp_avg_sq", bits >> 16)):
+        code = _int8.CODES[key]
         value = values if key == "exp_avg" else values.abs()
-        codes, scales = torch.empty(n, dtype=dtype), torch.empty(-(-n // 256))
+        codes, scales = torch.empty(n, dtype=code.dtype), torch.empty(-(-n // 256))
         _int8.encode_(codes, scales, value, key, random16)
         ours_codes, ours_scales = torch.empty_like(codes), torch.full_like(scales, -1.0)
         decoded = torch.empty(n)
         _int8_round_trip_kernel[(triton.cdiv(n, 512),)](
             ours_codes, ours_scales, value, decoded, random16.to(torch.int32), n,
-            LEVELS=levels, POWER=power, BLOCK=512,
+            BIAS=code.bias, TINY=code.tiny, BLOCK=512,
         )  # fmt: skip
         assert torch.equal(ours_codes, codes), key
         assert torch.equal(ours_scales.view(torch.int32), scales.view(torch.int32)), key

@@ -1,64 +1,78 @@
-r"""8-bit optimizer moments (``state_dtype="int8"``): blockwise codes with one float32 scale.
+r"""8-bit optimizer moments (``state_dtype="int8"``): blockwise 8-bit floats, one power-of-two
+scale per block.
 
 The elements of a tensor, in memory order (the kernels' element index), are cut into blocks
-of ``BLOCK = 256``; each block keeps one float32 scale, its largest magnitude, and one byte per
-element. The code is non-linear, so that small values keep precision (the idea of
-bitsandbytes' blockwise 8-bit optimizers, Dettmers et al. 2022, arXiv 2110.02861, and of
-FlashOptim's companded moments); here a square law, whose levels are integer squares (so
-that coding needs no division per element):
+of ``BLOCK = 256``; each block keeps one float32 scale and one byte per element. The code is
+a small floating-point number, so that small values keep their relative precision (the idea
+of bitsandbytes' blockwise dynamic 8-bit optimizers, Dettmers et al. 2022, arXiv 2110.02861,
+and of FP8 optimizer states, Peng et al. 2023, arXiv 2310.18313):
+
+- m: int8, sign and magnitude ``c = |q|`` in [0, 127], an E4M3 float (4 exponent bits,
+  3 fraction bits, like OCP's FP8 E4M3);
+- v: uint8 ``c`` in [0, 255], an E5M3 float (5 exponent bits).
 
 .. math::
-   m = s_m\,\operatorname{sign}(q)\,(|q|/127)^2,\quad q \in [-127, 127]\ (\text{int8})
-   \qquad
-   v = s_v\,(q/255)^4,\quad q \in [0, 255]\ (\text{uint8}),
+   m = \operatorname{sign}(q)\,s_m\,L_m(|q|),\qquad v = s_v\,L_v(q),\qquad
+   L(c) = \begin{cases} 2^{e-b}\,(1 + f/8) & c = 8e + f \ge 8 \\
+                        2^{1-b}\,c/8 & c < 8 \end{cases}
 
-i.e. m and √v each with a square-law code, v's unsigned because it is ≥ 0. ``s`` is the
-block's largest ``|m|`` (largest ``v``), so the largest element of a block is coded exactly
-(``|q| = 127``, ``q = 255``; for m where that largest ``|m|`` is above about 10⁻³⁴, see
-``encode_``) and every other one lies between two neighbouring codes.
+with ``b = 15`` for m and ``31`` for v: ``L(c)`` for c ≥ 8 is the float32 whose bit pattern is
+``(c + bias)·2²⁰`` (exponent field ``e + 127 − b``, fraction f in its top 3 bits; ``bias =
+896`` for m, ``768`` for v), and below the first binade the levels are linear, as IEEE
+subnormals. The scale ``s = 2^{E+1}`` is the power of two just above the block's largest
+magnitude ``2^E ≤ max < 2^{E+1}``, so every ``|value|/s`` lies in [0, 1) and the largest in
+[1/2, 1): m spans 14 binades below its largest value, then 8 linear steps to 0 (down to
+``2⁻¹⁷·s``), v 30 binades (``2⁻³³·s``). The codes above ``L = 1`` (m: 121 to 127, v: 249 to
+255) are never written.
 
-**Rounding.** A value ``x`` between the decoded neighbours ``d(q) ≤ x < d(q+1)`` is stored as
-``q + 1`` with probability ``(x − d(q)) / (d(q+1) − d(q))``, else ``q``: unbiased in value,
-``E[decode] = x`` (stochastic rounding, Gupta et al. 2015, arXiv 1502.02551), so the moving
-averages do not stall on updates below a code step, as for ``bfloat16`` state. The
-probability is resolved in steps of 2⁻¹⁶, so a value below about 2⁻¹⁷ of the step from zero to
-the first code (m: 5·10⁻¹⁰ of the block's largest, v: 2·10⁻¹⁵) always codes 0. The random 16
-bits come from the same hash as bfloat16 state (``_compact.rounding_bits``: m the low 16 bits,
-v the high 16), so runs are reproducible.
+Against a square-law or linear code, this spends the bits evenly on every binade: each step
+is 1/16 to 1/8 of the value (3 fraction bits); and coding needs no root, division or table,
+only the bit pattern of a float (integer additions and shifts), so that the C++ kernel's
+coding is cheap on any vector ISA. The levels above the linear range are the same numbers
+whatever the (power-of-two) scale, so a decoded value is coded again to itself even where its
+block's scale has changed, unless it lies in the new linear range.
 
-**Arithmetic.** Codes are decoded with multiplications by float32 constants,
-``m = ((q·|q|)·c_m)·s`` and ``v = ((q·q·c_v)²)·s``, ``c = fl(1/levels²)`` (``q·|q|``, ``q·q`` are
-exact, ``levels²·c = 1`` exactly, so the largest code decodes to ``s`` exactly). Coding scales
-each value so that the levels become integers: ``y = |m|·k_m`` (``k_m ≈ 127²/s``) lies among
-the levels ``q²``, whose gaps ``2q + 1`` need no division; v is coded from √v, which the step
-has computed anyway, ``f = √v·k_v`` (``k_v ≈ 255²/√s``), whose square lies among ``q⁴``.
-The code below is ``⌊√y⌋`` (``⌊√f⌋``) from a correctly rounded root; no table, no division
-per element, so that the C++ kernel's loops vectorize. ``encode_`` states the float32
-operations, which every implementation repeats in the same order and so writes the same codes.
+**Rounding.** A value between two neighbouring levels is stored as the upper one with
+probability proportional to its distance from the lower (stochastic rounding, Gupta et al.
+2015, arXiv 1502.02551): unbiased in value, ``E[decode] = x``, so the moving averages do not
+stall on updates below a code step, as for ``bfloat16`` state. It is the rounding of the
+float ``x = |value|/s`` from 23 fraction bits to 3: 20 random bits are added to its bit
+pattern below the kept ones and the sum is cut (a carry moves to the next level, or to the
+next binade); below the first binade ``T = 2^{1−b}`` it rounds ``x + T`` alike, whose bits are
+linear in x there. The random bits are ``16·r + 8``, r the 16 bits of the same hash as
+bfloat16 state (``_compact.rounding_bits``: m the low 16 bits, v the high 16), so the
+probability is resolved in steps of 2⁻¹⁶ and runs are reproducible.
 
-**Error bound.** One rounding moves a value by less than one code step:
+**Arithmetic.** Every operation is exact in float32 but one: the addition ``x + T`` below the
+first binade, rounded to nearest (to 2⁻³⁷ of the scale for m, 2⁻⁵³ for v). Products by the
+scale and its inverse, powers of two, are exact. So every implementation (this module, the C++
+and the Triton kernels) writes the same codes from the same values.
+
+**Error bound.** One rounding moves a value by less than one step, 1/8 of the lower end of
+its binade:
 
 .. math::
-   |\tilde m - m| < s_m\,\frac{2|q|+1}{127^2} \le \frac{2\sqrt{s_m |m|}}{127} + \frac{s_m}{127^2}
-   \qquad
-   |\sqrt{\tilde v} - \sqrt v| < \sqrt{s_v}\,\frac{2q+1}{255^2}
-      \le \frac{2\,(s_v v)^{1/4}}{255} + \frac{\sqrt{s_v}}{255^2},
+   |\tilde m - m| < \tfrac{1}{8}|m| + 2^{-17}s_m, \qquad
+   |\tilde v - v| < \tfrac{1}{8}v + 2^{-33}s_v
 
-at most ``1.6 %`` of the block's largest ``|m|`` and ``0.8 %`` of its largest ``√v``, and
-relatively finer for small values (a float32 would be exact; a linear 8-bit code would lose
-every value below ``s/255``). The errors of successive steps are independent and of mean 0,
-so in the moving averages they add like a random walk damped by β, and stay bounded
+(``s`` ≤ twice the block's largest). The errors of successive steps are independent and of
+mean 0, so in the moving averages they add like a random walk damped by β, and stay bounded
 (``tests/optim/test_int8_state.py`` runs 1000 steps on a quadratic).
 
 The update itself is computed in float32 from the decoded moments, as for bfloat16 state; only
 what is stored is rounded.
 
+**Edge cases.** A block whose largest magnitude is not finite (NaN, ∞, or 2¹²⁸ rounded up from
+≥ 2¹²⁷) keeps that as its scale and codes 0: it decodes to NaN (0·∞), so the moment stays NaN
+as in float32 (there, one element; here, its block). A block of zeros has scale 0.
+
 **State dict.** ``exp_avg`` holds the int8 codes of m, ``exp_avg_sq`` the uint8 codes of v,
 both shaped and laid out like the parameter; ``exp_avg_scale`` and ``exp_avg_sq_scale`` hold
-the float32 scales, one per block, ``ceil(numel / 256)`` of them. Loading casts: a float32 or
-bfloat16 checkpoint into an int8 optimizer is quantized (to the nearest code), an int8 one
-into another optimizer decoded. ``amsgrad`` is refused with int8 state (its running maximum
-would need a third code, and a maximum of rounded values is biased upward).
+the float32 scales, one per block, ``ceil(numel / 256)`` of them, each a power of two, 0 or
+not finite (a loaded scale that is not is refused: it comes from another format). Loading
+casts: a float32 or bfloat16 checkpoint into an int8 optimizer is quantized (to the nearest
+code), an int8 one into another optimizer decoded. ``amsgrad`` is refused with int8 state (its
+running maximum would need a third code, and a maximum of rounded values is biased upward).
 
 Memory per parameter, float32 θ and g included: 10 bytes (+ 8/256 for the scales), against 16
 with float32 state and 12 with bfloat16.
@@ -70,21 +84,27 @@ import torch
 from torch import Tensor
 
 from decoupled.optim._compact import in_memory_order, rounding_bits
-from decoupled.optim._loaded_state import check_like_param, refuse
+from decoupled.optim._loaded_state import _local, check_like_param, refuse
 
 BLOCK = 256  # elements per scale: a fixed constant of the format
 INT8 = torch.int8
 SCALE_SUFFIX = "_scale"
-# key -> (code dtype, largest code, power of the square law on |value|/scale)
-_CODES = {"exp_avg": (torch.int8, 127, 2), "exp_avg_sq": (torch.uint8, 255, 4)}
-# c of the decode: 1/levels² rounded to float32 (the C++ kernel's 1.0f / 16129.0f; through a
-# double here, which rounds to the same float for both: tested)
-_UNIT = {
-    key: torch.tensor(1 / largest**2, dtype=torch.float32)
-    for key, (_, largest, _) in _CODES.items()
-}
-# the scale factors k are kept in [FLT_MIN, 2¹²⁷] before they are rounded up (see encode_)
-_K_RANGE = (torch.finfo(torch.float32).tiny, 2.0**127)
+
+
+class Code:
+    """One moment's 8-bit float: ``dtype`` of its codes, ``largest`` magnitude of a code, and
+    the ``bias`` added to a code c >= 8 to make the bit pattern ``(c + bias)·2²⁰`` of its
+    level; ``tiny``, the first binade's lower end ``T`` (the level of code 8), and ``unit``,
+    the linear levels' step ``T/8``."""
+
+    def __init__(self, dtype: torch.dtype, largest: int, bias: int):
+        self.dtype, self.largest, self.bias = dtype, largest, bias
+        self.tiny = float(torch.tensor((bias + 8) << 20, dtype=torch.int32).view(torch.float32))
+        self.unit = self.tiny / 8
+
+
+CODES = {"exp_avg": Code(torch.int8, 127, 896), "exp_avg_sq": Code(torch.uint8, 255, 768)}
+FRACTION_SHIFT = 20  # float32 fraction bits below the code's 3
 
 
 def blocks(numel: int) -> int:
@@ -99,14 +119,25 @@ def _padded(flat: Tensor) -> Tensor:
 
 def levels(codes: Tensor, key: str) -> Tensor:
     """The decoded value of code ``q`` (any integer dtype) for a scale of 1, as ``decode``
-    computes it: ``(q·|q|)·c_m`` for m and ``((q·q)·c_v)²`` for v, ``c = 1/levels²`` rounded
-    to float32 (``q·|q|`` and ``q·q`` are exact). 1 exactly at the largest code (tested); the
-    tests place values on and between these levels."""
-    q = codes.to(torch.float32)
-    if key == "exp_avg":
-        return (q * q.abs()) * _UNIT[key]
-    unit = (q * q) * _UNIT[key]
-    return unit * unit
+    computes it (``L(|q|)``, with q's sign for m): 0 at code 0, 8 linear steps, then 8 steps
+    per binade; the tests place values on and between these levels."""
+    code = CODES[key]
+    c = codes.to(torch.int32)
+    a = c.abs()
+    normal = ((a + code.bias) << FRACTION_SHIFT).view(torch.float32)
+    magnitude = torch.where(a < 8, a.to(torch.float32) * code.unit, normal)
+    return torch.where(c < 0, -magnitude, magnitude)
+
+
+def scales_of(largest: Tensor) -> Tensor:
+    """The block scale ``2^{E+1}`` for each block's largest magnitude ``2^E ≤ largest < 2^{E+1}``
+    (2⁻¹²⁶ for a subnormal largest, 0 for 0); NaN for NaN, and ∞ where the largest or its
+    scale (2¹²⁸) is not finite."""
+    bits = largest.view(torch.int32)
+    power = ((bits & 0x7F800000) + (1 << 23)).view(torch.float32)
+    scale = torch.where(bits == 0, 0.0, power)
+    finite = largest.isfinite() & scale.isfinite()
+    return torch.where(finite, scale, torch.where(largest.isnan(), largest, torch.inf))
 
 
 def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
@@ -119,70 +150,33 @@ def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
     return out
 
 
-def sqrt_rn(x: Tensor) -> Tensor:
-    """IEEE float32 square root (correctly rounded), as the C++ and Triton kernels compute it:
-    torch's float32 ``sqrt`` on the CPU is an approximation (about one result in six is an
-    ulp off in torch 2.13), a float64 root rounded to float32 is exact."""
-    return x.double().sqrt().float()
-
-
-def rounded_up(x: Tensor) -> Tensor:
-    """The scale factor k of ``encode_``: ``x`` kept in [FLT_MIN, 2¹²⁷], then the next float32
-    above it (its bit pattern plus one), so that the largest magnitude times k is at least the
-    largest level (unless x was kept at 2¹²⁷), and k never 0 (∞·0 would be NaN) nor ∞ (0·∞)."""
-    return x.clamp(*_K_RANGE).view(torch.int32).add(1).view(torch.float32)
-
-
 def encode_(codes: Tensor, scale: Tensor, value: Tensor, key: str, random16: Tensor) -> None:
     """Write ``value`` (float, shaped and laid out like ``codes``) into ``codes`` and
     ``scale`` with the rounding of the module docstring; ``random16[i]`` (in [0, 2¹⁶)) decides
-    for the i-th element in memory order. A NaN makes its block's scale NaN and its codes 0 (the
-    block decodes to NaN: the moment stays NaN, as in float32); an infinite value makes the
-    scale infinite and its element the largest code; the finite ones code 0 (for m below
-    about 10³³, above which they code 1 or 2 and decode to ±∞).
+    for the i-th element in memory order.
 
-    In float32, per block: ``s``, the largest magnitude (1 where that is 0 or NaN), and
-    ``k_m = up(127²/s)`` or ``k_v = up(255²/√s)`` (``rounded_up``). Per element of m:
-    ``y = min(|m|·k_m, 127²)``, ``q = ⌊√y⌋``, and the code ``q + 1`` where
-    ``y − q·q > t·(q + q + 1)``, else ``q``, with m's sign. Per element of v:
-    ``f = min(√v·k_v, 255²)``, ``q = ⌊√f⌋``, ``q² = q·q``, ``o = q + q + 1``, and ``q + 1`` where
-    ``(f − q²)·(f + q²) > t·(o·((q² + q²) + o))``: ``f² − q⁴`` against the gap
-    ``(q + 1)⁴ − q⁴``, as products of sums (a product that feeds a sum is exact, so a compiler
-    that fuses it into a multiply-add changes nothing). ``t = (r + 0.5)/2¹⁶``; roots correctly
-    rounded.
-    Up to rounding, the code is unbiased (``E[decode] = value``); where y lies within float32
-    rounding of a level, q may be one off, and the comparison then keeps the nearer level.
-    The largest element reaches the largest level exactly (k rounded up, then the minimum),
-    so it is coded exactly. The kernels compute these operations in this order, so they write
-    the same codes.
-
-    Where ``127²/s`` exceeds 2¹²⁷ (a block of m whose largest magnitude is below 10⁻³⁴), k_m
-    is kept at 2¹²⁷ and the codes come out low (biased toward 0); such m cannot move θ."""
-    _, largest, _ = _CODES[key]
+    In float32, per block: the largest magnitude (NaN when any element is NaN), its scale
+    ``s`` (``scales_of``) and ``1/s`` (1 where s is 0 or not finite). Per element:
+    ``x = |value|·(1/s)``; below the first binade (``x < T``) ``x' = x + T`` and ``b = bias +
+    8``, else ``x' = x`` and ``b = bias``; the code ``((bits(x') + 16·r + 8) >> 20) − b``, with
+    the value's sign for m. Every code of a block whose scale is not finite is 0. The kernels
+    compute these operations in this order, so they write the same codes."""
+    code = CODES[key]
     flat = in_memory_order(value.float())
     magnitude = _padded(flat.abs())
-    block_scale = magnitude.amax(dim=1)
-    block_scale = torch.where(magnitude.isnan().any(dim=1), float("nan"), block_scale)
-    safe = torch.where(block_scale > 0, block_scale, 1.0).view(-1, 1)
-    # a tensor numerator: torch computes a number over a tensor as a reciprocal times the
-    # number, two roundings
-    top = torch.tensor(float(largest * largest), device=safe.device)
-    threshold = _padded((random16.to(torch.float32) + 0.5) * (1 / 65536))
-    if key == "exp_avg":
-        y = torch.minimum(magnitude * rounded_up(top / safe), top)
-        low = torch.floor(sqrt_rn(y))
-        gap = y - low * low
-        step = low + low + 1
-    else:
-        f = torch.minimum(sqrt_rn(magnitude) * rounded_up(top / sqrt_rn(safe)), top)
-        low = torch.floor(sqrt_rn(f))
-        square, odd = low * low, low + low + 1
-        gap = (f - square) * (f + square)  # f² − q⁴
-        step = odd * ((square + square) + odd)  # (q + 1)⁴ − q⁴
-    code = low + (gap > threshold * step)
-    code = torch.where(block_scale.isnan().view(-1, 1), 0, code).view(-1)[: flat.numel()]
-    code = torch.where(flat < 0, -code, code)
-    in_memory_order(codes).copy_(code.to(codes.dtype))
+    largest = magnitude.amax(dim=1)
+    largest = torch.where(magnitude.isnan().any(dim=1), float("nan"), largest)
+    block_scale = scales_of(largest)
+    usable = (block_scale > 0) & block_scale.isfinite()
+    inverse = torch.where(usable, 1 / torch.where(usable, block_scale, 1.0), 1.0).view(-1, 1)
+    x = magnitude * inverse
+    linear = x < code.tiny
+    bits = torch.where(linear, x + code.tiny, x).view(torch.int32)
+    noise = _padded(random16.to(torch.int32) * 16 + 8)
+    c = ((bits + noise) >> FRACTION_SHIFT) - torch.where(linear, code.bias + 8, code.bias)
+    c = torch.where(block_scale.isfinite().view(-1, 1), c, 0).view(-1)[: flat.numel()]
+    c = torch.where(flat < 0, -c, c)
+    in_memory_order(codes).copy_(c.to(codes.dtype))
     scale.copy_(block_scale)
 
 
@@ -190,7 +184,7 @@ def new_moments(param: Tensor, keys: tuple[str, ...]) -> dict[str, Tensor]:
     """Zero codes (laid out like ``param``) and zero scales for each moment in ``keys``."""
     state = {}
     for key in keys:
-        state[key] = torch.zeros_like(param, dtype=_CODES[key][0])
+        state[key] = torch.zeros_like(param, dtype=CODES[key].dtype)
         state[key + SCALE_SUFFIX] = torch.zeros(blocks(param.numel()), device=param.device)
     return state
 
@@ -225,26 +219,27 @@ class Int8Moments:
 
     def __init__(self, state: dict, dtype: torch.dtype):
         self.state = state
-        self.values = [decode(state[k], state[k + SCALE_SUFFIX], k).to(dtype) for k in _CODES]
+        self.values = [decode(state[k], state[k + SCALE_SUFFIX], k).to(dtype) for k in CODES]
 
     @torch.compiler.disable
     def store(self, step: float | Tensor, position: int) -> None:
         codes = self.state["exp_avg"]
         bits = rounding_bits(codes.numel(), step, position, codes.device)
         # the bfloat16 path's split of one hash: m the low 16 bits, v the high 16
-        for key, value, random16 in zip(_CODES, self.values, (bits & 0xFFFF, bits >> 16)):
+        for key, value, random16 in zip(CODES, self.values, (bits & 0xFFFF, bits >> 16)):
             encode_(self.state[key], self.state[key + SCALE_SUFFIX], value, key, random16)
 
 
 def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
     """A loaded coded moment: codes of the parameter's shape and of the key's code dtype;
-    scales one per block, finite and ``>= 0``."""
+    scales one per block, finite, ``>= 0``, and each 0 or a power of two (``scales_of``), which
+    also refuses the scales of another int8 format (a block's largest magnitude)."""
     codes, scale = state[key], state[key + SCALE_SUFFIX]
     if not isinstance(codes, Tensor):
         refuse(where, key, type(codes).__name__, "must be a tensor")
     if codes.shape != param.shape:
         refuse(where, f"{key} shape", tuple(codes.shape), f"must be {tuple(param.shape)}")
-    dtype, levels, _ = _CODES[key]
+    dtype = CODES[key].dtype
     if codes.dtype != dtype:
         refuse(where, f"{key} dtype", codes.dtype, f"must be {dtype} (8-bit codes)")
     if key == "exp_avg" and bool((codes == -128).any()):
@@ -254,6 +249,13 @@ def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
         shown = tuple(scale.shape) if isinstance(scale, Tensor) else type(scale).__name__
         refuse(where, f"{key}{SCALE_SUFFIX} shape", shown, f"must be {expected}, one per block")
     check_like_param(where, key + SCALE_SUFFIX, scale, scale, nonnegative=True)
+    fraction = scale.float().view(torch.int32) & 0x7FFFFF
+    if bool((fraction != 0).any()):
+        shown = _local(scale)[_local(fraction != 0)].flatten()[:1].tolist()
+        value = f"{shown[0]} (an element)" if shown else "an element (in another shard)"
+        refuse(
+            where, key + SCALE_SUFFIX, value, "must be 0 or a power of two (scales of this format)"
+        )
 
 
 __all__ = ["BLOCK", "INT8", "Int8Moments", "decode", "encode_", "new_moments"]

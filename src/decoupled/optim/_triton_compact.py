@@ -14,13 +14,12 @@ bfloat16 is converted with integer operations (``(bits + 0x7FFF + lsb) >> 16``, 
 that cast, and ``r`` is only right beside a correctly rounded θ.
 
 int8 moments (``_int8.py``): a moment is decoded per element from its code and its block's
-scale, ``((q·|q|)·c)·s`` (m) or ``((q·q·c)²)·s`` (v), ``c = fl(1/levels²)``; after the step
-each program, which owns whole blocks of 256 elements, takes each block's largest magnitude
-as its new scale (a maximum over the bit patterns, which puts NaN above inf) and codes every
-element with ``_int8.encode_``'s operations in its order: products by the block's factor k
-(rounded up by one in its bit pattern), correctly rounded roots, the stochastic choice
-between the two neighbouring codes compared by multiplication, so codes and scales are the
-reference's bit for bit.
+scale, ``sign(q)·L(|q|)·s``, L(c) the float32 with bit pattern (c + bias)·2²⁰ for c >= 8, else
+c·T/8; after the step each program, which owns whole blocks of 256 elements, takes each
+block's largest magnitude (a maximum over the bit patterns, which puts NaN above inf), its
+power-of-two scale, and codes every element with ``_int8.encode_``'s operations in its order:
+the product by the inverse scale (exact), ``x + T`` below the first binade, the random bits
+added to the bit pattern and the cut, so codes and scales are the reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -82,16 +81,15 @@ def store_master(p_ptr, r_ptr, idx, weight, mask, random16, DTYPE: tl.constexpr)
 
 
 @triton.jit
-def load_int8(codes_ptr, scales_ptr, idx, mask, LEVELS: tl.constexpr, POWER: tl.constexpr):
-    """A moment decoded from its codes (``_int8.decode``): ((q·|q|)·c)·s for m, ((q·q·c)²)·s
-    for v, c = 1/levels² rounded to float32, s the block's scale."""
-    code = tl.load(codes_ptr + idx, mask=mask, other=0).to(tl.float32)
+def load_int8(codes_ptr, scales_ptr, idx, mask, BIAS: tl.constexpr, TINY: tl.constexpr):
+    """A moment decoded from its codes (``_int8.decode``): sign(q)·L(|q|)·s, s the block's
+    scale."""
+    code = tl.load(codes_ptr + idx, mask=mask, other=0).to(tl.int32)
     scale = tl.load(scales_ptr + idx // 256, mask=mask, other=0.0)
-    unit = tl.full([], 1.0 / (LEVELS * LEVELS), tl.float32)
-    if POWER == 4:
-        t = (code * code) * unit
-        return (t * t) * scale
-    return ((code * tl.abs(code)) * unit) * scale
+    size = tl.abs(code)
+    normal = ((size + BIAS) << 20).to(tl.float32, bitcast=True)
+    magnitude = tl.where(size < 8, size.to(tl.float32) * (TINY / 8), normal)
+    return tl.where(code < 0, -magnitude, magnitude) * scale
 
 
 @triton.jit
@@ -107,13 +105,23 @@ _MAXIMUM = getattr(tl.standard, "_elementwise_max", _larger)
 
 
 @triton.jit
-def _block_scale(magnitude, BLOCKS: tl.constexpr):
-    """Each block's largest magnitude, NaN when any is NaN (``_int8.encode_``'s scale): the
-    largest of their bit patterns, which order non-negative floats and put a NaN (sign
-    cleared) above +inf."""
+def _block_largest(magnitude, BLOCKS: tl.constexpr):
+    """Each block's largest magnitude, NaN when any is NaN: the largest of their bit patterns,
+    which order non-negative floats and put a NaN (sign cleared) above +inf."""
     bits = tl.reshape(magnitude.to(tl.int32, bitcast=True), (BLOCKS, 256))
     largest = tl.reduce(bits, 1, _MAXIMUM).to(tl.float32, bitcast=True)
     return tl.where(largest != largest, float("nan"), largest)
+
+
+@triton.jit
+def _scale_of(largest):
+    """``_int8.scales_of``: the power of two 2^(E+1) above the largest magnitude 2^E (2⁻¹²⁶ for
+    a subnormal one, 0 for 0); NaN for NaN, ∞ where the largest or its scale is not finite."""
+    bits = largest.to(tl.int32, bitcast=True)
+    power = ((bits & 0x7F800000) + (1 << 23)).to(tl.float32, bitcast=True)
+    scale = tl.where(bits == 0, 0.0, power)
+    scale = tl.where(bits >= 0x7F000000, float("inf"), scale)
+    return tl.where(largest != largest, largest, scale)
 
 
 @triton.jit
@@ -124,44 +132,27 @@ def _per_element(block_values, BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def _rounded_up(x):
-    """``_int8.rounded_up``: x kept in [FLT_MIN, 2¹²⁷], then the next float32 above it."""
-    kept = tl.minimum(tl.maximum(x, 1.1754943508222875e-38), 1.7014118346046923e38)
-    return (kept.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def store_int8(codes_ptr, scales_ptr, first, idx, value, mask, live, random16,
-               LEVELS: tl.constexpr, POWER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+               BIAS: tl.constexpr, TINY: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Code a moment with ``_int8.encode_``'s operations in its order: per block of 256 the
     scale s (stored where ``live``: the block is in the tensor and the step not skipped) and
-    the factor k; per element of m y = min(|m|·k, 127²), q = ⌊√y⌋, q + 1 where
-    y − q² > t·(2q + 1); of v f = min(√v·k, 255²), q = ⌊√f⌋, q + 1 where
-    (f − q²)·(f + q²) > t·((q + 1)⁴ − q⁴); t = (random16 + ½)/2¹⁶; the codes of a NaN
-    block 0."""
+    1/s (1 where s is 0 or not finite); per element x = |value|·(1/s), below T x' = x + T and
+    b = bias + 8, else x' = x and b = bias, and the code ((bits(x') + 16·random16 + 8) >> 20)
+    − b, with the value's sign; every code of a block whose scale is not finite 0."""
     BLOCKS: tl.constexpr = BLOCK // 256
-    TOP: tl.constexpr = LEVELS * LEVELS
     magnitude = tl.where(mask, tl.abs(value), 0.0)
-    scale = _block_scale(magnitude, BLOCKS)
+    scale = _scale_of(_block_largest(magnitude, BLOCKS))
     tl.store(scales_ptr + first // 256 + tl.arange(0, BLOCKS), scale, mask=live)
 
-    safe = tl.where(scale > 0, scale, 1.0)
-    threshold = (random16.to(tl.float32) + 0.5) * (1.0 / 65536)
-    if POWER == 4:
-        factor = _per_element(_rounded_up(tl.div_rn(TOP * 1.0, tl.sqrt_rn(safe))), BLOCKS)
-        scaled = tl.minimum(tl.sqrt_rn(magnitude) * factor, TOP * 1.0)
-        low = tl.floor(tl.sqrt_rn(scaled))
-        square = low * low
-        odd = low + low + 1.0
-        gap = (scaled - square) * (scaled + square)
-        step = odd * ((square + square) + odd)
-    else:
-        factor = _per_element(_rounded_up(tl.div_rn(TOP * 1.0, safe)), BLOCKS)
-        scaled = tl.minimum(magnitude * factor, TOP * 1.0)
-        low = tl.floor(tl.sqrt_rn(scaled))
-        gap = scaled - low * low
-        step = low + low + 1.0
-    code = low + tl.where(gap > threshold * step, 1.0, 0.0)
-    code = tl.where(_per_element(scale != scale, BLOCKS), 0.0, code)
+    finite = scale < float("inf")  # NaN compares false
+    usable = finite & (scale > 0)
+    inverse = _per_element(tl.where(usable, tl.div_rn(1.0, tl.where(usable, scale, 1.0)), 1.0),
+                           BLOCKS)  # fmt: skip
+    x = magnitude * inverse
+    linear = x < TINY
+    bits = tl.where(linear, x + TINY, x).to(tl.int32, bitcast=True)
+    noise = random16.to(tl.int32) * 16 + 8
+    code = ((bits + noise) >> 20) - tl.where(linear, BIAS + 8, BIAS)
+    code = tl.where(_per_element(finite, BLOCKS), code, 0)
     code = tl.where(value < 0, -code, code)
-    tl.store(codes_ptr + idx, code.to(tl.int32).to(codes_ptr.dtype.element_ty), mask=mask)
+    tl.store(codes_ptr + idx, code.to(codes_ptr.dtype.element_ty), mask=mask)

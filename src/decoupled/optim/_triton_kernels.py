@@ -48,6 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from decoupled.optim._int8 import CODES
 from decoupled.optim._triton_compact import load_int8, load_master, store_int8, store_master
 
 #: Columns of the tensor table: addresses of θ, g, m (or the momentum buffer), v, max(v), θ₀,
@@ -58,6 +59,9 @@ from decoupled.optim._triton_compact import load_int8, load_master, store_int8, 
 #: int8 moments' scales (``_triton_compact.py``).
 THETA, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, REFERENCE, STEP, NUMEL, POSITION = range(9)
 REMAINDER, EXP_AVG_SCALE, EXP_AVG_SQ_SCALE = 9, 10, 11
+# the 8-bit floats of int8 moments (``_int8.CODES``)
+M_BIAS, M_TINY = tl.constexpr(CODES["exp_avg"].bias), tl.constexpr(CODES["exp_avg"].tiny)
+V_BIAS, V_TINY = tl.constexpr(CODES["exp_avg_sq"].bias), tl.constexpr(CODES["exp_avg_sq"].tiny)
 TABLE_COLUMNS = tl.constexpr(12)
 
 #: Decay modes (constexpr ``DECAY``).
@@ -215,8 +219,12 @@ def adam_kernel(
     if CODED:
         m_scales = _address(row, 10, tl.float32)
         v_scales = _address(row, 11, tl.float32)
-        previous_m = load_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, idx, mask, 127, 2)
-        previous_v = load_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, idx, mask, 255, 4)
+        previous_m = load_int8(
+            m_ptr.to(tl.pointer_type(tl.int8)), m_scales, idx, mask, M_BIAS, M_TINY
+        )
+        previous_v = load_int8(
+            v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, idx, mask, V_BIAS, V_TINY
+        )
     else:
         previous_m = _load_state(m_ptr, idx, mask, ROUND)
         previous_v = _load_state(v_ptr, idx, mask, ROUND)
@@ -261,9 +269,9 @@ def adam_kernel(
         if SKIP:  # as _chunk's mask: blocks live only where the skip flag is 0
             live = live & ((live.to(tl.int64) * 0) == tl.load(skip_ptr).to(tl.int64))
         store_int8(m_ptr.to(tl.pointer_type(tl.int8)), m_scales, first, idx, exp_avg, mask,
-                   live, random & 0xFFFF, 127, 2, BLOCK)  # fmt: skip
+                   live, random & 0xFFFF, M_BIAS, M_TINY, BLOCK)  # fmt: skip
         store_int8(v_ptr.to(tl.pointer_type(tl.uint8)), v_scales, first, idx, exp_avg_sq, mask,
-                   live, random >> 16, 255, 4, BLOCK)  # fmt: skip
+                   live, random >> 16, V_BIAS, V_TINY, BLOCK)  # fmt: skip
     else:
         _store_state(m_ptr, idx, exp_avg, mask, random & 0xFFFF, ROUND)
         _store_state(v_ptr, idx, exp_avg_sq, mask, random >> 16, ROUND)

@@ -1,104 +1,99 @@
-// int8 moments: blockwise codes decoded, stepped and coded again in one pass.
+// int8 moments: blockwise 8-bit floats decoded, stepped and coded again in one pass.
 //
 // A part of kernels.cpp (the one translation unit of the C++ kernel), included there inside
 // its anonymous namespace, after tensor_lists.h and the Adam steps.
 
-// Blocks of kInt8Block elements in memory order, one float32 scale each (the block's largest
-// |m|, largest v); m as int8 codes q, m = ((q·|q|)·c_m)·s, v as uint8 codes,
-// v = ((q·q·c_v)²)·s, c = 1/levels² in float32 (_int8.py's module docstring). A block is
-// decoded, stepped with the float32 path's arithmetic, its new m and v (and sqrt(v), which
-// the step computes anyway) kept in stack buffers (L1), its new scales taken, and it is coded
-// again with stochastic rounding: one pass over θ, g, codes and scales. Everything is
-// arithmetic on vector lanes (no table lookups; no divisions but the step's own two per
-// element and one per block for each factor k), so that every loop vectorizes.
+// Blocks of kInt8Block elements in memory order, one float32 scale each, a power of two s
+// (_int8.scales_of); m as int8 codes q, m = sign(q)·L(|q|)·s, v as uint8 codes, v = L(q)·s,
+// L(c) the 8-bit float of _int8.py's module docstring: for c >= 8 the float32 whose bit
+// pattern is (c + bias)·2²⁰, below it c·T/8. A block is decoded, stepped with the float32
+// path's arithmetic, its new m and v kept in stack buffers (L1), its new scales taken, and it
+// is coded again with stochastic rounding: one pass over θ, g, codes and scales. Coding is
+// integer arithmetic on the float's bit pattern (no root, division or table per element), so
+// every loop vectorizes.
 
 constexpr int32_t kInt8Block = 256;
 static_assert(kChunk % kInt8Block == 0, "a chunk must hold whole int8 blocks");
-constexpr float kTopM = 127.0f * 127.0f, kTopV = 255.0f * 255.0f;  // the largest levels
 
-// _int8.rounded_up: x kept in [FLT_MIN, 2^127], then the next float above it
-inline float rounded_up(float x) {
-  x = std::min(std::max(x, std::numeric_limits<float>::min()), 0x1p127f);
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  ++bits;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
+// An 8-bit float of _int8.CODES: `bias` makes a code's bit pattern, `tiny` is the first
+// binade's lower end T (the level of code 8), `unit` = T/8 the linear levels' step
+struct Int8Code {
+  int32_t bias;
+  float tiny;
+  float unit;
+};
+constexpr Int8Code kCodeM{896, 0x1p-14f, 0x1p-17f}, kCodeV{768, 0x1p-30f, 0x1p-33f};
+constexpr int kFractionShift = 20;  // float32 fraction bits below the code's 3
+
+inline float from_bits(int32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
 }
 
-// min(a, b) of non-negative floats (never NaN here) as the integer minimum of their bit
-// patterns, which order them alike: GCC turns a float minimum that feeds a root into a
-// compare, two blends and a masked conversion; this is one instruction (the int8 step 9%
-// faster per element, AVX-512 and AVX2)
-inline float smaller(float a, float b) {
-  int32_t x, y;
-  std::memcpy(&x, &a, sizeof x);
-  std::memcpy(&y, &b, sizeof y);
-  x = x < y ? x : y;
-  std::memcpy(&a, &x, sizeof a);
-  return a;
+inline int32_t to_bits(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
 }
 
-// _int8.encode_'s random threshold t in (0, 1)
-inline float threshold(uint32_t random16) {
-  return (static_cast<float>(random16) + 0.5f) * (1.0f / 65536.0f);
+// _int8.levels: the magnitude of code c >= 0 for a scale of 1 (both computed, one selected:
+// a branch would leave the AVX2 loop scalar)
+inline float level(int32_t c, Int8Code code) {
+  const float linear = static_cast<float>(c) * code.unit;
+  const float normal = from_bits((c + code.bias) << kFractionShift);
+  return c < 8 ? linear : normal;
 }
 
-// Codes of a block's new m and v (_int8.encode_'s operations in its order) as int32, one loop
-// per moment: with 32-bit lanes only, each loop vectorizes 16 elements wide without spilling
-// registers (an int8 store in the loop makes GCC process 64 at a time; one loop for both
-// codes is 5% slower). A block with a NaN (its scale NaN) is all 0, without the loops. The
-// factors k are finite and nonzero, so y and f are never NaN: an infinite element reaches the
-// largest level, a finite one beside it 0 (m above about 1e33: 1 or 2).
-inline void int8_codes(int32_t* __restrict qm, int32_t* __restrict qv, const float* __restrict m,
-                       const float* __restrict root_v, const uint32_t* __restrict random,
-                       int32_t count, bool nan_m, bool nan_v, float k_m, float k_v) {
-  if (nan_m) {
-    std::fill(qm, qm + count, 0);
-  } else {
-#pragma omp simd
-    for (int32_t k = 0; k < count; ++k) {
-      const float y = smaller(std::abs(m[k]) * k_m, kTopM);
-      const int32_t low = static_cast<int32_t>(std::sqrt(y));
-      const float below = static_cast<float>(low);
-      const float gap = y - below * below;
-      const float step = below + below + 1.0f;
-      const int32_t code = low + (gap > threshold(random[k] & 0xFFFFU) * step ? 1 : 0);
-      qm[k] = m[k] < 0 ? -code : code;
-    }
+// _int8.scales_of: the power of two 2^(E+1) above a block's largest magnitude 2^E (2^-126 for
+// a subnormal one, 0 for 0); NaN stays NaN, and ∞ where the largest or its scale is not finite
+inline float scale_of(float largest) {
+  if (largest != largest) return largest;
+  const int32_t bits = to_bits(largest);
+  if (bits == 0) return 0.0f;
+  if (bits >= 0x7F000000) return std::numeric_limits<float>::infinity();  // ∞, or 2^128
+  return from_bits((bits & 0x7F800000) + (1 << 23));
+}
+
+// The codes of one moment of a block (_int8.encode_'s operations in its order), as int32:
+// x = |value|·(1/s) (exact: 1/s is a power of two), x + T below the first binade, then the
+// float's bit pattern plus the random bits 16·r + 8 below the code's fraction, cut to the code;
+// m keeps its sign. r is the low (m) or high (v) half of the element's hash. The loops use
+// 32-bit lanes only, so each vectorizes 16 elements wide (AVX-512) without spilling registers.
+template <bool Signed>
+inline void int8_codes(int32_t* __restrict q, const float* __restrict value,
+                       const uint32_t* __restrict random, int32_t count, float scale,
+                       Int8Code code) {
+  if (!(scale < std::numeric_limits<float>::infinity())) {  // NaN or ∞: codes 0
+    std::fill(q, q + count, 0);
+    return;
   }
-  if (nan_v) {
-    std::fill(qv, qv + count, 0);
-  } else {
+  const float inverse = scale > 0 ? 1.0f / scale : 1.0f;
 #pragma omp simd
-    for (int32_t k = 0; k < count; ++k) {
-      const float f = smaller(root_v[k] * k_v, kTopV);
-      const int32_t low = static_cast<int32_t>(std::sqrt(f));
-      const float below = static_cast<float>(low);
-      const float square = below * below, odd = below + below + 1.0f;
-      const float gap = (f - square) * (f + square);  // f² − q⁴
-      const float step = odd * ((square + square) + odd);  // (q + 1)⁴ − q⁴
-      qv[k] = low + (gap > threshold(random[k] >> 16) * step ? 1 : 0);
-    }
+  for (int32_t k = 0; k < count; ++k) {
+    const uint32_t noise = Signed ? ((random[k] & 0xFFFFU) << 4) | 8U
+                                  : ((random[k] >> 12) & 0xFFFF0U) | 8U;
+    const float x = std::abs(value[k]) * inverse;
+    const bool linear = x < code.tiny;
+    const int32_t bits = to_bits(linear ? x + code.tiny : x);
+    const int32_t bias = linear ? code.bias + 8 : code.bias;
+    const int32_t c = ((bits + static_cast<int32_t>(noise)) >> kFractionShift) - bias;
+    q[k] = Signed && value[k] < 0 ? -c : c;
   }
 }
 
-// The block's scale as _int8.encode_ takes it: the largest magnitude, NaN when any is NaN. A
-// maximum over the magnitudes' bit patterns, which order non-negative floats and put every
-// NaN above +inf: two operations per element, not four.
-inline float block_scale(const float* values, int32_t count) {
+// The block's largest magnitude as _int8.encode_ takes it, NaN when any is NaN. A maximum over
+// the magnitudes' bit patterns, which order non-negative floats and put every NaN above +inf:
+// two operations per element, not four.
+inline float block_largest(const float* values, int32_t count) {
   int32_t largest = 0;
 #pragma omp simd reduction(max : largest)
   for (int32_t k = 0; k < count; ++k) {
-    int32_t bits;
-    std::memcpy(&bits, values + k, sizeof bits);
-    bits &= 0x7FFFFFFF;
+    const int32_t bits = to_bits(values[k]) & 0x7FFFFFFF;
     largest = bits > largest ? bits : largest;
   }
   if (largest > 0x7F800000) return std::numeric_limits<float>::quiet_NaN();
-  float scale;
-  std::memcpy(&scale, &largest, sizeof scale);
-  return scale;
+  return from_bits(largest);
 }
 
 // One block of `count` <= kInt8Block elements starting at element `first` of its tensor (the
@@ -117,8 +112,7 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
   alignas(64) int32_t codes_m[kInt8Block];
   alignas(64) int32_t codes_v[kInt8Block];
   alignas(64) float m[kInt8Block];
-  alignas(64) float v[kInt8Block];  // for its block scale
-  alignas(64) float root_v[kInt8Block];
+  alignas(64) float v[kInt8Block];
   alignas(64) uint32_t random[kInt8Block];  // the element's hash, for both codes
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
@@ -131,32 +125,27 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
   for (int32_t k = 0; k < count; ++k) {
     float grad, param = load_weight(p, r, k);
     apply_decay<Cautious ? Decay::kNone : D, Ref>(grad, param, load(g[k]), ref, k, s.decay);
+    // decode: _int8.decode's operations (exact)
     const int32_t code = codes_m[k];
-    const int32_t code_v = codes_v[k];
-    // decode: _int8.decode's operations (q·|q| and q·q are exact)
-    const float q_m = static_cast<float>(code), q_v = static_cast<float>(code_v);
-    const float m_old = ((q_m * std::abs(q_m)) * (1.0f / kTopM)) * sm;
-    const float v_unit = (q_v * q_v) * (1.0f / kTopV);
-    const float v_old = (v_unit * v_unit) * sv;
+    const float magnitude = level(std::abs(code), kCodeM);
+    const float m_old = (code < 0 ? -magnitude : magnitude) * sm;
+    const float v_old = level(codes_v[k], kCodeV) * sv;
     const float exp_avg = lerp(m_old, grad, s.beta1_weight);
     const float exp_avg_sq = fmadd(s.one_minus_beta2 * grad, grad, v_old * s.beta2);
     if constexpr (Cautious) cautious_decay<Ref>(param, exp_avg, ref, k, s.decay);
-    const float root = std::sqrt(exp_avg_sq);
-    const float denom = root / s.bias_correction2_sqrt + s.eps;
-    // the hash is taken once, here, for both codes (each coding loop hashing on its own is
-    // 7% slower per element); a compensated θ's remainder takes the rehash's high half, as
-    // with bfloat16 moments (a float32 θ does not compute the rehash)
+    const float denom = std::sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps;
+    // the hash is taken once, here, for both codes; a compensated θ's remainder takes the
+    // rehash's high half, as with bfloat16 moments (a float32 θ does not compute the rehash)
     const uint32_t hash = mix((first + static_cast<uint32_t>(k)) ^ s.key);
     store_weight(p, r, k, param + s.lr_neg_step_size * exp_avg / denom, mix(hash));
     random[k] = hash;
     m[k] = exp_avg;
     v[k] = exp_avg_sq;
-    root_v[k] = root;
   }
-  const float new_sm = block_scale(m, count), new_sv = block_scale(v, count);
-  const float safe_m = new_sm > 0 ? new_sm : 1.0f, safe_v = new_sv > 0 ? new_sv : 1.0f;
-  int8_codes(codes_m, codes_v, m, root_v, random, count, new_sm != new_sm, new_sv != new_sv,
-             rounded_up(kTopM / safe_m), rounded_up(kTopV / std::sqrt(safe_v)));
+  const float new_sm = scale_of(block_largest(m, count));
+  const float new_sv = scale_of(block_largest(v, count));
+  int8_codes<true>(codes_m, m, random, count, new_sm, kCodeM);
+  int8_codes<false>(codes_v, v, random, count, new_sv, kCodeV);
 #pragma omp simd
   for (int32_t k = 0; k < count; ++k) {
     qm[k] = static_cast<int8_t>(codes_m[k]);
