@@ -5,8 +5,8 @@
 Same as `decoupled bench`; prints the CPU and its vector instruction sets, params/s, the ratio
 to torch's fused AdamW measured in the same run, and the share of the memory-bandwidth floor.
 ``--int8`` adds a row for ``state_dtype="int8"`` (16 bytes moved per parameter, plus the
-scales). On float32 CPU parameters it steps through the C++ kernel's int8 path, which the
-coding makes compute-bound (README, "Smallest state").
+scales). On float32 CPU parameters it steps through the C++ kernel's int8 path, limited by
+its arithmetic where the bus is fast (README, "Smallest state").
 """
 
 import argparse

@@ -3,13 +3,15 @@
 Twin parameters fed the same gradients (a fixed random stream, not functions of θ) step once
 through the kernel (``fused=None``) and once through the reference loop (``fused=False``).
 The codes and scales must be equal bit for bit: the kernel decodes and codes with the
-reference's float32 operations (``_int8.encode_``: per-block factors, correctly rounded
-roots, the same hash bits and thresholds). θ is held to 1e-6 relative, the float32 kernel's bound
+reference's float32 operations (``_int8.encode_``: power-of-two scales, the bit patterns of
+8-bit floats, the same hash bits). θ is held to 1e-6 relative, the float32 kernel's bound
 (``_kernels.py``: torch's CPU ``sqrt`` is not always correctly rounded, the kernel's is). With
 Adam's L2 term those ulps of θ enter g, hence m and v: a code may then land one step away.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -167,6 +169,39 @@ def test_wide_ranges_of_moments_and_zero_blocks(int8_log):
     assert (fast.state[p_f[0]]["exp_avg_sq"] == 0).any()
 
 
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_extreme_block_scales_code_as_the_reference(int8_log, flush_denormal):
+    """With β1 = 0 (m is the gradient): blocks of m whose largest is subnormal (scale 2⁻¹²⁶),
+    just below 2¹²⁶ (the largest finite scale, whose inverse 2⁻¹²⁶ is still normal: flushing
+    denormals changes nothing), 3e38 (scale ∞, the block coded 0), and negative zeros; v is
+    infinite in the large blocks. Codes and scales as the reference's, bit for bit."""
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        _, answers = int8_log
+        options = {"betas": (0.0, 0.999)}
+        fast, reference, p_f, p_r = run_both(decoupled.Adam, options, [(1024,)], steps=1)
+        generator = torch.Generator().manual_seed(3)
+        grad = torch.randn(1024, generator=generator)
+        grad[:256] *= 1e-40
+        grad[256:512] *= 1e37
+        grad[300] = torch.tensor(2.0**126).nextafter(torch.tensor(0.0))
+        grad[512:768] *= 1e37
+        grad[600] = 3e38
+        grad[800:900] = -0.0
+        p_f[0].grad, p_r[0].grad = grad.clone(), grad.clone()
+        fast.step()
+        reference.step()
+        assert all(answers)
+        s_f, s_r = fast.state[p_f[0]], reference.state[p_r[0]]
+        tiny = 0.0 if flush_denormal else 2.0**-126  # flushed, the subnormal block is 0
+        assert s_r["exp_avg_scale"][:3].tolist() == [tiny, 2.0**126, math.inf]
+        for key in CODE_KEYS + SCALE_KEYS:
+            assert torch.equal(s_f[key], s_r[key]), key
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_fused_false_and_a_refused_tensor_take_the_reference_loop(int8_log):
     chosen, answers = int8_log
     strided = torch.nn.Parameter(torch.randn(10, 20)[:, ::2])  # not dense: the kernel refuses
@@ -243,10 +278,10 @@ def _infinite_gradient_steps(int8_log):
 
 
 def test_values_at_and_next_to_the_levels_code_alike(int8_log):
-    """With β1 = 0, m is the gradient: gradients on the levels s·d(q) of the code and one float
-    below them (s = 2: every block holds a 1) are where a rounding could go either way; the
-    kernel takes the same code as the reference, since both compute the same float32
-    operations."""
+    """With β1 = 0, m is the gradient: gradients on the levels d(q) of the code (q up to 127,
+    past the largest written, so every block's scale is 2 and d(q) is a level of it for
+    q >= 16) and one float below them, where a rounding could go either way; the kernel takes
+    the same code as the reference, since both compute the same float32 operations."""
     _, answers = int8_log
     on = levels(torch.arange(128), "exp_avg")
     below = on.clone()

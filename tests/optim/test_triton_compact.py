@@ -496,18 +496,24 @@ def test_groups_are_keyed_by_their_position_in_the_optimizer(cls, options, dtype
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN and inf: meant
 def test_int8_coding_is_the_reference_bit_for_bit():
     """``store_int8``/``load_int8`` against ``_int8.encode_``/``decode``: blocks of values
-    across many magnitudes, values on and between the levels, zeros, a block with a NaN
-    (scale NaN, codes 0), one with ±inf (scale inf), a ragged last block; two blocks per
-    program."""
+    across many magnitudes, values on and just below the levels, zeros and negative zeros, a
+    block with a NaN (scale NaN, codes 0), one with ±inf (scale inf), one whose largest is
+    subnormal (scale 2⁻¹²⁶), one just below 2¹²⁶ (the largest finite scale), one at 3e38
+    (above it: scale inf), a ragged last block; two blocks per program."""
     generator = torch.Generator().manual_seed(1)
-    n = 256 * 6 + 77
+    n = 256 * 8 + 77
     values = torch.randn(n, generator=generator) * torch.logspace(-30, 30, n)
     values[:256] = torch.randn(256, generator=generator)  # one ordinary block
-    values[256:512] = _int8.levels(torch.arange(-127, 129), "exp_avg")  # on the levels
-    values[300:400] = torch.nextafter(values[300:400], torch.tensor(0.0))  # and just below
+    on = _int8.levels((torch.arange(256) - 128).clamp(-120, 120), "exp_avg")
+    values[256:512] = on  # on the levels of scale 2 (the largest is 1)
+    values[300:400] = torch.nextafter(on[44:144], torch.tensor(0.0))  # and just below
     values[512:768] = 0.0
+    values[600:610] = -0.0
     values[800], values[1100], values[1101] = math.nan, math.inf, -math.inf
-    values[1300:1400] = torch.randn(100, generator=generator) * 1e-40  # subnormal
+    values[1280:1536] = torch.randn(256, generator=generator) * 1e-40  # subnormal largest
+    values[1536:1792] = torch.randn(256, generator=generator) * 1e37
+    values[1700] = torch.tensor(2.0**126).nextafter(torch.tensor(0.0))
+    values[1800] = 3e38
     bits = _compact.rounding_bits(n, step=3.0, position=1, device="cpu")
     for key, random16 in (("exp_avg", bits & 0xFFFF), ("exp_avg_sq", bits >> 16)):
         code = _int8.CODES[key]
@@ -526,7 +532,9 @@ def test_int8_coding_is_the_reference_bit_for_bit():
         assert torch.equal(decoded.isnan(), expected.isnan()), key
         numbers = ~expected.isnan()
         assert torch.equal(decoded[numbers].view(torch.int32), expected[numbers].view(torch.int32))
-        assert scales[3].isnan() and scales[4].isinf() and int((codes != 0).sum()) > n // 3
+        assert scales[3].isnan() and scales[4].isinf() and scales[7].isinf()
+        assert scales[5] == 2.0**-126 and scales[6] == 2.0**126
+        assert int((codes != 0).sum()) > n // 3
 
 
 def test_int8_block_boundaries_mixed_dtypes_and_layouts(launches):

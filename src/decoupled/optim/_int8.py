@@ -21,9 +21,9 @@ with ``b = 15`` for m and ``31`` for v: ``L(c)`` for c ≥ 8 is the float32 whos
 896`` for m, ``768`` for v), and below the first binade the levels are linear, as IEEE
 subnormals. The scale ``s = 2^{E+1}`` is the power of two just above the block's largest
 magnitude ``2^E ≤ max < 2^{E+1}``, so every ``|value|/s`` lies in [0, 1) and the largest in
-[1/2, 1): m spans 14 binades below its largest value, then 8 linear steps to 0 (down to
-``2⁻¹⁷·s``), v 30 binades (``2⁻³³·s``). The codes above ``L = 1`` (m: 121 to 127, v: 249 to
-255) are never written.
+[1/2, 1). m's levels span 14 binades, from the largest's [1/2, 1) down to [2⁻¹⁴, 2⁻¹³), then
+8 linear steps of ``2⁻¹⁷·s`` to 0; v's 30 binades, then steps of ``2⁻³³·s``. The codes above
+``L = 1`` (m: 121 to 127, v: 249 to 255) are never written.
 
 Against a square-law or linear code, this spends the bits evenly on every binade: each step
 is 1/16 to 1/8 of the value (3 fraction bits); and coding needs no root, division or table,
@@ -34,7 +34,8 @@ block's scale has changed, unless it lies in the new linear range.
 
 **Rounding.** A value between two neighbouring levels is stored as the upper one with
 probability proportional to its distance from the lower (stochastic rounding, Gupta et al.
-2015, arXiv 1502.02551): unbiased in value, ``E[decode] = x``, so the moving averages do not
+2015, arXiv 1502.02551): unbiased in value, ``E[decode] = x`` (up to the probability's
+resolution, 2⁻¹⁶ of a step), so the moving averages do not
 stall on updates below a code step, as for ``bfloat16`` state. It is the rounding of the
 float ``x = |value|/s`` from 23 fraction bits to 3: 20 random bits are added to its bit
 pattern below the kept ones and the sum is cut (a carry moves to the next level, or to the
@@ -45,7 +46,9 @@ probability is resolved in steps of 2⁻¹⁶ and runs are reproducible.
 
 **Arithmetic.** Every operation is exact in float32 but one: the addition ``x + T`` below the
 first binade, rounded to nearest (to 2⁻³⁷ of the scale for m, 2⁻⁵³ for v). Products by the
-scale and its inverse, powers of two, are exact. So every implementation (this module, the C++
+scale and its inverse, powers of two, are exact (but where ``|value|/s`` is below the smallest
+normal float32, 2⁻¹²⁶, far below any level, and the decoded values of a block whose largest is
+itself subnormal). So every implementation (this module, the C++
 and the Triton kernels) writes the same codes from the same values.
 
 **Error bound.** One rounding moves a value by less than one step, 1/8 of the lower end of
@@ -55,22 +58,28 @@ its binade:
    |\tilde m - m| < \tfrac{1}{8}|m| + 2^{-17}s_m, \qquad
    |\tilde v - v| < \tfrac{1}{8}v + 2^{-33}s_v
 
-(``s`` ≤ twice the block's largest). The errors of successive steps are independent and of
-mean 0, so in the moving averages they add like a random walk damped by β, and stay bounded
-(``tests/optim/test_int8_state.py`` runs 1000 steps on a quadratic).
+(``s`` ≤ twice the block's largest, but 2⁻¹²⁶ for a subnormal largest). The errors of
+successive steps are independent and of mean 0, so in the moving averages they add like a
+random walk damped by β, and stay bounded (``tests/optim/test_int8_state.py`` runs 1000 steps
+on a quadratic).
 
 The update itself is computed in float32 from the decoded moments, as for bfloat16 state; only
 what is stored is rounded.
 
-**Edge cases.** A block whose largest magnitude is not finite (NaN, ∞, or 2¹²⁸ rounded up from
-≥ 2¹²⁷) keeps that as its scale and codes 0: it decodes to NaN (0·∞), so the moment stays NaN
-as in float32 (there, one element; here, its block). A block of zeros has scale 0.
+**Edge cases.** A block whose largest magnitude is NaN, ∞, or 2¹²⁶ or more (the inverse of
+its scale would be subnormal, flushed to 0 where denormals are flushed) keeps NaN or ∞ as its
+scale and codes 0: it decodes to NaN (0·∞), so the moment stays NaN as in float32 (there, one
+element; here, its block, and also for a finite largest that float32 would keep). A block of
+zeros has scale 0.
 
 **State dict.** ``exp_avg`` holds the int8 codes of m, ``exp_avg_sq`` the uint8 codes of v,
 both shaped and laid out like the parameter; ``exp_avg_scale`` and ``exp_avg_sq_scale`` hold
 the float32 scales, one per block, ``ceil(numel / 256)`` of them, each a power of two, 0 or
-not finite (a loaded scale that is not is refused: it comes from another format). Loading
-casts: a float32 or bfloat16 checkpoint into an int8 optimizer is quantized (to the nearest
+not finite. A loaded scale that is not a power of two or 0, or a code above the level 1 (m:
+``|q|`` > 120, v: ``q`` > 248), is refused: it comes from another format (the square-law int8
+codes of decoupled 0.4 and earlier coded each block's largest as 127 or 255, scaled by that
+largest).
+Loading casts: a float32 or bfloat16 checkpoint into an int8 optimizer is quantized (to the nearest
 code), an int8 one into another optimizer decoded. ``amsgrad`` is refused with int8 state (its
 running maximum would need a third code, and a maximum of rounded values is biased upward).
 
@@ -89,22 +98,25 @@ from decoupled.optim._loaded_state import _local, check_like_param, refuse
 BLOCK = 256  # elements per scale: a fixed constant of the format
 INT8 = torch.int8
 SCALE_SUFFIX = "_scale"
+FRACTION_SHIFT = 20  # float32 fraction bits below the code's 3
+_OLDER = "int8 state saved by decoupled 0.4 or earlier (square-law codes) does not load"
+LARGEST_SCALED = 2.0**126  # blocks at or above it are not coded (their 1/s would be subnormal)
 
 
 class Code:
     """One moment's 8-bit float: ``dtype`` of its codes, ``largest`` magnitude of a code, and
     the ``bias`` added to a code c >= 8 to make the bit pattern ``(c + bias)·2²⁰`` of its
-    level; ``tiny``, the first binade's lower end ``T`` (the level of code 8), and ``unit``,
-    the linear levels' step ``T/8``."""
+    level; ``tiny``, the first binade's lower end ``T`` (the level of code 8), ``unit``, the
+    linear levels' step ``T/8``, and ``top``, the code of level 1, the largest one written."""
 
     def __init__(self, dtype: torch.dtype, largest: int, bias: int):
         self.dtype, self.largest, self.bias = dtype, largest, bias
         self.tiny = float(torch.tensor((bias + 8) << 20, dtype=torch.int32).view(torch.float32))
         self.unit = self.tiny / 8
+        self.top = (0x3F800000 >> FRACTION_SHIFT) - bias
 
 
 CODES = {"exp_avg": Code(torch.int8, 127, 896), "exp_avg_sq": Code(torch.uint8, 255, 768)}
-FRACTION_SHIFT = 20  # float32 fraction bits below the code's 3
 
 
 def blocks(numel: int) -> int:
@@ -131,13 +143,14 @@ def levels(codes: Tensor, key: str) -> Tensor:
 
 def scales_of(largest: Tensor) -> Tensor:
     """The block scale ``2^{E+1}`` for each block's largest magnitude ``2^E ≤ largest < 2^{E+1}``
-    (2⁻¹²⁶ for a subnormal largest, 0 for 0); NaN for NaN, and ∞ where the largest or its
-    scale (2¹²⁸) is not finite."""
+    (2⁻¹²⁶ for a subnormal largest, 0 for 0); NaN for NaN, ∞ for a largest of 2¹²⁶ or more
+    (∞ included), whose scale's inverse would be subnormal."""
     bits = largest.view(torch.int32)
     power = ((bits & 0x7F800000) + (1 << 23)).view(torch.float32)
     scale = torch.where(bits == 0, 0.0, power)
-    finite = largest.isfinite() & scale.isfinite()
-    return torch.where(finite, scale, torch.where(largest.isnan(), largest, torch.inf))
+    return torch.where(
+        largest < LARGEST_SCALED, scale, torch.where(largest.isnan(), largest, torch.inf)
+    )
 
 
 def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
@@ -242,8 +255,13 @@ def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
     dtype = CODES[key].dtype
     if codes.dtype != dtype:
         refuse(where, f"{key} dtype", codes.dtype, f"must be {dtype} (8-bit codes)")
-    if key == "exp_avg" and bool((codes == -128).any()):
-        refuse(where, key, -128, "codes of m must be in [-127, 127]")
+    top = CODES[key].top
+    beyond = codes.to(torch.int32).abs() > top
+    if bool(beyond.any()):
+        shown = _local(codes)[_local(beyond)].flatten()[:1].tolist()
+        value = shown[0] if shown else "a code (in another shard)"
+        low = -top if key == "exp_avg" else 0
+        refuse(where, key, value, f"codes must be in [{low}, {top}], the levels up to 1; {_OLDER}")
     expected = (blocks(param.numel()),)
     if not isinstance(scale, Tensor) or tuple(scale.shape) != expected:
         shown = tuple(scale.shape) if isinstance(scale, Tensor) else type(scale).__name__
@@ -253,9 +271,7 @@ def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
     if bool((fraction != 0).any()):
         shown = _local(scale)[_local(fraction != 0)].flatten()[:1].tolist()
         value = f"{shown[0]} (an element)" if shown else "an element (in another shard)"
-        refuse(
-            where, key + SCALE_SUFFIX, value, "must be 0 or a power of two (scales of this format)"
-        )
+        refuse(where, key + SCALE_SUFFIX, value, f"must be 0 or a power of two; {_OLDER}")
 
 
 __all__ = ["BLOCK", "INT8", "Int8Moments", "decode", "encode_", "new_moments"]

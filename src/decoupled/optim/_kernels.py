@@ -51,9 +51,9 @@ torch 2.13's x86 wheel about one float32 result in six differs from IEEE ``sqrt`
 the kernel's is, so ``sqrt(v̂) + ε`` and then θ may differ by an ulp. torch's fused kernels
 (path 2) round differently again. The tests hold float32 to 1e-6 relative after 100 steps,
 bfloat16 state to one bfloat16 rounding, and SGD and Adam's moments bit for bit. int8 moments
-are decoded and rounded with the reference's float32 operations (``_int8.encode_``:
-multiplications, one division per block for its factor k, correctly rounded roots, the
-same thresholds and hash bits), so their codes
+are decoded and rounded with the reference's float32 operations (``_int8.encode_``: products
+by power-of-two scales, one division per block for the inverse scale, the 8-bit floats' bit
+patterns, the same hash bits), so their codes
 and scales equal the reference loop's bit for bit as long as the gradients are the same (with
 Adam's L2 term θ's ulps enter g: a code may then differ by one step); θ as for float32 state.
 Compensated bfloat16/float16 weights are loaded into their float32 master weight and stored

@@ -107,8 +107,9 @@ _MAXIMUM = getattr(tl.standard, "_elementwise_max", _larger)
 @triton.jit
 def _block_largest(magnitude, BLOCKS: tl.constexpr):
     """Each block's largest magnitude, NaN when any is NaN: the largest of their bit patterns,
-    which order non-negative floats and put a NaN (sign cleared) above +inf."""
-    bits = tl.reshape(magnitude.to(tl.int32, bitcast=True), (BLOCKS, 256))
+    sign cleared (``abs`` of a NaN may keep it), which order non-negative floats and put a NaN
+    above +inf."""
+    bits = tl.reshape(magnitude.to(tl.int32, bitcast=True) & 0x7FFFFFFF, (BLOCKS, 256))
     largest = tl.reduce(bits, 1, _MAXIMUM).to(tl.float32, bitcast=True)
     return tl.where(largest != largest, float("nan"), largest)
 
@@ -116,11 +117,11 @@ def _block_largest(magnitude, BLOCKS: tl.constexpr):
 @triton.jit
 def _scale_of(largest):
     """``_int8.scales_of``: the power of two 2^(E+1) above the largest magnitude 2^E (2⁻¹²⁶ for
-    a subnormal one, 0 for 0); NaN for NaN, ∞ where the largest or its scale is not finite."""
+    a subnormal one, 0 for 0); NaN for NaN, ∞ for a largest of 2¹²⁶ or more."""
     bits = largest.to(tl.int32, bitcast=True)
     power = ((bits & 0x7F800000) + (1 << 23)).to(tl.float32, bitcast=True)
     scale = tl.where(bits == 0, 0.0, power)
-    scale = tl.where(bits >= 0x7F000000, float("inf"), scale)
+    scale = tl.where(bits >= 0x7E800000, float("inf"), scale)
     return tl.where(largest != largest, largest, scale)
 
 

@@ -46,12 +46,13 @@ inline float level(int32_t c, Int8Code code) {
 }
 
 // _int8.scales_of: the power of two 2^(E+1) above a block's largest magnitude 2^E (2^-126 for
-// a subnormal one, 0 for 0); NaN stays NaN, and ∞ where the largest or its scale is not finite
+// a subnormal one, 0 for 0); NaN stays NaN, and ∞ for a largest of 2^126 or more, whose
+// scale's inverse would be subnormal (and flushed to 0 where denormals are flushed)
 inline float scale_of(float largest) {
   if (largest != largest) return largest;
   const int32_t bits = to_bits(largest);
   if (bits == 0) return 0.0f;
-  if (bits >= 0x7F000000) return std::numeric_limits<float>::infinity();  // ∞, or 2^128
+  if (bits >= 0x7E800000) return std::numeric_limits<float>::infinity();  // 2^126 or more
   return from_bits((bits & 0x7F800000) + (1 << 23));
 }
 
