@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from tests.integration._distributed import (
     global_batch,
@@ -118,18 +118,35 @@ def _rounding_worker(rank: int, world_size: int) -> dict:
     mesh = init_device_mesh("cpu", (world_size,))
     row = torch.randn(600, generator=torch.Generator().manual_seed(0))
     full, grad = row.expand(2, 600).clone(), (row * 0.1).expand(2, 600).clone()
-    results = {}
-    for label, placement in (("sharded", Shard(0)), ("replicated", Replicate())):
-        param = torch.nn.Parameter(distribute_tensor(full, mesh, [placement]))
-        optimizer = decoupled.AdamW([param], lr=1e-2, state_dtype=torch.bfloat16)
-        for _ in range(3):
-            param.grad = distribute_tensor(grad, mesh, [placement])
-            optimizer.step()
+    placements = {"sharded": Shard(0), "replicated": Replicate()}
+
+    def moment_bits(optimizer, param) -> dict:
         state = optimizer.state[param]
-        results[label] = {
-            key: state[key].to_local().view(torch.int16).clone()
-            for key in ("exp_avg", "exp_avg_sq")
-        }
+        return {k: state[k].to_local().view(torch.int16).clone() for k in ("exp_avg", "exp_avg_sq")}
+
+    def stepped(labels: list[str]):  # one optimizer, one group holding these parameters
+        params = [
+            torch.nn.Parameter(distribute_tensor(full, mesh, [placements[label]]))
+            for label in labels
+        ]
+        optimizer = decoupled.AdamW(params, lr=1e-2, state_dtype=torch.bfloat16)
+        for _ in range(3):
+            for label, param in zip(labels, params):
+                param.grad = distribute_tensor(grad, mesh, [placements[label]])
+            optimizer.step()
+        return [moment_bits(optimizer, param) for param in params]
+
+    results = {label: stepped([label])[0] for label in placements}
+    # a list mixing placements is stepped in runs of one placement, each keyed by its shard
+    results["mixed sharded"], results["mixed replicated"] = stepped(["sharded", "replicated"])
+    # SGD's momentum buffers, created inside the runs, come back as DTensors like their weights
+    params = [torch.nn.Parameter(distribute_tensor(full, mesh, [p])) for p in placements.values()]
+    sgd = decoupled.SGDW(params, lr=1e-2, momentum=0.9, weight_decay=0.1)
+    for param, placement in zip(params, placements.values()):
+        param.grad = distribute_tensor(grad, mesh, [placement])
+    sgd.step()
+    buffers = [sgd.state[param]["momentum_buffer"] for param in params]
+    results["buffer placements"] = [tuple(b.placements) for b in buffers]
     return results
 
 
@@ -139,8 +156,14 @@ def _rounding_worker(rank: int, world_size: int) -> dict:
 def test_shards_on_different_ranks_draw_different_bits_and_replicas_the_same(tmp_path):
     """Rows 0 and 1 of the sharded weight live on ranks 0 and 1 at the same local index and
     hold the same values: keyed by the rank's shard index, their bfloat16 moments round
-    apart; the replicated weight's copies round alike on every rank."""
+    apart; the replicated weight's copies round alike on every rank. Both hold also when the
+    two weights share one param group (one list mixing placements)."""
     first, second = run_distributed(_rounding_worker, tmp_path)
     for key in ("exp_avg", "exp_avg_sq"):
-        assert not torch.equal(first["sharded"][key], second["sharded"][key]), key
-        assert torch.equal(first["replicated"][key], second["replicated"][key]), key
+        for sharded, replicated in (
+            ("sharded", "replicated"),
+            ("mixed sharded", "mixed replicated"),
+        ):
+            assert not torch.equal(first[sharded][key], second[sharded][key]), (sharded, key)
+            assert torch.equal(first[replicated][key], second[replicated][key]), (replicated, key)
+    assert first["buffer placements"] == [(Shard(0),), (Replicate(),)]
