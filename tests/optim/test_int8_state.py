@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decoupled
+from decoupled.optim import _int8
 from decoupled.optim._int8 import BLOCK, CODES, decode, encode_, levels, new_moments, scales_of
 
 from .test_compact_state import quadratic_run
@@ -315,3 +316,46 @@ def test_saved_moments_without_their_step_count_are_refused():
     target = decoupled.AdamW([torch.nn.Parameter(torch.randn(300))], state_dtype="int8")
     with pytest.raises(ValueError, match="step = missing \\(required with the saved exp_avg\\)"):
         target.load_state_dict(saved)
+
+
+def square_law_state(value: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """decoupled 0.4's codes and scales of ``value`` (one block), rounded to nearest: the
+    largest magnitude is the scale, m's codes ``q`` with ``(|q|/127)² ≈ |m|/s``, v's with
+    ``(q/255)⁴ ≈ v/s``."""
+    scale = value.abs().max().reshape(1)
+    if key == "exp_avg":
+        q = ((value.abs() / scale).sqrt() * 127).round() * value.sign()
+        return q.to(torch.int8), scale
+    return ((value / scale) ** 0.25 * 255).round().to(torch.uint8), scale
+
+
+def test_upgrade_int8_state_converts_decoupled_0_4_moments():
+    """A state dict with 0.4's square-law moments is refused as it is, naming the upgrade;
+    upgraded, its moments decode to 0.4's values within one rounding to nearest (half a
+    step: |x|/16 + T/16·s) and the optimizer steps on; a state dict in this format is left
+    alone."""
+    theta = torch.nn.Parameter(torch.randn(200, generator=torch.Generator().manual_seed(4)))
+    optimizer = decoupled.AdamW([theta], lr=1e-2, **INT8)
+    theta.grad = torch.randn(200, generator=torch.Generator().manual_seed(5))
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert decoupled.optim.upgrade_int8_state(copy.deepcopy(saved)) == 0
+    state = saved["state"][0]
+    old_values = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = decode(state[key], state[key + "_scale"], key)
+        state[key], state[key + "_scale"] = square_law_state(value, key)
+        old_values[key] = _int8._square_law_decode(state[key], state[key + "_scale"], key)
+        assert (state[key].int().abs() == (127 if key == "exp_avg" else 255)).any()
+    fresh = decoupled.AdamW([theta], lr=1e-2, **INT8)
+    with pytest.raises(ValueError, match="upgrade_int8_state"):
+        fresh.load_state_dict(copy.deepcopy(saved))
+    assert decoupled.optim.upgrade_int8_state(saved) == 2
+    fresh.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        upgraded = decode(fresh.state[theta][key], fresh.state[theta][key + "_scale"], key)
+        old = old_values[key]
+        scale = fresh.state[theta][key + "_scale"]
+        assert ((upgraded - old).abs() <= old.abs() / 16 + scale * CODES[key].unit / 2).all()
+    fresh.step()
+    assert fresh.state[theta]["exp_avg"].dtype == torch.int8

@@ -1,6 +1,7 @@
 """Optimizers: Adam (L2) and AdamW (decoupled), SGD and SGDW, decoupled decay for any torch
 optimizer (``with_decoupled_decay``), and the decay helpers."""
 
+from decoupled.optim._int8 import upgrade_int8_state
 from decoupled.optim._kernels import kernel_available
 from decoupled.optim.adam import Adam, AdamW, adam_update
 from decoupled.optim.decay import DECAY_SCALES, decay_rate
@@ -23,4 +24,5 @@ __all__ = [
     "GroupSummary",
     "kernel_available",
     "with_decoupled_decay",
+    "upgrade_int8_state",
 ]

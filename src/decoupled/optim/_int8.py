@@ -99,7 +99,10 @@ BLOCK = 256  # elements per scale: a fixed constant of the format
 INT8 = torch.int8
 SCALE_SUFFIX = "_scale"
 FRACTION_SHIFT = 20  # float32 fraction bits below the code's 3
-_OLDER = "int8 state saved by decoupled 0.4 or earlier (square-law codes) does not load"
+_OLDER = (
+    "int8 state saved by decoupled 0.4 or earlier (square-law codes) does not load as it is; "
+    "convert it with decoupled.optim.upgrade_int8_state(state_dict)"
+)
 LARGEST_SCALED = 2.0**126  # blocks at or above it are not coded (their 1/s would be subnormal)
 
 
@@ -243,6 +246,55 @@ class Int8Moments:
             encode_(self.state[key], self.state[key + SCALE_SUFFIX], value, key, random16)
 
 
+def upgrade_int8_state(state_dict: dict) -> int:
+    """Convert, in place, the int8 moments of an optimizer state dict saved by decoupled 0.4 or
+    earlier into this format, and return how many moments were converted.
+
+    Those versions coded m as ``((q·|q|)·c)·s`` and v as ``((q·q·c)²)·s`` (``c = fl(1/127²)``,
+    ``fl(1/255²)``; a square law on |m| and √v), with ``s`` the block's largest magnitude and
+    the largest coded as 127 or 255. A moment is recognized as such by a code above this
+    format's largest (m: |q| > 120, v: q > 248), which every block of it that is not all zero
+    holds; it is decoded with that formula and coded again to the nearest level. Moments
+    already in this format, and all-zero ones (the same in both), are left as they are::
+
+        state = torch.load("optimizer.pt")
+        decoupled.optim.upgrade_int8_state(state)
+        optimizer.load_state_dict(state)
+    """
+    converted = 0
+    for param_state in state_dict["state"].values():
+        for key, code in CODES.items():
+            if not is_coded(param_state, key):
+                continue
+            codes, scale = param_state[key], param_state[key + SCALE_SUFFIX]
+            if not bool((codes.to(torch.int32).abs() > code.top).any()):
+                continue
+            value = _square_law_decode(codes, scale, key)
+            coded = new_moments(value, (key,))
+            nearest = torch.full((value.numel(),), 0x7FFF, dtype=torch.int64, device=value.device)
+            encode_(coded[key], coded[key + SCALE_SUFFIX], value, key, nearest)
+            param_state.update(coded)
+            converted += 1
+    return converted
+
+
+def _square_law_decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
+    """decoupled 0.4's decode: ``((q·|q|)·c)·s`` for m, ``((q·q·c)²)·s`` for v."""
+    largest = 127 if key == "exp_avg" else 255
+    unit = torch.tensor(1 / largest**2, dtype=torch.float32, device=codes.device)
+    flat = in_memory_order(codes)
+    q = _padded(flat).to(torch.float32)
+    if key == "exp_avg":
+        level = (q * q.abs()) * unit
+    else:
+        level = (q * q) * unit
+        level = level * level
+    values = (level * scale.float().view(-1, 1)).view(-1)[: flat.numel()]
+    out = torch.empty_like(codes, dtype=torch.float32)
+    in_memory_order(out).copy_(values)
+    return out
+
+
 def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
     """A loaded coded moment: codes of the parameter's shape and of the key's code dtype;
     scales one per block, finite, ``>= 0``, and each 0 or a power of two (``scales_of``), which
@@ -274,4 +326,12 @@ def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
         refuse(where, key + SCALE_SUFFIX, value, f"must be 0 or a power of two; {_OLDER}")
 
 
-__all__ = ["BLOCK", "INT8", "Int8Moments", "decode", "encode_", "new_moments"]
+__all__ = [
+    "BLOCK",
+    "INT8",
+    "Int8Moments",
+    "decode",
+    "encode_",
+    "new_moments",
+    "upgrade_int8_state",
+]
