@@ -345,7 +345,9 @@ def test_upgrade_int8_state_converts_decoupled_0_4_moments():
     for key in ("exp_avg", "exp_avg_sq"):
         value = decode(state[key], state[key + "_scale"], key)
         state[key], state[key + "_scale"] = square_law_state(value, key)
-        old_values[key] = _int8._square_law_decode(state[key], state[key + "_scale"], key)
+        old_values[key] = _int8._scaled_levels(
+            state[key], state[key + "_scale"], lambda q, key=key: _int8._square_law_levels(q, key)
+        )
         assert (state[key].int().abs() == (127 if key == "exp_avg" else 255)).any()
     fresh = decoupled.AdamW([theta], lr=1e-2, **INT8)
     with pytest.raises(ValueError, match="upgrade_int8_state"):

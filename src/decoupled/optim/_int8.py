@@ -35,8 +35,8 @@ block's scale has changed, unless it lies in the new linear range.
 **Rounding.** A value between two neighbouring levels is stored as the upper one with
 probability proportional to its distance from the lower (stochastic rounding, Gupta et al.
 2015, arXiv 1502.02551): unbiased in value, ``E[decode] = x`` (up to the probability's
-resolution, 2⁻¹⁶ of a step), so the moving averages do not
-stall on updates below a code step, as for ``bfloat16`` state. It is the rounding of the
+resolution, 2⁻¹⁶ of a step), so the moving averages do not stall on updates below a code
+step, as for ``bfloat16`` state. It is the rounding of the
 float ``x = |value|/s`` from 23 fraction bits to 3: 20 random bits are added to its bit
 pattern below the kept ones and the sum is cut (a carry moves to the next level, or to the
 next binade); below the first binade ``T = 2^{1−b}`` it rounds ``x + T`` alike, whose bits are
@@ -48,8 +48,8 @@ probability is resolved in steps of 2⁻¹⁶ and runs are reproducible.
 first binade, rounded to nearest (to 2⁻³⁷ of the scale for m, 2⁻⁵³ for v). Products by the
 scale and its inverse, powers of two, are exact (but where ``|value|/s`` is below the smallest
 normal float32, 2⁻¹²⁶, far below any level, and the decoded values of a block whose largest is
-itself subnormal). So every implementation (this module, the C++
-and the Triton kernels) writes the same codes from the same values.
+itself subnormal). So every implementation (this module, the C++ and the Triton kernels)
+writes the same codes from the same values.
 
 **Error bound.** One rounding moves a value by less than one step, 1/8 of the lower end of
 its binade:
@@ -78,16 +78,18 @@ the float32 scales, one per block, ``ceil(numel / 256)`` of them, each a power o
 not finite. A loaded scale that is not a power of two or 0, or a code above the level 1 (m:
 ``|q|`` > 120, v: ``q`` > 248), is refused: it comes from another format (the square-law int8
 codes of decoupled 0.4 and earlier coded each block's largest as 127 or 255, scaled by that
-largest).
-Loading casts: a float32 or bfloat16 checkpoint into an int8 optimizer is quantized (to the nearest
-code), an int8 one into another optimizer decoded. ``amsgrad`` is refused with int8 state (its
-running maximum would need a third code, and a maximum of rounded values is biased upward).
+largest; ``upgrade_int8_state`` converts them). Loading casts: a float32 or bfloat16
+checkpoint into an int8 optimizer is quantized (to the nearest code), an int8 one into another
+optimizer decoded. ``amsgrad`` is refused with int8 state (its running maximum would need a
+third code, and a maximum of rounded values is biased upward).
 
 Memory per parameter, float32 θ and g included: 10 bytes (+ 8/256 for the scales), against 16
 with float32 state and 12 with bfloat16.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -114,7 +116,8 @@ class Code:
 
     def __init__(self, dtype: torch.dtype, largest: int, bias: int):
         self.dtype, self.largest, self.bias = dtype, largest, bias
-        self.tiny = float(torch.tensor((bias + 8) << 20, dtype=torch.int32).view(torch.float32))
+        first = torch.tensor((bias + 8) << FRACTION_SHIFT, dtype=torch.int32)
+        self.tiny = float(first.view(torch.float32))
         self.unit = self.tiny / 8
         self.top = (0x3F800000 >> FRACTION_SHIFT) - bias
 
@@ -159,8 +162,14 @@ def scales_of(largest: Tensor) -> Tensor:
 def decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
     """The float32 values of the codes of moment ``key`` (``exp_avg`` or ``exp_avg_sq``),
     shaped and laid out like ``codes``: ``levels(q)·s``."""
+    return _scaled_levels(codes, scale, lambda q: levels(q, key))
+
+
+def _scaled_levels(codes: Tensor, scale: Tensor, level_of: Callable[[Tensor], Tensor]) -> Tensor:
+    """``level_of(q)·s`` for every code, s its block's scale, shaped and laid out like
+    ``codes`` (float32)."""
     flat = in_memory_order(codes)
-    values = (levels(_padded(flat), key) * scale.view(-1, 1)).view(-1)[: flat.numel()]
+    values = (level_of(_padded(flat)) * scale.view(-1, 1)).view(-1)[: flat.numel()]
     out = torch.empty_like(codes, dtype=torch.float32)
     in_memory_order(out).copy_(values)
     return out
@@ -269,30 +278,25 @@ def upgrade_int8_state(state_dict: dict) -> int:
             codes, scale = param_state[key], param_state[key + SCALE_SUFFIX]
             if not bool((codes.to(torch.int32).abs() > code.top).any()):
                 continue
-            value = _square_law_decode(codes, scale, key)
-            coded = new_moments(value, (key,))
-            nearest = torch.full((value.numel(),), 0x7FFF, dtype=torch.int64, device=value.device)
-            encode_(coded[key], coded[key + SCALE_SUFFIX], value, key, nearest)
-            param_state.update(coded)
+            del param_state[key + SCALE_SUFFIX]
+            param_state[key] = _scaled_levels(
+                codes, scale.float(), lambda q, key=key: _square_law_levels(q, key)
+            )
+            recast_moments_(param_state, (key,), INT8)
             converted += 1
     return converted
 
 
-def _square_law_decode(codes: Tensor, scale: Tensor, key: str) -> Tensor:
-    """decoupled 0.4's decode: ``((q·|q|)·c)·s`` for m, ``((q·q·c)²)·s`` for v."""
+def _square_law_levels(codes: Tensor, key: str) -> Tensor:
+    """decoupled 0.4's levels: ``(q·|q|)·c`` for m, ``((q·q)·c)²`` for v, ``c = fl(1/127²)``,
+    ``fl(1/255²)``."""
     largest = 127 if key == "exp_avg" else 255
     unit = torch.tensor(1 / largest**2, dtype=torch.float32, device=codes.device)
-    flat = in_memory_order(codes)
-    q = _padded(flat).to(torch.float32)
+    q = codes.to(torch.float32)
     if key == "exp_avg":
-        level = (q * q.abs()) * unit
-    else:
-        level = (q * q) * unit
-        level = level * level
-    values = (level * scale.float().view(-1, 1)).view(-1)[: flat.numel()]
-    out = torch.empty_like(codes, dtype=torch.float32)
-    in_memory_order(out).copy_(values)
-    return out
+        return (q * q.abs()) * unit
+    level = (q * q) * unit
+    return level * level
 
 
 def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
