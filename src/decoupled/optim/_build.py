@@ -90,7 +90,8 @@ def kernel_arch() -> str | None:
 def compile_flags() -> list[str]:
     """The compiler flags of this build: ``_FLAGS``, the ``-march`` target and, on x86, 512-bit
     vectors wherever the target has AVX-512 (GCC's tuning for Intel cores otherwise keeps
-    256: the int8-moment step, limited by its arithmetic, was 10-20% slower so on a Xeon)."""
+    256: on a Xeon the steps limited by their arithmetic, int8 moments and compensated
+    weights, were then 25-45% slower)."""
     flags = [*_FLAGS, f"-march={kernel_arch() or 'native'}"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=512")  # no effect on a target without AVX-512
