@@ -387,7 +387,7 @@ def test_no_kernel_build_for_parameters_it_cannot_take(monkeypatch):
 def test_a_failed_build_warns_once_and_steps_go_on(monkeypatch, tmp_path):
     broken = tmp_path / "kernels.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(_build, "_SOURCE", broken)
+    monkeypatch.setattr(_build, "_SOURCES", [broken])
     monkeypatch.setattr(_build, "_ops", _build._NOT_TRIED)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     with pytest.warns(RuntimeWarning, match="could not be built"):

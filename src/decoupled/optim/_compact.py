@@ -9,7 +9,7 @@ arXiv 1502.02551; the idea behind bitsandbytes' and torchao's low-precision opti
 Rounding adds 16 random bits below a bfloat16's last bit of the float32 word and truncates.
 The bits come from a hash of (element index, position of the tensor, step), not from a random
 number generator: as fast as round-to-nearest, reproducible, and the same in the C++ kernel
-(``csrc/kernels.cpp``) and in this reference, bit for bit. The position is the update's
+(``csrc/arithmetic.h``) and in this reference, bit for bit. The position is the update's
 ``first_position`` (the parameters of the optimizer's earlier groups) plus the tensor's index
 in the update's list, so tensors of different groups draw different bits at a step.
 

@@ -9,8 +9,9 @@ path; ``fused=True`` also lets torch's fused kernels run on bfloat16/float16 par
    ``triton=True`` (CPU tensors only under the Triton interpreter); every option of the C++
    kernel, float32/bfloat16/float16 θ computed in float32, compensated bfloat16/float16 θ
    (Adam/AdamW, SGD/SGDW) and int8 moments (``_triton_compact.py``), no host synchronization.
-1. **The one-pass C++ kernel** (``csrc/kernels.cpp``): float32 CPU parameters, every option
-   (L2 or decoupled decay in any ``decay_scale`` convention, ``decay_to="init"``, cautious
+1. **The one-pass C++ kernel** (``csrc/``, interface ``csrc/steps.h``): float32 CPU
+   parameters, every option (L2 or decoupled decay in any ``decay_scale`` convention,
+   ``decay_to="init"``, cautious
    decay, amsgrad, maximize, Nesterov, float32 or bfloat16 state; int8 moments, ``_int8.py``,
    for Adam/AdamW through ``adam_int8_step_``); and compensated
    bfloat16/float16 CPU parameters of Adam/AdamW (``_compensated.py``, the same options and

@@ -1,7 +1,7 @@
 """One-pass Triton kernels for Adam/AdamW and SGD/SGDW over a whole parameter group.
 
 The arithmetic is the reference loops' (``adam_update``, ``sgd_update``) and the C++
-kernel's (``csrc/kernels.cpp``), element by element in float32, whatever θ's dtype (float32,
+kernel's (``csrc/adam.cpp``), element by element in float32, whatever θ's dtype (float32,
 bfloat16 or float16 θ is read, computed on in float32 and rounded once when stored). IEEE
 division and square root (``div_rn``, ``sqrt_rn``) and the C++ kernel's fused multiply-adds
 keep float32 steps within an ulp or two of the reference; ``_kernels.py`` says where and why

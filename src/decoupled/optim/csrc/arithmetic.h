@@ -1,12 +1,10 @@
 // Per-element arithmetic shared by every step: the rounding hash, bfloat16 loads and
 // stochastic stores, torch's fused multiply-add and lerp, the decay conventions.
 //
-// A part of kernels.cpp (the one translation unit of the C++ kernel), included there inside
-// its anonymous namespace, after the standard and torch headers.
+// A part of the C++ kernel (steps.h), included by each of its step files inside its
+// anonymous namespace, first (after the standard and ATen headers).
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item (128 KiB of float32)
-
-using Tensors = std::vector<at::Tensor>;  // what pybind11 makes of a Python list of tensors
 
 enum class Decay { kNone, kL2, kDecoupled };
 

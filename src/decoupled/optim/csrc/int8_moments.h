@@ -1,7 +1,7 @@
 // int8 moments: blockwise 8-bit floats decoded, stepped and coded again in one pass.
 //
-// A part of kernels.cpp (the one translation unit of the C++ kernel), included there inside
-// its anonymous namespace, after tensor_lists.h and the Adam steps.
+// A part of the C++ kernel, included by int8.cpp inside its anonymous namespace, after
+// tensor_lists.h.
 
 // Blocks of kInt8Block elements in memory order, one float32 scale each, a power of two s
 // (_int8.scales_of); m as int8 codes q, m = sign(q)·L(|q|)·s, v as uint8 codes, v = L(q)·s,
@@ -209,48 +209,5 @@ bool usable_scales(const Tensors& scales, at::TensorList params) {
       return false;
     }
   }
-  return true;
-}
-
-// Adam/AdamW (no amsgrad: _int8.py refuses it) with int8 moments, over float32 θ (`remainders`
-// empty) or bfloat16/float16 θ compensated by int8 `remainders`; as adam_step_ otherwise.
-bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Tensors& grads,
-                     const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
-                     const Tensors& exp_avg_scales, const Tensors& exp_avg_sq_scales,
-                     const Tensors& references, const Tensors& steps, double lr, double beta1,
-                     double beta2, double eps, double weight_decay, double decay, bool decoupled,
-                     bool maximize, double grad_scale, bool cautious, bool float32_lr,
-                     int64_t first_position) {
-  const size_t n = params.size();
-  if (n == 0) return true;
-  const auto param_dtype = params[0].scalar_type();
-  const bool compensated = !remainders.empty();
-  const bool ref = !references.empty();
-  if (!usable_weights(params, remainders) || !usable_list(grads, params, param_dtype) ||
-      !usable_list(exp_avgs, params, at::kChar) || !usable_list(exp_avg_sqs, params, at::kByte) ||
-      !usable_scales(exp_avg_scales, params) || !usable_scales(exp_avg_sq_scales, params) ||
-      (ref && !usable_list(references, params, param_dtype)) || steps.size() != n ||
-      !disjoint(params)) {
-    return false;
-  }
-  if (!usable_steps(steps)) return false;
-  const Int8Chunk chunk =
-      pick_adam_int8(param_dtype, decay_mode(decoupled, weight_decay, decay), ref, cautious);
-  const std::vector<AdamScalars> scalars =
-      advance_steps(steps, lr, beta1, beta2, eps, weight_decay, decay, maximize, float32_lr,
-                    first_position);
-  for_each_unscaled_chunk(params, grads, grad_scale, [&](int64_t t, void* g, int64_t begin,
-                                                         int64_t end) {
-    chunk(params[t].data_ptr(), compensated ? remainders[t].data_ptr<int8_t>() : nullptr, g,
-          exp_avgs[t].data_ptr<int8_t>(), exp_avg_sqs[t].data_ptr<uint8_t>(),
-          exp_avg_scales[t].data_ptr<float>(), exp_avg_sq_scales[t].data_ptr<float>(),
-          ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);
-  });
-  for (at::TensorList written :
-       {params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps}) {
-    bump_versions(written);
-  }
-  if (compensated) bump_versions(remainders);
-  if (grad_scale != 1.0) bump_versions(grads);
   return true;
 }

@@ -1,7 +1,7 @@
 // SGD/SGDW: the element loop and its step, for float32 and compensated θ.
 //
-// A part of kernels.cpp (the one translation unit of the C++ kernel), included there inside
-// its anonymous namespace, after int8_moments.h.
+// A part of the C++ kernel, included by sgd.cpp inside its anonymous namespace, after
+// tensor_lists.h.
 
 struct SgdScalars {
   float neg_lr;
@@ -135,31 +135,4 @@ bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensor
   if (has_momentum) bump_versions(momentum_buffers);
   if (grad_scale != 1.0) bump_versions(grads);
   return true;
-}
-
-bool sgd_step_(const Tensors& params, const Tensors& grads, const Tensors& momentum_buffers,
-               const std::vector<bool>& fresh, const Tensors& references, double lr,
-               double momentum, double dampening, bool nesterov, double weight_decay,
-               double decay, bool decoupled, bool maximize, double grad_scale,
-               bool cautious) {
-  return sgd_any_step(params, {}, grads, momentum_buffers, fresh, references, lr, momentum,
-                      dampening, nesterov, weight_decay, decay, decoupled, maximize,
-                      grad_scale, cautious, 0.0, 0);
-}
-
-// Compensated bfloat16/float16 θ: sgd_step_'s arguments with each parameter's int8
-// remainder, the group's step count (1 at its first step) and the position of its first
-// tensor in the optimizer, which key their rounding (as advance_steps' keys).
-bool sgd_compensated_step_(const Tensors& params, const Tensors& remainders,
-                           const Tensors& grads, const Tensors& momentum_buffers,
-                           const std::vector<bool>& fresh, const Tensors& references,
-                           double lr, double momentum, double dampening, bool nesterov,
-                           double weight_decay, double decay, bool decoupled, bool maximize,
-                           double grad_scale, bool cautious, double step,
-                           int64_t first_position) {
-  if (remainders.size() != params.size()) return false;
-  if (params.empty()) return true;
-  return sgd_any_step(params, remainders, grads, momentum_buffers, fresh, references, lr,
-                      momentum, dampening, nesterov, weight_decay, decay, decoupled, maximize,
-                      grad_scale, cautious, step, first_position);
 }

@@ -1,8 +1,16 @@
 // Running over lists of tensors: checks before anything is written, the chunks of all
 // tensors shared among threads, the loss scale, step counts and their scalars.
 //
-// A part of kernels.cpp (the one translation unit of the C++ kernel), included there inside
-// its anonymous namespace, after the Adam element loop.
+// A part of the C++ kernel (steps.h), included by each of its step files inside its
+// anonymous namespace, after compensated.h (and, in adam.cpp, the Adam element loop).
+
+bool usable(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype) {
+  // dense (contiguous or any permutation, e.g. channels_last) and laid out like the parameter
+  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided &&
+         t.scalar_type() == dtype && t.is_non_overlapping_and_dense() &&
+         t.sizes().equals(like.sizes()) && t.strides().equals(like.strides()) &&
+         !t.is_conj() && !t.is_neg() && !t.is_inference();
+}
 
 // Two parameters sharing memory (the same tensor listed twice, or views of one storage)
 // would be updated by two threads at once: such lists are refused.

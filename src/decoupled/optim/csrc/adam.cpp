@@ -1,35 +1,9 @@
-// One-pass CPU steps for Adam/AdamW and SGD/SGDW over a whole list of tensors.
-//
-// The arithmetic is the reference loops' (decoupled/optim/adam.py `adam_update`,
-// decoupled/optim/sgd.py `sgd_update`), element by element, in float32, in the same order and
-// with the same roundings as the torch CPU operations that the reference calls. How close
-// that comes (fused multiply-adds, sqrt) is told once, in decoupled/optim/_kernels.py's module
-// docstring; here `fmadd` marks each place where torch's vectorized loops fuse, and
-// -ffp-contract=off keeps the compiler from fusing any other multiply and add. What is faster:
-//
-//   * one parallel region per step for every tensor of the group: the tensors are cut into
-//     chunks and the chunks shared among the threads, so a model of many small tensors pays
-//     one fork/join instead of one per tensor (torch's fused kernels pay one per tensor);
-//   * one pass over memory per element: read θ, g, m, v; write θ, m, v (28 bytes in float32);
-//   * compact state: the moments may be kept in bfloat16 (20 bytes per step), rounded
-//     stochastically so that updates smaller than a bfloat16 ulp are kept on average.
-//
-// Stochastic rounding adds 16 random bits below a bfloat16's last bit and truncates; the bits
-// come from a hash of (element index, tensor position in the optimizer, step), mirrored in Python by
-// decoupled/optim/_compact.py, so the reference path and this kernel round alike.
-//
-// Each op checks every tensor before touching any and returns false (changing nothing) when
-// a tensor is not a dense CPU tensor of the expected dtype (float32; bfloat16/float16 θ, g and
-// θ₀ with int8 remainders for compensated weights) laid out like its parameter, or a step
-// count is negative or not finite: the caller then takes the reference path.
-//
-// This file holds the Adam/AdamW steps and the Python bindings; the rest is in the parts it
-// includes, in order: arithmetic.h (per-element arithmetic), compensated.h (bfloat16/float16
-// master weights), tensor_lists.h (checks and chunks over lists of tensors), int8_moments.h
-// and sgd.h.
+// Adam/AdamW with float32 or bfloat16 moments: the element loop over float32 and compensated
+// θ, and the steps adam_step_ and adam_compensated_step_ (steps.h).
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+
+#include "steps.h"
 
 #include <algorithm>
 #include <cmath>
@@ -105,7 +79,8 @@ void adam_chunk(T* __restrict p, int8_t* __restrict r, const T* __restrict g, S*
                 S* __restrict v, S* __restrict vmax, const T* __restrict ref, uint32_t first,
                 int32_t count, AdamScalars s) {
   constexpr bool compensated = !std::is_same_v<T, float>;
-  const auto elements = [&](int32_t k, int32_t n) {
+  // always inlined: left out of line (GCC did so for float16 θ), the loop is a call per block
+  const auto elements = [&](int32_t k, int32_t n) __attribute__((always_inline)) {
     adam_elements<T, S, Amsgrad, D, Ref, Cautious>(
         p + k, compensated ? r + k : nullptr, g + k, m + k, v + k,
         Amsgrad ? vmax + k : nullptr, Ref ? ref + k : nullptr, first + k, n, s);
@@ -177,14 +152,6 @@ AdamChunk pick_adam(at::ScalarType param_dtype, bool compact, bool amsgrad, Deca
   }
 }
 
-bool usable(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype) {
-  // dense (contiguous or any permutation, e.g. channels_last) and laid out like the parameter
-  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided &&
-         t.scalar_type() == dtype && t.is_non_overlapping_and_dense() &&
-         t.sizes().equals(like.sizes()) && t.strides().equals(like.strides()) &&
-         !t.is_conj() && !t.is_neg() && !t.is_inference();
-}
-
 #include "tensor_lists.h"
 
 // Adam/AdamW over float32 θ (`remainders` empty), or over bfloat16/float16 θ compensated by
@@ -236,6 +203,10 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
   return true;
 }
 
+}  // namespace
+
+namespace decoupled_kernels {
+
 bool adam_step_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
                 const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
                 const Tensors& references, const Tensors& steps, double lr, double beta1,
@@ -265,20 +236,4 @@ bool adam_compensated_step_(const Tensors& params, const Tensors& remainders,
                        first_position);
 }
 
-#include "int8_moments.h"
-#include "sgd.h"
-
-}  // namespace
-
-// Python bindings (pybind11 converts a list of 1000 tensors several times faster than the
-// dispatcher's boxed calls through torch.ops, which matters for models of many small
-// tensors). The GIL is released while the threads work.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("adam_step_", &adam_step_, py::call_guard<py::gil_scoped_release>());
-  m.def("adam_compensated_step_", &adam_compensated_step_,
-        py::call_guard<py::gil_scoped_release>());
-  m.def("sgd_step_", &sgd_step_, py::call_guard<py::gil_scoped_release>());
-  m.def("sgd_compensated_step_", &sgd_compensated_step_,
-        py::call_guard<py::gil_scoped_release>());
-  m.def("adam_int8_step_", &adam_int8_step_, py::call_guard<py::gil_scoped_release>());
-}
+}  // namespace decoupled_kernels
