@@ -299,7 +299,7 @@ _grid_values = st.lists(st.integers(0, 6), min_size=2, max_size=12).map(
 )
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=75, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_statistics_match_scipy_with_ties_zeros_and_two_pairs(data):
     a = data.draw(_grid_values)
