@@ -1,23 +1,9 @@
 // Adam/AdamW with float32 or bfloat16 moments: the element loop over float32 and compensated
 // θ, and the steps adam_step_ and adam_compensated_step_ (steps.h).
 
-#include <ATen/Parallel.h>
-
-#include "steps.h"
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <utility>
-#include <vector>
+#include "parts.h"
 
 namespace {
-
-#include "arithmetic.h"
-#include "compensated.h"
 
 // ---- Adam/AdamW: the element loop, for float32 and compensated θ ---------------------------
 
@@ -151,8 +137,6 @@ AdamChunk pick_adam(at::ScalarType param_dtype, bool compact, bool amsgrad, Deca
     default: return pick_adam<float>(compact, amsgrad, decay, ref, cautious);
   }
 }
-
-#include "tensor_lists.h"
 
 // Adam/AdamW over float32 θ (`remainders` empty), or over bfloat16/float16 θ compensated by
 // int8 `remainders` (adam_compensated_step_); g and θ₀ in θ's dtype, float32 or bfloat16

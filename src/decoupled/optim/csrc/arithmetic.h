@@ -1,8 +1,7 @@
 // Per-element arithmetic shared by every step: the rounding hash, bfloat16 loads and
 // stochastic stores, torch's fused multiply-add and lerp, the decay conventions.
 //
-// A part of the C++ kernel (steps.h), included by each of its step files inside its
-// anonymous namespace, first (after the standard and ATen headers).
+// A part of the C++ kernel, included by parts.h inside its anonymous namespace, first.
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item (128 KiB of float32)
 

@@ -16,5 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step_", &decoupled_kernels::sgd_step_, py::call_guard<py::gil_scoped_release>());
   m.def("sgd_compensated_step_", &decoupled_kernels::sgd_compensated_step_,
         py::call_guard<py::gil_scoped_release>());
-  m.def("adam_int8_step_", &decoupled_kernels::adam_int8_step_, py::call_guard<py::gil_scoped_release>());
+  m.def("adam_int8_step_", &decoupled_kernels::adam_int8_step_,
+        py::call_guard<py::gil_scoped_release>());
 }

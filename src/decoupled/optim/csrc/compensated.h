@@ -1,7 +1,7 @@
 // Compensated bfloat16/float16 weights: the float32 master weight θ + remainder.
 //
-// A part of the C++ kernel (steps.h), included by each of its step files inside its
-// anonymous namespace, after arithmetic.h.
+// A part of the C++ kernel, included by parts.h inside its anonymous namespace, after
+// arithmetic.h.
 
 // θ kept in bfloat16 (its words as uint16_t) or float16 (its words as int16_t: a type of its own
 // for overloads, where c10::Half's struct copies keep loops scalar) with a signed byte r per

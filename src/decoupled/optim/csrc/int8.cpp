@@ -1,24 +1,10 @@
 // Adam/AdamW with int8 moments: the step adam_int8_step_ (steps.h); the block arithmetic is
 // in int8_moments.h.
 
-#include <ATen/Parallel.h>
-
-#include "steps.h"
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <utility>
-#include <vector>
+#include "parts.h"
 
 namespace {
 
-#include "arithmetic.h"
-#include "compensated.h"
-#include "tensor_lists.h"
 #include "int8_moments.h"
 
 }  // namespace

@@ -1,7 +1,7 @@
 // int8 moments: blockwise 8-bit floats decoded, stepped and coded again in one pass.
 //
 // A part of the C++ kernel, included by int8.cpp inside its anonymous namespace, after
-// tensor_lists.h.
+// parts.h.
 
 // Blocks of kInt8Block elements in memory order, one float32 scale each, a power of two s
 // (_int8.scales_of); m as int8 codes q, m = sign(q)·L(|q|)·s, v as uint8 codes, v = L(q)·s,

@@ -1,24 +1,10 @@
 // SGD/SGDW: the steps sgd_step_ and sgd_compensated_step_ (steps.h); the element loop is in
 // sgd.h.
 
-#include <ATen/Parallel.h>
-
-#include "steps.h"
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <utility>
-#include <vector>
+#include "parts.h"
 
 namespace {
 
-#include "arithmetic.h"
-#include "compensated.h"
-#include "tensor_lists.h"
 #include "sgd.h"
 
 }  // namespace

@@ -1,7 +1,7 @@
 // SGD/SGDW: the element loop and its step, for float32 and compensated θ.
 //
 // A part of the C++ kernel, included by sgd.cpp inside its anonymous namespace, after
-// tensor_lists.h.
+// parts.h.
 
 struct SgdScalars {
   float neg_lr;

@@ -28,11 +28,8 @@
 //
 // This header declares the steps that bindings.cpp gives Python. Each is defined in a
 // translation unit of its own, compiled in parallel: adam.cpp (float32 and bfloat16 moments),
-// int8.cpp (int8 moments) and sgd.cpp. They include, inside an anonymous namespace and in
-// order, the parts arithmetic.h (per-element arithmetic), compensated.h (bfloat16/float16
-// master weights), tensor_lists.h (checks and chunks over lists of tensors) and their own
-// element loops (int8_moments.h, sgd.h).
-
+// int8.cpp (int8 moments) and sgd.cpp. Each includes parts.h (the shared parts) and, in an
+// anonymous namespace, its own element loop (int8_moments.h, sgd.h; adam.cpp holds its own).
 
 #include <ATen/core/Tensor.h>
 

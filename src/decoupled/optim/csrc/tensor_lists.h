@@ -1,8 +1,8 @@
 // Running over lists of tensors: checks before anything is written, the chunks of all
 // tensors shared among threads, the loss scale, step counts and their scalars.
 //
-// A part of the C++ kernel (steps.h), included by each of its step files inside its
-// anonymous namespace, after compensated.h (and, in adam.cpp, the Adam element loop).
+// A part of the C++ kernel, included by parts.h inside its anonymous namespace, after
+// compensated.h.
 
 bool usable(const at::Tensor& t, const at::Tensor& like, at::ScalarType dtype) {
   // dense (contiguous or any permutation, e.g. channels_last) and laid out like the parameter
