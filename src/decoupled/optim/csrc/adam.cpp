@@ -156,12 +156,10 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
   const auto param_dtype = params[0].scalar_type();
   const bool compensated = !remainders.empty();
   const bool ref = !references.empty();
-  if (!usable_weights(params, remainders) || !usable_list(grads, params, param_dtype) ||
+  if (!usable_operands(params, remainders, grads, references) ||
       !usable_list(exp_avgs, params, state_dtype) ||
       !usable_list(exp_avg_sqs, params, state_dtype) ||
-      (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) ||
-      (ref && !usable_list(references, params, param_dtype)) || steps.size() != n ||
-      !disjoint(params)) {
+      (amsgrad && !usable_list(max_exp_avg_sqs, params, state_dtype)) || steps.size() != n) {
     return false;
   }
   if (!usable_steps(steps)) return false;
@@ -180,9 +178,8 @@ bool adam_any_step(const Tensors& params, const Tensors& remainders, const Tenso
           amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
           ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);
   });
-  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
-  if (compensated) bump_versions(remainders);
-  if (grad_scale != 1.0) bump_versions(grads);
+  bump_operands(params, remainders, grads, grad_scale);
+  for (at::TensorList written : {exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
   if (amsgrad) bump_versions(max_exp_avg_sqs);
   return true;
 }

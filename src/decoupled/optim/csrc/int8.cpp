@@ -25,11 +25,10 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
   const auto param_dtype = params[0].scalar_type();
   const bool compensated = !remainders.empty();
   const bool ref = !references.empty();
-  if (!usable_weights(params, remainders) || !usable_list(grads, params, param_dtype) ||
+  if (!usable_operands(params, remainders, grads, references) ||
       !usable_list(exp_avgs, params, at::kChar) || !usable_list(exp_avg_sqs, params, at::kByte) ||
       !usable_scales(exp_avg_scales, params) || !usable_scales(exp_avg_sq_scales, params) ||
-      (ref && !usable_list(references, params, param_dtype)) || steps.size() != n ||
-      !disjoint(params)) {
+      steps.size() != n) {
     return false;
   }
   if (!usable_steps(steps)) return false;
@@ -45,12 +44,10 @@ bool adam_int8_step_(const Tensors& params, const Tensors& remainders, const Ten
           exp_avg_scales[t].data_ptr<float>(), exp_avg_sq_scales[t].data_ptr<float>(),
           ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);
   });
-  for (at::TensorList written :
-       {params, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps}) {
+  bump_operands(params, remainders, grads, grad_scale);
+  for (at::TensorList written : {exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps}) {
     bump_versions(written);
   }
-  if (compensated) bump_versions(remainders);
-  if (grad_scale != 1.0) bump_versions(grads);
   return true;
 }
 

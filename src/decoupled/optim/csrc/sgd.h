@@ -105,10 +105,9 @@ bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensor
   const bool compensated = !remainders.empty();
   const bool ref = !references.empty();
   const bool has_momentum = momentum != 0;
-  if (!usable_weights(params, remainders) || !usable_list(grads, params, param_dtype) ||
+  if (!usable_operands(params, remainders, grads, references) ||
       (has_momentum && (!usable_list(momentum_buffers, params, at::kFloat) ||
-                        fresh.size() != n)) ||
-      (ref && !usable_list(references, params, param_dtype)) || !disjoint(params)) {
+                        fresh.size() != n))) {
     return false;
   }
   if (compensated && !(std::isfinite(step) && step >= 0)) return false;
@@ -130,9 +129,7 @@ bool sgd_any_step(const Tensors& params, const Tensors& remainders, const Tensor
                g, has_momentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                ref ? references[t].data_ptr() : nullptr, begin, end, scalars[t]);
   });
-  bump_versions(params);
-  if (compensated) bump_versions(remainders);
+  bump_operands(params, remainders, grads, grad_scale);
   if (has_momentum) bump_versions(momentum_buffers);
-  if (grad_scale != 1.0) bump_versions(grads);
   return true;
 }

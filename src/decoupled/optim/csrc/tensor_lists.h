@@ -52,6 +52,25 @@ bool usable_weights(const Tensors& params, const Tensors& remainders) {
          usable_list(params, params, dtype) && usable_list(remainders, params, at::kChar);
 }
 
+// What every step reads beside its state: θ with its remainders (usable_weights), g and θ₀
+// (none where `references` is empty) of θ's dtype, and θ's tensors disjoint. The list is not
+// empty.
+bool usable_operands(const Tensors& params, const Tensors& remainders, const Tensors& grads,
+                     const Tensors& references) {
+  const auto dtype = params[0].scalar_type();
+  return usable_weights(params, remainders) && usable_list(grads, params, dtype) &&
+         (references.empty() || usable_list(references, params, dtype)) && disjoint(params);
+}
+
+// What every step writes beside its state: θ, its remainders, and g where it was unscaled in
+// place (a loss scale other than 1).
+void bump_operands(const Tensors& params, const Tensors& remainders, const Tensors& grads,
+                   double grad_scale) {
+  bump_versions(params);
+  bump_versions(remainders);  // empty for float32 θ
+  if (grad_scale != 1.0) bump_versions(grads);
+}
+
 // Calls update(t, begin, end) for every chunk of every tensor, the chunks of all tensors
 // shared among the threads of one parallel region.
 template <typename Update>
