@@ -15,11 +15,11 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from decoupled.optim import _build
+from decoupled.optim._cpu import _cpuinfo
 
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64" or shutil.which("objdump") is None,
@@ -76,7 +76,8 @@ def step_functions(arch: str | None = None) -> dict[str, str]:
     }
 
 
-AVX2 = "avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+_CPU_FLAGS = _cpuinfo()[1]  # empty where /proc/cpuinfo is not
+AVX2 = "avx2" in _CPU_FLAGS
 
 
 @pytest.mark.parametrize(
@@ -112,10 +113,7 @@ def test_every_element_loop_runs_on_vector_lanes(arch):
     assert not scalar, f"{len(scalar)} element loops left scalar:\n" + "\n".join(scalar)
 
 
-AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-
-
-@pytest.mark.skipif(not AVX512, reason="512-bit vectors need AVX-512")
+@pytest.mark.skipif("avx512f" not in _CPU_FLAGS, reason="512-bit vectors need AVX-512")
 def test_the_native_build_uses_512_bit_vectors_where_the_cpu_has_them():
     """GCC's tuning for Intel cores keeps AVX-512 code 256 bits wide unless told otherwise
     (`-mprefer-vector-width=512`, _build.compile_flags); the int8 and compensated steps, bound
