@@ -121,6 +121,10 @@ class Code:
         self.unit = self.tiny / 8
         self.top = (0x3F800000 >> FRACTION_SHIFT) - bias
 
+    def above_top(self, codes: Tensor) -> Tensor:
+        """Where ``|q|`` exceeds ``top``: codes this format never writes (another format's)."""
+        return codes.to(torch.int32).abs() > self.top
+
 
 CODES = {"exp_avg": Code(torch.int8, 127, 896), "exp_avg_sq": Code(torch.uint8, 255, 768)}
 
@@ -276,7 +280,7 @@ def upgrade_int8_state(state_dict: dict) -> int:
             if not is_coded(param_state, key):
                 continue
             codes, scale = param_state[key], param_state[key + SCALE_SUFFIX]
-            if not bool((codes.to(torch.int32).abs() > code.top).any()):
+            if not bool(code.above_top(codes).any()):
                 continue
             del param_state[key + SCALE_SUFFIX]
             param_state[key] = _scaled_levels(
@@ -290,7 +294,7 @@ def upgrade_int8_state(state_dict: dict) -> int:
 def _square_law_levels(codes: Tensor, key: str) -> Tensor:
     """decoupled 0.4's levels: ``(q·|q|)·c`` for m, ``((q·q)·c)²`` for v, ``c = fl(1/127²)``,
     ``fl(1/255²)``."""
-    largest = 127 if key == "exp_avg" else 255
+    largest = CODES[key].largest
     unit = torch.tensor(1 / largest**2, dtype=torch.float32, device=codes.device)
     q = codes.to(torch.float32)
     if key == "exp_avg":
@@ -312,7 +316,7 @@ def check_coded(where: str, key: str, state: dict, param: Tensor) -> None:
     if codes.dtype != dtype:
         refuse(where, f"{key} dtype", codes.dtype, f"must be {dtype} (8-bit codes)")
     top = CODES[key].top
-    beyond = codes.to(torch.int32).abs() > top
+    beyond = CODES[key].above_top(codes)
     if bool(beyond.any()):
         shown = _local(codes)[_local(beyond)].flatten()[:1].tolist()
         value = shown[0] if shown else "a code (in another shard)"
