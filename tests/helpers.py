@@ -12,13 +12,21 @@ from torch import nn
 
 @dataclass(frozen=True)
 class OptimizerInput:
-    """One row of an optimizer table (PyTorch's ``OptimizerInput`` idea): kwargs + a label."""
+    """One row of an optimizer table (PyTorch's ``OptimizerInput`` idea): kwargs + a label.
 
-    kwargs: dict = field(default_factory=dict)
+    ``kwargs`` is a fresh deep copy at every access. A row's tensor lr is otherwise one tensor
+    shared by every test that uses the row, and by both optimizers of a comparison: a
+    scheduler's in-place update of it leaked into later tests (which then ran with lr 0)."""
+
+    stored: dict = field(default_factory=dict)
     desc: str = ""
 
+    @property
+    def kwargs(self) -> dict:
+        return copy.deepcopy(self.stored)
+
     def __repr__(self) -> str:
-        return self.desc or repr(self.kwargs)
+        return self.desc or repr(self.stored)
 
 
 class RMSNorm(nn.Module):

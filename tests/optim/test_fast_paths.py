@@ -93,9 +93,20 @@ def test_the_kernel_builds_on_this_machine():
 def test_fast_path_matches_the_reference_loop(info, path, inp, dtype, path_log, monkeypatch):
     if path.hide_kernel:
         monkeypatch.setattr(_build, "_ops", None)
-    results = run_both(info.cls, inp.kwargs, dtype, path_kwargs=path.kwargs)
+    kwargs = inp.kwargs
+    results = run_both(info.cls, kwargs, dtype, path_kwargs=path.kwargs)
     assert set(path_log[::2]) == {path.logged(info.family)}
-    assert_close_paths(*results, TOLERANCE[dtype])
+    assert_close_paths(*results, tolerance(kwargs, dtype, path))
+
+
+def tolerance(kwargs, dtype, path) -> float:
+    """TOLERANCE, except for float64 θ with a float32 tensor lr on torch's fused kernel. torch's
+    single-tensor loop, and so the reference loop, rounds the step size γ/(1 − β1ᵗ) to the
+    lr's float32 (torch/optim/adam.py: ``step_size = lr / bias_correction1``); the fused kernel
+    takes it in float64. After 100 steps θ parts by 6e-10 of its largest entry (measured)."""
+    lr = kwargs.get("lr")
+    float32_step = torch.is_tensor(lr) and lr.dtype == torch.float32 and dtype == torch.float64
+    return 1e-8 if float32_step and path.name == "torch-fused" else TOLERANCE[dtype]
 
 
 # Adam's L2 term carries θ's ulps (see below) into its moments: not bitwise there

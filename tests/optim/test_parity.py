@@ -8,6 +8,8 @@ check. Our default fast paths are held to the tolerances here and in ``test_fast
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -27,7 +29,7 @@ def run_pair(ours_cls, torch_cls, kwargs, model_name, dtype, steps, scheduler=No
     model_ours, model_torch, input_shape = twin_models(model_name, dtype)
     path_kwargs = (path or PATH["reference"]).kwargs
     ours = ours_cls(model_ours.parameters(), **path_kwargs, **kwargs)
-    theirs = torch_cls(model_torch.parameters(), foreach=False, **kwargs)
+    theirs = torch_cls(model_torch.parameters(), foreach=False, **copy.deepcopy(kwargs))
     sched_ours = scheduler(ours) if scheduler else None
     sched_theirs = scheduler(theirs) if scheduler else None
     train(model_ours, ours, input_shape, steps, dtype, scheduler=sched_ours)
