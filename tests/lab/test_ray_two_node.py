@@ -77,6 +77,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def read_lines(stream, lines: queue.Queue[str]) -> None:
+    with stream:
+        for line in stream:
+            lines.put(line)
+
+
 class Cluster:
     """The processes this test starts, killed at the end (and nothing else)."""
 
@@ -102,8 +108,9 @@ class Cluster:
         )
         self.groups.append(process)
         lines: queue.Queue[str] = queue.Queue()
-        # a thread reads the output, so that a wait on it can time out
-        threading.Thread(target=lambda: [lines.put(x) for x in process.stdout], daemon=True).start()
+        # a thread reads the output, so that a wait on it can time out, and closes it at its
+        # end (left open, it was collected in a later test, failing it with a ResourceWarning)
+        threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
         said, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
