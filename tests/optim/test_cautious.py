@@ -199,6 +199,8 @@ def test_the_mask_is_mixed_in_these_runs():
     cautious = formula_adamw_cwd(options)[0]
     _, adamw_params = run_plain(decoupled.AdamW, options, torch.float64, fused=False)
     assert relative(adamw_params, cautious) > 1e-6
+    _, undecayed = run_plain(decoupled.AdamW, {"weight_decay": 0.0}, torch.float64, fused=False)
+    assert relative(undecayed, cautious) > 1e-6
 
 
 def run_plain(cls, options, dtype, fused, grads_of=None):

@@ -148,10 +148,15 @@ def test_decay_to_init_state_round_trips_before_and_without_a_first_step(cls):
         saved = save_and_load(optimizer.state_dict())
         restored = cls([used, unused], lr=0.1, weight_decay=0.1, decay_to="init")
         restored.load_state_dict(saved)
+        expected = optimizer.state_dict()["state"]
         for clone in (restored, copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
-            assert sorted(map(sorted, clone.state_dict()["state"].values())) == sorted(
-                map(sorted, optimizer.state_dict()["state"].values())
-            )
+            state = clone.state_dict()["state"]
+            assert {i: sorted(s) for i, s in state.items()} == {
+                i: sorted(s) for i, s in expected.items()
+            }
+            for index, entries in expected.items():
+                for key, value in entries.items():
+                    assert torch.equal(torch.as_tensor(state[index][key]), torch.as_tensor(value))
 
 
 def test_loaded_state_keeps_this_optimizers_fused_choice():

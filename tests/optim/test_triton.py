@@ -10,6 +10,7 @@ module is first imported; a process that imported it compiled (a CUDA run of
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -83,7 +84,7 @@ def assert_same(ours, theirs, params_ours, params_theirs, rtol=1e-6, atol=1e-7):
 
 def compare(cls, steps=3, shapes=SHAPES, **options):
     reference_params, triton_params = make_params(shapes=shapes), make_params(shapes=shapes)
-    reference = train(cls, reference_params, steps, fused=False, **options)
+    reference = train(cls, reference_params, steps, fused=False, **copy.deepcopy(options))
     ours = train(cls, triton_params, steps, triton=True, **options)
     assert_same(ours, reference, triton_params, reference_params)
 
