@@ -54,7 +54,7 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
         "--budget",
         "150",
         "--seeds",
-        "5",  # 10 runs of about 0.6 s: time to see the first finish and interrupt, when busy
+        "3",
         "--workers",
         "1",
         "--no-progress",
@@ -68,13 +68,13 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
     process.communicate(timeout=60)
     store = ResultStore(db)
     kept = {r.key: r.finished for r in store.records() if r.status == "done"}
-    assert 1 <= len(kept) < 10
+    assert 1 <= len(kept) < 6
     assert not [r for r in store.records() if r.status == "running"]  # marked, not left running
 
     finished = run_cli(*args[3:])
     assert finished.returncode == 0, finished.stderr
     records = store.records()
-    assert len(records) == 10 and all(r.status == "done" for r in records)
+    assert len(records) == 6 and all(r.status == "done" for r in records)
     assert all(next(r for r in records if r.key == k).finished == t for k, t in kept.items())
 
 
