@@ -1,12 +1,14 @@
-"""Hypothesis profiles for the whole suite, and Ctrl-C reaching the processes tests start.
+"""Hypothesis profiles, one torch thread per xdist worker, Ctrl-C reaching test processes.
 
 ``default`` draws the same examples on every run (``derandomize``), so a run that lands or is
 refused says something about the change and not about the draw. ``explore`` draws new ones:
 ``python -m pytest --hypothesis-profile=explore`` searches for cases the fixed draw misses;
 a failure it finds is pinned with ``@example`` before it is fixed."""
 
+import os
 import signal
 
+import torch
 from hypothesis import settings
 
 settings.register_profile("default", derandomize=True, database=None)
@@ -19,3 +21,14 @@ settings.load_profile("default")
 # process a test starts (exec resets a handled signal, not an ignored one).
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_configure(config):
+    """pyproject's addopts run the suite in pytest-xdist workers, one per core. Each worker
+    runs torch's ops on one thread: two workers with a thread per core each, on 2 cores, spent
+    their time spinning in each other's thread pools (9.8 min, as long as in one process; 7.6
+    to 7.8 with one thread each, on a 2-core Xeon). Subprocesses that tests start keep
+    torch's default. The tests that start processes which train (sweeps killed and resumed,
+    Ray clusters) are marked ``xdist_group("processes")``: one worker runs them in turn."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

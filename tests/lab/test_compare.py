@@ -44,6 +44,7 @@ def test_compare_end_to_end_and_report_rebuild(tmp_path):
     assert (out / "report.md").read_text() == report
 
 
+@pytest.mark.xdist_group("processes")
 def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path):
     out = tmp_path / "runs"
     args = [

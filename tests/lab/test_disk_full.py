@@ -16,6 +16,8 @@ from decoupled.cli import EXIT_STORAGE, main
 from decoupled.lab import executor, workflow
 from decoupled.lab.store import ResultStore
 
+pytestmark = pytest.mark.xdist_group("processes")  # one xdist worker runs them in turn
+
 SWEEP = [
     "sweep",
     "--task",

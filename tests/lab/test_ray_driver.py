@@ -29,6 +29,8 @@ from decoupled.lab.ray_executor import (
 from decoupled.lab.store import ResultStore, config_key
 from decoupled.lab.train import RunSpec
 
+pytestmark = pytest.mark.xdist_group("processes")  # one xdist worker runs them in turn
+
 SPECS = [
     RunSpec("mnist1d", optimizer, lr, weight_decay, seed=0, steps=8, eval_every=4)
     for optimizer, weight_decay in (("adam", 1e-3), ("adamw", 1e-2))

@@ -34,6 +34,8 @@ import pytest
 from decoupled.lab.store import ResultStore
 from tests.helpers import wait_for_finished_runs
 
+pytestmark = pytest.mark.xdist_group("processes")  # one xdist worker runs them in turn
+
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # a dependency of ray
 

@@ -488,6 +488,7 @@ SMALL_SWEEP = [
 ]
 
 
+@pytest.mark.xdist_group("processes")
 def test_sweep_resumes_after_kill_9_with_every_run_done_once(tmp_path):
     out = tmp_path / "runs"
     args = [
@@ -522,6 +523,7 @@ def test_sweep_resumes_after_kill_9_with_every_run_done_once(tmp_path):
     assert len(list((out / "plots").glob("sweep-mnist1d*-heatmap.png"))) == 1
 
 
+@pytest.mark.xdist_group("processes")
 def test_sweep_on_a_local_ray_instance(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "ray-runs"
@@ -597,6 +599,7 @@ def test_a_batched_run_of_one_cell_equals_a_separate_run(optimizer, float64_mnis
     assert cell.weight_norms["total"] == pytest.approx(separate.weight_norms["total"], rel=1e-12)
 
 
+@pytest.mark.xdist_group("processes")
 def test_batched_executor_through_the_cli(tmp_path):
     out = tmp_path / "batched"
     result = run_cli(*SMALL_SWEEP, "--executor", "batched", "--out", str(out), timeout=300)
@@ -626,6 +629,7 @@ def test_a_lone_pending_cell_trains_beside_a_twin(tmp_path, monkeypatch):
     assert record.heartbeat > record.started  # beat at its evaluations (none did before)
 
 
+@pytest.mark.xdist_group("processes")
 def test_a_worker_killed_mid_run_fails_its_run_and_the_sweep_goes_on(tmp_path):
     """kill -9 of one pool worker (as the OOM killer would): the pool breaks and stops every
     worker; their runs are marked failed (retried next time), the others still run, and the
