@@ -95,7 +95,8 @@ void for_each_chunk(at::TensorList params, const Update& update) {
     return std::lower_bound(offsets.begin(), offsets.end(), bound) - offsets.begin();
   };
   at::parallel_for(0, shares, 1, [&](int64_t first_share, int64_t last_share) {
-    for (int64_t w = first_chunk(first_share); w < first_chunk(last_share); ++w) {
+    const int64_t last = first_chunk(last_share);  // one search, not one per chunk
+    for (int64_t w = first_chunk(first_share); w < last; ++w) {
       const auto [t, begin] = work[w];
       update(t, begin, std::min(begin + kChunk, params[t].numel()));
     }
