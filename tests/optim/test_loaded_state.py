@@ -174,25 +174,60 @@ def test_a_negative_step_written_into_live_state_raises_on_every_path(fused):
     assert torch.isfinite(p).all()
 
 
+def float_state(optimizer):
+    """Each parameter's state tensors as float32 (``step`` as a number), in parameter order."""
+    return [
+        {key: value.float() if torch.is_tensor(value) else value for key, value in state.items()}
+        for state in optimizer.state_dict()["state"].values()
+    ]
+
+
+def assert_states_close(ours, theirs, rtol):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=0, msg=key)
+
+
+def step_alike(*pairs):
+    """One step of each optimizer on its parameters, with the same gradients."""
+    grads = [torch.randn_like(p) for p in pairs[0][1]]
+    for optimizer, params in pairs:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
 @pytest.mark.parametrize("info,path", cases(entries=lambda info: info.torch_cls))
 def test_a_valid_torch_state_dict_still_loads_both_ways(info, path, monkeypatch):
+    """torch's state loads into ours and ours into torch's, values kept (to the state dtype's
+    rounding): the optimizers then step alike."""
     ours_cls, torch_cls, path_kwargs = info.cls, info.torch_cls, path.kwargs
     kwargs = {"amsgrad": True} if info.family == "adam" else {"momentum": 0.9}
     if path.hide_kernel:
         monkeypatch.setattr(decoupled.optim._build, "_ops", None)
+    compact = "state_dtype" in path_kwargs
+    rtol = 2.0**-8 if compact else 0.0  # bfloat16 state: rounded to 8 significant bits
+    step_tol = dict(rtol=0, atol=1e-4) if compact else dict(rtol=1e-6, atol=1e-7)
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
-    theirs = torch_cls(params, lr=0.01, **kwargs)
+    shapes = [(4, 3), (3,)]
+    theirs_params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    theirs = torch_cls(theirs_params, lr=0.01, **kwargs)
     for _ in range(3):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        theirs.step()
-    ours = ours_cls(params, lr=0.01, **kwargs, **path_kwargs)
+        step_alike((theirs, theirs_params))
+    ours_params = [torch.nn.Parameter(p.detach().clone()) for p in theirs_params]
+    ours = ours_cls(ours_params, lr=0.01, **kwargs, **path_kwargs)
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
-    for p in params:
-        p.grad = torch.randn_like(p)
-    ours.step()
-    back = torch_cls(params, lr=0.01, **kwargs)
-    back.load_state_dict(ours.state_dict())
-    back.step()
-    assert all(torch.isfinite(p).all() for p in params)
+    assert_states_close(float_state(ours), float_state(theirs), rtol)
+    step_alike((ours, ours_params), (theirs, theirs_params))
+    for a, b in zip(ours_params, theirs_params):
+        torch.testing.assert_close(a, b, **step_tol)
+
+    back_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    back = torch_cls(back_params, lr=0.01, **kwargs)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))  # live state is shared otherwise
+    assert_states_close(float_state(back), float_state(ours), 0.0)  # widened exactly
+    step_alike((ours, ours_params), (back, back_params))
+    for a, b in zip(ours_params, back_params):
+        torch.testing.assert_close(a, b, **step_tol)
