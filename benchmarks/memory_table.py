@@ -7,6 +7,12 @@ an int8 remainder; bfloat16 plain, ``compensate=False``) and, for AdamW, the mom
 (θ's dtype, ``state_dtype=torch.bfloat16``, ``state_dtype="int8"``), on one 1M-element tensor
 after a step: the step counter and the int8 scales (one float32 per 256 elements) are
 included. SGDW (momentum 0.9) keeps one momentum buffer: θ's dtype, float32 for compensated θ.
+
+A second table steps inside backward (``decoupled.optim.step_in_backward``), where each
+gradient is freed as soon as its parameter has stepped: g is then the most gradient bytes
+alive at once during one backward pass (counted by a hook that runs before each step), per
+parameter, on a stack of 16 ``Linear(256, 256)`` layers (1.05M parameters). With a model's
+largest tensor holding a share s of its parameters, g is about s·(bytes of one gradient).
 """
 
 from __future__ import annotations
@@ -29,6 +35,50 @@ def bytes_per_param(param_dtype: torch.dtype, cls=decoupled.AdamW, **options) ->
     parts["moments"] = sum(t.nbytes for k, t in state.items() if k.startswith(moments))
     parts["other state"] = sum(t.nbytes for k, t in state.items() if not k.startswith(moments))
     return {key: value / N for key, value in parts.items()}
+
+
+def bytes_per_param_in_backward(param_dtype: torch.dtype, cls=decoupled.AdamW, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(16))).to(param_dtype)
+    params = list(model.parameters())
+    optimizer = cls(params, **options)
+    alive = [0]
+
+    def count_alive(_):  # registered before the steps' hooks: sees this gradient too
+        alive[0] = max(alive[0], sum(p.grad.nbytes for p in params if p.grad is not None))
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(count_alive)
+    decoupled.optim.step_in_backward(optimizer)
+    model(torch.randn(8, 256, dtype=param_dtype)).float().square().mean().backward()
+    assert all(p.grad is None for p in params)
+    numel = sum(p.numel() for p in params)
+    moments = ("exp_avg", "momentum_buffer")
+    states = [optimizer.state[p] for p in params]
+    parts = {
+        "θ": sum(p.nbytes for p in params),
+        "g": alive[0],
+        "moments": sum(t.nbytes for s in states for k, t in s.items() if k.startswith(moments)),
+        "other state": sum(
+            t.nbytes for s in states for k, t in s.items() if not k.startswith(moments)
+        ),
+    }
+    return {key: value / numel for key, value in parts.items()}
+
+
+def table_in_backward() -> str:
+    lines = [
+        f"{'':<7}{'θ':<26}{'state':<10}{'θ':>6}{'g':>6}{'moments':>9}{'other':>8}{'total':>8}",
+    ]
+    rows = (
+        ("AdamW", "float32", torch.float32, "float32", {}),
+        ("AdamW", "bfloat16 + compensation", torch.bfloat16, "int8", {"state_dtype": "int8"}),
+        ("AdamW", "bfloat16 plain", torch.bfloat16, "int8",
+         {"state_dtype": "int8", "compensate": False}),
+    )  # fmt: skip
+    for algorithm, label, dtype, state, options in rows:
+        lines.append(_row(algorithm, label, state, bytes_per_param_in_backward(dtype, **options)))
+    return "\n".join(lines)
 
 
 def table() -> str:
@@ -64,3 +114,5 @@ def _row(algorithm: str, label: str, state: str, parts: dict[str, float]) -> str
 
 if __name__ == "__main__":
     print(table())
+    print("\nstepped inside backward (step_in_backward), 16 x Linear(256, 256):")
+    print(table_in_backward())

@@ -1,0 +1,150 @@
+"""``step_in_backward``: each parameter stepped from its gradient hook, its gradient freed, with
+the result of ``backward()`` then ``step()`` bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import decoupled
+from decoupled.optim import step_in_backward
+from tests.helpers import assert_same_training_state
+
+
+def model(dtype=torch.float32) -> nn.Module:
+    """Six parameters, two above one int8 block (256 elements), one a partial block."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 24), nn.Tanh(), nn.Linear(24, 3)
+    ).to(dtype)
+
+
+def loss_of(net: nn.Module, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 12, generator=generator).to(next(net.parameters()).dtype)
+    return net(x).float().square().mean()
+
+
+def two_groups(net: nn.Module, **second) -> list[dict]:
+    params = list(net.parameters())
+    return [{"params": params[:3]}, {"params": params[3:], **second}]
+
+
+def lambda_schedule(step: int) -> float:
+    return 0.05 / step
+
+
+CONFIGS = {
+    "AdamW kernel": (decoupled.AdamW, {"weight_decay": 0.1}, {}),
+    "AdamW reference": (decoupled.AdamW, {"weight_decay": 0.1, "fused": False}, {}),
+    "Adam L2 amsgrad": (decoupled.Adam, {"weight_decay": 0.01, "amsgrad": True}, {}),
+    "AdamW bfloat16 state": (decoupled.AdamW, {"state_dtype": torch.bfloat16}, {}),
+    "AdamW int8 state": (decoupled.AdamW, {"state_dtype": "int8"}, {"lr": 3e-3}),
+    "AdamW cautious to init": (decoupled.AdamW, {"cautious": True, "decay_to": "init"}, {}),
+    "AdamW λ schedule": (decoupled.AdamW, {"weight_decay": lambda_schedule}, {}),
+    "SGDW momentum": (decoupled.SGDW, {"momentum": 0.9, "weight_decay": 0.1}, {"lr": 0.05}),
+    "SGD nesterov": (decoupled.SGD, {"momentum": 0.9, "nesterov": True}, {}),
+}
+
+
+def twins(cls, options, second, dtype=torch.float32):
+    ours, theirs = model(dtype), model(dtype)
+    make = lambda net: cls(two_groups(net, **second), lr=1e-2, **options)  # noqa: E731
+    return ours, make(ours), theirs, make(theirs)
+
+
+def train_both(ours, in_backward, theirs, stepped, steps=5, scheduler=False):
+    schedulers = (
+        [torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in (in_backward, stepped)]
+        if scheduler
+        else []
+    )
+    steps_in_backward = step_in_backward(in_backward)
+    for step in range(steps):
+        loss_of(ours, step).backward()
+        assert all(p.grad is None for p in ours.parameters()), "a gradient was kept"
+        loss_of(theirs, step).backward()
+        stepped.step()
+        stepped.zero_grad()
+        for s in schedulers:
+            s.step()
+    steps_in_backward.remove()
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # torch's LR schedulers: step() "ran"
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_stepping_in_backward_is_backward_then_step_bit_for_bit(name):
+    cls, options, second = CONFIGS[name]
+    ours, in_backward, theirs, stepped = twins(cls, options, second)
+    train_both(ours, in_backward, theirs, stepped, scheduler=name.startswith("SGDW"))
+    assert_same_training_state(in_backward, stepped, ours, theirs)
+    for mine, its in zip(in_backward.param_groups, stepped.param_groups):
+        assert mine["decay_steps"] == its["decay_steps"] == 5
+        assert mine["lr"] == its["lr"]
+
+
+@pytest.mark.parametrize("cls", [decoupled.AdamW, decoupled.SGDW])
+def test_compensated_bfloat16_weights_step_alike_in_backward(cls):
+    options = {"momentum": 0.9} if cls is decoupled.SGDW else {"state_dtype": "int8"}
+    ours, in_backward, theirs, stepped = twins(cls, options, {}, dtype=torch.bfloat16)
+    train_both(ours, in_backward, theirs, stepped)
+    assert_same_training_state(in_backward, stepped, ours, theirs)
+    assert any("remainder" in key for key in in_backward.state[next(ours.parameters())])
+
+
+def test_at_most_two_gradients_are_alive_at_once():
+    net = model()
+    optimizer = decoupled.AdamW(net.parameters(), lr=1e-3)
+    alive = []
+    for p in net.parameters():  # registered first: runs before the step frees the gradient
+        p.register_post_accumulate_grad_hook(
+            lambda _: alive.append(sum(q.grad is not None for q in net.parameters()))
+        )
+    step_in_backward(optimizer)
+    loss_of(net, 0).backward()
+    assert len(alive) == 6 and max(alive) <= 2  # a layer's weight and bias, at most
+
+
+def test_remove_gives_back_the_ordinary_step():
+    net = model()
+    optimizer = decoupled.AdamW(net.parameters(), lr=1e-3)
+    step_in_backward(optimizer).remove()
+    before = [p.detach().clone() for p in net.parameters()]
+    loss_of(net, 0).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    optimizer.step()
+    assert not any(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_a_refused_step_stops_backward_and_the_next_pass_steps_again():
+    net = model()
+    optimizer = decoupled.AdamW(net.parameters(), lr=1e-3)
+    step_in_backward(optimizer)
+    before = copy.deepcopy(net.state_dict())
+    optimizer.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="1.5"):
+        loss_of(net, 0).backward()
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed by a refused step"
+    assert optimizer.param_groups[0]["decay_steps"] == 0 and not optimizer.state
+    optimizer.param_groups[0]["betas"] = (0.9, 0.999)
+    for p in net.parameters():
+        p.grad = None
+    loss_of(net, 1).backward()
+    assert optimizer.param_groups[0]["decay_steps"] == 1
+    assert all(float(optimizer.state[p]["step"]) == 1 for p in net.parameters())
+
+
+def test_what_cannot_step_in_backward_is_refused():
+    net = model()
+    with pytest.raises(TypeError, match="not AdamW"):
+        step_in_backward(torch.optim.AdamW(net.parameters()))
+    with pytest.raises(ValueError, match="skip_nonfinite"):
+        step_in_backward(decoupled.AdamW(net.parameters(), skip_nonfinite=True))
+    with pytest.raises(ValueError, match="differentiable=True"):
+        step_in_backward(decoupled.AdamW(net.parameters(), differentiable=True))
+    assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
