@@ -497,7 +497,7 @@ def test_sweep_resumes_after_kill_9_with_every_run_done_once(tmp_path):
         "decoupled",
         *SMALL_SWEEP,
         "--budget",
-        "120",
+        "80",
         "--workers",
         "1",
         "--out",
@@ -639,7 +639,7 @@ def test_a_worker_killed_mid_run_fails_its_run_and_the_sweep_goes_on(tmp_path):
     from contextlib import closing
 
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "decoupled", *SMALL_SWEEP, "--budget", "300"]
+    args = [sys.executable, "-m", "decoupled", *SMALL_SWEEP, "--budget", "150"]
     process = subprocess.Popen(
         [*args, "--workers", "2", "--out", str(out)],
         stdout=subprocess.PIPE,
@@ -667,7 +667,7 @@ def test_a_worker_killed_mid_run_fails_its_run_and_the_sweep_goes_on(tmp_path):
     assert len(records) == 8 and 1 <= len(failed) <= 2
     assert all("worker process died" in r.error for r in failed)
     assert all(r.status == "done" for r in records if r not in failed)
-    rerun = run_cli(*SMALL_SWEEP, "--budget", "300", "--workers", "2", "--out", str(out))
+    rerun = run_cli(*SMALL_SWEEP, "--budget", "150", "--workers", "2", "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr
     assert all(r.status == "done" for r in ResultStore(out / "results.db").records())
 
