@@ -1,7 +1,8 @@
 """The Triton path under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) against
 the reference loops: every option, group layouts and chunk boundaries, bfloat16 stochastic
 rounding bit for bit, state-dict round trips between paths, cautious decay against a float64
-formula, the device-side decisions of ``capturable=True``, and the ``triton=`` errors.
+formula, the device-side decisions of ``capturable=True``, ``step_in_backward``, and the
+``triton=`` errors.
 
 Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so it is set while the kernels'
 module is first imported; a process that imported it compiled (a CUDA run of
@@ -583,3 +584,32 @@ def test_kernels_are_compiled_without_implicit_multiply_adds(launches):
     for name, options in launches.options.items():
         assert options, name
         assert all(launch["enable_fp_fusion"] is False for launch in options), name
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_stepping_in_backward_equals_backward_then_step(state_dtype):
+    """``step_in_backward`` runs the Triton update one parameter at a time, at the rounding
+    position ``step()`` gives it: the same parameters and state, bit for bit."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))]
+    nets.append(copy.deepcopy(nets[0]))
+    optimizers = [
+        decoupled.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, triton=True,
+                        state_dtype=state_dtype)
+        for net in nets
+    ]  # fmt: skip
+    steps = decoupled.optim.step_in_backward(optimizers[0])
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 5, generator=generator)
+        nets[0](x).square().mean().backward()
+        nets[1](x).square().mean().backward()
+        optimizers[1].step()
+        optimizers[1].zero_grad()
+    steps.remove()
+    params = [list(net.parameters()) for net in nets]
+    assert all(p.grad is None for p in params[0])
+    for p, q in zip(*params):
+        assert torch.equal(p, q)
+        for key, value in optimizers[0].state[p].items():
+            assert torch.equal(value, optimizers[1].state[q][key]), key
