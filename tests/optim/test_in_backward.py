@@ -148,3 +148,33 @@ def test_what_cannot_step_in_backward_is_refused():
     with pytest.raises(ValueError, match="differentiable=True"):
         step_in_backward(decoupled.AdamW(net.parameters(), differentiable=True))
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
+
+
+def test_a_frozen_layer_is_left_out_and_the_rest_steps_as_step_does():
+    ours, in_backward, theirs, stepped = twins(decoupled.AdamW, {"weight_decay": 0.1}, {})
+    for net in (ours, theirs):
+        net[2].requires_grad_(False)
+    frozen = [p.detach().clone() for p in ours[2].parameters()]
+    train_both(ours, in_backward, theirs, stepped, steps=3)
+    assert_same_training_state(in_backward, stepped, ours, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, ours[2].parameters()))
+
+
+def test_sparse_gradients_step_where_the_optimizer_takes_them_and_are_refused_elsewhere():
+    def embedding_and_loss():
+        torch.manual_seed(0)
+        table = nn.Embedding(10, 4, sparse=True)
+        return table, lambda: table(torch.tensor([1, 3, 3])).square().sum()
+
+    table, loss = embedding_and_loss()
+    step_in_backward(decoupled.AdamW(table.parameters()))
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        loss().backward()
+    (ours, ours_loss), (theirs, theirs_loss) = embedding_and_loss(), embedding_and_loss()
+    in_backward, stepped = (decoupled.SGD(t.parameters(), lr=0.1) for t in (ours, theirs))
+    step_in_backward(in_backward)
+    ours_loss().backward()
+    theirs_loss().backward()
+    stepped.step()
+    assert ours.weight.grad is None and torch.equal(ours.weight, theirs.weight)
+    assert not torch.equal(ours.weight, embedding_and_loss()[0].weight)

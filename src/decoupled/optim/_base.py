@@ -233,17 +233,22 @@ class DecayOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
         for p in group["params"]:
-            grad = p.grad
+            grad = self._grad_of(p)
             if grad is None:  # never touched, as in torch: no decay without a gradient
                 continue
-            if grad.is_sparse and not self.sparse_grads:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients (parameter of "
-                    f"shape {tuple(p.shape)}); use torch.optim.SparseAdam or a dense embedding"
-                )
             params.append(p)
             grads.append(grad)
         return params, grads
+
+    def _grad_of(self, p: Tensor) -> Tensor | None:
+        """``p.grad``, refused where it is sparse and this optimizer steps dense ones only."""
+        grad = p.grad
+        if grad is not None and grad.is_sparse and not self.sparse_grads:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients (parameter of "
+                f"shape {tuple(p.shape)}); use torch.optim.SparseAdam or a dense embedding"
+            )
+        return grad
 
     def _all_grads_finite(self) -> bool:
         flags = [

@@ -25,7 +25,9 @@ What cannot work this way is refused or documented:
 - the gradients are gone after ``backward()``: no clipping by the global norm, no
   accumulation over micro-batches (each ``backward()`` steps), no GradScaler (its scaled
   gradients would be stepped unscaled; bfloat16 autocast needs no scaler);
-- ``optimizer.step()`` finds no gradients and changes nothing, and its step hooks do not run.
+- ``optimizer.step()`` finds no gradients and changes nothing, and its step hooks do not run;
+- parameters frozen (``requires_grad=False``) when the hooks are set, or added to the
+  optimizer later, get no hook: they step only through a new ``step_in_backward``.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ class BackwardSteps:
         self._handles = []
         for group, first in zip(groups, firsts):
             for index, param in enumerate(group["params"]):
-                self._place[param] = (group, first + index)
-                self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
+                if param.requires_grad:  # a frozen one never gets a gradient (nor a hook)
+                    self._place[param] = (group, first + index)
+                    self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -64,13 +67,14 @@ class BackwardSteps:
 
     @torch.no_grad()
     def _step_one(self, param: Tensor) -> None:
-        if param.grad is None:
+        grad = self.optimizer._grad_of(param)
+        if grad is None:
             return
         if not self._pass_open:  # the first hook of this backward pass
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
             self._pass_open = True
         optimizer, (group, position) = self.optimizer, self._place[param]
-        params, grads = [param], [param.grad]
+        params, grads = [param], [grad]
         try:
             decay = optimizer._decay_terms(group, params)
             if group.get("fused"):
