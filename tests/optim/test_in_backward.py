@@ -150,8 +150,12 @@ def test_what_cannot_step_in_backward_is_refused():
     assert not any(p._post_accumulate_grad_hooks for p in net.parameters())
 
 
-def test_a_frozen_layer_is_left_out_and_the_rest_steps_as_step_does():
-    ours, in_backward, theirs, stepped = twins(decoupled.AdamW, {"weight_decay": 0.1}, {})
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, "int8"])
+def test_a_frozen_layer_is_left_out_and_the_rest_steps_as_step_does(state_dtype):
+    """The frozen bias is first in its group: the parameters after it round at the positions
+    step() gives them (it counts the ones with gradients)."""
+    options = {"weight_decay": 0.1, "state_dtype": state_dtype}
+    ours, in_backward, theirs, stepped = twins(decoupled.AdamW, options, {})
     for net in (ours, theirs):
         net[2].requires_grad_(False)
     frozen = [p.detach().clone() for p in ours[2].parameters()]
@@ -178,3 +182,77 @@ def test_sparse_gradients_step_where_the_optimizer_takes_them_and_are_refused_el
     stepped.step()
     assert ours.weight.grad is None and torch.equal(ours.weight, theirs.weight)
     assert not torch.equal(ours.weight, embedding_and_loss()[0].weight)
+
+
+class FailOnce(torch.autograd.Function):
+    """Identity whose backward raises the first time: a pass that dies between two hooks."""
+
+    armed = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if FailOnce.armed:
+            FailOnce.armed = False
+            raise RuntimeError("failed in backward")
+        return grad
+
+
+def test_each_pass_counts_one_step_after_a_pass_that_died_in_backward():
+    net = model()
+    optimizer = decoupled.AdamW(net.parameters(), lr=1e-2, weight_decay=lambda_schedule)
+    step_in_backward(optimizer)
+    x = torch.randn(4, 12)
+    FailOnce.armed = True
+    with pytest.raises(RuntimeError, match="failed in backward"):
+        net[4](FailOnce.apply(net[:4](x))).square().mean().backward()
+    assert optimizer.param_groups[0]["decay_steps"] == 1  # the last layer stepped
+    for p in net.parameters():
+        p.grad = None
+    for passes in (2, 3, 4):
+        net[4](FailOnce.apply(net[:4](x))).square().mean().backward()
+        assert optimizer.param_groups[0]["decay_steps"] == passes
+    assert float(optimizer.state[net[0].weight]["step"]) == 3
+    assert float(optimizer.state[net[4].weight]["step"]) == 4
+
+
+@pytest.mark.parametrize("segment", ["first layers", "last layer"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointed_segments_step_once_per_backward(use_reentrant, segment):
+    """Reentrant checkpointing steps the segment's parameters in a nested graph task: after
+    the outer task's first hooks (segment first) or before them (segment last)."""
+    from torch.utils.checkpoint import checkpoint
+
+    ours, in_backward, theirs, stepped = twins(
+        decoupled.AdamW, {"weight_decay": lambda_schedule}, {}
+    )
+    step_in_backward(in_backward)
+    for step in range(3):
+        x = torch.randn(16, 12, generator=torch.Generator().manual_seed(step))
+        x.requires_grad_()  # reentrant checkpointing needs an input that takes a gradient
+        for net in (ours, theirs):
+            if segment == "first layers":
+                out = net[4](checkpoint(net[:4], x, use_reentrant=use_reentrant))
+            else:
+                out = checkpoint(net[4], net[:4](x), use_reentrant=use_reentrant)
+            out.square().mean().backward()
+        stepped.step()
+        stepped.zero_grad()
+    assert_same_training_state(in_backward, stepped, ours, theirs)
+    assert [g["decay_steps"] for g in in_backward.param_groups] == [3, 3]
+
+
+def test_a_loaded_state_dict_and_a_changed_lr_reach_the_hooks():
+    net = model()
+    optimizer = decoupled.AdamW(net.parameters(), lr=1e-2)
+    step_in_backward(optimizer)
+    loss_of(net, 0).backward()
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new group dicts
+    optimizer.param_groups[0]["lr"] = 0.0
+    before = [p.detach().clone() for p in net.parameters()]
+    loss_of(net, 1).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert optimizer.param_groups[0]["decay_steps"] == 2

@@ -9,30 +9,47 @@ Ortiz et al. 2026, arXiv 2602.23349) counts AdamW at 5 bytes per parameter this 
 7 with the gradients kept; PyTorch's tutorial "How to save memory by fusing the optimizer step
 into the backward pass" does it with one optimizer per parameter.
 
-Here the optimizer stays one object: its param groups, schedulers, ``state_dict`` and
-checkpoints are unchanged. Each hook runs the optimizer's own update on the one parameter,
-with its group's hyperparameters as they are at that moment and the stochastic-rounding
-position it has in ``optimizer.step()`` (its place among the optimizer's parameters). When
-every parameter gets a gradient, the result is that of ``backward()`` then ``step()``, bit for
-bit (``tests/optim/test_in_backward.py``). At the end of the backward pass (autograd's
-``queue_callback``, as DistributedDataParallel uses it) each group that stepped counts the
-step (``decay_steps``, the argument of a ``weight_decay`` schedule).
+Here the optimizer stays one object: its param groups (read at each hook, so a loaded state
+dict or a scheduler's lr takes effect), ``state_dict`` and checkpoints are unchanged. Each
+hook runs the optimizer's own update on the one parameter, keyed for stochastic rounding as
+``step()`` keys it when every parameter that takes a gradient has one: the parameters of the
+earlier groups, then its place among its group's parameters that take gradients. So the
+result is that of ``backward()`` then ``step()``, bit for bit
+(``tests/optim/test_in_backward.py``), when every parameter that takes a gradient gets one
+and each group's parameters share one dtype (``step()`` picks one path for a whole group: a
+group mixing float32 and bfloat16 runs the reference loop there, the kernel here, equal to
+rounding).
+
+**One step per backward pass.** A group counts a step (``decay_steps``, the argument of a
+``weight_decay`` schedule) when its first parameter steps in a pass, and the parameters
+stepped after it take the same λ. A pass is one autograd graph task with the tasks nested in
+it (reentrant activation checkpointing runs the checkpointed segment's backward as a nested
+task, created later, while the outer one runs); the next pass is a later task that starts
+once all of them have finished (an end-of-task callback, ``queue_callback``, as
+DistributedDataParallel uses it), or any hook of a parameter that already stepped in this
+pass (``retain_graph=True`` and a second ``backward()``, or a pass after one that raised).
 
 What cannot work this way is refused or documented:
 
 - ``skip_nonfinite=True`` (the skip is decided from all gradients, which never coexist) and
-  ``capturable``/``differentiable`` groups are refused;
+  ``capturable``/``differentiable`` groups are refused, at ``step_in_backward`` and at each
+  pass;
 - the gradients are gone after ``backward()``: no clipping by the global norm, no
   accumulation over micro-batches (each ``backward()`` steps), no GradScaler (its scaled
-  gradients would be stepped unscaled; bfloat16 autocast needs no scaler);
+  gradients would be stepped unscaled; bfloat16 autocast needs no scaler), no
+  DistributedDataParallel or FSDP (they reduce the gradients after these hooks, so each
+  replica would step on its own gradient);
 - ``optimizer.step()`` finds no gradients and changes nothing, and its step hooks do not run;
 - parameters frozen (``requires_grad=False``) when the hooks are set, or added to the
-  optimizer later, get no hook: they step only through a new ``step_in_backward``.
+  optimizer later, get no hook: they step only through a new ``step_in_backward``;
+- a step refused inside a hook (a bad β, a sparse gradient) stops ``backward()``; that
+  parameter keeps its gradient, the ones stepped before it in the pass keep their step.
 """
 
 from __future__ import annotations
 
-from itertools import accumulate
+import threading
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -48,17 +65,18 @@ class BackwardSteps:
     def __init__(self, optimizer: DecayOptimizer):
         _check_steppable(optimizer)
         self.optimizer = optimizer
-        self.stepped_groups: list[dict] = []  # the groups stepped in the current pass
-        self._pass_open = False
-        groups = optimizer.param_groups
-        firsts = accumulate((len(group["params"]) for group in groups), initial=0)
-        self._place: dict[Tensor, tuple[dict, int]] = {}
+        self._lock = threading.Lock()  # hooks of parameters on different devices: other threads
+        self._stepped: set[int] = set()  # the parameters (ids) stepped in this pass
+        self._counted: list[dict] = []  # the groups that counted their step in this pass
+        self._tasks: set[int] = set()  # this pass's graph tasks
+        self._finished: set[int] = set()  # the ones whose end-of-task callback has run
+        self._place: dict[Tensor, tuple[int, int]] = {}  # group index, index in the group
         self._handles = []
-        for group, first in zip(groups, firsts):
-            for index, param in enumerate(group["params"]):
-                if param.requires_grad:  # a frozen one never gets a gradient (nor a hook)
-                    self._place[param] = (group, first + index)
-                    self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
+        for group_index, group in enumerate(optimizer.param_groups):
+            taking = [p for p in group["params"] if p.requires_grad]  # frozen: no hook allowed
+            for index, param in enumerate(taking):
+                self._place[param] = (group_index, index)
+                self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -67,34 +85,60 @@ class BackwardSteps:
 
     @torch.no_grad()
     def _step_one(self, param: Tensor) -> None:
-        grad = self.optimizer._grad_of(param)
+        with self._lock:
+            self._step_locked(param)
+
+    def _step_locked(self, param: Tensor) -> None:
+        optimizer = self.optimizer
+        grad = optimizer._grad_of(param)
         if grad is None:
             return
-        if not self._pass_open:  # the first hook of this backward pass
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
-            self._pass_open = True
-        optimizer, (group, position) = self.optimizer, self._place[param]
-        params, grads = [param], [grad]
+        task = torch._C._current_graph_task_id()
+        if self._starts_a_pass(param, task):
+            _check_steppable(optimizer)
+            self._stepped, self._counted = set(), []
+            self._finished -= self._tasks
+            self._tasks = set()
+        if task not in self._tasks:
+            self._tasks.add(task)
+            torch.autograd.Variable._execution_engine.queue_callback(
+                partial(self._finished.add, task)
+            )
+        group_index, index = self._place[param]
+        group = optimizer.param_groups[group_index]
+        counted = any(g is group for g in self._counted)
+        # the whole step sees the group's count from before this pass, as in step(): its λ,
+        # and the rounding step of compensated SGD (sgd.py)
+        before = group["decay_steps"] - counted
+        group["decay_steps"] = before
         try:
-            decay = optimizer._decay_terms(group, params)
+            decay = optimizer._decay_terms(group, [param])
             if group.get("fused"):
-                check_fusable(params)
-            optimizer._check_step(group, grads, decay)
-            optimizer._update_group(group, params, grads, decay, first_position=position)
-        except BaseException:
-            self._end_pass()  # the groups already stepped count their step; backward stops
-            raise
-        if not any(g is group for g in self.stepped_groups):
-            self.stepped_groups.append(group)
+                check_fusable([param])
+            optimizer._check_step(group, [grad], decay)
+            optimizer._update_group(
+                group, [param], [grad], decay, first_position=self._first(group_index) + index
+            )
+        finally:
+            group["decay_steps"] = before + counted
+        if not counted:
+            group["decay_steps"] = before + 1
+            self._counted.append(group)
+            optimizer._opt_called = True  # torch's LR schedulers warn if step() never ran
+        self._stepped.add(id(param))
         param.grad = None
 
-    def _end_pass(self) -> None:
-        for group in self.stepped_groups:
-            group["decay_steps"] += 1
-        if self.stepped_groups:  # for torch's LR schedulers, which warn if step() never ran
-            self.optimizer._opt_called = True
-        self.stepped_groups = []
-        self._pass_open = False
+    def _starts_a_pass(self, param: Tensor, task: int) -> bool:
+        if id(param) in self._stepped:
+            return True
+        if not self._tasks or task in self._tasks:
+            return False
+        return task > max(self._tasks) and self._tasks <= self._finished
+
+    def _first(self, group_index: int) -> int:
+        """The rounding position of a group's first parameter, as ``step()`` gives it: the
+        parameters of the groups before it, all of them."""
+        return sum(len(group["params"]) for group in self.optimizer.param_groups[:group_index])
 
 
 def step_in_backward(optimizer: DecayOptimizer) -> BackwardSteps:
