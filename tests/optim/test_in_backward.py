@@ -256,3 +256,13 @@ def test_a_loaded_state_dict_and_a_changed_lr_reach_the_hooks():
     loss_of(net, 1).backward()
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert optimizer.param_groups[0]["decay_steps"] == 2
+
+
+def test_skip_nonfinite_set_after_the_hooks_is_refused_at_the_next_pass():
+    net = model()
+    optimizer = decoupled.AdamW(net.parameters(), lr=1e-2)
+    step_in_backward(optimizer)
+    optimizer.skip_nonfinite = True
+    with pytest.raises(ValueError, match="skip_nonfinite"):
+        loss_of(net, 0).backward()
+    assert not optimizer.state or all("step" not in s for s in optimizer.state.values())

@@ -129,9 +129,9 @@ class BackwardSteps:
         param.grad = None
 
     def _starts_a_pass(self, param: Tensor, task: int) -> bool:
-        if id(param) in self._stepped:
+        if id(param) in self._stepped or not self._tasks:  # not self._tasks: the first pass
             return True
-        if not self._tasks or task in self._tasks:
+        if task in self._tasks:
             return False
         return task > max(self._tasks) and self._tasks <= self._finished
 
