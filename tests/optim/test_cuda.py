@@ -210,3 +210,28 @@ def test_benchmark_smoke():
     text = bench(["resnet50"], "cuda", steps=2, rounds=1)
     assert "copy bandwidth" in text and "decoupled triton bf16" in text
     assert "whole training step" in text
+
+
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_stepping_in_backward_on_the_gpu_equals_backward_then_step(state_dtype):
+    """The hooks run in the GPU's autograd thread; the Triton update per parameter gives the
+    result of step() bit for bit (bfloat16 θ, compensated)."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.Tanh(), torch.nn.Linear(300, 3))
+    nets = [net.to("cuda", torch.bfloat16), copy.deepcopy(net.to("cuda", torch.bfloat16))]
+    optimizers = [decoupled.AdamW(n.parameters(), lr=1e-3, state_dtype=state_dtype) for n in nets]
+    steps = decoupled.optim.step_in_backward(optimizers[0])
+    for step in range(4):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step))
+        x = x.to("cuda", torch.bfloat16)
+        for n in nets:
+            n(x).float().square().mean().backward()
+        optimizers[1].step()
+        optimizers[1].zero_grad()
+    steps.remove()
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert p.grad is None and torch.equal(p, q)
+        for key, value in optimizers[0].state[p].items():
+            assert torch.equal(value, optimizers[1].state[q][key]), key
