@@ -219,7 +219,7 @@ def test_each_pass_counts_one_step_after_a_pass_that_died_in_backward():
     assert float(optimizer.state[net[4].weight]["step"]) == 4
 
 
-@pytest.mark.parametrize("segment", ["first layers", "last layer"])
+@pytest.mark.parametrize("segment", ["first layers", "last layer", "two segments"])
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpointed_segments_step_once_per_backward(use_reentrant, segment):
     """Reentrant checkpointing steps the segment's parameters in a nested graph task: after
@@ -236,8 +236,11 @@ def test_checkpointed_segments_step_once_per_backward(use_reentrant, segment):
         for net in (ours, theirs):
             if segment == "first layers":
                 out = net[4](checkpoint(net[:4], x, use_reentrant=use_reentrant))
-            else:
+            elif segment == "last layer":
                 out = checkpoint(net[4], net[:4](x), use_reentrant=use_reentrant)
+            else:  # every parameter in a segment: no hook runs in the outer graph task
+                inner = checkpoint(net[:2], x, use_reentrant=use_reentrant)
+                out = checkpoint(net[2:], inner, use_reentrant=use_reentrant)
             out.square().mean().backward()
         stepped.step()
         stepped.zero_grad()
@@ -266,3 +269,21 @@ def test_skip_nonfinite_set_after_the_hooks_is_refused_at_the_next_pass():
     with pytest.raises(ValueError, match="skip_nonfinite"):
         loss_of(net, 0).backward()
     assert not optimizer.state or all("step" not in s for s in optimizer.state.values())
+
+
+def test_a_pass_after_one_that_died_is_a_new_pass_even_on_other_parameters():
+    """Two heads on one trunk: the pass through head 1 dies after head 1 stepped; the next
+    pass, through head 2, steps parameters that did not step in it."""
+    torch.manual_seed(0)
+    trunk, head1, head2 = nn.Linear(12, 8), nn.Linear(8, 1), nn.Linear(8, 1)
+    params = [*trunk.parameters(), *head1.parameters(), *head2.parameters()]
+    optimizer = decoupled.AdamW(params, lr=1e-2, weight_decay=lambda_schedule)
+    step_in_backward(optimizer)
+    x = torch.randn(4, 12)
+    FailOnce.armed = True
+    with pytest.raises(RuntimeError, match="failed in backward"):
+        head1(FailOnce.apply(trunk(x))).sum().backward()
+    assert optimizer.param_groups[0]["decay_steps"] == 1
+    head2(trunk(x)).sum().backward()
+    assert optimizer.param_groups[0]["decay_steps"] == 2
+    assert float(optimizer.state[trunk.weight]["step"]) == 1

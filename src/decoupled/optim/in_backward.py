@@ -13,21 +13,24 @@ Here the optimizer stays one object: its param groups (read at each hook, so a l
 dict or a scheduler's lr takes effect), ``state_dict`` and checkpoints are unchanged. Each
 hook runs the optimizer's own update on the one parameter, keyed for stochastic rounding as
 ``step()`` keys it when every parameter that takes a gradient has one: the parameters of the
-earlier groups, then its place among its group's parameters that take gradients. So the
-result is that of ``backward()`` then ``step()``, bit for bit
+earlier groups, then its place among its group's parameters that took gradients when the
+hooks were set. So the result is that of ``backward()`` then ``step()``, bit for bit
 (``tests/optim/test_in_backward.py``), when every parameter that takes a gradient gets one
-and each group's parameters share one dtype (``step()`` picks one path for a whole group: a
-group mixing float32 and bfloat16 runs the reference loop there, the kernel here, equal to
-rounding).
+and each group's parameters share one dtype. Otherwise it agrees to rounding: ``step()``
+moves the positions of the parameters after one without a gradient (a head unused in this
+pass), which changes the stochastic rounding's bits (bfloat16 and int8 state, compensated
+weights), and picks one path for a whole group (a group mixing float32 and bfloat16 runs
+the reference loop there, the kernel here).
 
 **One step per backward pass.** A group counts a step (``decay_steps``, the argument of a
 ``weight_decay`` schedule) when its first parameter steps in a pass, and the parameters
-stepped after it take the same λ. A pass is one autograd graph task with the tasks nested in
-it (reentrant activation checkpointing runs the checkpointed segment's backward as a nested
-task, created later, while the outer one runs); the next pass is a later task that starts
-once all of them have finished (an end-of-task callback, ``queue_callback``, as
-DistributedDataParallel uses it), or any hook of a parameter that already stepped in this
-pass (``retain_graph=True`` and a second ``backward()``, or a pass after one that raised).
+stepped after it take the same λ. A pass is one call into autograd's engine from outside a
+backward (``loss.backward()``, ``torch.autograd.backward``), found on the hook's thread as
+the outermost ``torch.autograd.graph._engine_run_backward`` frame: the backward of a
+reentrant checkpointed segment calls the engine again from inside that pass, and stays in
+it. Hooks on a GPU's autograd thread do not see the caller's frames; there a pass is one
+graph task, and a nested one (reentrant checkpointing on a GPU) continues the pass it runs
+in. On any thread, a hook of a parameter that already stepped in the pass starts a new one.
 
 What cannot work this way is refused or documented:
 
@@ -43,13 +46,18 @@ What cannot work this way is refused or documented:
 - parameters frozen (``requires_grad=False``) when the hooks are set, or added to the
   optimizer later, get no hook: they step only through a new ``step_in_backward``;
 - a step refused inside a hook (a bad β, a sparse gradient) stops ``backward()``; that
-  parameter keeps its gradient, the ones stepped before it in the pass keep their step.
+  parameter keeps its gradient, the ones stepped before it in the pass keep their step;
+- a parameter is changed in place while backward still runs: a second ``backward()``
+  through a graph that saved it (``retain_graph=True``) fails on its version counter, and
+  a custom Function that reads a parameter it did not save sees it stepped;
+- the last pass's outermost engine frame is kept until the next pass (with its locals, the
+  loss tensor), so that a new pass cannot take its address.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from functools import partial
 
 import torch
 from torch import Tensor
@@ -66,10 +74,9 @@ class BackwardSteps:
         _check_steppable(optimizer)
         self.optimizer = optimizer
         self._lock = threading.Lock()  # hooks of parameters on different devices: other threads
+        self._pass: object = None  # this pass's key (_pass_key), kept alive while it lasts
         self._stepped: set[int] = set()  # the parameters (ids) stepped in this pass
         self._counted: list[dict] = []  # the groups that counted their step in this pass
-        self._tasks: set[int] = set()  # this pass's graph tasks
-        self._finished: set[int] = set()  # the ones whose end-of-task callback has run
         self._place: dict[Tensor, tuple[int, int]] = {}  # group index, index in the group
         self._handles = []
         for group_index, group in enumerate(optimizer.param_groups):
@@ -82,6 +89,7 @@ class BackwardSteps:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._pass = None
 
     @torch.no_grad()
     def _step_one(self, param: Tensor) -> None:
@@ -93,17 +101,11 @@ class BackwardSteps:
         grad = optimizer._grad_of(param)
         if grad is None:
             return
-        task = torch._C._current_graph_task_id()
-        if self._starts_a_pass(param, task):
+        key = _pass_key()
+        if id(param) in self._stepped or (key is not None and key != self._pass):
             _check_steppable(optimizer)
             self._stepped, self._counted = set(), []
-            self._finished -= self._tasks
-            self._tasks = set()
-        if task not in self._tasks:
-            self._tasks.add(task)
-            torch.autograd.Variable._execution_engine.queue_callback(
-                partial(self._finished.add, task)
-            )
+            self._pass = key
         group_index, index = self._place[param]
         group = optimizer.param_groups[group_index]
         counted = any(g is group for g in self._counted)
@@ -128,17 +130,32 @@ class BackwardSteps:
         self._stepped.add(id(param))
         param.grad = None
 
-    def _starts_a_pass(self, param: Tensor, task: int) -> bool:
-        if id(param) in self._stepped or not self._tasks:  # not self._tasks: the first pass
-            return True
-        if task in self._tasks:
-            return False
-        return task > max(self._tasks) and self._tasks <= self._finished
-
     def _first(self, group_index: int) -> int:
         """The rounding position of a group's first parameter, as ``step()`` gives it: the
         parameters of the groups before it, all of them."""
         return sum(len(group["params"]) for group in self.optimizer.param_groups[:group_index])
+
+
+_ENGINE_CALL = getattr(torch.autograd.graph, "_engine_run_backward", None)
+_FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply
+
+
+def _pass_key() -> object:
+    """What identifies the running backward pass from a hook: the outermost engine call on
+    this thread (a frame object: a later pass has another one, even at the same address,
+    since the previous one is kept); None inside an engine call made from a Function's
+    backward whose own pass runs on another thread (reentrant checkpointing on a GPU): it
+    continues the pass; else the graph task's id (a GPU's autograd thread)."""
+    outermost, inside_a_function, frame = None, False, sys._getframe(1)
+    while frame is not None:
+        if _ENGINE_CALL is not None and frame.f_code is _ENGINE_CALL.__code__:
+            outermost, inside_a_function = frame, False
+        elif outermost is not None and frame.f_code is _FUNCTION_BACKWARD.__code__:
+            inside_a_function = True
+        frame = frame.f_back
+    if outermost is None:
+        return torch._C._current_graph_task_id()
+    return None if inside_a_function else outermost
 
 
 def step_in_backward(optimizer: DecayOptimizer) -> BackwardSteps:
