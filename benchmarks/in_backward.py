@@ -1,12 +1,12 @@
 """Training-step time and gradient memory with ``step_in_backward`` against backward() + step().
 
-    python benchmarks/in_backward.py [--layers 12] [--width 1024] [--steps 10]
+    python benchmarks/in_backward.py [--layers 12] [--width 1024] [--steps 10] [--rounds 3]
 
-A stack of ``--layers`` Linear(width, width) + tanh layers in bfloat16, AdamW with int8
-moments (compensated bfloat16 weights: the 5-byte combination), one forward and backward pass
-of a batch of 64 per step. Each way is timed over ``--steps`` steps after two warm-up steps,
-alternating the two ways for ``--rounds`` rounds; the best round of each is reported. The
-gradient bytes alive at once are counted by a hook that runs before each step.
+A stack of ``--layers`` Linear(width, width) + tanh layers in bfloat16, AdamW with int8 moments
+(compensated bfloat16 weights: 5 bytes per parameter + the live gradients), one forward and backward
+pass of a batch of 64 per step. Each way is timed over ``--steps`` steps after two warm-up steps,
+alternating the two ways for ``--rounds`` rounds; the best round of each is reported. The gradient
+bytes alive at once are counted by a hook that runs before each step.
 """
 
 from __future__ import annotations

@@ -35,5 +35,6 @@ def pytest_configure(config):
         # The processes those tests start train with a thread per core (the lab's
         # threads_per_run) while the other worker keeps a core busy: OpenMP's threads then
         # spin at each barrier waiting for the one that lost its core (a compare run 3-4x
-        # slower than alone, measured). Passive waiting yields the core instead (2.0-2.8x).
+        # slower than alone, measured). Passive waiting yields the core instead (then 2.0-2.8x
+        # slower than alone).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

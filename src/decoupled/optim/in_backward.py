@@ -9,21 +9,21 @@ Ortiz et al. 2026, arXiv 2602.23349) counts AdamW at 5 bytes per parameter this 
 7 with the gradients kept; PyTorch's tutorial "How to save memory by fusing the optimizer step
 into the backward pass" does it with one optimizer per parameter.
 
-Here the optimizer stays one object: its param groups (read at each hook, so a loaded state
-dict or a scheduler's lr takes effect), ``state_dict`` and checkpoints are unchanged. Each
-hook runs the optimizer's own update on the one parameter, keyed for stochastic rounding as
-``step()`` keys it when every parameter that takes a gradient has one: the parameters of the
-earlier groups, then its place among its group's parameters that took gradients when the
+Here the optimizer stays one object: its param groups (read at each hook, so a loaded state dict or
+a scheduler's lr takes effect), ``state_dict`` and checkpoints are unchanged. Each hook runs the
+optimizer's own update on the one parameter, keyed for stochastic rounding as ``step()`` keys it
+when every parameter that takes a gradient has one: the number of parameters in the earlier groups,
+frozen ones included, plus its index among its group's parameters that required gradients when the
 hooks were set. So the result is that of ``backward()`` then ``step()``, bit for bit
-(``tests/optim/test_in_backward.py``), when every parameter that takes a gradient gets one
-and each group's parameters share one dtype. Otherwise it agrees to rounding: ``step()``
-moves the positions of the parameters after one without a gradient (a head unused in this
-pass), which changes the stochastic rounding's bits (bfloat16 and int8 state, compensated
-weights), and picks one path for a whole group (a group mixing float32 and bfloat16 runs
-the reference loop there, the kernel here).
+(``tests/optim/test_in_backward.py``), when every parameter that takes a gradient gets one and each
+group's parameters share one dtype. Otherwise it agrees to rounding: ``step()`` moves the positions
+of the parameters after one without a gradient (a head unused in this pass), which changes the
+stochastic rounding's bits (bfloat16 and int8 state, compensated weights), and picks one path for a
+whole group (for a group mixing float32 and bfloat16, ``step()`` runs the reference loop on all of
+it; each hook runs the kernel on its own parameter).
 
 **One step per backward pass.** A group counts a step (``decay_steps``, the argument of a
-``weight_decay`` schedule) when its first parameter steps in a pass, and the parameters
+``weight_decay`` schedule) when the first of its parameters steps in a pass, and the parameters
 stepped after it take the same λ. A pass is one call into autograd's engine from outside a
 backward (``loss.backward()``, ``torch.autograd.backward``), found on the hook's thread as
 the outermost ``torch.autograd.graph._engine_run_backward`` frame: the backward of a
@@ -38,20 +38,27 @@ What cannot work this way is refused or documented:
   ``capturable``/``differentiable`` groups are refused, at ``step_in_backward`` and at each
   pass;
 - the gradients are gone after ``backward()``: no clipping by the global norm, no
-  accumulation over micro-batches (each ``backward()`` steps), no GradScaler (its scaled
-  gradients would be stepped unscaled; bfloat16 autocast needs no scaler), no
+  accumulation over micro-batches (each ``backward()`` steps), no GradScaler (its gradients
+  would be stepped still multiplied by the loss scale; bfloat16 autocast needs no scaler), no
   DistributedDataParallel or FSDP (they reduce the gradients after these hooks, so each
   replica would step on its own gradient);
-- ``optimizer.step()`` finds no gradients and changes nothing, and its step hooks do not run;
+- optimizers other than Adam, AdamW, SGD and SGDW are refused (``with_decoupled_decay``'s
+  and torch's have no one-parameter update here);
+- ``optimizer.step()`` finds no gradients and changes nothing, and the optimizer's step
+  pre/post hooks do not run for the steps taken in backward;
 - parameters frozen (``requires_grad=False``) when the hooks are set, or added to the
-  optimizer later, get no hook: they step only through a new ``step_in_backward``;
+  optimizer later, get no hook: they keep their gradients, which ``optimizer.step()`` would
+  step (counting the group's step again); ``remove()`` and a new ``step_in_backward`` take
+  them in;
 - a step refused inside a hook (a bad β, a sparse gradient) stops ``backward()``; that
-  parameter keeps its gradient, the ones stepped before it in the pass keep their step;
+  parameter keeps its gradient (the next ``backward()`` adds to it unless it is cleared),
+  the ones stepped before it in the pass keep their step;
 - a parameter is changed in place while backward still runs: a second ``backward()``
   through a graph that saved it (``retain_graph=True``) fails on its version counter, and
   a custom Function that reads a parameter it did not save sees it stepped;
 - the last pass's outermost engine frame is kept until the next pass (with its locals, the
-  loss tensor), so that a new pass cannot take its address.
+  loss tensor and its graph: with ``retain_graph=True``, the saved activations too), so
+  that a new pass cannot take its address.
 """
 
 from __future__ import annotations
