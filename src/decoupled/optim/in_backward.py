@@ -40,8 +40,8 @@ What cannot work this way is refused or documented:
 - the gradients are gone after ``backward()``: no clipping by the global norm, no
   accumulation over micro-batches (each ``backward()`` steps), no GradScaler (its gradients
   would be stepped still multiplied by the loss scale; bfloat16 autocast needs no scaler), no
-  DistributedDataParallel or FSDP (they reduce the gradients after these hooks, so each
-  replica would step on its own gradient);
+  DistributedDataParallel or FSDP (they reduce the gradients in hooks of their own: DDP
+  after these, so each replica would step on its own gradient; not tested with FSDP);
 - optimizers other than Adam, AdamW, SGD and SGDW are refused (``with_decoupled_decay``'s
   and torch's have no one-parameter update here);
 - ``optimizer.step()`` finds no gradients and changes nothing, and the optimizer's step
