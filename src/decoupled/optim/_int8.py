@@ -19,11 +19,14 @@ and of FP8 optimizer states, Peng et al. 2023, arXiv 2310.18313):
 with ``b = 15`` for m and ``31`` for v: ``L(c)`` for c ≥ 8 is the float32 whose bit pattern is
 ``(c + bias)·2²⁰`` (exponent field ``e + 127 − b``, fraction f in its top 3 bits; ``bias =
 896`` for m, ``768`` for v), and below the first binade the levels are linear, as IEEE
-subnormals. The scale ``s = 2^{E+1}`` is the power of two just above the block's largest
-magnitude ``2^E ≤ max < 2^{E+1}``, so every ``|value|/s`` lies in [0, 1) and the largest in
-[1/2, 1). m's levels span 14 binades, from the largest's [1/2, 1) down to [2⁻¹⁴, 2⁻¹³), then
-8 linear steps of ``2⁻¹⁷·s`` to 0; v's 30 binades, then steps of ``2⁻³³·s``. The codes above
-``L = 1`` (m: 121 to 127, v: 249 to 255) are never written.
+subnormals. The scale ``s`` is the least power of two at or above the block's largest
+magnitude (``2^{E+1}`` for ``2^E < max < 2^{E+1}``, max itself when it is a power of two), so
+every ``|value|/s`` lies in [0, 1] and the largest in (1/2, 1]. m's levels span 14 binades,
+from [1/2, 1) down to [2⁻¹⁴, 2⁻¹³), then 8 linear steps of ``2⁻¹⁷·s`` to 0; v's 30 binades,
+then steps of ``2⁻³³·s``; the level 1 is the top code. The codes above ``L = 1`` (m: 121 to
+127, v: 249 to 255) are never written. A block decoded and coded again keeps its values
+exactly: its largest decoded value lies in [s/2, s], so its new scale is s (the same codes),
+or s/2 where that value is s/2 (each code then names the same number one binade up).
 
 Against a square-law or linear code, this spends the bits evenly on every binade: each step
 is 1/16 to 1/8 of the value (3 fraction bits); and coding needs no root, division or table,
@@ -152,11 +155,13 @@ def levels(codes: Tensor, key: str) -> Tensor:
 
 
 def scales_of(largest: Tensor) -> Tensor:
-    """The block scale ``2^{E+1}`` for each block's largest magnitude ``2^E ≤ largest < 2^{E+1}``
-    (2⁻¹²⁶ for a subnormal largest, 0 for 0); NaN for NaN, ∞ for a largest of 2¹²⁶ or more
+    """The block scale, the least power of two at or above each block's largest magnitude:
+    ``2^{E+1}`` for ``2^E < largest < 2^{E+1}``, the largest itself for a (normal) power of
+    two, 2⁻¹²⁶ for a subnormal largest, 0 for 0; NaN for NaN, ∞ for a largest of 2¹²⁶ or more
     (∞ included), whose scale's inverse would be subnormal."""
     bits = largest.view(torch.int32)
     power = ((bits & 0x7F800000) + (1 << 23)).view(torch.float32)
+    power = torch.where(((bits & 0x007FFFFF) == 0) & (bits >= 0x00800000), largest, power)
     scale = torch.where(bits == 0, 0.0, power)
     return torch.where(
         largest < LARGEST_SCALED, scale, torch.where(largest.isnan(), largest, torch.inf)

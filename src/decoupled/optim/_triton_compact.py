@@ -116,10 +116,11 @@ def _block_largest(magnitude, BLOCKS: tl.constexpr):
 
 @triton.jit
 def _scale_of(largest):
-    """``_int8.scales_of``: the power of two 2^(E+1) above the largest magnitude 2^E (2⁻¹²⁶ for
+    """``_int8.scales_of``: the least power of two at or above the largest magnitude (2⁻¹²⁶ for
     a subnormal one, 0 for 0); NaN for NaN, ∞ for a largest of 2¹²⁶ or more."""
     bits = largest.to(tl.int32, bitcast=True)
     power = ((bits & 0x7F800000) + (1 << 23)).to(tl.float32, bitcast=True)
+    power = tl.where(((bits & 0x007FFFFF) == 0) & (bits >= 0x00800000), largest, power)
     scale = tl.where(bits == 0, 0.0, power)
     scale = tl.where(bits >= 0x7E800000, float("inf"), scale)
     return tl.where(largest != largest, largest, scale)

@@ -45,14 +45,16 @@ inline float level(int32_t c, Int8Code code) {
   return c < 8 ? linear : normal;
 }
 
-// _int8.scales_of: the power of two 2^(E+1) above a block's largest magnitude 2^E (2^-126 for
-// a subnormal one, 0 for 0); NaN stays NaN, and ∞ for a largest of 2^126 or more, whose
-// scale's inverse would be subnormal (and flushed to 0 where denormals are flushed)
+// _int8.scales_of: the least power of two at or above a block's largest magnitude (2^(E+1) for
+// one in (2^E, 2^(E+1)), the largest itself for a normal power of two, 2^-126 for a subnormal
+// one, 0 for 0); NaN stays NaN, and ∞ for a largest of 2^126 or more, whose scale's inverse
+// would be subnormal (and flushed to 0 where denormals are flushed)
 inline float scale_of(float largest) {
   if (largest != largest) return largest;
   const int32_t bits = to_bits(largest);
   if (bits == 0) return 0.0f;
   if (bits >= 0x7E800000) return std::numeric_limits<float>::infinity();  // 2^126 or more
+  if ((bits & 0x007FFFFF) == 0 && bits >= 0x00800000) return largest;  // a power of two
   return from_bits((bits & 0x7F800000) + (1 << 23));
 }
 
