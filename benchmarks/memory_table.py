@@ -22,6 +22,7 @@ import torch
 import decoupled
 
 N = 1 << 20
+HEADER = f"{'':<7}{'θ':<26}{'state':<10}{'θ':>6}{'g':>6}{'moments':>9}{'other':>8}{'total':>8}"
 
 
 def bytes_per_param(param_dtype: torch.dtype, cls=decoupled.AdamW, **options) -> dict[str, float]:
@@ -29,12 +30,19 @@ def bytes_per_param(param_dtype: torch.dtype, cls=decoupled.AdamW, **options) ->
     optimizer = cls([theta], **options)
     theta.grad = torch.ones_like(theta)
     optimizer.step()
-    state = optimizer.state[theta]
-    parts = {"θ": theta.nbytes, "g": theta.grad.nbytes}
-    moments = ("exp_avg", "momentum_buffer")
-    parts["moments"] = sum(t.nbytes for k, t in state.items() if k.startswith(moments))
-    parts["other state"] = sum(t.nbytes for k, t in state.items() if not k.startswith(moments))
+    parts = {"θ": theta.nbytes, "g": theta.grad.nbytes} | state_bytes([optimizer.state[theta]])
     return {key: value / N for key, value in parts.items()}
+
+
+def state_bytes(states: list[dict]) -> dict[str, int]:
+    """The moments' bytes (Adam's m and v with their int8 scales, SGD's momentum buffer) and
+    the rest of the state's (step counters, remainders), over ``states``."""
+    moments = ("exp_avg", "momentum_buffer")
+    items = [(key, t) for state in states for key, t in state.items()]
+    return {
+        "moments": sum(t.nbytes for key, t in items if key.startswith(moments)),
+        "other state": sum(t.nbytes for key, t in items if not key.startswith(moments)),
+    }
 
 
 def bytes_per_param_in_backward(param_dtype: torch.dtype, cls=decoupled.AdamW, **options):
@@ -53,23 +61,13 @@ def bytes_per_param_in_backward(param_dtype: torch.dtype, cls=decoupled.AdamW, *
     model(torch.randn(8, 256, dtype=param_dtype)).float().square().mean().backward()
     assert all(p.grad is None for p in params)
     numel = sum(p.numel() for p in params)
-    moments = ("exp_avg", "momentum_buffer")
-    states = [optimizer.state[p] for p in params]
-    parts = {
-        "θ": sum(p.nbytes for p in params),
-        "g": alive[0],
-        "moments": sum(t.nbytes for s in states for k, t in s.items() if k.startswith(moments)),
-        "other state": sum(
-            t.nbytes for s in states for k, t in s.items() if not k.startswith(moments)
-        ),
-    }
+    parts = {"θ": sum(p.nbytes for p in params), "g": alive[0]}
+    parts |= state_bytes([optimizer.state[p] for p in params])
     return {key: value / numel for key, value in parts.items()}
 
 
 def table_in_backward() -> str:
-    lines = [
-        f"{'':<7}{'θ':<26}{'state':<10}{'θ':>6}{'g':>6}{'moments':>9}{'other':>8}{'total':>8}",
-    ]
+    lines = [HEADER]
     rows = (
         ("AdamW", "float32", torch.float32, "float32", {}),
         ("AdamW", "bfloat16 + compensation", torch.bfloat16, "int8", {"state_dtype": "int8"}),
@@ -82,9 +80,7 @@ def table_in_backward() -> str:
 
 
 def table() -> str:
-    lines = [
-        f"{'':<7}{'θ':<26}{'state':<10}{'θ':>6}{'g':>6}{'moments':>9}{'other':>8}{'total':>8}",
-    ]
+    lines = [HEADER]
     weights = (
         ("float32", torch.float32, {}),
         ("bfloat16 + compensation", torch.bfloat16, {}),
