@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import decoupled
+from tests.helpers import assert_same_training_state
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (none here)"
@@ -231,7 +232,5 @@ def test_stepping_in_backward_on_the_gpu_equals_backward_then_step(state_dtype):
         optimizers[1].step()
         optimizers[1].zero_grad()
     steps.remove()
-    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
-        assert p.grad is None and torch.equal(p, q)
-        for key, value in optimizers[0].state[p].items():
-            assert torch.equal(value, optimizers[1].state[q][key]), key
+    assert all(p.grad is None for p in nets[0].parameters())
+    assert_same_training_state(*optimizers, *nets)
