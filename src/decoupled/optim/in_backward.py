@@ -130,8 +130,8 @@ class BackwardSteps:
             )
         finally:
             group["decay_steps"] = before + counted
-        if not counted:
-            group["decay_steps"] = before + 1
+        if not counted:  # this pass's step, counted once the group's first update succeeded
+            group["decay_steps"] += 1
             self._counted.append(group)
             optimizer._opt_called = True  # torch's LR schedulers warn if step() never ran
         self._stepped.add(id(param))
