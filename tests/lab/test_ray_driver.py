@@ -163,6 +163,43 @@ def test_ctrl_c_records_what_arrived_cancels_the_rest_and_releases_the_claims(tm
     assert sorted(again.submitted) == sorted(keys[2:])
 
 
+class InterruptedAtSubmit(InProcessTasks):
+    """Ctrl-C lands inside the third submit: its run is claimed but has no task yet."""
+
+    def submit(self, spec, config):
+        if len(self.submitted) == 2:
+            raise KeyboardInterrupt
+        return super().submit(spec, config)
+
+
+def test_ctrl_c_between_a_claim_and_its_submit_releases_that_claim(tmp_path):
+    store, tasks = ResultStore(tmp_path / "results.db"), InterruptedAtSubmit(train=fabricated)
+    with pytest.raises(KeyboardInterrupt):
+        drive_all(SPECS, store, tasks)
+    rows = {r.key: r for r in store.records()}
+    assert not [r for r in rows.values() if r.status == "running"]
+    assert rows[SPECS[2].key()].error == "interrupted"
+
+
+def test_ctrl_c_while_a_result_is_written_releases_that_claim(tmp_path):
+    """A Ctrl-C inside ``record``, before the row was written, leaves that run to be redone
+    rather than ``running`` under a live owner until it goes stale; the other task in flight
+    had arrived, and is recorded."""
+    store, tasks = ResultStore(tmp_path / "results.db"), InProcessTasks(train=fabricated)
+    real_finish = store.finish
+
+    def finish_interrupted_once(*args, **kwargs):
+        store.finish = real_finish
+        raise KeyboardInterrupt
+
+    store.finish = finish_interrupted_once
+    with pytest.raises(KeyboardInterrupt):
+        drive_all(SPECS, store, tasks)
+    first, second = tasks.submitted
+    statuses = {r.key: (r.status, r.error) for r in store.records()}
+    assert statuses == {first: ("failed", "interrupted"), second: ("done", None)}
+
+
 class SlowTasks(InProcessTasks):
     """Nothing is ready at the first wait (the driver's heartbeat then comes due)."""
 

@@ -692,3 +692,51 @@ def test_a_cell_that_diverges_in_its_group_is_decided_by_a_run_of_its_own(tmp_pa
         record = stored[(spec.lr, spec.weight_decay)]
         assert record.status == separate.status == "done"
         assert record.metrics["metric"] == separate.metric
+
+
+def finish_interrupted_at(store, call):
+    """Make ``store.finish`` raise KeyboardInterrupt at its ``call``-th call, as a Ctrl-C
+    landing while a result is written; the other calls write."""
+    real_finish, calls = store.finish, []
+
+    def finish(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_finish(*args, **kwargs)
+
+    store.finish = finish
+    return calls
+
+
+def test_ctrl_c_while_a_batched_group_is_recorded_releases_the_rest_of_its_claims(tmp_path):
+    from decoupled.lab.batched import execute_batched
+    from decoupled.lab.executor import open_store
+
+    db = tmp_path / "results.db"
+    specs = [
+        RunSpec("mnist1d", "adamw", lr, 0.01, seed=0, steps=4, eval_every=2)
+        for lr in (1e-3, 1e-2, 0.1)
+    ]
+    calls = finish_interrupted_at(open_store(db), 2)
+    with pytest.raises(KeyboardInterrupt):
+        execute_batched(specs, db, progress=False)
+    rows = {r.key: (r.status, r.error) for r in ResultStore(db).records()}
+    first, interrupted = calls
+    assert rows == {
+        key: ("done", None) if key == first else ("failed", "interrupted")
+        for key in (spec.key() for spec in specs)
+    }
+    assert interrupted != first
+
+
+def test_ctrl_c_while_a_run_is_recorded_releases_its_claim(tmp_path):
+    from decoupled.lab.executor import open_store, run_into_store
+
+    db = tmp_path / "results.db"
+    spec = RunSpec("mnist1d", "adamw", 1e-3, 0.01, seed=0, steps=4, eval_every=2)
+    finish_interrupted_at(open_store(db), 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_into_store(spec, str(db))
+    (row,) = ResultStore(db).records()
+    assert (row.key, row.status, row.error) == (spec.key(), "failed", "interrupted")

@@ -242,39 +242,46 @@ def execute_batched(specs: Sequence[RunSpec], db_path, *, progress: bool = True)
                     counts[run_into_store(spec, db_path)] += 1
                     bar.update(1)
                 continue
-            claimed = [s for s in group if store.claim(s.key(), s.config())]
-            counts["skipped"] += len(group) - len(claimed)
-            if not claimed:
-                continue
-            # a lone cell (the rest of its seed cached, failed or claimed elsewhere) trains
-            # beside a throwaway twin: a group of one rounds otherwise than one of several,
-            # and its result must be the one its key would give in a full group
-            padded = claimed if len(claimed) > 1 else claimed * 2
             try:
-                keys = [s.key() for s in claimed]
-                results = run_batched(
-                    padded, task, data, lambda keys=keys: [store.heartbeat(k) for k in keys]
-                )[: len(claimed)]  # heartbeats: a process on another host sees them alive
+                claimed = [s for s in group if store.claim(s.key(), s.config())]
+                counts["skipped"] += len(group) - len(claimed)
+                if claimed:
+                    _train_claimed_group(claimed, task, data, store, counts)
             except KeyboardInterrupt:
-                for spec in claimed:
+                # the whole group, as a claim may have landed just before the Ctrl-C; this
+                # changes only this process's running rows, so recorded ones are left alone
+                for spec in group:
                     store.mark_interrupted(spec.key())
                 raise
-            except Exception:
-                for spec in claimed:
-                    store.fail(spec.key(), traceback.format_exc())
-                counts["failed"] += len(claimed)
-                continue
-            for result in results:
-                if result.status == "diverged":
-                    # near the edge of stability the vmapped BatchNorm backward can overflow
-                    # to NaN where a separate run's native kernel stays finite (sgd at lr 1e3
-                    # on mnist1d): the cell trains again on its own, and that outcome is
-                    # stored; a run that truly diverges stops at its first non-finite loss
-                    counts[run_claimed(result.spec, store, task, data)] += 1
-                    continue
-                store.finish(result.spec.key(), result.status, result.metrics(), result.curves)
-                counts[result.status] += 1
             bar.update(len(claimed))
     finally:
         bar.close()
     return counts
+
+
+def _train_claimed_group(claimed, task, data, store, counts) -> None:
+    """Train the claimed runs of one group side by side and record each outcome."""
+    # a lone cell (the rest of its seed cached, failed or claimed elsewhere) trains beside
+    # a throwaway twin: a group of one rounds otherwise than one of several, and its result
+    # must be the one its key would give in a full group
+    padded = claimed if len(claimed) > 1 else claimed * 2
+    keys = [s.key() for s in claimed]
+    try:
+        results = run_batched(padded, task, data, lambda: [store.heartbeat(k) for k in keys])[
+            : len(claimed)
+        ]  # heartbeats: a process on another host sees them alive
+    except Exception:
+        for spec in claimed:
+            store.fail(spec.key(), traceback.format_exc())
+        counts["failed"] += len(claimed)
+        return
+    for result in results:
+        if result.status == "diverged":
+            # near the edge of stability the vmapped BatchNorm backward can overflow to NaN
+            # where a separate run's native kernel stays finite (sgd at lr 1e3 on mnist1d):
+            # the cell trains again on its own, and that outcome is stored; a run that truly
+            # diverges stops at its first non-finite loss
+            counts[run_claimed(result.spec, store, task, data)] += 1
+            continue
+        store.finish(result.spec.key(), result.status, result.metrics(), result.curves)
+        counts[result.status] += 1

@@ -70,10 +70,10 @@ def run_claimed(
         outcome = train_cell(
             spec, task=task, data=data, on_progress=lambda *_: store.heartbeat(key)
         )
-    except KeyboardInterrupt:
+        return record(store, outcome)
+    except KeyboardInterrupt:  # also inside record: a row already written is left as it is
         store.mark_interrupted(key)
         raise
-    return record(store, outcome)
 
 
 def pending_runs(specs: Sequence[RunSpec], store: ResultStore) -> tuple[list[RunSpec], dict]:

@@ -68,6 +68,9 @@ def drive(
     ``counts[status]`` per spec (``skipped``: another process holds its claim)."""
     waiting = deque(pending)
     in_flight: dict[Hashable, str] = {}  # the run key of each task
+    # Every key this driver may hold a claim on and has not recorded: a Ctrl-C that lands
+    # between a claim and its submit, or inside a record, must still release the claim.
+    claimed: set[str] = set()
     last_beat = time.monotonic()
     try:
         while waiting or in_flight:
@@ -75,7 +78,9 @@ def drive(
                 spec = waiting.popleft()
                 config = spec.config()
                 key = config_key(config)  # as spec.key(), without a second config()
+                claimed.add(key)
                 if not store.claim(key, config):
+                    claimed.discard(key)
                     counts["skipped"] += 1
                     bar.update(1)
                     continue
@@ -85,27 +90,31 @@ def drive(
             for handle in tasks.wait(list(in_flight), timeout=heartbeat_every):
                 key = in_flight.pop(handle)
                 counts[record(store, tasks.outcome(handle, key))] += 1
+                claimed.discard(key)
                 bar.update(1)
             if in_flight and time.monotonic() - last_beat >= heartbeat_every:
                 store.heartbeat_many(list(in_flight.values()))
                 last_beat = time.monotonic()
     except BaseException:
-        _stop(store, tasks, in_flight, counts, bar)
+        _stop(store, tasks, in_flight, claimed, counts, bar)
         raise
     return counts
 
 
-def _stop(store, tasks, in_flight, counts, bar) -> None:
-    """Record what has already arrived, cancel the rest and release its claims. A store
-    that fails here (the disk, the reason to stop) leaves the claims to their dead owner,
-    which the next invocation takes back."""
+def _stop(store, tasks, in_flight, claimed, counts, bar) -> None:
+    """Record what has already arrived, cancel the rest and release every claim still held
+    (``mark_interrupted`` changes only this process's running rows, so a key whose claim
+    never happened or whose result was written is left as it is). A store that fails here
+    (the disk, the reason to stop) leaves the claims to their dead owner, which the next
+    invocation takes back."""
     with contextlib.suppress(Exception):
         for handle in tasks.wait(list(in_flight), timeout=0):
             key = in_flight.pop(handle)
             counts[record(store, tasks.outcome(handle, key))] += 1
+            claimed.discard(key)
             bar.update(1)
     for handle in in_flight:
         tasks.cancel(handle)
     with contextlib.suppress(Exception):
-        for key in in_flight.values():
+        for key in claimed:
             store.mark_interrupted(key)
