@@ -155,3 +155,19 @@ def test_checker_finds_a_lazy_upward_import_and_a_cycle(toy_package: Path):
         "decoupled.optim.b (layer 0) imports decoupled.lab.run (layer 2)"
     ]
     assert find_cycle(graph) == ["decoupled.optim.a", "decoupled.optim.b", "decoupled.optim.a"]
+
+
+def test_importing_the_command_line_does_not_import_dynamo():
+    """``torch._dynamo`` takes about 2 s to import: the functions kept out of torch.compile
+    are decorated lazily (``_compact.eager``), so that ``decoupled --help`` or a refused
+    argument does not wait for it. A step still imports it, and under torch.compile the
+    decorated functions still run eagerly (tests/integration/test_compile.py)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, decoupled.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

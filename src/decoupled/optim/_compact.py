@@ -28,6 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: ``torch.compiler.disable``, applied at the decorated function's first call: importing
+#: ``torch._dynamo`` takes about 2 s, which a process that never steps (``decoupled --help``,
+#: a refused argument, a report) need not pay. torch.optim decorates its own methods with it.
+eager = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
 COMPACT_STATE_DTYPES = (torch.bfloat16,)
 _MASK32 = 0xFFFFFFFF
 
@@ -108,7 +113,7 @@ class CompactMoments:
 
     # Inductor cannot compile the float <-> int bit views (torch 2.13): under torch.compile
     # the rounding runs eagerly, between compiled graphs.
-    @torch.compiler.disable
+    @eager
     def store(self, step: float | Tensor, position: int) -> None:
         first = self.stored[0]
         if first.dtype != torch.bfloat16:

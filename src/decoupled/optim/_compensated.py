@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from decoupled.optim._compact import _mix, in_memory_order, rounding_bits
+from decoupled.optim._compact import _mix, eager, in_memory_order, rounding_bits
 
 REMAINDER = "param_remainder"
 COMPENSATED_DTYPES = (torch.bfloat16, torch.float16)
@@ -69,7 +69,7 @@ def master(theta: Tensor, remainder: Tensor) -> Tensor:
     return theta.float() + remainder.float() * _unit(theta)
 
 
-@torch.compiler.disable
+@eager
 def store_(theta: Tensor, remainder: Tensor, weight: Tensor, step: float, position: int) -> None:
     """Write the float32 master ``weight`` back: θ rounded to nearest, r what was lost,
     rounded stochastically (unbiased, so that a steady update of 1.4 units is not kept as 1

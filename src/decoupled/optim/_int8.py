@@ -97,7 +97,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from decoupled.optim._compact import in_memory_order, rounding_bits
+from decoupled.optim._compact import eager, in_memory_order, rounding_bits
 from decoupled.optim._loaded_state import _local, check_like_param, refuse
 
 BLOCK = 256  # elements per scale: a fixed constant of the format
@@ -255,7 +255,7 @@ class Int8Moments:
         self.state = state
         self.values = [decode(state[k], state[k + SCALE_SUFFIX], k).to(dtype) for k in CODES]
 
-    @torch.compiler.disable
+    @eager
     def store(self, step: float | Tensor, position: int) -> None:
         codes = self.state["exp_avg"]
         bits = rounding_bits(codes.numel(), step, position, codes.device)
