@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -27,10 +28,19 @@ from decoupled.diagnostics.fixed_points import (
     train,
 )
 
+# the tests that share ``result`` run in one xdist worker, which computes it once (14 s): a
+# cache, not a module fixture, which xdist tears down whenever the worker's queue runs dry
+pytestmark = pytest.mark.xdist_group("fixed_points")
 
-@pytest.fixture(scope="module")
+
+@functools.cache
+def _fixed_points():
+    return fixed_points()  # λ = 1, 20000 full-batch steps each
+
+
+@pytest.fixture
 def result():
-    return fixed_points()  # λ = 1, 20000 full-batch steps each: a few seconds
+    return _fixed_points()
 
 
 def test_exact_solutions_are_what_they_claim():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -533,6 +534,24 @@ def test_sweep_on_a_local_ray_instance(tmp_path):
     assert len(records) == 8 and all(r.status == "done" for r in records)
 
 
+@functools.cache
+def _mnist1d_in_float64():
+    import torch
+
+    from decoupled.lab.tasks import get_task
+    from decoupled.lab.tasks.base import TaskData
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        task = get_task("mnist1d")
+        data = task.load()
+    finally:
+        torch.set_default_dtype(previous)
+    tensors = {k: v.double() if v.is_floating_point() else v for k, v in data.tensors.items()}
+    return task, TaskData(tensors, data.train_size, data.info)  # loaded once per process
+
+
 @pytest.fixture
 def float64_mnist1d():
     """The default task in float64, its data too. In float32 a batched cell and a separate run
@@ -542,15 +561,9 @@ def float64_mnist1d():
     tight and still mean what it says."""
     import torch
 
-    from decoupled.lab.tasks import get_task
-    from decoupled.lab.tasks.base import TaskData
-
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    task = get_task("mnist1d")
-    data = task.load()
-    tensors = {k: v.double() if v.is_floating_point() else v for k, v in data.tensors.items()}
-    yield task, TaskData(tensors, data.train_size, data.info)
+    torch.set_default_dtype(torch.float64)  # the models the tests build
+    yield _mnist1d_in_float64()
     torch.set_default_dtype(previous)
 
 
