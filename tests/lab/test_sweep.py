@@ -753,3 +753,18 @@ def test_ctrl_c_while_a_run_is_recorded_releases_its_claim(tmp_path):
         run_into_store(spec, str(db))
     (row,) = ResultStore(db).records()
     assert (row.key, row.status, row.error) == (spec.key(), "failed", "interrupted")
+
+
+def test_ctrl_c_between_a_claim_and_its_run_releases_the_claim(tmp_path, monkeypatch):
+    from decoupled.lab import executor
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "run_claimed", interrupted)
+    db = tmp_path / "results.db"
+    spec = RunSpec("mnist1d", "adamw", 1e-3, 0.01, seed=0, steps=4, eval_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        executor.run_into_store(spec, str(db))
+    (row,) = ResultStore(db).records()
+    assert (row.key, row.status, row.error) == (spec.key(), "failed", "interrupted")

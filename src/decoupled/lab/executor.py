@@ -50,11 +50,14 @@ def run_into_store(spec: RunSpec, db_path: str) -> str:
     if _STOPPING.is_set():  # an interrupted pool worker takes no queued run
         return "skipped"
     _WORKING.set()
+    store = open_store(db_path)
     try:
-        store = open_store(db_path)
         if not store.claim(spec.key(), spec.config()):
             return "skipped"
         return run_claimed(spec, store)
+    except KeyboardInterrupt:  # also between the claim and the run; another's row is left
+        store.mark_interrupted(spec.key())
+        raise
     finally:
         _WORKING.clear()
 

@@ -78,9 +78,11 @@ def drive(
                 spec = waiting.popleft()
                 config = spec.config()
                 key = config_key(config)  # as spec.key(), without a second config()
+                held = key in claimed  # a spec repeated in pending: its first is in flight
                 claimed.add(key)
                 if not store.claim(key, config):
-                    claimed.discard(key)
+                    if not held:
+                        claimed.discard(key)
                     counts["skipped"] += 1
                     bar.update(1)
                     continue
