@@ -181,29 +181,15 @@ def test_ctrl_c_between_a_claim_and_its_submit_releases_that_claim(tmp_path):
     assert rows[SPECS[2].key()].error == "interrupted"
 
 
-class InterruptedAtSecondWait(InProcessTasks):
-    """Three in flight; the first wait returns task 0, the second is Ctrl-C."""
-
-    def __init__(self) -> None:
-        super().__init__(capacity=3, train=fabricated)
-        self.waits = 0
-
-    def wait(self, handles, timeout):
-        self.waits += 1
-        if self.waits == 2:
-            raise KeyboardInterrupt
-        return [] if timeout == 0 else handles[:1]
-
-
 def test_ctrl_c_releases_a_claim_whose_spec_was_also_pending_a_second_time(tmp_path):
     """Two pending specs with one key (they differ only in what the key leaves out): the
     second one's refused claim must not drop the first one's, still in flight."""
-    store, tasks = ResultStore(tmp_path / "results.db"), InterruptedAtSecondWait()
-    specs = [SPECS[0], SPECS[2], SPECS[2], SPECS[3]]
+    store, tasks = ResultStore(tmp_path / "results.db"), InterruptedTasks()  # 3 in flight
+    specs = [SPECS[0], SPECS[2], SPECS[3], SPECS[3]]  # task 1 arrives during the Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         drive(specs, store, tasks, {"skipped": 0, "done": 0}, no_bar())
     rows = {r.key: (r.status, r.error) for r in store.records()}
-    assert rows[SPECS[2].key()] == ("failed", "interrupted")
+    assert rows[SPECS[3].key()] == ("failed", "interrupted")
     assert not [k for k, (status, _) in rows.items() if status == "running"]
 
 
