@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from decoupled.diagnostics.table import COLUMNS as DECAY_COLUMNS
+from decoupled.diagnostics.table import DecayRecord, DecayTable
 from decoupled.lab.store import (
     SCHEMA_VERSION,
     ResultStore,
@@ -427,3 +429,34 @@ def test_opening_the_store_again_keeps_this_process_locks(tmp_path):
     assert first.finish(key, "done", {"test_error": 0.1})
     seen = subprocess.run([sys.executable, "-c", peek], check=True, capture_output=True, text=True)
     assert seen.stdout.strip() == "done"
+
+
+def _decay_table(steps) -> DecayTable:
+    floats = {name: 0.25 * i for i, name in enumerate(DECAY_COLUMNS[7:])}
+    return DecayTable(
+        [DecayRecord(s, "fc.weight", "2x2", 4, True, False, "decoupled", **floats) for s in steps]
+    )
+
+
+class UnwritableTable(DecayTable):
+    def to_rows(self):
+        raise OSError("the disk went away while the monitor rows were written")
+
+
+@pytest.mark.parametrize("outcome", ["finish", "fail"])
+def test_a_result_and_its_decay_monitor_rows_are_written_together(tmp_path, outcome):
+    """Both in one transaction: a run is never recorded without the monitor rows it had (a
+    Ctrl-C or a crash between two writes left a done run with none)."""
+    store = ResultStore(tmp_path / "results.db")
+    store.claim("k", {"lr": 1e-3})
+    write = {
+        "finish": lambda table: store.finish("k", "done", {"metric": 0.5}, {}, table),
+        "fail": lambda table: store.fail("k", "Traceback ...", table),
+    }[outcome]
+    with pytest.raises(OSError, match="disk went away"):
+        write(UnwritableTable([]))
+    assert store.get("k").status == "running" and store.decay_table_runs() == []
+
+    assert write(_decay_table([1, 2]))
+    assert store.get("k").status == ("done" if outcome == "finish" else "failed")
+    assert store.load_decay_table("k") == _decay_table([1, 2])

@@ -96,11 +96,12 @@ def record(store: ResultStore, outcome: RunOutcome) -> str:
     status returned is then the stored one, so a count of outcomes counts each run once.
     """
     if outcome.status in FINISHED:
-        recorded = store.finish(outcome.key, outcome.status, outcome.metrics, outcome.curves)
+        recorded = store.finish(
+            outcome.key, outcome.status, outcome.metrics, outcome.curves, outcome.monitor
+        )
     else:
-        recorded = store.fail(outcome.key, outcome.error or "failed (no error text)")
-    if recorded and outcome.monitor is not None:
-        store.save_decay_table(outcome.key, outcome.monitor)
+        error = outcome.error or "failed (no error text)"
+        recorded = store.fail(outcome.key, error, outcome.monitor)
     if recorded:
         return outcome.status
     stored = store.get(outcome.key)

@@ -368,7 +368,14 @@ class ResultStore:
             )
         return cursor.rowcount
 
-    def _end(self, key: str, *, own_only: bool = False, **fields: Any) -> bool:
+    def _end(
+        self,
+        key: str,
+        *,
+        own_only: bool = False,
+        decay_table: DecayTable | None = None,
+        **fields: Any,
+    ) -> bool:
         assignments = ", ".join(f"{name} = ?" for name in fields)
         # A finished result is never overwritten, e.g. by a late process that was wrongly
         # presumed dead and whose run was redone meanwhile. With own_only, neither is a run
@@ -382,6 +389,8 @@ class ResultStore:
                 (*fields.values(), time.time(), key, *([this_owner()] if own_only else [])),
             )
             if cursor.rowcount == 1:
+                if decay_table is not None:  # in the same transaction: both or neither
+                    self._replace_decay_rows(db, key, decay_table)
                 return True
             if db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is None:
                 raise KeyError(f"no run {key!r} in {self.path}; claim() it first")
@@ -393,8 +402,11 @@ class ResultStore:
         status: str,
         metrics: Mapping[str, Any] | None = None,
         curves: Mapping[str, Any] | None = None,
+        decay_table: DecayTable | None = None,
     ) -> bool:
-        """Record the outcome of a claimed run: ``status`` is ``done`` or ``diverged``.
+        """Record the outcome of a claimed run: ``status`` is ``done`` or ``diverged``; its
+        ``decay_table`` (the decay monitor's rows), if any, in the same transaction, so that a
+        run is never recorded without the rows it had.
 
         Returns False, changing nothing, if the run was already finished (by another
         process); raises KeyError if it was never claimed.
@@ -402,18 +414,26 @@ class ResultStore:
         if status not in FINISHED:
             raise ValueError(f"Invalid status value: {status!r} (expected one of {FINISHED})")
         recorded = self._end(
-            key, status=status, metrics=_to_json(metrics), curves=_to_json(curves), error=None
+            key,
+            decay_table=decay_table,
+            status=status,
+            metrics=_to_json(metrics),
+            curves=_to_json(curves),
+            error=None,
         )
         self.checkpoint()
         return recorded
 
-    def fail(self, key: str, error_text: str) -> bool:
-        """Record that a claimed run raised; ``error_text`` (a traceback) is kept.
+    def fail(self, key: str, error_text: str, decay_table: DecayTable | None = None) -> bool:
+        """Record that a claimed run raised; ``error_text`` (a traceback) is kept, and the
+        ``decay_table`` of its steps, if any, in the same transaction.
 
         Like :meth:`finish`, returns False and changes nothing if the run is already finished,
         and also if another process has claimed it since.
         """
-        recorded = self._end(key, own_only=True, status="failed", error=str(error_text))
+        recorded = self._end(
+            key, own_only=True, decay_table=decay_table, status="failed", error=str(error_text)
+        )
         self.checkpoint()
         return recorded
 
@@ -554,15 +574,18 @@ class ResultStore:
     def save_decay_table(self, run_name: str, table: DecayTable) -> None:
         """Store a :class:`~decoupled.diagnostics.DecayTable` as run ``run_name`` of the
         ``decay_monitor`` table, replacing that run's earlier rows (one transaction)."""
-        placeholders = ", ".join("?" * (len(DECAY_COLUMNS) + 1))
         with self._write() as db:
-            db.execute("DELETE FROM decay_monitor WHERE run = ?", (run_name,))
-            db.executemany(
-                f"INSERT INTO decay_monitor (run, {', '.join(DECAY_COLUMNS)}) "
-                f"VALUES ({placeholders})",
-                [(run_name, *row) for row in table.to_rows()],
-            )
+            self._replace_decay_rows(db, run_name, table)
         self.checkpoint()
+
+    @staticmethod
+    def _replace_decay_rows(db: sqlite3.Connection, run_name: str, table: DecayTable) -> None:
+        placeholders = ", ".join("?" * (len(DECAY_COLUMNS) + 1))
+        db.execute("DELETE FROM decay_monitor WHERE run = ?", (run_name,))
+        db.executemany(
+            f"INSERT INTO decay_monitor (run, {', '.join(DECAY_COLUMNS)}) VALUES ({placeholders})",
+            [(run_name, *row) for row in table.to_rows()],
+        )
 
     def load_decay_table(self, run_name: str) -> DecayTable:
         """The monitor rows of run ``run_name``, by step (empty if there are none)."""
