@@ -68,8 +68,10 @@ def drive(
     ``counts[status]`` per spec (``skipped``: another process holds its claim)."""
     waiting = deque(pending)
     in_flight: dict[Hashable, str] = {}  # the run key of each task
-    # Every key this driver may hold a claim on and has not recorded: a Ctrl-C that lands
-    # between a claim and its submit, or inside a record, must still release the claim.
+    # Every key this driver asked to claim and has not recorded: a Ctrl-C that lands between
+    # a claim and its submit, or inside a record, must still release the claim. A refused
+    # claim stays in it too (the key may be a repeat of one in flight); releasing a key this
+    # process does not hold changes nothing (mark_interrupted).
     claimed: set[str] = set()
     last_beat = time.monotonic()
     try:
@@ -78,11 +80,8 @@ def drive(
                 spec = waiting.popleft()
                 config = spec.config()
                 key = config_key(config)  # as spec.key(), without a second config()
-                held = key in claimed  # a spec repeated in pending: its first is in flight
                 claimed.add(key)
                 if not store.claim(key, config):
-                    if not held:
-                        claimed.discard(key)
                     counts["skipped"] += 1
                     bar.update(1)
                     continue
