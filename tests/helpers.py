@@ -245,3 +245,29 @@ def steps_with_a_shared_gradient(cls, numel: int, steps: int = 2, **path) -> lis
         optimizer.step()
     state = [t for p in params for t in optimizer.state[p].values() if torch.is_tensor(t)]
     return [shared, *(p.detach() for p in params), *state]
+
+
+def finish_interrupted_at(store, call: int) -> list[str]:
+    """Make ``store.finish`` raise KeyboardInterrupt at its ``call``-th call, as a Ctrl-C
+    landing while a result is written; the other calls write. Returns the keys it was called
+    with, in order."""
+    real_finish, calls = store.finish, []
+
+    def finish(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_finish(*args, **kwargs)
+
+    store.finish = finish
+    return calls
+
+
+def small_decay_table(steps=(1, 2)):
+    """A decay-monitor table of one 2x2 weight at ``steps``, every float column set."""
+    from decoupled.diagnostics.table import COLUMNS, DecayRecord, DecayTable
+
+    floats = {name: 0.25 * i for i, name in enumerate(COLUMNS[7:])}
+    return DecayTable(
+        [DecayRecord(s, "fc.weight", "2x2", 4, True, False, "decoupled", **floats) for s in steps]
+    )

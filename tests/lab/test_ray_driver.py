@@ -14,7 +14,6 @@ import types
 
 import pytest
 
-from decoupled.diagnostics.table import COLUMNS, DecayRecord, DecayTable
 from decoupled.lab import outcome as outcome_module
 from decoupled.lab.executor import execute, pending_runs
 from decoupled.lab.executor import progress_bar as no_bar_factory
@@ -28,6 +27,7 @@ from decoupled.lab.ray_executor import (
 )
 from decoupled.lab.store import ResultStore, config_key
 from decoupled.lab.train import RunSpec
+from tests.helpers import finish_interrupted_at, small_decay_table
 
 pytestmark = pytest.mark.xdist_group("processes")  # one xdist worker runs them in turn
 
@@ -198,13 +198,7 @@ def test_ctrl_c_while_a_result_is_written_releases_that_claim(tmp_path):
     rather than ``running`` under a live owner until it goes stale; the other task in flight
     had arrived, and is recorded."""
     store, tasks = ResultStore(tmp_path / "results.db"), InProcessTasks(train=fabricated)
-    real_finish = store.finish
-
-    def finish_interrupted_once(*args, **kwargs):
-        store.finish = real_finish
-        raise KeyboardInterrupt
-
-    store.finish = finish_interrupted_once
+    finish_interrupted_at(store, 1)
     with pytest.raises(KeyboardInterrupt):
         drive_all(SPECS, store, tasks)
     first, second = tasks.submitted
@@ -309,17 +303,12 @@ def test_a_task_whose_result_ray_lost_is_recorded_failed(tmp_path):
 
 
 def test_an_outcome_with_monitor_rows_stores_them_under_its_key(tmp_path):
-    floats = {name: 0.25 * i for i, name in enumerate(COLUMNS[7:])}
-    rows = [
-        DecayRecord(step, "fc.weight", "2x2", 4, True, False, "decoupled", **floats)
-        for step in (1, 2)
-    ]
     store = ResultStore(tmp_path / "results.db")
     spec = SPECS[0]
     store.claim(spec.key(), spec.config())
-    monitored = RunOutcome(spec.key(), "done", {"metric": 0.5}, {}, monitor=DecayTable(rows))
+    monitored = RunOutcome(spec.key(), "done", {"metric": 0.5}, {}, monitor=small_decay_table())
     assert record(store, monitored) == "done"
-    assert store.load_decay_table(spec.key()) == DecayTable(rows)
+    assert store.load_decay_table(spec.key()) == small_decay_table()
 
 
 @pytest.mark.parametrize(

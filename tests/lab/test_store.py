@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decoupled.diagnostics.table import COLUMNS as DECAY_COLUMNS
-from decoupled.diagnostics.table import DecayRecord, DecayTable
+from decoupled.diagnostics.table import DecayTable
 from decoupled.lab.store import (
     SCHEMA_VERSION,
     ResultStore,
@@ -29,6 +28,7 @@ from decoupled.lab.store import (
     config_key,
     this_owner,
 )
+from tests.helpers import small_decay_table
 
 CONFIG = {
     "task": "mnist1d",
@@ -431,13 +431,6 @@ def test_opening_the_store_again_keeps_this_process_locks(tmp_path):
     assert seen.stdout.strip() == "done"
 
 
-def _decay_table(steps) -> DecayTable:
-    floats = {name: 0.25 * i for i, name in enumerate(DECAY_COLUMNS[7:])}
-    return DecayTable(
-        [DecayRecord(s, "fc.weight", "2x2", 4, True, False, "decoupled", **floats) for s in steps]
-    )
-
-
 class UnwritableTable(DecayTable):
     def to_rows(self):
         raise OSError("the disk went away while the monitor rows were written")
@@ -457,6 +450,6 @@ def test_a_result_and_its_decay_monitor_rows_are_written_together(tmp_path, outc
         write(UnwritableTable([]))
     assert store.get("k").status == "running" and store.decay_table_runs() == []
 
-    assert write(_decay_table([1, 2]))
+    assert write(small_decay_table([1, 2]))
     assert store.get("k").status == ("done" if outcome == "finish" else "failed")
-    assert store.load_decay_table("k") == _decay_table([1, 2])
+    assert store.load_decay_table("k") == small_decay_table([1, 2])

@@ -18,7 +18,7 @@ from decoupled.lab.grid import RangeError, check_grid_size, parse_range, space_f
 from decoupled.lab.store import ResultStore, RunRecord
 from decoupled.lab.sweep import Landscape, format_landscapes, landscapes
 from decoupled.lab.train import RunSpec
-from tests.helpers import run_cli, run_cli_here, wait_for_finished_runs
+from tests.helpers import finish_interrupted_at, run_cli, run_cli_here, wait_for_finished_runs
 
 
 def test_parse_ranges():
@@ -705,21 +705,6 @@ def test_a_cell_that_diverges_in_its_group_is_decided_by_a_run_of_its_own(tmp_pa
         record = stored[(spec.lr, spec.weight_decay)]
         assert record.status == separate.status == "done"
         assert record.metrics["metric"] == separate.metric
-
-
-def finish_interrupted_at(store, call):
-    """Make ``store.finish`` raise KeyboardInterrupt at its ``call``-th call, as a Ctrl-C
-    landing while a result is written; the other calls write."""
-    real_finish, calls = store.finish, []
-
-    def finish(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return real_finish(*args, **kwargs)
-
-    store.finish = finish
-    return calls
 
 
 def test_ctrl_c_while_a_batched_group_is_recorded_releases_the_rest_of_its_claims(tmp_path):
