@@ -343,6 +343,23 @@ def test_skipped_step_leaves_theta_and_the_remainder(state_dtype, launches):
     assert launches["adam_kernel"] == 3
 
 
+def test_int8_adamw_theta_is_the_cpu_kernels_bit_for_bit(launches):
+    """Both kernels take correctly rounded roots and compute sqrt(v̂) as v's root times the
+    float32 inverse of sqrt(1 − β2ᵗ) (``_int8.py``, Arithmetic): float32 θ, codes and scales
+    of AdamW are equal bit for bit (a division in one of them moves a few % of θ)."""
+    if not decoupled.optim.kernel_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    shapes = [(1000,), (3, 300)]
+    cpu_params, params = make_params(shapes=shapes), make_params(shapes=shapes)
+    options = {"lr": 1e-2, "weight_decay": 0.1, "state_dtype": "int8"}
+    cpu = train(decoupled.AdamW, cpu_params, 3, fused=None, **options)
+    ours = train(decoupled.AdamW, params, 3, triton=True, **options)
+    for p, q in zip(params, cpu_params):
+        assert torch.equal(p, q)
+        assert all(torch.equal(ours.state[p][k], v) for k, v in cpu.state[q].items())
+    assert launches["adam_kernel"] == 3
+
+
 def test_grad_scale_unscales_bfloat16_gradients_in_the_kernel(launches):
     """GradScaler's fused protocol on compensated θ: g ← g/scale in θ's dtype, written back,
     then the float32 step on the master weight, as the reference loop."""

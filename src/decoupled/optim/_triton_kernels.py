@@ -251,12 +251,15 @@ def adam_kernel(
 
     lr64 = _scalar(lr, lr_lo, lr_ptr, LR_TENSOR)
     bias_correction1 = tl.load(corrections_ptr + 2 * tensor)  # 1 − β1ᵗ, float64
-    bias_correction2_sqrt = tl.load(corrections_ptr + 2 * tensor + 1).to(tl.float32)
+    bias_correction2_sqrt = tl.load(corrections_ptr + 2 * tensor + 1)  # float64
     if LR_F32:  # a tensor lr: torch's `lr / bias_correction1` divides float32 by float32
         neg_step_size = -tl.div_rn(lr64.to(tl.float32), bias_correction1.to(tl.float32))
     else:  # a number: rounded once, as the reference loop's Python float
         neg_step_size = (-(lr64 / bias_correction1)).to(tl.float32)
-    denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
+    if CODED:  # sqrt(v̂) as v's root times the float32 inverse (_int8.py, Arithmetic)
+        denom = tl.sqrt_rn(second) * (1.0 / bias_correction2_sqrt).to(tl.float32) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt.to(tl.float32)) + eps
     param = param + tl.div_rn(neg_step_size * exp_avg, denom)
 
     if COMPENSATE:  # the remainder's bits: a rehash's high half (max(v) has its low half)

@@ -184,7 +184,10 @@ def adam_update(
             second_moment = max_exp_avg_sq
         else:
             second_moment = exp_avg_sq
-        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v̂) + ε
+        if coded:  # sqrt(v̂) as v's root times the inverse (_int8.py, Arithmetic)
+            denom = (second_moment.sqrt() * (1 / bias_correction2_sqrt)).add_(eps)
+        else:
+            denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)  # sqrt(v̂) + ε
         if isinstance(step_size, Tensor) and step_size.dim() > 0:  # one lr per stacked run
             param.sub_(step_size * exp_avg / denom)
         else:

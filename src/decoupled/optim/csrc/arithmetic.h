@@ -118,6 +118,7 @@ inline void cautious_decay(float& param, float direction, const R* ref, int64_t 
 struct AdamScalars {
   float lr_neg_step_size;  // −γ/(1 − β1ᵗ)
   float bias_correction2_sqrt;
+  float inverse_bias_correction2_sqrt;  // its float32 inverse (int8 moments)
   float beta1_weight;  // 1 − β1 (lerp weight)
   float beta2;
   float one_minus_beta2;

@@ -175,6 +175,7 @@ std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double b
           float32_lr ? -(static_cast<float>(lr) / static_cast<float>(bias_correction1))
                      : static_cast<float>(-(lr / bias_correction1)),
           static_cast<float>(std::pow(bias_correction2, 0.5)),
+          static_cast<float>(1 / std::pow(bias_correction2, 0.5)),
           static_cast<float>(1 - beta1),
           static_cast<float>(beta2),
           static_cast<float>(1 - beta2),
