@@ -13,16 +13,19 @@
 // every loop vectorizes.
 
 constexpr int32_t kInt8Block = 256;
-// The step loop's group (below): one AVX-512 vector of float32, else 64 elements (eight AVX2
-// vectors). Measured with GCC 12, in-cache: a group of one vector was the fastest on AVX-512
-// (64: 2% slower), 64 within 5% of the best on AVX2, and one of exactly two vectors made GCC
-// emit a loop 1.7x slower on both.
+// The step loop's group (below): one AVX-512 vector of float32 θ, else 64 elements (eight
+// AVX2 vectors; for compensated θ, whose int8 remainders the loop reads, one AVX-512 vector of
+// them). Measured with GCC 12, in-cache: a group of one vector was the fastest on AVX-512 (64:
+// 2% slower), 64 within 5% of the best on AVX2, one of exactly two vectors made GCC emit a
+// loop 1.7x slower on both, and one smaller than a vector of θ's remainders left it scalar.
+template <typename T>
+constexpr int32_t group_size() {
 #if defined(__AVX512F__)
-constexpr int32_t kGroup = 16;
-#else
-constexpr int32_t kGroup = 64;
+  if (std::is_same_v<T, float>) return 16;
 #endif
-static_assert(kInt8Block % kGroup == 0, "a block must hold whole groups");
+  return 64;
+}
+static_assert(kInt8Block % 64 == 0 && kInt8Block % 16 == 0, "a block must hold whole groups");
 static_assert(kChunk % kInt8Block == 0, "a chunk must hold whole int8 blocks");
 
 // An 8-bit float of _int8.CODES: `bias` makes a code's bit pattern, `tiny` is the first
@@ -120,7 +123,7 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
                      float* scale_v, const T* __restrict ref, uint32_t first,
                      int32_t partial_count, const AdamScalars& scalars) {
   const int32_t count = Full ? kInt8Block : partial_count;
-  // The step loop runs over groups of kGroup elements whose codes are first widened to 32 bits
+  // The step loop runs over groups of group_size<T>() elements whose codes are first widened to 32 bits
   // in a stack buffer: a loop reading the bytes directly is vectorized 64 elements wide on
   // AVX-512, which spills registers and widens through shuffles (the in-cache step 13% slower
   // on the AVX-512 Xeon). The new codes are written from 32-bit lanes in a last pass, for the
@@ -132,6 +135,7 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
   alignas(64) uint32_t random[kInt8Block];  // the element's hash, for both codes
   const AdamScalars s = scalars;  // a local copy: stores through p cannot change it
   const float sm = *scale_m, sv = *scale_v;
+  constexpr int32_t kGroup = group_size<T>();
   for (int32_t group = 0; group < count; group += kGroup) {
     const int32_t in_group = Full ? kGroup : std::min(kGroup, count - group);
     alignas(64) int32_t old_m[kGroup];
