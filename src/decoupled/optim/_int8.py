@@ -71,7 +71,7 @@ what is stored is rounded. One operation differs from the float32 step: sqrt(v̂
 times the float32 inverse of ``sqrt(1 − β2ᵗ)`` (rounded once from float64), where torch
 divides by it. It is at most one rounding apart, far below a code step, and saves a division
 per element, the most expensive operation of a step that is bound by arithmetic, not memory:
-the C++ step runs 8-10% faster on an AVX-512 Xeon (one 20M-element tensor, 2 threads).
+the C++ step runs 7% faster on an AVX-512 Xeon (one 20M-element tensor, 2 threads).
 
 **Edge cases.** A block whose largest magnitude is NaN, ∞, or 2¹²⁶ or more (the inverse of
 its scale would be subnormal, flushed to 0 where denormals are flushed) keeps NaN or ∞ as its

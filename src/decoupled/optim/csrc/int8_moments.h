@@ -7,10 +7,10 @@
 // (_int8.scales_of); m as int8 codes q, m = sign(q)·L(|q|)·s, v as uint8 codes, v = L(q)·s,
 // L(c) the 8-bit float of _int8.py's module docstring: for c >= 8 the float32 whose bit
 // pattern is (c + bias)·2²⁰, below it c·T/8. A block is decoded, stepped with the float32
-// path's arithmetic (but sqrt(v̂), _int8.py's Arithmetic), its new m and v kept in stack buffers (L1), its new scales taken, and it
-// is coded again with stochastic rounding: one pass over θ, g, codes and scales. Coding is
-// integer arithmetic on the float's bit pattern (no root, division or table per element), so
-// every loop vectorizes.
+// path's arithmetic (but for sqrt(v̂): _int8.py, Arithmetic), its new m and v kept in stack
+// buffers (L1), its new scales taken, and it is coded again with stochastic rounding: one
+// pass over θ, g, codes and scales. Coding is integer arithmetic on the float's bit pattern
+// (no root, division or table per element), so every loop vectorizes.
 
 constexpr int32_t kInt8Block = 256;
 // The step loop's group (below): one AVX-512 vector of float32 θ, else 64 elements (eight
@@ -123,11 +123,11 @@ void adam_int8_block(T* __restrict p, int8_t* __restrict r, const T* __restrict 
                      float* scale_v, const T* __restrict ref, uint32_t first,
                      int32_t partial_count, const AdamScalars& scalars) {
   const int32_t count = Full ? kInt8Block : partial_count;
-  // The step loop runs over groups of group_size<T>() elements whose codes are first widened to 32 bits
-  // in a stack buffer: a loop reading the bytes directly is vectorized 64 elements wide on
-  // AVX-512, which spills registers and widens through shuffles (the in-cache step 13% slower
-  // on the AVX-512 Xeon). The new codes are written from 32-bit lanes in a last pass, for the
-  // same reason.
+  // The step loop runs over groups of group_size<T>() elements whose codes are first widened
+  // to 32 bits in a stack buffer: a loop reading the bytes directly is vectorized 64 elements
+  // wide on AVX-512, which spills registers and widens through shuffles (the in-cache step 13%
+  // slower on the AVX-512 Xeon). The new codes are written from 32-bit lanes in a last pass,
+  // for the same reason.
   alignas(64) int32_t codes_m[kInt8Block];
   alignas(64) int32_t codes_v[kInt8Block];
   alignas(64) float m[kInt8Block];
