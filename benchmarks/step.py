@@ -6,14 +6,15 @@ Same as `decoupled bench`; prints the CPU and its vector instruction sets, param
 to torch's fused AdamW measured in the same run, and the share of the memory-bandwidth floor.
 ``--int8`` adds a row for ``state_dtype="int8"`` (16 bytes moved per parameter, plus the
 scales). On float32 CPU parameters it steps through the C++ kernel's int8 path, limited by
-its arithmetic where the bus is fast (README, "Smallest state").
+its arithmetic where the bus is fast (README, "Smallest state"). ``--layouts 1x20M`` times one
+20M-element tensor: the element loop alone, out of cache.
 """
 
 import argparse
 
 import decoupled
 from decoupled import bench
-from decoupled.bench import LAYOUTS, Contender, run
+from decoupled.bench import DEFAULT_LAYOUTS, Contender, run
 
 
 def with_int8_row() -> None:
@@ -34,7 +35,11 @@ def with_int8_row() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument(
+        "--layouts",
+        default=",".join(DEFAULT_LAYOUTS),
+        help="comma-separated; 1x20M (one 20M-element tensor) is not in the default list",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)

@@ -35,3 +35,26 @@ def test_the_floor_comes_from_the_fastest_bandwidth_measured_in_the_run(tiny_lay
         rate, of_floor = float(row[-3]) * 1e9, float(row[-1].rstrip("%"))
         size = bench.BYTES_PER_PARAM["bfloat16" if row[-4] == "bf16" else "float32"]
         assert of_floor == pytest.approx(100 * rate / (140e9 / size), abs=1)
+
+
+def test_the_default_run_leaves_out_the_layouts_not_listed_as_default(tiny_layout, monkeypatch):
+    """``1x20M`` (one 20M-element tensor) is measured only when asked for."""
+
+    def not_by_default():
+        raise AssertionError("a layout outside DEFAULT_LAYOUTS was measured")
+
+    monkeypatch.setattr(bench, "LAYOUTS", bench.LAYOUTS | {"extra": not_by_default})
+    monkeypatch.setattr(bench, "DEFAULT_LAYOUTS", ("tiny",))
+    rows = bench.run(device="cpu", steps=1, rounds=1).splitlines()[3:]
+    assert {row.split()[0] for row in rows} == {"tiny"}
+
+
+def test_the_one_tensor_layout_is_selectable_from_the_command_line():
+    import argparse
+
+    from decoupled.cli import bench as bench_command
+
+    parser = argparse.ArgumentParser()
+    bench_command.add_arguments(parser)
+    assert parser.parse_args([]).layouts == "gpt2-small,resnet50,1000x20k"
+    assert bench.LAYOUTS[parser.parse_args(["--layouts", "1x20M"]).layouts]() == [(20_000_000,)]

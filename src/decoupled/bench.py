@@ -73,11 +73,19 @@ def many_small_shapes() -> list[tuple[int, ...]]:
     return [(20_000,)] * 1000
 
 
+def one_large_shape() -> list[tuple[int, ...]]:
+    """One tensor of 20M elements: the element loop alone, out of cache, with no per-tensor
+    overhead (not in the default run)."""
+    return [(20_000_000,)]
+
+
 LAYOUTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "gpt2-small": gpt2_small_shapes,
     "resnet50": resnet50_shapes,
     "1000x20k": many_small_shapes,
+    "1x20M": one_large_shape,
 }
+DEFAULT_LAYOUTS = ("gpt2-small", "resnet50", "1000x20k")
 
 
 class StreamingBandwidth:
@@ -169,7 +177,7 @@ def run(
     bandwidth.measure()
     state_of = {c.name: c.state for c in contenders()}
     rows = []
-    for layout in layouts or list(LAYOUTS):
+    for layout in layouts or list(DEFAULT_LAYOUTS):
         shapes = LAYOUTS[layout]()
         count = sum(torch.Size(s).numel() for s in shapes)
         rows.append(

@@ -11,12 +11,12 @@ from decoupled.cli import CommandError, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from decoupled.bench import LAYOUTS
+    from decoupled.bench import DEFAULT_LAYOUTS, LAYOUTS
 
     parser.add_argument(
         "--layouts",
-        default=",".join(LAYOUTS),
-        help=f"comma-separated, from {', '.join(LAYOUTS)} (default: all)",
+        default=",".join(DEFAULT_LAYOUTS),
+        help=f"comma-separated, from {', '.join(LAYOUTS)} (default: {', '.join(DEFAULT_LAYOUTS)})",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--steps", type=positive_int, default=5, help="steps per timing")
