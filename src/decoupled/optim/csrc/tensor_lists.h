@@ -170,12 +170,12 @@ std::vector<AdamScalars> advance_steps(const Tensors& steps, double lr, double b
     const double count = *step;
     if (count != previous_count) {
       const double bias_correction1 = 1 - std::pow(beta1, count);
-      const double bias_correction2 = 1 - std::pow(beta2, count);
+      const double bias_correction2_sqrt = std::pow(1 - std::pow(beta2, count), 0.5);
       scalars[t] = AdamScalars{
           float32_lr ? -(static_cast<float>(lr) / static_cast<float>(bias_correction1))
                      : static_cast<float>(-(lr / bias_correction1)),
-          static_cast<float>(std::pow(bias_correction2, 0.5)),
-          static_cast<float>(1 / std::pow(bias_correction2, 0.5)),
+          static_cast<float>(bias_correction2_sqrt),
+          static_cast<float>(1 / bias_correction2_sqrt),
           static_cast<float>(1 - beta1),
           static_cast<float>(beta2),
           static_cast<float>(1 - beta2),
